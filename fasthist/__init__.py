@@ -1,0 +1,14 @@
+"""fasthist: Adam/AdamW for PyTorch that histogram sqrt(v_hat) at every step, for free.
+
+``fasthist.Adam``/``AdamW`` are drop-in replacements for ``torch.optim.Adam``/``AdamW``;
+``LogBins`` is the binning, ``Histogram`` the mergeable quantile sketch, and
+``opt.eps_range()`` the ε-range rule of Silva & Rodriguez (2024).
+"""
+
+from .adam import Adam, AdamW
+from .bins import LogBins
+from .eps import EpsRange, EpsRow
+from .histogram import Histogram
+
+__all__ = ["Adam", "AdamW", "LogBins", "Histogram", "EpsRange", "EpsRow"]
+__version__ = "0.1.0"

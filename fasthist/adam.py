@@ -1,0 +1,206 @@
+r"""``fasthist.Adam`` and ``fasthist.AdamW``: ``torch.optim.Adam``/``AdamW`` that also
+histogram, at every step and per parameter tensor, the value ε is added to:
+
+.. math::
+    \sqrt{\hat v_t} = \sqrt{v_t} / \sqrt{1-\beta_2^t}
+    \qquad (v_t \text{ replaced by } v^{max}_t \text{ with amsgrad})
+
+computed in float32 as ``float32(sqrt(v)) / float32(sqrt(1 - beta2**step))`` (the bias
+correction in float64 on the host, or in float32 on the device when the step count lives
+there, as torch computes it). The update itself is torch's: on the reference backend it
+*is* ``torch.optim.adam.adam`` with the group's flags, so results are torch's bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
+
+from .bins import LogBins
+from .functional import adam as adam_hist
+from .optimizer import HistogramMixin
+
+__all__ = ["Adam", "AdamW"]
+
+
+class Adam(HistogramMixin, torch.optim.Adam):
+    __doc__ = (
+        "Drop-in replacement for :class:`torch.optim.Adam` that records log-binned "
+        "histograms of sqrt(v_hat).\n\n"
+        "    Every argument of ``torch.optim.Adam`` is accepted with its meaning, defaults and\n"
+        "    error messages; the extra keyword-only arguments are:\n\n"
+        "    Args:\n"
+        "        track (bool): record histograms (default: True). A group option too: a param\n"
+        "            group with ``track=False`` records nothing and costs nothing.\n"
+        "        bins (LogBins, optional): the binning (default: ``LogBins()``, [1e-20, 1e4]\n"
+        "            at 1.54% relative accuracy).\n\n"
+        "    Query with :meth:`histogram`, :meth:`histograms`, :meth:`quantiles` and\n"
+        "    :meth:`eps_range`. See ``torch.optim.Adam`` for the algorithm.\n"
+    )
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        track: bool = True,
+        bins: LogBins | None = None,
+    ) -> None:
+        self._bins = self._check_bins(bins)
+        if not isinstance(track, bool):
+            raise ValueError(f"Invalid track value: {track}; expected a bool")
+        self._track_default = track
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        self.defaults["track"] = track
+        self._set_hist_defaults()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_param_group(param_group)
+        super().add_param_group(param_group)
+        if "hist_bins" in self.defaults or hasattr(self, "_bins"):
+            param_group.setdefault("track", getattr(self, "_track_default", True))
+            param_group["hist_bins"] = self._bins.spec
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_bins" not in self.__dict__:  # unpickled from an old object
+            self._bins = LogBins()
+        self._set_hist_defaults()
+        self.__dict__.pop("_fh_store", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_bins"] = self._bins
+        return state
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):  # noqa: D102 - torch's docstring
+        """Perform a single optimization step, recording the histograms.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        health_check = (
+            getattr(self, "_accelerator_graph_capture_health_check", None) or self._cuda_graph_capture_health_check
+        )
+        health_check()
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params_with_grad: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            max_exp_avg_sqs: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            beta1, beta2 = group["betas"]
+
+            has_complex = self._init_group(
+                group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
+            )
+            targets = self._hist_targets(group, params_with_grad) if group["track"] and params_with_grad else None
+
+            adam_hist(
+                params_with_grad,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                state_steps,
+                hist=targets,
+                amsgrad=group["amsgrad"],
+                has_complex=has_complex,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+                capturable=group["capturable"],
+                differentiable=group["differentiable"],
+                fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None),
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+            )
+
+        return loss
+
+
+class AdamW(Adam):
+    __doc__ = (
+        "Drop-in replacement for :class:`torch.optim.AdamW` (Adam with decoupled weight decay,\n"
+        "    default 1e-2) that records log-binned histograms of sqrt(v_hat); see\n"
+        "    :class:`fasthist.Adam` for ``track`` and ``bins``.\n"
+    )
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        track: bool = True,
+        bins: LogBins | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            track=track,
+            bins=bins,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

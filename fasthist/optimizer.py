@@ -1,0 +1,289 @@
+"""What every fasthist optimizer adds to its torch counterpart: histogram storage in the
+optimizer state, and the queries (histograms, batched quantiles, the ε range).
+
+Storage: each tracked parameter's state holds ``hist_step`` and ``hist_total``, int64
+``[num_bins]`` rows of two packed ``[R, num_bins]`` buffers per device, so a backend
+updates all of a group's histograms in one call and a query reads all rows at once.
+The rows are ordinary state tensors: ``state_dict()`` saves them, and
+``load_state_dict()`` restores them with their dtype (torch would cast them to the
+parameter's dtype; they bypass that cast).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .bins import LogBins
+from .eps import EpsRange, eps_range_from_counts
+from .histogram import Histogram, _as_q, batched_quantile
+from .reference.histogram import HistTarget
+
+__all__ = ["HistogramMixin"]
+
+_HIST_KEYS = ("hist_step", "hist_total")
+_WINDOWS = ("step", "total")
+
+
+class _Store:
+    """Packed per-device buffers and the param -> row map, rebuilt when the set of
+    tracked parameters (or their state tensors, after a load) changes. Rows are ordered
+    device by device, so ``cat`` of the buffers lines up with ``params``/``names``."""
+
+    def __init__(self, bins: LogBins) -> None:
+        self.bins = bins
+        self.params: list[Tensor] = []
+        self.names: list[str] = []
+        self.row: dict[Tensor, tuple[torch.device, int]] = {}
+        self.views: dict[Tensor, Tensor] = {}  # the exact tensor object put in state["hist_step"]
+        self.buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.targets: dict[tuple, dict] = {}
+
+    def valid_for(self, state: Any, params: Iterable[Tensor]) -> bool:
+        views = self.views
+        for p in params:
+            v = views.get(p)
+            if v is None or state[p].get("hist_step") is not v:
+                return False
+        return True
+
+
+class HistogramMixin:
+    """Mixed into a ``torch.optim`` optimizer subclass. Requires ``self._bins`` and the
+    group option ``track``; the subclass's ``step`` calls :meth:`_hist_targets`."""
+
+    _bins: LogBins
+    state: Any
+    param_groups: list[dict[str, Any]]
+
+    # -- construction helpers ------------------------------------------------------------
+    @staticmethod
+    def _check_bins(bins: LogBins | None) -> LogBins:
+        if bins is None:
+            return LogBins()
+        if not isinstance(bins, LogBins):
+            raise TypeError(f"bins must be a fasthist.LogBins, but got {type(bins).__name__}")
+        return bins
+
+    def _check_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for i, p in enumerate(params):
+            t = p[1] if isinstance(p, tuple) else p
+            if isinstance(t, Tensor) and not (t.is_floating_point() or t.is_complex()):
+                raise TypeError(
+                    f"{type(self).__name__} can only optimize floating point or complex parameters, "
+                    f"but parameter {i} of the group has dtype {t.dtype}"
+                )
+        track = param_group.get("track", True)
+        if not isinstance(track, bool):
+            raise ValueError(f"Invalid track value: {track}; expected a bool")
+
+    # -- storage -------------------------------------------------------------------------
+    def _hist_store(self) -> _Store:
+        store = self.__dict__.get("_fh_store")
+        if store is None or store.bins != self._bins:
+            store = _Store(self._bins)
+            self.__dict__["_fh_store"] = store
+        return store
+
+    def _tracked(self) -> list[tuple[str, Tensor]]:
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            if not group.get("track", True):
+                continue
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                if len(self.state.get(p, {})) != 0:
+                    out.append((names[pi] if names is not None else f"{gi}.{pi}", p))
+        return out
+
+    def _rebuild(self, extra: list[Tensor]) -> _Store:
+        store = _Store(self._bins)
+        tracked = self._tracked()
+        known = {p for _, p in tracked}
+        extra_set = set(extra)
+        for gi, group in enumerate(self.param_groups):  # params initialised in this step
+            if group.get("track", True):
+                names = group.get("param_names")
+                for pi, p in enumerate(group["params"]):
+                    if p in extra_set and p not in known:
+                        tracked.append((names[pi] if names is not None else f"{gi}.{pi}", p))
+                        known.add(p)
+        nb = self._bins.num_bins
+        per_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
+        for name, p in tracked:
+            per_device.setdefault(p.device, []).append((name, p))
+        for device, items in per_device.items():
+            bufs = [torch.zeros(len(items), nb, dtype=torch.int64, device=device) for _ in _HIST_KEYS]
+            for r, (name, p) in enumerate(items):
+                st = self.state[p]
+                for buf, key in zip(bufs, _HIST_KEYS, strict=True):
+                    old = st.get(key)
+                    if isinstance(old, Tensor) and old.shape == (nb,):
+                        buf[r].copy_(old)
+                    st[key] = buf[r]
+                store.views[p] = st["hist_step"]
+                store.row[p] = (device, r)
+                store.params.append(p)
+                store.names.append(name)
+            store.buffers[device] = (bufs[0], bufs[1])
+        self.__dict__["_fh_store"] = store
+        return store
+
+    def _hist_targets(
+        self, group: dict[str, Any], params: list[Tensor]
+    ) -> dict[torch.device, tuple[list[int], HistTarget]]:
+        """For the params of one step call: per device, (their indices, the target)."""
+        store = self._hist_store()
+        if not store.valid_for(self.state, params):
+            store = self._rebuild(params)
+        key = tuple(map(id, params))
+        cached = store.targets.get(key)
+        if cached is not None:
+            return cached
+        by_device: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(params):
+            by_device.setdefault(p.device, []).append(i)
+        out = {}
+        for device, idx in by_device.items():
+            step, total = store.buffers[device]
+            rows = torch.tensor([store.row[params[i]][1] for i in idx], dtype=torch.int64, device=device)
+            out[device] = (idx, HistTarget(self._bins, step, total, rows))
+        store.targets[key] = out
+        return out
+
+    def _rows(self, window: str) -> tuple[list[str], list[Tensor], Tensor | None]:
+        if window not in _WINDOWS:
+            raise ValueError(f"Invalid window: {window!r}; expected 'step' or 'total'")
+        store = self._hist_store()
+        tracked = [p for _, p in self._tracked()]
+        if set(tracked) != set(store.params) or not store.valid_for(self.state, store.params):
+            store = self._rebuild([])
+        i = _WINDOWS.index(window)
+        mats = [bufs[i] for bufs in store.buffers.values()]
+        if not mats:
+            return [], [], None
+        counts = torch.cat([m.to(mats[0].device) for m in mats]) if len(mats) > 1 else mats[0]
+        return store.names, store.params, counts
+
+    # -- public queries ------------------------------------------------------------------
+    @property
+    def bins(self) -> LogBins:
+        """The :class:`LogBins` every histogram of this optimizer uses."""
+        return self._bins
+
+    def histograms(self, *, window: str = "step") -> dict[str, Histogram]:
+        """Histogram of every tracked tensor, by name (``"{group}.{index}"`` when unnamed).
+
+        ``window="step"``: values of each tensor's latest update; ``"total"``: summed over
+        all steps since construction or :meth:`reset_histograms`. Copies, not views.
+        """
+        names, _, counts = self._rows(window)
+        if counts is None:
+            return {}
+        return {n: Histogram(c, self._bins) for n, c in zip(names, counts.clone().unbind(0), strict=True)}
+
+    def histogram(self, param: Tensor | str | None = None, *, window: str = "step") -> Histogram:
+        """Histogram of one tracked tensor (by tensor or name), or of all merged (None)."""
+        names, order, counts = self._rows(window)
+        if param is None:
+            if counts is None:
+                return Histogram.empty(self._bins)
+            return Histogram(counts.sum(dim=0), self._bins)
+        if isinstance(param, str):
+            if param not in names:
+                raise KeyError(
+                    f"no tracked parameter named {param!r}; tracked: {names[:5]}{'...' if len(names) > 5 else ''}"
+                )
+            r = names.index(param)
+        elif isinstance(param, Tensor):
+            matches = [i for i, p in enumerate(order) if p is param]
+            if not matches:
+                raise KeyError("parameter is not tracked (not in a group with track=True, or no step taken yet)")
+            r = matches[0]
+        else:
+            raise TypeError(f"param must be a Tensor, a str or None, but got {type(param).__name__}")
+        assert counts is not None
+        return Histogram(counts[r].clone(), self._bins)
+
+    def quantiles(
+        self, qs: float | list[float] | Tensor, *, window: str = "step", exclude_zeros: bool = False
+    ) -> tuple[list[str], Tensor]:
+        """Quantiles of every tracked tensor at once: ``(names, float64 [num_tensors, len(qs)])``
+        on the histograms' device, computed in one batched operation (rule and guarantee
+        of :class:`Histogram`)."""
+        qt, _ = _as_q(qs)
+        names, _, counts = self._rows(window)
+        if counts is None:
+            return [], torch.empty(0, qt.numel(), dtype=torch.float64)
+        return names, batched_quantile(counts, qt, self._bins, exclude_zeros=exclude_zeros)
+
+    def eps_range(self, low: float = 0.02, high: float = 0.98, *, window: str = "step") -> EpsRange:
+        """The paper's ε-range rule (:mod:`fasthist.eps`) on the latest step's histograms."""
+        names, _, counts = self._rows(window)
+        if counts is None:
+            raise RuntimeError("eps_range: nothing tracked yet; take an optimizer step first")
+        return eps_range_from_counts(names, counts, self._bins, low=low, high=high)
+
+    def reset_histograms(self) -> None:
+        """Zero both windows of every tracked tensor."""
+        for step, total in self._hist_store().buffers.values():
+            step.zero_()
+            total.zero_()
+
+    # -- state dict ----------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts every tensor in a parameter's state to the parameter's floating dtype;
+        # lift the histogram counts out first and put them back as int64 afterwards.
+        state_dict = dict(state_dict)
+        saved_state = state_dict["state"]
+        hists: dict[Any, dict[str, Tensor]] = {}
+        stripped = {}
+        for k, v in saved_state.items():
+            if isinstance(v, dict) and any(h in v for h in _HIST_KEYS):
+                hists[k] = {h: v[h] for h in _HIST_KEYS if h in v}
+                v = {kk: vv for kk, vv in v.items() if kk not in _HIST_KEYS}
+            stripped[k] = v
+        state_dict["state"] = stripped
+        spec = None
+        for g in state_dict.get("param_groups", []):
+            spec = g.get("hist_bins", spec)
+        if hists and spec is not None and tuple(spec) != self._bins.spec:
+            raise ValueError(
+                f"loaded state dict has histograms recorded with LogBins{tuple(spec)}, "
+                f"but this optimizer uses {self._bins}"
+            )
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
+                chain.from_iterable(g["params"] for g in self.param_groups),
+                strict=True,
+            )
+        )
+        nb = self._bins.num_bins
+        for k, h in hists.items():
+            p = id_map.get(k)
+            if p is None:
+                continue
+            for key, t in h.items():
+                if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.shape != (nb,):
+                    warnings.warn(
+                        f"fasthist: dropping saved {key} of parameter {k}: expected int64 [{nb}], got "
+                        f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}",
+                        stacklevel=2,
+                    )
+                    continue
+                self.state[p][key] = t.to(device=p.device, copy=True)
+        self.__dict__.pop("_fh_store", None)
+
+    def _set_hist_defaults(self) -> None:
+        for group in self.param_groups:
+            group.setdefault("track", self.defaults.get("track", True))  # type: ignore[attr-defined]
+            group["hist_bins"] = self._bins.spec
