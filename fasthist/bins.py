@@ -174,15 +174,25 @@ class LogBins:
 
     @cached_property
     def _key_table(self) -> Tensor:
-        # Bin of every shifted key ``bits(|x|) >> shift`` (2**(8 + mantissa_bits) keys);
-        # key 0 is shared by +0 and the tiniest subnormals and is split by the caller.
+        # Bin of every shifted key ``bits(|x|) >> shift`` (2**(8 + mantissa_bits) keys).
+        # Key 0 is shared by +0 and subnormals below 2**(shift - 149); it maps to BELOW
+        # here, and callers either split it off or know it can only hold zeros.
         keys = torch.arange(1 << (31 - self.shift), dtype=torch.int64)
         idx = (keys - self.low_key + self.FIRST_LOG).clamp_(self.BELOW, self.above)
         idx[keys >= (_INF_BITS >> self.shift)] = self.nonfinite
         return idx.to(torch.int32)
 
-    def key_table_on(self, device: torch.device | str) -> Tensor:
-        return self._key_table.to(device)
+    def key_table_on(self, device: torch.device | str, *, key0_is_zero: bool = False) -> Tensor:
+        """int32 table from shifted key to bin. ``key0_is_zero=True`` maps key 0 to the
+        zero bin: right when no value can be a subnormal below ``2**(shift - 149)``."""
+        cache = self.__dict__.setdefault("_tables", {})
+        k = (str(device), key0_is_zero)
+        if k not in cache:
+            table = self._key_table.clone()
+            if key0_is_zero:
+                table[0] = self.ZERO
+            cache[k] = table.to(device)
+        return cache[k]
 
     # Binning ----------------------------------------------------------------------------
     def index(self, x: Tensor) -> Tensor:

@@ -5,6 +5,11 @@ For tensor ``i`` of a call with per-tensor scale ``c_i``::
     x = float32(sqrt_rn(float32(v_i))) / float32(c_i)      # IEEE division, round to nearest
     bin = LogBins layout of bits(|x|)                       # see fasthist.bins
 
+(``sqrt=False`` bins ``float32(v_i) / float32(c_i)`` instead.) Fast path: with the square
+root and host scales ``0 < c_i <= 1``, ``x`` is either 0 or at least
+``sqrt_rn(2**-149) ~ 3.7e-23``, a normal float, so the shifted key 0 can only hold exact
+zeros and the zero test costs nothing.
+
 ``delta[i]`` counts tensor ``i``'s bins; then ``step[rows[i]] = delta[i]`` and
 ``total[rows[i]] += delta[i]`` unless the step was skipped (``found_inf`` nonzero), in
 which case both windows stay as they were. No value leaves the device and nothing
@@ -20,7 +25,7 @@ from torch import Tensor
 
 from ..bins import LogBins
 
-__all__ = ["HistTarget", "sqrt_scaled_", "accumulate_"]
+__all__ = ["HistTarget", "accumulate_"]
 
 
 @dataclass
@@ -57,13 +62,20 @@ class HistTarget:
         return ws
 
 
-def sqrt_scaled_(flat: Tensor, sizes: tuple[int, ...], scale: list[float] | Tensor) -> None:
-    """In place on the concatenated values: ``flat = sqrt(flat) / scale[i]`` per segment."""
-    flat.sqrt_()
+def _scaled_into_(flat: Tensor, views: list[Tensor], sizes: tuple[int, ...], scale, sqrt: bool) -> None:
+    """``flat[segment i] = sqrt(views[i]) / scale[i]`` (float32), one pass where possible."""
     parts = list(flat.split(sizes))
+    if sqrt and len(views) <= 64 and all(v.dtype == torch.float32 for v in views):
+        for v, part in zip(views, parts, strict=True):  # few big tensors: sqrt straight into place
+            torch.sqrt(v, out=part)
+    else:
+        if views:
+            torch.cat(views, out=flat)
+        if sqrt:
+            flat.sqrt_()
     if isinstance(scale, Tensor):
         torch._foreach_div_(parts, list(scale.to(torch.float32).unbind()))
-    else:
+    elif any(c != 1.0 for c in scale):
         torch._foreach_div_(parts, scale)
 
 
@@ -72,6 +84,8 @@ def accumulate_(
     values: list[Tensor],
     scale: list[float] | Tensor,
     found_inf: Tensor | None = None,
+    *,
+    sqrt: bool = True,
 ) -> None:
     """Histogram ``sqrt(values[i]) / scale[i]`` of every tensor into its row of ``target``.
 
@@ -87,14 +101,17 @@ def accumulate_(
     flat_views = [torch.view_as_real(v).reshape(-1) if v.is_complex() else v.reshape(-1) for v in values]
     sizes = tuple(v.numel() for v in flat_views)
     flat, keys, zero, seg = target.workspace(sizes)
-    if flat_views:
-        torch.cat(flat_views, out=flat)
-    sqrt_scaled_(flat, sizes, scale)
+    _scaled_into_(flat, flat_views, sizes, scale, sqrt)
+    key0_is_zero = sqrt and not isinstance(scale, Tensor) and all(0.0 < c <= 1.0 for c in scale)
     bits = flat.view(torch.int32).bitwise_and_(0x7FFFFFFF)
-    torch.eq(bits, 0, out=zero)
+    if not key0_is_zero:
+        torch.eq(bits, 0, out=zero)
     bits.bitwise_right_shift_(bins.shift)
-    torch.index_select(bins.key_table_on(device).to(keys.dtype), 0, bits, out=keys)
-    keys.masked_fill_(zero, bins.ZERO).add_(seg)
+    table = bins.key_table_on(device, key0_is_zero=key0_is_zero)
+    torch.index_select(table if keys.dtype == torch.int32 else table.long(), 0, bits, out=keys)
+    if not key0_is_zero:
+        keys.masked_fill_(zero, bins.ZERO)
+    keys.add_(seg)
     delta = torch.bincount(keys, minlength=len(sizes) * bins.num_bins).view(len(sizes), bins.num_bins)
     rows = target.rows
     if found_inf is None:
