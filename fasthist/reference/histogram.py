@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,17 +63,29 @@ class HistTarget:
         return ws
 
 
+def _sqrt_rn_(t: Tensor) -> None:
+    """Correctly rounded sqrt in place. torch's CPU float32 sqrt (MKL VML) can be 1 ulp off
+    round-to-nearest, and the bins must match the kernels' ``sqrt_rn`` exactly."""
+    if t.device.type == "cpu":
+        np.sqrt(t.numpy(), out=t.numpy())
+    else:
+        t.sqrt_()
+
+
 def _scaled_into_(flat: Tensor, views: list[Tensor], sizes: tuple[int, ...], scale, sqrt: bool) -> None:
     """``flat[segment i] = sqrt(views[i]) / scale[i]`` (float32), one pass where possible."""
     parts = list(flat.split(sizes))
     if sqrt and len(views) <= 64 and all(v.dtype == torch.float32 for v in views):
         for v, part in zip(views, parts, strict=True):  # few big tensors: sqrt straight into place
-            torch.sqrt(v, out=part)
+            if v.device.type == "cpu":
+                np.sqrt(v.detach().numpy(), out=part.numpy())
+            else:
+                torch.sqrt(v, out=part)
     else:
         if views:
             torch.cat(views, out=flat)
         if sqrt:
-            flat.sqrt_()
+            _sqrt_rn_(flat)
     if isinstance(scale, Tensor):
         torch._foreach_div_(parts, list(scale.to(torch.float32).unbind()))
     elif any(c != 1.0 for c in scale):
