@@ -17,7 +17,7 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.2"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.2", "adabelief-pytorch"],
         "dev": ["ruff"],
     },
 )

@@ -5,10 +5,13 @@
 ``opt.eps_range()`` the ε-range rule of Silva & Rodriguez (2024).
 """
 
+from .adabelief import AdaBelief
+from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .bins import LogBins
 from .eps import EpsRange, EpsRow
 from .histogram import Histogram
+from .rmsprop import RMSprop
 
-__all__ = ["Adam", "AdamW", "LogBins", "Histogram", "EpsRange", "EpsRow"]
+__all__ = ["Adam", "AdamW", "RMSprop", "Adagrad", "AdaBelief", "LogBins", "Histogram", "EpsRange", "EpsRow"]
 __version__ = "0.1.0"

@@ -7,16 +7,20 @@ accumulation, dispatched per device to a backend (see :mod:`fasthist.backend`).
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .backend import kernels_module, select_backend
+from .reference.adabelief import adabelief_reference
+from .reference.adagrad import adagrad_reference
 from .reference.adam import adam_reference
 from .reference.histogram import HistTarget
+from .reference.rmsprop import rmsprop_reference
 
-__all__ = ["adam"]
+__all__ = ["adam", "rmsprop", "adagrad", "adabelief"]
 
 
 def _split(lists: list[list[Tensor]], idx: list[int]) -> list[list[Tensor]]:
@@ -52,3 +56,94 @@ def adam(
             kernels_module().adam.adam_hist(*sub, hist=target, **kwargs)  # type: ignore[union-attr]
         else:
             adam_reference(*sub, hist=target, **kwargs)
+
+
+def _dispatch(
+    op: str,
+    reference: Any,
+    lists: list[list[Tensor]],
+    hist: dict[torch.device, tuple[list[int], HistTarget]] | None,
+    kwargs: dict[str, Any],
+) -> None:
+    """Run ``op`` per device on the kernel backend (``fasthist.kernels.<op>.<op>_hist``)
+    or the reference. Until a fused kernel for ``op`` exists the reference runs on every
+    device, so the optimizer works (unfused) wherever torch does."""
+    params = lists[0]
+    if not params:
+        return
+    if hist is None:
+        groups: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault(p.device, []).append(i)
+        calls = [(dev, idx, None) for dev, idx in groups.items()]
+    else:
+        calls = [(dev, idx, target) for dev, (idx, target) in hist.items()]
+    whole = len(calls) == 1
+    for device, idx, target in calls:
+        sub = lists if whole else _split(lists, idx)
+        fn = reference
+        if select_backend(device) == "triton":
+            fn = _kernel_op(op) or reference
+        fn(*sub, hist=target, **kwargs)
+
+
+_KERNEL_OPS: dict[str, Any] = {}
+
+
+def _kernel_op(op: str) -> Any:
+    """``fasthist.kernels.<op>.<op>_hist`` if that module imports, else None (cached)."""
+    if op not in _KERNEL_OPS:
+        mod = kernels_module()
+        try:
+            kernel = importlib.import_module(f"{mod.__name__}.{op}") if mod is not None else None
+        except ImportError:
+            kernel = None
+        _KERNEL_OPS[op] = getattr(kernel, f"{op}_hist", None)
+    return _KERNEL_OPS[op]
+
+
+def rmsprop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    hist: dict[torch.device, tuple[list[int], HistTarget]] | None = None,
+    **kwargs: Any,
+) -> None:
+    """``torch.optim.rmsprop.rmsprop`` (same keyword arguments) plus histograms of the
+    value ε is added to: sqrt(square_avg), or sqrt(square_avg - grad_avg**2) when centered."""
+    lists = [params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps]
+    _dispatch("rmsprop", rmsprop_reference, lists, hist, kwargs)
+
+
+def adagrad(
+    params: list[Tensor],
+    grads: list[Tensor],
+    state_sums: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    hist: dict[torch.device, tuple[list[int], HistTarget]] | None = None,
+    **kwargs: Any,
+) -> None:
+    """``torch.optim.adagrad.adagrad`` (same keyword arguments) plus histograms of sqrt(sum)."""
+    _dispatch("adagrad", adagrad_reference, [params, grads, state_sums, state_steps], hist, kwargs)
+
+
+def adabelief(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    hist: dict[torch.device, tuple[list[int], HistTarget]] | None = None,
+    **kwargs: Any,
+) -> None:
+    """AdaBelief as ``adabelief_pytorch.AdaBelief`` computes it, plus histograms of
+    (1-beta2)*s_hat; keyword arguments of :func:`fasthist.reference.adabelief.adabelief_reference`."""
+    lists = [params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps]
+    _dispatch("adabelief", adabelief_reference, lists, hist, kwargs)

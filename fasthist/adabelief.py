@@ -1,0 +1,238 @@
+r"""``fasthist.AdaBelief``: the AdaBelief optimizer (Zhuang et al., "AdaBelief Optimizer:
+Adapting Stepsizes by the Belief in Observed Gradients", NeurIPS 2020) exactly as the
+``adabelief-pytorch`` package (v0.2) implements it, with its defaults (``eps=1e-16``,
+decoupled weight decay, RAdam-style rectification), that also histograms, at every step
+and per parameter tensor, the value ε competes with:
+
+.. math::
+    (1-\beta_2)\,\hat s_t = (1-\beta_2)\,\frac{s_t}{1-\beta_2^t}
+    \qquad (s_t \text{ replaced by } s^{max}_t \text{ with amsgrad and rectify=False})
+
+**Why this value, and no square root.** AdaBelief adds ε twice: into the state every step,
+``s_t = β2·s_{t-1} + (1-β2)·(g_t-m_t)² + ε``, and outside the square root,
+``√ŝ_t + ε``. Unrolled, ``(1-β2)·ŝ_t = (1-β2)·EMA_hat((g-m)²) + ε``: the bias-corrected
+average of the per-step increments, of which ε is one. So the ε inside the state competes
+with ``(1-β2)·(g-m)²`` in ε's own units, and it is the one that matters: since
+``s_t >= ε``, ``√s_t >= √ε``, which dwarfs the outer ε for any ``ε < 1`` (1e-8 against
+1e-16 at the default). The histogram therefore has a floor at ε (the stored state holds
+ε; subtracting it back in float32 would cancel catastrophically): elements piled up
+near ε are ε-dominated (SGD-like), elements far right of ε are adaptive. Draw ε on the
+same axis as the histogram, unscaled.
+
+The value is computed as ``float32(s) / float32((1 - β2**t) / (1 - β2))`` with the
+divisor in float64 on the host. Differences from the package, none of which changes the
+result: options are per param group (the package keeps ``weight_decouple`` & co. on the
+optimizer), the step count is a tensor as in ``torch.optim``, ``p.grad`` is never written
+(the package adds coupled weight decay into it in place), and nothing is printed
+(``print_change_log`` is accepted and ignored).
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from .bins import LogBins
+from .functional import adabelief as adabelief_hist
+from .optimizer import HistogramMixin
+
+__all__ = ["AdaBelief"]
+
+_MOMENTS = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
+
+
+class AdaBelief(HistogramMixin, Optimizer):
+    """Drop-in replacement for ``adabelief_pytorch.AdaBelief`` that records log-binned
+    histograms of ``(1-beta2) * s_hat`` (see the module docstring for why).
+
+    Args:
+        params (iterable): parameters to optimize or dicts defining parameter groups.
+        lr (float): learning rate (default: 1e-3).
+        betas (tuple[float, float]): coefficients of the running averages of the gradient
+            and of its squared deviation from that average (default: (0.9, 0.999)).
+        eps (float): added into ``s_t`` every step and to the denominator (default: 1e-16).
+        weight_decay (float): weight decay (default: 0).
+        amsgrad (bool): keep the running maximum of ``s_t`` (default: False).
+        weight_decouple (bool): decoupled weight decay as in AdamW (default: True).
+        fixed_decay (bool): with ``weight_decouple``, decay by ``weight_decay`` instead of
+            ``lr * weight_decay`` (default: False).
+        rectify (bool): RAdam's rectified update (default: True).
+        degenerated_to_sgd (bool): while the rectification term is undefined, take an SGD
+            with momentum step instead of none (default: True).
+        print_change_log (bool): accepted for compatibility; nothing is printed.
+        track (bool): record histograms (default: True). A group option too.
+        bins (LogBins, optional): the binning (default: ``LogBins()``).
+
+    fp16 parameters are stepped in float32 with float32 states, as the package does.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-16,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        weight_decouple: bool = True,
+        fixed_decay: bool = False,
+        rectify: bool = True,
+        degenerated_to_sgd: bool = True,
+        print_change_log: bool = False,
+        *,
+        track: bool = True,
+        bins: LogBins | None = None,
+    ) -> None:
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        self._bins = self._check_bins(bins)
+        if not isinstance(track, bool):
+            raise ValueError(f"Invalid track value: {track}; expected a bool")
+        self._track_default = track
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "weight_decouple": weight_decouple,
+            "fixed_decay": fixed_decay,
+            "rectify": rectify,
+            "degenerated_to_sgd": degenerated_to_sgd,
+            "track": track,
+        }
+        super().__init__(params, defaults)
+        self._set_hist_defaults()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_param_group(param_group)
+        super().add_param_group(param_group)
+        param_group["hist_bins"] = self._bins.spec
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_bins" not in self.__dict__:
+            self._bins = LogBins()
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+        self._set_hist_defaults()
+        self.__dict__.pop("_fh_store", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_bins"] = self._bins
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts loaded moments to the parameter's dtype; fp16 parameters keep float32
+        # moments here (as the package does), so put the saved float32 values back.
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
+                chain.from_iterable(g["params"] for g in self.param_groups),
+                strict=True,
+            )
+        )
+        for k, st in saved.items():
+            p = id_map.get(k)
+            if p is None or p.dtype != torch.float16:
+                continue
+            for key in _MOMENTS:
+                if key in st:
+                    self.state[p][key] = st[key].to(device=p.device, dtype=torch.float32, copy=True)
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params_with_grad: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_vars: list[Tensor],
+        max_exp_avg_vars: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdaBelief does not support sparse gradients, please consider SparseAdam instead")
+            if p.is_complex():
+                raise TypeError("AdaBelief does not support complex parameters")
+            params_with_grad.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                dtype = torch.float32 if p.dtype == torch.float16 else p.dtype
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_var"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            if group["amsgrad"] and "max_exp_avg_var" not in state:
+                state["max_exp_avg_var"] = torch.zeros_like(state["exp_avg_var"], memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_vars.append(state["exp_avg_var"])
+            if group["amsgrad"]:
+                max_exp_avg_vars.append(state["max_exp_avg_var"])
+            state_steps.append(state["step"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step, recording the histograms.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params_with_grad: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_vars: list[Tensor] = []
+            max_exp_avg_vars: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            beta1, beta2 = group["betas"]
+
+            self._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps)
+            if not params_with_grad:
+                continue
+            targets = self._hist_targets(group, params_with_grad) if group["track"] else None
+
+            adabelief_hist(
+                params_with_grad,
+                grads,
+                exp_avgs,
+                exp_avg_vars,
+                max_exp_avg_vars,
+                state_steps,
+                hist=targets,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                amsgrad=group["amsgrad"],
+                weight_decouple=group["weight_decouple"],
+                fixed_decay=group["fixed_decay"],
+                rectify=group["rectify"],
+                degenerated_to_sgd=group["degenerated_to_sgd"],
+            )
+
+        return loss

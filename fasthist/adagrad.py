@@ -1,0 +1,138 @@
+r"""``fasthist.Adagrad``: ``torch.optim.Adagrad`` that also histograms, at every step and
+per parameter tensor, the value ε is added to. torch's denominator is
+``sqrt(sum) + eps`` with ``sum = initial_accumulator_value + Σ g²``, so the value is
+
+.. math::
+    \sqrt{\textstyle\sum_{k \le t} g_k^2 + \text{initial\_accumulator\_value}}
+
+computed in float32 as ``sqrt(sum)``. The update itself is torch's: on the reference
+backend it *is* ``torch.optim.adagrad.adagrad`` with the group's flags (sparse gradients,
+``lr_decay``, ``fused`` with ``grad_scale``/``found_inf`` included), so results are torch's
+bit for bit. With sparse gradients the histogram covers the whole accumulator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
+
+from .bins import LogBins
+from .functional import adagrad as adagrad_hist
+from .optimizer import HistogramMixin
+
+__all__ = ["Adagrad"]
+
+
+class Adagrad(HistogramMixin, torch.optim.Adagrad):
+    __doc__ = (
+        "Drop-in replacement for :class:`torch.optim.Adagrad` that records log-binned "
+        "histograms of sqrt(sum),\n    the value eps is added to.\n\n"
+        "    Every argument of ``torch.optim.Adagrad`` is accepted with its meaning, defaults and\n"
+        "    error messages; the extra keyword-only arguments are:\n\n"
+        "    Args:\n"
+        "        track (bool): record histograms (default: True). A group option too.\n"
+        "        bins (LogBins, optional): the binning (default: ``LogBins()``).\n\n"
+        "    Query with :meth:`histogram`, :meth:`histograms`, :meth:`quantiles` and\n"
+        "    :meth:`eps_range`. torch's Adagrad creates every state at construction, so\n"
+        "    every tracked tensor has an (empty) row before the first step.\n"
+    )
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        track: bool = True,
+        bins: LogBins | None = None,
+    ) -> None:
+        self._bins = self._check_bins(bins)
+        if not isinstance(track, bool):
+            raise ValueError(f"Invalid track value: {track}; expected a bool")
+        self._track_default = track
+        super().__init__(
+            params,
+            lr,
+            lr_decay,
+            weight_decay,
+            initial_accumulator_value,
+            eps,
+            foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self.defaults["track"] = track
+        self._set_hist_defaults()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_param_group(param_group)
+        super().add_param_group(param_group)
+        param_group.setdefault("track", getattr(self, "_track_default", True))
+        param_group["hist_bins"] = self._bins.spec
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_bins" not in self.__dict__:
+            self._bins = LogBins()
+        self._set_hist_defaults()
+        self.__dict__.pop("_fh_store", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_bins"] = self._bins
+        return state
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):  # noqa: D102 - torch's docstring
+        """Perform a single optimization step, recording the histograms.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params_with_grad: list[Tensor] = []
+            grads: list[Tensor] = []
+            state_sums: list[Tensor] = []
+            state_steps: list[Tensor] = []
+
+            has_sparse_grad, has_complex = self._init_group(group, params_with_grad, grads, state_sums, state_steps)
+            targets = self._hist_targets(group, params_with_grad) if group["track"] and params_with_grad else None
+
+            adagrad_hist(
+                params_with_grad,
+                grads,
+                state_sums,
+                state_steps,
+                hist=targets,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                lr_decay=group["lr_decay"],
+                eps=group["eps"],
+                has_sparse_grad=has_sparse_grad,
+                foreach=group["foreach"],
+                maximize=group["maximize"],
+                differentiable=group["differentiable"],
+                has_complex=has_complex,
+                fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None),
+            )
+
+        return loss
