@@ -19,5 +19,7 @@ setup(
         "triton": ["triton>=3.2"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.2", "adabelief-pytorch"],
         "dev": ["ruff"],
+        "demo": ["matplotlib", "tqdm", "scikit-learn", "tensorboard"],
     },
+    entry_points={"console_scripts": ["fasthist=fasthist.cli:main"]},
 )

@@ -10,8 +10,11 @@ from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .bins import LogBins
 from .eps import EpsRange, EpsRow
+from .estimate import estimate_eps_range
 from .histogram import Histogram
+from .recorder import QuantileRecorder, QuantileTrace
 from .rmsprop import RMSprop
 
 __all__ = ["Adam", "AdamW", "RMSprop", "Adagrad", "AdaBelief", "LogBins", "Histogram", "EpsRange", "EpsRow"]
+__all__ += ["estimate_eps_range", "QuantileRecorder", "QuantileTrace"]
 __version__ = "0.1.0"

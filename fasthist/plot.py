@@ -1,0 +1,304 @@
+"""Figures of sqrt(v_hat) histograms, in the style of Silva & Rodriguez (2024).
+
+- :func:`histograms`: per-tensor gradient magnitude histograms on a log axis, ε as a
+  vertical line, the estimated ε range shaded, the share right of ε in each title;
+- :func:`adaptability`: the share of each tensor's sqrt(v_hat) above ε, as a function of ε;
+- :func:`quantiles`: per-tensor quantile trajectories over training steps
+  (from a :class:`fasthist.QuantileRecorder`);
+- :func:`sweep`: the validation metric per ε of a grid search, with the estimated range.
+
+Every function returns a :class:`matplotlib.figure.Figure` (built without pyplot, so no
+GUI backend is touched and nothing is kept alive by a global figure manager) and saves it
+as PNG when ``path`` is given. matplotlib is imported here only: ``import fasthist`` never
+needs it (it comes with the ``[demo]`` extra).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .bins import LogBins
+from .eps import EpsRange
+from .histogram import Histogram, batched_quantile
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from .recorder import QuantileRecorder, QuantileTrace
+
+__all__ = ["histograms", "adaptability", "quantiles", "sweep"]
+
+_EPS_COLOR = "#d62728"
+_RANGE_COLOR = "#2ca02c"
+
+
+def _figure(nrows: int = 1, ncols: int = 1, *, width: float = 4.0, height: float = 3.0) -> tuple[Figure, Any]:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("fasthist.plot needs matplotlib: pip install matplotlib (or -e '.[demo]')") from e
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Figure, path: str | None) -> Figure:
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def _as_hists(source: Any, window: str) -> dict[str, Histogram]:
+    if isinstance(source, Histogram):
+        return {"all tensors": source}
+    if isinstance(source, Mapping):
+        return dict(source)
+    if hasattr(source, "histograms"):
+        return source.histograms(window=window)
+    raise TypeError(
+        f"expected a fasthist optimizer, a dict of Histogram or a Histogram, but got {type(source).__name__}"
+    )
+
+
+def _select(hists: dict[str, Histogram], names: Sequence[str] | None, limit: int) -> list[str]:
+    if names is not None:
+        missing = [n for n in names if n not in hists]
+        if missing:
+            raise KeyError(f"no histogram named {missing[0]!r}; have {list(hists)[:5]}")
+        return list(names)
+    return list(hists)[:limit]
+
+
+def _mark(ax: Axes, eps: float | None, eps_range: EpsRange | None, *, label: bool) -> None:
+    if eps_range is not None:
+        ax.axvspan(
+            eps_range.low,
+            eps_range.high,
+            color=_RANGE_COLOR,
+            alpha=0.12,
+            label=f"range [{eps_range.low:.0e}, {eps_range.high:.0e}]" if label else None,
+        )
+    if eps is not None:
+        ax.axvline(eps, color=_EPS_COLOR, ls="--", lw=1.2, label=f"ε = {eps:.0e}" if label else None)
+
+
+def _log_part(h: Histogram, per_binade: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts and edges of the log bins, adjacent bins merged to ``per_binade`` per
+    binade (merging whole bins: each count still belongs to the bin it was recorded in)."""
+    counts, edges = h.to_numpy()
+    step = max(1, (1 << h.bins.mantissa_bits) // max(1, per_binade))
+    if step > 1:
+        counts = counts.reshape(-1, step).sum(axis=1)
+        edges = edges[::step]
+    return counts, edges
+
+
+def histograms(
+    source: Any,
+    *,
+    eps: float | None = 1e-8,
+    eps_range: EpsRange | None = None,
+    names: Sequence[str] | None = None,
+    window: str = "step",
+    max_tensors: int = 16,
+    per_binade: int = 8,
+    ncols: int = 4,
+    title: str | None = None,
+    path: str | None = None,
+) -> Figure:
+    """Per-tensor histograms of sqrt(v_hat) (share of the tensor's elements per bin, log
+    x axis), with ``eps`` as a red dashed line and ``eps_range`` shaded green; dotted
+    lines mark the tensor's own 2% and 98% points (zeros excluded). Each title gives the
+    tensor's size, its share of exact zeros and its share above ``eps``.
+
+    ``source``: a fasthist optimizer (its ``histograms(window=...)``), a dict of
+    :class:`~fasthist.Histogram` by name, or one Histogram.
+    """
+    hists = _as_hists(source, window)
+    chosen = _select(hists, names, max_tensors)
+    if not chosen:
+        raise ValueError("nothing to plot: no histogram (has the optimizer taken a step?)")
+    ncols = max(1, min(ncols, len(chosen)))
+    nrows = math.ceil(len(chosen) / ncols)
+    fig, axes = _figure(nrows, ncols, width=3.6, height=2.6)
+    lo_all, hi_all = math.inf, 0.0
+    for ax, name in zip(axes.flat, chosen, strict=False):
+        h = hists[name]
+        counts, edges = _log_part(h, per_binade)
+        n = max(h.count, 1)
+        nz = np.nonzero(counts)[0]
+        ax.stairs(counts / n, edges, fill=True, color="#1f77b4", alpha=0.8)
+        if len(nz):
+            lo_all = min(lo_all, edges[nz[0]])
+            hi_all = max(hi_all, edges[nz[-1] + 1])
+            q = batched_quantile(
+                h.counts.unsqueeze(0).cpu(), torch.tensor([0.02, 0.98], dtype=torch.float64), h.bins, exclude_zeros=True, rule="n"
+            )[0]
+            for v in q.tolist():
+                ax.axvline(v, color="#555555", ls=":", lw=1.0)
+        _mark(ax, eps, eps_range, label=ax is axes.flat[0])
+        ax.set_xscale("log")
+        zero = h.zero_count / n
+        above = f", {100 * h.fraction_above(eps):.0f}% > ε" if eps is not None else ""
+        ax.set_title(f"{name} ({h.count:,}; {100 * zero:.0f}% zero{above})", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(chosen) :]:
+        ax.set_visible(False)
+    if math.isfinite(lo_all):
+        marks = [v for v in (eps, eps_range.low if eps_range else None, eps_range.high if eps_range else None) if v]
+        lo = min([lo_all, *marks]) / 3
+        hi = max([hi_all, *marks]) * 3
+        for ax in axes.flat:
+            ax.set_xlim(lo, hi)
+    for ax in axes[-1]:
+        ax.set_xlabel("√v̂", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("share of elements", fontsize=8)
+    axes.flat[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title or "Gradient magnitude histograms (√v̂ per tensor)", fontsize=10)
+    return _save(fig, path)
+
+
+def _share_above_edges(h: Histogram) -> tuple[np.ndarray, np.ndarray]:
+    """(x, share of all elements > x) at every log-bin edge x, exact there: a bin lies
+    wholly above or below each of its edges. Zeros and below-range values are never
+    above, above-range values always; non-finite values are never above."""
+    bins: LogBins = h.bins
+    c = h.counts.detach().cpu().numpy().astype(np.float64)
+    n = max(c.sum(), 1.0)
+    log = c[bins.FIRST_LOG : bins.above]
+    above = c[bins.above]
+    tail = np.concatenate([np.cumsum(log[::-1])[::-1], [0.0]]) + above  # elements in bins >= j
+    return bins.edges.numpy(), tail / n
+
+
+def adaptability(
+    source: Any,
+    *,
+    eps: float | None = 1e-8,
+    eps_range: EpsRange | None = None,
+    names: Sequence[str] | None = None,
+    window: str = "step",
+    max_tensors: int = 16,
+    title: str | None = None,
+    path: str | None = None,
+) -> Figure:
+    """Adaptability per tensor: the share of its sqrt(v_hat) above ε, for every ε (log x).
+    Where a curve is near 1 Adam is fully adaptive for that tensor; near 0 it is SGD with
+    momentum at learning rate ``lr/ε``. Exact at the bin edges, where it is evaluated."""
+    hists = _as_hists(source, window)
+    chosen = _select(hists, names, max_tensors)
+    if not chosen:
+        raise ValueError("nothing to plot: no histogram (has the optimizer taken a step?)")
+    fig, axes = _figure(width=6.4, height=3.8)
+    ax = axes[0, 0]
+    lo_all, hi_all = math.inf, 0.0
+    for name in chosen:
+        x, share = _share_above_edges(hists[name])
+        moving = np.nonzero(np.diff(share))[0]
+        if len(moving):
+            lo_all, hi_all = min(lo_all, x[moving[0]]), max(hi_all, x[moving[-1] + 1])
+        ax.plot(x, share, lw=1.3, label=f"{name} ({hists[name].count:,})")
+    _mark(ax, eps, eps_range, label=True)
+    ax.set_xscale("log")
+    if math.isfinite(lo_all):
+        marks = [v for v in (eps, eps_range.low if eps_range else None, eps_range.high if eps_range else None) if v]
+        ax.set_xlim(min([lo_all, *marks]) / 3, max([hi_all, *marks]) * 3)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("ε")
+    ax.set_ylabel("share of √v̂ above ε (adaptive)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", ncol=2 if len(chosen) > 8 else 1)
+    ax.set_title(title or "Adaptability: how much of each tensor Adam normalises", fontsize=10)
+    return _save(fig, path)
+
+
+def quantiles(
+    trace: QuantileTrace | QuantileRecorder,
+    *,
+    names: Sequence[str] | None = None,
+    eps: float | None = None,
+    max_tensors: int = 16,
+    title: str | None = None,
+    path: str | None = None,
+) -> Figure:
+    """Per-tensor quantile trajectories over steps (log y): the middle quantile as a line,
+    the band between the lowest and highest recorded quantiles shaded, ``eps`` dashed."""
+    if hasattr(trace, "trace"):
+        trace = trace.trace()  # type: ignore[union-attr]
+    all_names = list(trace.names)  # type: ignore[union-attr]
+    if names is None:
+        chosen = all_names[:max_tensors]
+    else:
+        missing = [n for n in names if n not in all_names]
+        if missing:
+            raise KeyError(f"no recorded tensor named {missing[0]!r}")
+        chosen = list(names)
+    if not chosen or len(trace.steps) == 0:  # type: ignore[union-attr]
+        raise ValueError("nothing to plot: the trace is empty")
+    fig, axes = _figure(width=6.4, height=3.8)
+    ax = axes[0, 0]
+    steps, values, qs = trace.steps, trace.values, trace.qs  # type: ignore[union-attr]
+    mid = int(np.argmin([abs(q - 0.5) for q in qs]))
+    for name in chosen:
+        i = all_names.index(name)
+        (line,) = ax.plot(steps, values[:, i, mid], lw=1.3, label=name)
+        if len(qs) > 1:
+            ax.fill_between(steps, values[:, i, 0], values[:, i, -1], color=line.get_color(), alpha=0.12, lw=0)
+    if eps is not None:
+        ax.axhline(eps, color=_EPS_COLOR, ls="--", lw=1.2, label=f"ε = {eps:.0e}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("√v̂")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(chosen) > 8 else 1)
+    band = f"q{qs[0]:g}–q{qs[-1]:g} shaded, " if len(qs) > 1 else ""
+    ax.set_title(title or f"√v̂ over training ({band}q{qs[mid]:g} line)", fontsize=10)
+    return _save(fig, path)
+
+
+def sweep(result: Mapping[str, Any], *, title: str | None = None, path: str | None = None) -> Figure:
+    """The grid search of ``fasthist sweep`` (its ``sweep.json`` as a dict): the validation
+    metric per ε (mean and spread over seeds), the estimated range shaded, the best ε
+    starred; below, the share of sqrt(v_hat) above ε at the end of each run."""
+    runs = list(result["runs"])
+    if not runs:
+        raise ValueError("nothing to plot: the sweep has no runs")
+    fig, axes = _figure(2, 1, width=6.4, height=2.6)
+    ax, ax2 = axes[0, 0], axes[1, 0]
+    x = np.array([r["eps"] for r in runs], dtype=float)
+    y = np.array([np.nan if r["metric"] is None else r["metric"] for r in runs], dtype=float)
+    lo = np.array([np.nan if r.get("metric_min") is None else r["metric_min"] for r in runs], dtype=float)
+    hi = np.array([np.nan if r.get("metric_max") is None else r["metric_max"] for r in runs], dtype=float)
+    rng = result.get("eps_range")
+    for a in (ax, ax2):
+        if rng:
+            a.axvspan(rng["low"], rng["high"], color=_RANGE_COLOR, alpha=0.12, label="estimated range")
+        a.set_xscale("log")
+        a.grid(True, which="major", alpha=0.3)
+    ax.plot(x, y, "o-", color="#1f77b4", label=f"{result.get('metric', 'metric')} (mean)")
+    if np.isfinite(lo).any():
+        ax.fill_between(x, lo, hi, color="#1f77b4", alpha=0.15, lw=0, label="min–max over seeds")
+    best = result.get("best_eps")
+    if best is not None:
+        j = int(np.argmin(np.abs(np.log(x) - math.log(best))))
+        ax.plot([x[j]], [y[j]], "*", ms=14, color=_EPS_COLOR, label=f"best ε = {best:.0e}")
+    if result.get("metric") == "perplexity":
+        ax.set_yscale("log")
+    ax.set_ylabel(result.get("metric", "metric"))
+    ax.legend(fontsize=7)
+    share = np.array([np.nan if r.get("adaptive_share") is None else r["adaptive_share"] for r in runs], dtype=float)
+    ax2.plot(x, share, "s-", color="#9467bd")
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.set_ylabel("share √v̂ > ε\n(end of training)", fontsize=8)
+    ax2.set_xlabel("ε")
+    inside = result.get("best_inside")
+    verdict = "" if inside is None else (" — best ε inside the range" if inside else " — best ε OUTSIDE the range")
+    ax.set_title(title or f"ε sweep on {result.get('task', '?')}{verdict}", fontsize=10)
+    return _save(fig, path)
