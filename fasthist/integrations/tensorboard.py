@@ -1,0 +1,139 @@
+"""Log a fasthist optimizer's histograms to TensorBoard.
+
+:func:`log_histograms` writes, per tracked tensor:
+
+- ``fasthist/<name>``: the histogram through ``SummaryWriter.add_histogram_raw`` with the
+  optimizer's own bins, edges and counts, nothing re-binned and no parameter or state
+  copied (only the int64 counts are read back, once for all tensors). Buckets are the
+  exact-zero bin (right limit 0), the below-range bin (limit ``bins.low``), every log bin
+  (limit its upper edge) and the above-range bin (limit: the largest double), trimmed of
+  empty buckets at both ends; the counts sum to the tensor's size. ``sum`` and
+  ``sum_squares`` are computed from the bins' representative values (so within the bins'
+  relative accuracy); non-finite values, if any, are counted in the top bucket.
+  ``scale="log10"`` writes the same buckets on a log10 axis, which TensorBoard's linear
+  display shows far more legibly for values spanning many decades: the limits are
+  ``log10`` of the edges, and zeros with below-range values go to a bucket one unit
+  below ``log10(bins.low)``, above-range and non-finite ones to a bucket one unit above
+  ``log10(bins.high)``.
+- scalars ``fasthist.p02/<name>``, ``fasthist.p50/<name>``, ``fasthist.p98/<name>``: the
+  per-tensor percentiles the ε-range rule reads (exact zeros dropped, index
+  ``floor(q*n)``), and ``fasthist.adaptive/<name>``: the share of all the tensor's
+  elements above its param group's ε (how adaptive the optimizer is for it).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..histogram import batched_quantile
+
+__all__ = ["log_histograms"]
+
+_QS = (0.02, 0.5, 0.98)
+_QNAMES = ("p02", "p50", "p98")
+
+
+def _group_eps(opt: Any, params: list[torch.Tensor]) -> list[float]:
+    by_param = {}
+    for group in opt.param_groups:
+        eps = group.get("eps")
+        for p in group["params"]:
+            by_param[p] = math.nan if eps is None else float(eps)
+    return [by_param.get(p, math.nan) for p in params]
+
+
+def _buckets(c: np.ndarray, bins: Any, scale: str) -> tuple[list[float], list[float], float, float]:
+    """(limits, counts, min, max) with empty buckets trimmed at both ends."""
+    edges = bins.edges.numpy()
+    log = c[bins.FIRST_LOG : bins.above]
+    top = c[bins.above] + c[bins.nonfinite]
+    if scale == "linear":
+        limits = np.concatenate([[0.0, bins.low], edges[1:], [sys.float_info.max]])
+        counts = np.concatenate([[c[bins.ZERO], c[bins.BELOW]], log, [top]])
+        lefts = np.concatenate([[0.0, 0.0], edges[:-1], [bins.high]])
+    else:
+        le = np.log10(edges)
+        limits = np.concatenate([[le[0]], le[1:], [le[-1] + 1.0]])
+        counts = np.concatenate([[c[bins.ZERO] + c[bins.BELOW]], log, [top]])
+        lefts = np.concatenate([[le[0] - 1.0], le[:-1], [le[-1]]])
+    nz = np.nonzero(counts)[0]
+    if len(nz) == 0:
+        return [], [], 0.0, 0.0
+    a, b = nz[0], nz[-1] + 1
+    return limits[a:b].tolist(), counts[a:b].astype(np.float64).tolist(), float(lefts[a]), float(limits[b - 1])
+
+
+def log_histograms(
+    writer: Any,
+    opt: Any,
+    step: int,
+    *,
+    window: str = "step",
+    scale: str = "linear",
+    scalars: bool = True,
+    prefix: str = "fasthist",
+) -> dict[str, dict[str, float]]:
+    """Log every tracked tensor's histogram (and its p2/p50/p98/adaptive-share scalars).
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (anything with
+            ``add_histogram_raw`` and ``add_scalar``).
+        opt: a fasthist optimizer.
+        step: the global step to log at.
+        window: ``"step"`` (the latest update) or ``"total"`` (summed since construction
+            or ``reset_histograms()``).
+        scale: ``"linear"`` (the values themselves) or ``"log10"`` (see module docstring).
+        scalars: also log the per-tensor scalars.
+        prefix: tag prefix.
+
+    Returns the logged scalars, ``{name: {"p02": ..., "p50": ..., "p98": ..., "adaptive": ...}}``.
+    """
+    if scale not in ("linear", "log10"):
+        raise ValueError(f"Invalid scale: {scale!r}; expected 'linear' or 'log10'")
+    if not hasattr(opt, "_rows"):
+        raise TypeError(f"opt must be a fasthist optimizer, but got {type(opt).__name__}")
+    names, params, counts = opt._rows(window)
+    if counts is None:
+        return {}
+    bins = opt.bins
+    q = batched_quantile(counts, torch.tensor(_QS, dtype=torch.float64), bins, exclude_zeros=True, rule="n")
+    host = counts.cpu().numpy()  # the one device-to-host copy: counts only
+    qv = q.cpu().numpy()
+    reps = bins.representatives.numpy()
+    finite_reps = np.where(np.isfinite(reps), reps, 0.0)
+    eps = _group_eps(opt, params)
+    out: dict[str, dict[str, float]] = {}
+    for i, name in enumerate(names):
+        c = host[i]
+        n = int(c.sum())
+        limits, bucket_counts, lo, hi = _buckets(c, bins, scale)
+        if limits:
+            if scale == "linear":
+                vals = finite_reps
+            else:
+                vals = np.where(reps > 0, np.log10(np.where(reps > 0, reps, 1.0)), math.log10(bins.low) - 0.5)
+                vals = np.where(np.isfinite(vals), vals, 0.0)
+            writer.add_histogram_raw(
+                f"{prefix}/{name}",
+                min=lo,
+                max=hi,
+                num=n,
+                sum=float((c * vals).sum()),
+                sum_squares=float((c * vals * vals).sum()),
+                bucket_limits=limits,
+                bucket_counts=bucket_counts,
+                global_step=step,
+            )
+        row = {k: float(v) for k, v in zip(_QNAMES, qv[i], strict=True)}
+        row["adaptive"] = float(c[reps > eps[i]].sum() / n) if n and math.isfinite(eps[i]) else math.nan
+        out[name] = row
+        if scalars:
+            for k, v in row.items():
+                if math.isfinite(v):
+                    writer.add_scalar(f"{prefix}.{k}/{name}", v, global_step=step)
+    return out
