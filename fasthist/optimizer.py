@@ -72,7 +72,10 @@ class HistogramMixin:
 
     def _check_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch rejects sets itself, with its message
+            params = param_group["params"] = list(params)  # a generator can be read once
         for i, p in enumerate(params):
             t = p[1] if isinstance(p, tuple) else p
             if isinstance(t, Tensor) and not (t.is_floating_point() or t.is_complex()):
@@ -158,7 +161,21 @@ class HistogramMixin:
         store.targets[key] = out
         return out
 
-    def _rows(self, window: str) -> tuple[list[str], list[Tensor], Tensor | None]:
+    def _rows(
+        self, window: str, process_group: Any = None, sharded: bool | None = None
+    ) -> tuple[list[str], list[Tensor | None], Tensor | None]:
+        names, params, counts = self._local_rows(window)
+        if process_group is None:
+            return names, params, counts
+        from .distributed import global_rows  # torch.distributed only when asked for
+
+        merged_names, merged = global_rows(names, params, counts, self._bins, process_group, sharded)
+        if not merged_names:
+            return [], [], None
+        local = dict(zip(names, params, strict=True))
+        return merged_names, [local.get(n) for n in merged_names], merged
+
+    def _local_rows(self, window: str) -> tuple[list[str], list[Tensor], Tensor | None]:
         if window not in _WINDOWS:
             raise ValueError(f"Invalid window: {window!r}; expected 'step' or 'total'")
         store = self._hist_store()
@@ -178,20 +195,35 @@ class HistogramMixin:
         """The :class:`LogBins` every histogram of this optimizer uses."""
         return self._bins
 
-    def histograms(self, *, window: str = "step") -> dict[str, Histogram]:
+    def histograms(
+        self, *, window: str = "step", process_group: Any = None, sharded: bool | None = None
+    ) -> dict[str, Histogram]:
         """Histogram of every tracked tensor, by name (``"{group}.{index}"`` when unnamed).
 
         ``window="step"``: values of each tensor's latest update; ``"total"``: summed over
         all steps since construction or :meth:`reset_histograms`. Copies, not views.
+
+        ``process_group`` (every query accepts it): merge over the ranks of that group
+        (``torch.distributed.group.WORLD`` for all) into global histograms, the same on
+        every rank; a collective, so call it on every rank. Replicated tensors (DDP) count
+        once, shards (DTensor/FSDP2) add up to the whole tensor; ``sharded`` overrides the
+        per-tensor default. See :mod:`fasthist.distributed`. None (default): this rank only.
         """
-        names, _, counts = self._rows(window)
+        names, _, counts = self._rows(window, process_group, sharded)
         if counts is None:
             return {}
         return {n: Histogram(c, self._bins) for n, c in zip(names, counts.clone().unbind(0), strict=True)}
 
-    def histogram(self, param: Tensor | str | None = None, *, window: str = "step") -> Histogram:
+    def histogram(
+        self,
+        param: Tensor | str | None = None,
+        *,
+        window: str = "step",
+        process_group: Any = None,
+        sharded: bool | None = None,
+    ) -> Histogram:
         """Histogram of one tracked tensor (by tensor or name), or of all merged (None)."""
-        names, order, counts = self._rows(window)
+        names, order, counts = self._rows(window, process_group, sharded)
         if param is None:
             if counts is None:
                 return Histogram.empty(self._bins)
@@ -213,20 +245,34 @@ class HistogramMixin:
         return Histogram(counts[r].clone(), self._bins)
 
     def quantiles(
-        self, qs: float | list[float] | Tensor, *, window: str = "step", exclude_zeros: bool = False
+        self,
+        qs: float | list[float] | Tensor,
+        *,
+        window: str = "step",
+        exclude_zeros: bool = False,
+        process_group: Any = None,
+        sharded: bool | None = None,
     ) -> tuple[list[str], Tensor]:
         """Quantiles of every tracked tensor at once: ``(names, float64 [num_tensors, len(qs)])``
         on the histograms' device, computed in one batched operation (rule and guarantee
         of :class:`Histogram`)."""
         qt, _ = _as_q(qs)
-        names, _, counts = self._rows(window)
+        names, _, counts = self._rows(window, process_group, sharded)
         if counts is None:
             return [], torch.empty(0, qt.numel(), dtype=torch.float64)
         return names, batched_quantile(counts, qt, self._bins, exclude_zeros=exclude_zeros)
 
-    def eps_range(self, low: float = 0.02, high: float = 0.98, *, window: str = "step") -> EpsRange:
+    def eps_range(
+        self,
+        low: float = 0.02,
+        high: float = 0.98,
+        *,
+        window: str = "step",
+        process_group: Any = None,
+        sharded: bool | None = None,
+    ) -> EpsRange:
         """The paper's ε-range rule (:mod:`fasthist.eps`) on the latest step's histograms."""
-        names, _, counts = self._rows(window)
+        names, _, counts = self._rows(window, process_group, sharded)
         if counts is None:
             raise RuntimeError("eps_range: nothing tracked yet; take an optimizer step first")
         return eps_range_from_counts(names, counts, self._bins, low=low, high=high)

@@ -1,0 +1,522 @@
+"""fasthist.Adam/AdamW against torch.optim.Adam/AdamW step for step, the histograms
+against the exact histogram of the state, state-dict compatibility, bad input."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fasthist
+from fasthist import LogBins
+
+RTOL, ATOL = 1e-6, 1e-8  # fp32; the reference backend is torch's own code, so equality is expected
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def convnet():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+
+
+class LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 20)
+
+    def forward(self, x):
+        return self.head(self.lstm(self.emb(x))[0])
+
+
+MODELS = {
+    "mlp": (mlp, lambda g: torch.randn(16, 12, generator=g)),
+    "conv": (convnet, lambda g: torch.randn(8, 1, 8, 8, generator=g)),
+    "lstm": (LSTMNet, lambda g: torch.randint(0, 20, (4, 7), generator=g)),
+}
+
+
+def twin(kind):
+    build, data = MODELS[kind]
+    torch.manual_seed(0)
+    a = build()
+    b = copy.deepcopy(a)
+    return a, b, data
+
+
+def loss_of(model, x):
+    return model(x).float().pow(2).mean()
+
+
+def run_pair(kind, make_ref, make_fh, steps=50, group_fn=None, after_step=None):
+    ref_model, fh_model, data = twin(kind)
+    params = group_fn if group_fn is not None else (lambda m: m.parameters())
+    ref_opt, fh_opt = make_ref(params(ref_model)), make_fh(params(fh_model))
+    g = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        x = data(g)
+        for m, o in ((ref_model, ref_opt), (fh_model, fh_opt)):
+            o.zero_grad()
+            loss_of(m, x).backward()
+            o.step()
+        if after_step is not None:
+            after_step(i, ref_opt, fh_opt)
+    for p, q in zip(ref_model.parameters(), fh_model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL)
+    for p, q in zip(ref_model.parameters(), fh_model.parameters(), strict=True):
+        for k, v in ref_opt.state[p].items():
+            torch.testing.assert_close(fh_opt.state[q][k], v, rtol=RTOL, atol=ATOL)
+    return ref_model, fh_model, ref_opt, fh_opt
+
+
+CONFIGS = {
+    "defaults": {},
+    "lr": {"lr": 3e-3},
+    "weight_decay": {"weight_decay": 0.1},
+    "maximize": {"maximize": True},
+    "amsgrad": {"amsgrad": True},
+    "decoupled": {"weight_decay": 0.1, "decoupled_weight_decay": True},
+    "tensor_lr": {"lr": torch.tensor(2e-3)},
+    "foreach": {"foreach": True, "amsgrad": True},
+    "fused": {"fused": True, "weight_decay": 0.01},
+    "betas_eps": {"betas": (0.8, 0.99), "eps": 1e-6},
+}
+
+
+def expected_step_hist(opt, p, bins=None):
+    """Exact histogram of sqrt(v_hat) for p, straight from the optimizer state."""
+    st = opt.state[p]
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    v = st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]
+    beta2 = float(group["betas"][1])
+    step = st["step"]
+    if step.device.type == "cpu":  # bias correction on the host in float64, as torch does
+        c = torch.tensor((1 - beta2 ** float(step)) ** 0.5, dtype=torch.float32)
+    else:
+        c = (1 - torch.pow(beta2, step.float())).sqrt()
+    return (bins or opt.bins).count(v.float().sqrt() / c)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_adam_matches_torch(kind, config):
+    kw = CONFIGS[config]
+    _, fh_model, _, fh_opt = run_pair(kind, lambda p: torch.optim.Adam(p, **kw), lambda p: fasthist.Adam(p, **kw))
+    for p in fh_model.parameters():
+        assert torch.equal(fh_opt.histogram(p).counts, expected_step_hist(fh_opt, p))
+
+
+@pytest.mark.parametrize("config", ["defaults", "amsgrad", "maximize", "fused"])
+def test_adamw_matches_torch(config):
+    kw = CONFIGS[config]
+    _, fh_model, _, fh_opt = run_pair("mlp", lambda p: torch.optim.AdamW(p, **kw), lambda p: fasthist.AdamW(p, **kw))
+    assert isinstance(fh_opt, torch.optim.Adam)
+    assert all(g["decoupled_weight_decay"] and g["weight_decay"] == 1e-2 for g in fh_opt.param_groups)
+
+
+def test_total_window_is_sum_of_steps():
+    model = mlp()
+    opt = fasthist.Adam(model.parameters())
+    expected = {id(p): 0 for p in model.parameters()}
+    for _ in range(5):
+        opt.zero_grad()
+        loss_of(model, torch.randn(4, 12)).backward()
+        opt.step()
+        for p in model.parameters():
+            expected[id(p)] = expected[id(p)] + expected_step_hist(opt, p)
+    for p in model.parameters():
+        assert torch.equal(opt.histogram(p, window="total").counts, expected[id(p)])
+        assert opt.histogram(p, window="total").count == 5 * p.numel()
+    opt.reset_histograms()
+    assert opt.histogram(window="total").count == 0 and opt.histogram().count == 0
+
+
+def test_three_param_groups():
+    def groups(m):
+        return [
+            {"params": m[0].parameters(), "lr": 1e-2, "weight_decay": 0.1},
+            {"params": m[2].parameters(), "betas": (0.5, 0.9), "amsgrad": True},
+            {"params": m[4].parameters(), "eps": 1e-3, "maximize": True},
+        ]
+
+    _, _, _, opt = run_pair(
+        "mlp", lambda p: torch.optim.Adam(p, lr=1e-3), lambda p: fasthist.Adam(p, lr=1e-3), group_fn=groups
+    )
+    assert list(opt.histograms()) == ["0.0", "0.1", "1.0", "1.1", "2.0", "2.1"]
+
+
+@pytest.mark.parametrize("sched", ["step", "cosine", "onecycle"])
+def test_lr_schedulers(sched):
+    def make(cls):
+        def f(params):
+            opt = cls(params, lr=1e-2)
+            if sched == "step":
+                s = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+            elif sched == "cosine":
+                s = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+            else:  # also cycles beta1
+                s = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=60)
+            opt._test_sched = s
+            return opt
+
+        return f
+
+    def after(i, ro, fo):
+        ro._test_sched.step()
+        fo._test_sched.step()
+        assert ro.param_groups[0]["lr"] == fo.param_groups[0]["lr"]
+        assert ro.param_groups[0]["betas"] == fo.param_groups[0]["betas"]
+
+    run_pair("conv", make(torch.optim.Adam), make(fasthist.Adam), after_step=after)
+
+
+def test_closure_and_none_grads():
+    torch.manual_seed(0)
+    a = mlp()
+    b = copy.deepcopy(a)
+    oa, ob = torch.optim.Adam(a.parameters()), fasthist.Adam(b.parameters())
+    for i in range(50):
+        x = torch.randn(8, 12)
+        for m, o in ((a, oa), (b, ob)):
+
+            def closure(m=m, o=o, x=x, i=i):
+                o.zero_grad()
+                loss = loss_of(m, x)
+                loss.backward()
+                if i % 3 == 0:  # some parameters get no gradient at some steps
+                    m[4].bias.grad = None
+                return loss
+
+            la = o.step(closure)
+        assert la is not None
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL)
+        assert torch.equal(oa.state[p]["step"], ob.state[q]["step"])
+    # a parameter skipped at the last step keeps the histogram of its latest update
+    bias = b[4].bias
+    assert torch.equal(ob.histogram(bias).counts, expected_step_hist(ob, bias))
+
+
+def test_state_dict_cross_load_both_ways():
+    ref_model, fh_model, data = twin("mlp")
+    r, f = torch.optim.Adam(ref_model.parameters(), amsgrad=True), fasthist.Adam(fh_model.parameters(), amsgrad=True)
+    g = torch.Generator().manual_seed(3)
+    for i in range(60):
+        x = data(g)
+        for m, o in ((ref_model, r), (fh_model, f)):
+            o.zero_grad()
+            loss_of(m, x).backward()
+            o.step()
+        if i == 20:  # torch -> fasthist
+            f2 = fasthist.Adam(fh_model.parameters(), amsgrad=True)
+            f2.load_state_dict(copy.deepcopy(r.state_dict()))  # as after torch.save/load: torch aliases otherwise
+            f = f2
+        if i == 40:  # fasthist -> torch
+            r2 = torch.optim.Adam(ref_model.parameters(), amsgrad=True)
+            r2.load_state_dict(copy.deepcopy(f.state_dict()))
+            r = r2
+    for p, q in zip(ref_model.parameters(), fh_model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL)
+    # fasthist's histograms restarted from zero at step 20 (torch has none) and count every step since
+    assert f.histogram(window="total").count == 39 * sum(p.numel() for p in fh_model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_hist_counts_survive_save_load(dtype):
+    model = mlp().to(dtype)
+    opt = fasthist.Adam(model.parameters(), eps=1e-4)
+    for _ in range(3):
+        opt.zero_grad()
+        loss_of(model, torch.randn(4, 12, dtype=dtype)).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)  # plain tensors and ints only
+    opt2 = fasthist.Adam(model.parameters(), eps=1e-4)
+    opt2.load_state_dict(sd)
+    for p in model.parameters():
+        for key in ("hist_step", "hist_total"):
+            assert opt2.state[p][key].dtype == torch.int64
+            assert torch.equal(opt2.state[p][key], opt.state[p][key])
+        assert opt2.state[p]["exp_avg"].dtype == dtype
+    assert opt2.histograms(window="total").keys() == opt.histograms(window="total").keys()
+    # and training continues identically from the loaded state
+    x = torch.randn(4, 12, dtype=dtype)
+    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
+    o1, o2 = fasthist.Adam(m1.parameters(), eps=1e-4), fasthist.Adam(m2.parameters(), eps=1e-4)
+    o1.load_state_dict(opt.state_dict())
+    o2.load_state_dict(sd)
+    for m, o in ((m1, o1), (m2, o2)):
+        loss_of(m, x).backward()
+        o.step()
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert o1.histogram(window="total") == o2.histogram(window="total")
+
+
+def test_loading_histograms_recorded_with_other_bins_fails():
+    model = mlp()
+    opt = fasthist.Adam(model.parameters(), bins=LogBins(mantissa_bits=3))
+    loss_of(model, torch.randn(2, 12)).backward()
+    opt.step()
+    other = fasthist.Adam(model.parameters())
+    with pytest.raises(ValueError, match="recorded with LogBins"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_deepcopy_and_named_parameters():
+    model = mlp()
+    opt = fasthist.Adam(model.named_parameters())
+    loss_of(model, torch.randn(2, 12)).backward()
+    opt.step()
+    assert list(opt.histograms()) == [n for n, _ in model.named_parameters()]
+    assert opt.histograms()["0.weight"] == opt.histogram(model[0].weight) == opt.histogram("0.weight")
+    clone = copy.deepcopy(opt)
+    assert clone.histogram(window="total").count == opt.histogram(window="total").count
+
+
+def test_quantiles_batched_equal_per_tensor():
+    model = mlp()
+    opt = fasthist.Adam(model.named_parameters())
+    for _ in range(3):
+        opt.zero_grad()
+        loss_of(model, torch.randn(8, 12)).backward()
+        opt.step()
+    qs = [0.0, 0.02, 0.5, 0.98, 1.0]
+    for window in ("step", "total"):
+        names, q = opt.quantiles(qs, window=window, exclude_zeros=True)
+        assert q.shape == (len(names), len(qs)) and q.dtype == torch.float64
+        hists = opt.histograms(window=window)
+        for name, row in zip(names, q, strict=True):
+            torch.testing.assert_close(row, hists[name].quantile(qs, exclude_zeros=True), rtol=0, atol=0)
+
+
+def test_eps_range_against_sort():
+    # the paper's rule computed by sorting the real sqrt(v_hat) values, zeros excluded
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[2].bias.fill_(-10.0)  # some dead ReLU units: zero gradients downstream
+    opt = fasthist.Adam(model.named_parameters())
+    for _ in range(10):
+        opt.zero_grad()
+        model(torch.randint(0, 10, (16, 4))).pow(2).mean().backward()  # rows 10..49 never used
+        opt.step()
+    res = opt.eps_range()
+    lows, highs = [], []
+    for (name, p), row in zip(model.named_parameters(), res.rows, strict=True):
+        st = opt.state[p]
+        c = torch.tensor((1 - 0.999 ** float(st["step"])) ** 0.5, dtype=torch.float32)
+        a = torch.sort((st["exp_avg_sq"].sqrt() / c).reshape(-1)).values
+        a = a[a != 0]
+        assert row.name == name and row.nonzero == a.numel()
+        if a.numel() == 0:
+            continue
+        lo, hi = float(a[math.floor(0.02 * a.numel())]), float(a[min(math.floor(0.98 * a.numel()), a.numel() - 1)])
+        assert row.low == pytest.approx(lo, rel=res.relative_accuracy)
+        assert row.high == pytest.approx(hi, rel=res.relative_accuracy)
+        lows.append(lo)
+        highs.append(hi)
+    assert res.rows[0].nonzero < res.rows[0].numel  # the embedding's unused rows are excluded
+    if not res.ambiguous:
+        assert res.low == 10.0 ** round(math.log10(min(lows)))
+        assert res.high == 10.0 ** round(math.log10(max(highs)))
+    assert res.candidates[0] == res.low and res.candidates[-1] == res.high
+    assert res.to_dict()["rows"][0]["name"] == "0.weight"
+
+
+def test_track_false_records_nothing():
+    model = mlp()
+    opt = fasthist.Adam(model.parameters(), track=False)
+    loss_of(model, torch.randn(2, 12)).backward()
+    opt.step()
+    assert opt.histograms() == {}
+    assert all("hist_step" not in s for s in opt.state.values())
+    groups = [{"params": model[0].parameters(), "track": False}, {"params": model[2].parameters()}]
+    opt = fasthist.Adam(groups)
+    opt.step()
+    assert list(opt.histograms()) == ["1.0", "1.1"]
+
+
+def test_nan_and_inf_gradients():
+    torch.manual_seed(0)
+    a = torch.randn(10, requires_grad=True)
+    b = a.detach().clone().requires_grad_()
+    oa, ob = torch.optim.Adam([a]), fasthist.Adam([b])
+    g = torch.randn(10)
+    g[3], g[7] = math.nan, math.inf
+    a.grad, b.grad = g.clone(), g.clone()
+    oa.step()
+    ob.step()
+    torch.testing.assert_close(b, a, equal_nan=True)
+    assert bool(torch.isnan(b[3]))
+    h = ob.histogram()
+    assert h.count == 10 and h.nonfinite_count == 2
+
+
+def test_empty_zero_dim_noncontiguous_frozen():
+    empty = torch.zeros(0, 3, requires_grad=True)
+    scalar = torch.tensor(1.5, requires_grad=True)
+    tview = torch.randn(5, 3).t().requires_grad_()  # a non-contiguous leaf
+    frozen = torch.randn(4, requires_grad=False)
+    params = [empty, scalar, tview, frozen]
+    refs = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+    assert not tview.is_contiguous()
+    fo, ro = fasthist.Adam(params), torch.optim.Adam(refs)
+    for _ in range(3):
+        for ps, o in ((params, fo), (refs, ro)):
+            torch.manual_seed(1)
+            for p in ps:
+                if p.requires_grad:
+                    p.grad = torch.randn_like(p)
+            o.step()
+    for p, q in zip(params, refs, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    hs = fo.histograms()
+    assert [h.count for h in hs.values()] == [0, 1, 15]
+    assert torch.equal(fo.histogram(tview).counts, expected_step_hist(fo, tview))
+    with pytest.raises(KeyError, match="not tracked"):
+        fo.histogram(frozen)
+
+
+def test_gradscaler_skip_leaves_everything_untouched():
+    p = torch.randn(6, requires_grad=True)
+    opt = fasthist.Adam([p], fused=True)
+    p.grad = torch.randn(6)
+    opt.step()
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    p.grad = torch.randn(6)
+    opt.grad_scale = torch.tensor(2.0)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(p, before[0])
+    for k, v in before[1].items():
+        assert torch.equal(opt.state[p][k], v), k
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    assert not torch.equal(p, before[0])
+    assert opt.histogram(window="total").count == 12
+
+
+def test_gradscaler_end_to_end_cpu():
+    torch.manual_seed(0)
+    a = mlp()
+    b = copy.deepcopy(a)
+    oa, ob = torch.optim.Adam(a.parameters(), fused=True), fasthist.Adam(b.parameters(), fused=True)
+    sa, sb = torch.amp.GradScaler("cpu", init_scale=4.0), torch.amp.GradScaler("cpu", init_scale=4.0)
+    for i in range(8):
+        x = torch.randn(4, 12)
+        if i == 3:
+            x[0, 0] = math.inf  # an overflowing step: skipped by both
+        for m, o, s in ((a, oa, sa), (b, ob, sb)):
+            o.zero_grad()
+            s.scale(loss_of(m, x)).backward()
+            s.step(o)
+            s.update()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL)
+    assert ob.histogram(window="total").count == 7 * sum(p.numel() for p in b.parameters())
+
+
+def test_backend_forced_torch_is_identical(monkeypatch):
+    results = []
+    for backend in ("auto", "torch"):
+        monkeypatch.setenv("FASTHIST_BACKEND", backend)
+        torch.manual_seed(0)
+        m = mlp()
+        o = fasthist.Adam(m.parameters())
+        for _ in range(3):
+            o.zero_grad()
+            loss_of(m, torch.randn(4, 12)).backward()
+            o.step()
+        results.append((list(m.parameters()), o.histogram(window="total")))
+    assert all(torch.equal(p, q) for p, q in zip(results[0][0], results[1][0], strict=True))
+    assert results[0][1] == results[1][1]
+
+
+# -- bad input -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": -1.0},
+        {"eps": -1.0},
+        {"betas": (1.0, 0.9)},
+        {"betas": (0.9, -0.1)},
+        {"weight_decay": -1},
+        {"fused": True, "differentiable": True},
+    ],
+)
+def test_invalid_arguments_like_torch(kwargs):
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(Exception) as ref:
+        torch.optim.Adam(p, **kwargs)
+    with pytest.raises(type(ref.value), match=str(ref.value).replace("(", r"\(").replace(")", r"\)").replace("`", ".")):
+        fasthist.Adam(p, **kwargs)
+
+
+def test_bad_input_errors(monkeypatch):
+    with pytest.raises(TypeError, match="bins must be a fasthist.LogBins, but got dict"):
+        fasthist.Adam([torch.zeros(2, requires_grad=True)], bins={"mantissa_bits": 5})
+    with pytest.raises(TypeError, match="can only optimize floating point or complex parameters"):
+        fasthist.Adam([torch.zeros(2, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="Invalid track value"):
+        fasthist.Adam([torch.zeros(2, requires_grad=True)], track="yes")
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = fasthist.Adam(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="Adam does not support sparse gradients"):
+        opt.step()
+    p = torch.zeros(2, requires_grad=True)
+    opt = fasthist.Adam([p])
+    with pytest.raises(ValueError, match="Invalid window: 'last'"):
+        opt.histogram(window="last")
+    with pytest.raises(RuntimeError, match="take an optimizer step first"):
+        opt.eps_range()
+    monkeypatch.setenv("FASTHIST_BACKEND", "cuda")
+    p.grad = torch.ones(2)
+    with pytest.raises(ValueError, match="Invalid FASTHIST_BACKEND: 'cuda'"):
+        opt.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["defaults", "amsgrad", "fused", "decoupled", "tensor_lr"])
+def test_capturable_on_cuda_matches_torch(config):
+    kw = dict(CONFIGS[config], capturable=True)
+    kw.pop("fused", None)
+    torch.manual_seed(0)
+    a = mlp().cuda()
+    b = copy.deepcopy(a)
+    if isinstance(kw.get("lr"), torch.Tensor):
+        kw["lr"] = kw["lr"].cuda()
+    oa, ob = torch.optim.Adam(a.parameters(), **kw), fasthist.Adam(b.parameters(), **kw)
+    for _ in range(20):
+        x = torch.randn(8, 12, device="cuda")
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            loss_of(m, x).backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)  # the kernel's rounding may differ from torch's
+        assert torch.equal(ob.histogram(q).counts, expected_step_hist(ob, q))
+
+
+@pytest.mark.gpu
+def test_step_never_synchronizes_on_cuda():
+    model = mlp().cuda()
+    opt = fasthist.Adam(model.parameters(), capturable=True)
+    loss_of(model, torch.randn(4, 12, device="cuda")).backward()
+    opt.step()  # lazy init may allocate
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.histogram(window="total").count == 4 * sum(p.numel() for p in model.parameters())
