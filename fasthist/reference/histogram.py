@@ -103,8 +103,11 @@ def accumulate_(
     """Histogram ``sqrt(values[i]) / scale[i]`` of every tensor into its row of ``target``.
 
     ``scale`` is a list of floats (host) or a float tensor of ``len(values)`` on the device.
+    A DTensor is histogrammed by its local shard (merged across ranks by
+    :mod:`fasthist.distributed`).
     """
     device = target.step.device
+    values = [v.to_local() if type(v).__name__ == "DTensor" else v for v in values]
     for v in values:
         if v.device != device:
             raise RuntimeError(
