@@ -18,9 +18,11 @@ rounding boundary ``10**(k+0.5)``; the result's ``ambiguous`` flag says when.
 How the weights stay untouched: the moments are updated by a fasthist optimizer built
 with ``lr=0`` (and ``eps=1``, which never enters the moments or the histogrammed
 quantity but keeps ``m / (sqrt(v_hat) + eps)`` finite), so every update adds
-``-0.0 * finite`` to each weight, which leaves its bits as they were. Gradients are
-checked to be finite at each step. Buffers (BatchNorm running statistics, ...) are
-restored after the pass, and each parameter's ``.grad`` is put back as it was.
+``-0.0 * finite`` (a signed zero) to each weight, which leaves its bits as they were,
+except that ``-0.0 + +0.0`` is ``+0.0``: weights that are negative zeros are found before
+the pass and set back to ``-0.0`` after every step. Gradients are checked to be finite
+at each step. Buffers (BatchNorm running statistics, ...) are restored after the pass,
+and each parameter's ``.grad`` is put back as it was.
 
 Other optimizers plug in through :func:`register_eps_optimizer`: a factory that builds a
 fasthist optimizer with the same moment update and a zero step (the table in PAPER.md
@@ -150,6 +152,13 @@ def eps_pass(
     opt = spec.factory(named, betas=tuple(float(b) for b in betas), weight_decay=float(weight_decay), bins=bins)
 
     saved_grads = [p.grad for p in params]
+    negative_zeros = []  # (param, mask), only for the rare params that hold a -0.0
+    with torch.no_grad():
+        for p in params:
+            r = torch.view_as_real(p.detach()) if p.is_complex() else p.detach()
+            mask = (r == 0) & torch.signbit(r)
+            if bool(mask.any()):
+                negative_zeros.append((r, mask))
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
     total = steps
     if hasattr(batches, "__len__"):
@@ -175,6 +184,9 @@ def eps_pass(
                 if not bool(torch.isfinite(peak)):
                     raise RuntimeError(f"non-finite gradient at batch {done}; the ε-range rule needs finite gradients")
             opt.step()
+            with torch.no_grad():
+                for r, mask in negative_zeros:
+                    r.masked_fill_(mask, -0.0)
             done += 1
             if bar is not None:
                 bar.update(1)
