@@ -1,7 +1,35 @@
 """Triton kernels of fasthist, installed as ``fasthist.kernels``.
 
 Importing this package needs Triton; ``fasthist.backend`` treats an ImportError as
-"no kernels here" and uses the pure-PyTorch reference.
+"no kernels here" and uses the pure-PyTorch reference. Under ``TRITON_INTERPRET=1`` (set
+before this package is first imported) the same kernels run on CPU tensors.
+
+One module per optimizer, each laid out as: module docstring (the math) → ``@triton.jit``
+kernel → launcher → ``<op>_hist`` wrapper taking exactly the arguments of torch's functional
+form plus ``hist`` (a :class:`fasthist.reference.histogram.HistTarget` or None):
+
+- :mod:`.adam`: Adam/AdamW (:func:`fasthist.kernels.adam.adam_hist`).
+
+Shared pieces for new kernels live in :mod:`._common`:
+
+- ``bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE)``: LogBins index of float32 values, in
+  the kernel; ``BinSpec(bins).kwargs()`` gives those constexprs (plus ``NUM_BINS`` and
+  ``HIST_BINS``, the power of two ``tl.histogram`` needs).
+- ``flush_histogram(acc, scratch_row_ptr, NUM_BINS, HIST_BINS)``: once per program, atomics
+  on the non-zero bins of a ``tl.histogram`` accumulator into the tensor's scratch row.
+- ``scratch_for(target, n)`` and ``finalize_histograms(target, scratch, found_inf)``: the
+  call's int64 scratch and the one launch that turns it into the ``step``/``total`` windows
+  (skipped on ``found_inf``) and re-zeroes it.
+- ``TensorTable.get(device, columns, numels, slots, chunk)``: cached table of ``data_ptr``s
+  (one row per tensor: the columns' pointers, numel, slot) and chunk descriptors
+  ``(row, start)``, one per program; load a pointer in the kernel with
+  ``tl.load(table + width * row + k).to(tl.pointer_type(DTYPE))``.
+- ``dense_views(tensors)``: the tensors themselves when a flat walk is valid (same dense
+  strides), else contiguous copies to write back.
+- ``launch_options(device)``: ``enable_fp_fusion=False`` on the GPU, so roundings are the
+  ones written (use ``tl.fma`` where torch's CPU kernels fuse).
 """
 
 import triton  # noqa: F401
+
+from . import adam  # noqa: E402,F401

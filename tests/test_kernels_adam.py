@@ -1,0 +1,551 @@
+"""The fused Triton Adam/AdamW kernel against the reference backend.
+
+On a CPU-only machine the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``,
+set here before ``fasthist.kernels`` is first imported); with CUDA they run compiled and the
+``gpu`` tests (bf16/fp16, CUDA-graph capture) run too.
+
+What is compared, per step, over several steps:
+
+- parameters within 2 ulp of the reference (torch's own Adam);
+- ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``: bit-identical on CPU (the kernel rounds like
+  torch's CPU kernels), within 2 ulp on CUDA (torch's CUDA kernels round differently);
+- histograms (``step`` and ``total`` windows): exactly equal to the reference backend's on CPU,
+  and everywhere exactly equal to an oracle computed in float64 from the kernel's own state
+  (``x = fl32(sqrt(v)) / fl32(c)`` is correctly rounded through float64).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+from torch import Tensor
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import fasthist  # noqa: E402
+from fasthist.bins import LogBins  # noqa: E402
+from fasthist.reference.adam import adam_reference, bias_correction2_sqrt  # noqa: E402
+from fasthist.reference.histogram import HistTarget  # noqa: E402
+
+K = pytest.importorskip("fasthist.kernels.adam")
+from fasthist.kernels import _common  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CPU = DEVICE.type == "cpu"
+if ON_CPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("fasthist.kernels needs TRITON_INTERPRET=1 on a machine without CUDA", allow_module_level=True)
+
+pytestmark = pytest.mark.interpreter if ON_CPU else []
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+BINS = LogBins()
+B, C = K.BLOCK, K.CHUNK
+
+
+# -- helpers ------------------------------------------------------------------------------
+def ulp(x: Tensor) -> Tensor:
+    """ulp of |x| in x's dtype, as float64."""
+    bits = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}[x.dtype]
+    _, e = torch.frexp(x.double().abs())
+    tiny = {torch.float32: -149, torch.bfloat16: -133, torch.float16: -24}[x.dtype]
+    return torch.ldexp(torch.ones_like(e, dtype=torch.float64), torch.clamp(e - bits, min=tiny))
+
+
+def assert_ulp(actual: Tensor, expected: Tensor, n: float, what: str, previous: Tensor | None = None) -> None:
+    """|actual - expected| <= n ulp of max(|expected|, |expected - previous|): an update
+    larger than the parameter carries its own rounding (torch's CPU sqrt is 1 ulp off)."""
+    if actual.is_complex():
+        actual, expected = torch.view_as_real(actual), torch.view_as_real(expected)
+        previous = torch.view_as_real(previous) if previous is not None else None
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    if actual.numel() == 0:
+        return
+    diff = (actual.double() - expected.double()).abs()
+    scale = expected.double().abs()
+    if previous is not None:
+        scale = torch.maximum(scale, (expected.double() - previous.double()).abs())
+    tol = n * ulp(scale.to(expected.dtype))
+    bad = diff > tol
+    assert not bad.any(), f"{what}: {int(bad.sum())} elements beyond {n} ulp, max diff {diff.max().item():.3e}"
+
+
+def same(a: Tensor, b: Tensor) -> bool:
+    """Bit-for-bit equal values, NaN equal to NaN."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def oracle_counts(values: list[torch.Tensor], steps: list[torch.Tensor], beta2: float) -> torch.Tensor:
+    """[n, num_bins] counts of fl32(sqrt(v)) / fl32(c), correctly rounded via float64."""
+    c = bias_correction2_sqrt(steps, beta2)
+    c = [float(x) for x in (c.cpu() if isinstance(c, torch.Tensor) else c)]
+    rows = []
+    for v, ci in zip(values, c, strict=True):
+        v = torch.view_as_real(v) if v.is_complex() else v
+        s = v.detach().cpu().double().sqrt().float().double()
+        x = (s / float(torch.tensor(ci, dtype=torch.float32))).float()
+        rows.append(BINS.count(x))
+    return torch.stack(rows) if rows else torch.zeros(0, BINS.num_bins, dtype=torch.int64)
+
+
+def target(n: int) -> HistTarget:
+    z = torch.zeros(n, BINS.num_bins, dtype=torch.int64, device=DEVICE)
+    # rows deliberately permuted: tensor i writes row n-1-i
+    return HistTarget(BINS, z, z.clone(), torch.arange(n - 1, -1, -1, device=DEVICE))
+
+
+class Case:
+    """One set of tensors, run by the kernel and by the reference on identical copies."""
+
+    def __init__(self, shapes, *, dtype=None, amsgrad=False, steps_on_device=False, seed=0, make=None):
+        gen = torch.Generator().manual_seed(seed)
+        self.shapes = shapes
+        self.dtype = dtype
+        make = make or (lambda shape: torch.randn(shape, generator=gen, dtype=torch.float32))
+        params = [make(s).to(DEVICE, dtype) if dtype is not None else make(s).to(DEVICE) for s in shapes]
+        sdev = DEVICE if steps_on_device else torch.device("cpu")
+
+        def state(p):
+            return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+        self.k = {
+            "params": params,
+            "exp_avgs": [state(p) for p in params],
+            "exp_avg_sqs": [state(p) for p in params],
+            "max_exp_avg_sqs": [state(p) for p in params] if amsgrad else [],
+            "state_steps": [torch.tensor(0.0, device=sdev) for _ in params],
+        }
+        self.r = {k: [t.clone() for t in v] for k, v in self.k.items()}
+        self.gen = gen
+        self.n = len(shapes)
+        self.hk, self.hr = target(self.n), target(self.n)
+
+    def grads(self, scale: float = 1.0):
+        """Next step's gradients (kernel copy, reference copy). Each step starts the
+        reference from the kernel's parameters and states, so every step is compared from
+        identical inputs and 1-ulp differences (torch's CPU sqrt is not correctly rounded)
+        do not accumulate across steps."""
+        for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+            for a, b in zip(self.k[name], self.r[name], strict=True):
+                b.copy_(a)
+        self.prev = [p.clone() for p in self.r["params"]]
+        gk = []
+        for p in self.k["params"]:
+            g = torch.randn(p.shape, generator=self.gen, dtype=torch.float64) * scale
+            if p.is_complex():
+                g = torch.complex(g, torch.randn(p.shape, generator=self.gen, dtype=torch.float64) * scale)
+            g = g.to(DEVICE, p.dtype)
+            if not p.is_contiguous():  # grads follow their parameter's layout, as autograd makes them
+                g = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
+            gk.append(g)
+        return gk, [g.clone() for g in gk]
+
+    @staticmethod
+    def args(d, grads):
+        return (d["params"], grads, d["exp_avgs"], d["exp_avg_sqs"], d["max_exp_avg_sqs"], d["state_steps"])
+
+
+def hyper(**over):
+    kw = dict(
+        amsgrad=False,
+        has_complex=False,
+        beta1=0.9,
+        beta2=0.999,
+        lr=1e-2,
+        weight_decay=0.0,
+        eps=1e-8,
+        maximize=False,
+        foreach=None,
+        capturable=False,
+        differentiable=False,
+        fused=None,
+        grad_scale=None,
+        found_inf=None,
+        decoupled_weight_decay=False,
+    )
+    kw.update(over)
+    return kw
+
+
+def check(case: Case, *, p_ulp=2.0, state_exact=ON_CPU, hist_vs_reference=ON_CPU, beta2=0.999):
+    k, r = case.k, case.r
+    for i, (a, b, prev) in enumerate(zip(k["params"], r["params"], case.prev, strict=True)):
+        assert_ulp(a, b, p_ulp, f"param {i} {tuple(a.shape)}", prev)
+    for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+        for i, (a, b) in enumerate(zip(k[name], r[name], strict=True)):
+            if state_exact:
+                assert same(a, b), f"{name}[{i}] {tuple(a.shape)} differs from the reference"
+            else:
+                assert_ulp(a, b, 2.0, f"{name}[{i}]")
+    for a, b in zip(k["state_steps"], r["state_steps"], strict=True):
+        assert float(a) == float(b)
+    vals = k["max_exp_avg_sqs"] if k["max_exp_avg_sqs"] else k["exp_avg_sqs"]
+    expected = oracle_counts(vals, k["state_steps"], beta2)
+    rows = case.hk.rows.cpu()
+    assert torch.equal(case.hk.step.cpu()[rows], expected), "step histograms differ from the float64 oracle"
+    if hist_vs_reference:
+        assert torch.equal(case.hk.step, case.hr.step), "step window differs from the reference backend"
+        assert torch.equal(case.hk.total, case.hr.total), "total window differs from the reference backend"
+
+
+def run_steps(case: Case, steps: int, **kw):
+    ref_kw = dict(kw)
+    for _ in range(steps):
+        gk, gr = case.grads()
+        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(**kw))
+        adam_reference(*Case.args(case.r, gr), hist=case.hr, **hyper(**ref_kw))
+        check(case, beta2=kw.get("beta2", 0.999))
+
+
+# -- sizes --------------------------------------------------------------------------------
+SIZES = {
+    "one": [(1,)],  # a single element: one masked lane survives
+    "block-1": [(B - 1,)],  # last lane of the only block masked
+    "block": [(B,)],  # exactly one full block, nothing masked
+    "block+1": [(B + 1,)],  # second block has one live lane
+    "chunk+1": [(C + 1,)],  # a second program for one element: two flushes into one row
+    "prime": [(4093,)],  # prime near 4k: no alignment at all
+    "2d": [(33, 65)],
+    "3d": [(5, 7, 11)],
+    "0-dim": [()],  # scalar parameter
+    "empty": [(0,), (3, 0)],  # no elements: the step count still moves, histograms are empty
+    "mixed": [(1,), (0,), (B + 1,), (17, 3), (), (4093,), (2, 2, 2)],
+}
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_sizes(name):
+    run_steps(Case(SIZES[name], seed=1), 3)
+
+
+def test_many_tensors_one_call():
+    g = torch.Generator().manual_seed(7)
+    shapes = [(int(n),) for n in torch.randint(0, 300, (60,), generator=g)]
+    case = Case(shapes, seed=2)
+    run_steps(case, 2, amsgrad=False)
+
+
+FLAGS = list(itertools.product([False, True], [False, True], ["none", "coupled", "decoupled"], [False, True]))
+
+
+@pytest.mark.parametrize(("amsgrad", "maximize", "wd", "tensor_lr"), FLAGS)
+def test_flags(amsgrad, maximize, wd, tensor_lr):
+    case = Case(SIZES["mixed"], amsgrad=amsgrad, seed=3)
+    kw = dict(
+        amsgrad=amsgrad,
+        maximize=maximize,
+        weight_decay=0.0 if wd == "none" else 0.1,
+        decoupled_weight_decay=wd == "decoupled",
+    )
+    for step in range(3):
+        lr = torch.tensor(1e-2 / (step + 1)) if tensor_lr else 1e-2 / (step + 1)
+        gk, gr = case.grads()
+        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(lr=lr, **kw))
+        adam_reference(*Case.args(case.r, gr), hist=case.hr, **hyper(lr=lr, **kw))
+        check(case)
+
+
+@pytest.mark.parametrize("betas", [(0.3, 0.9), (0.0, 0.5)])  # lerp from the end (weight >= 0.5)
+def test_other_betas(betas):
+    run_steps(Case(SIZES["mixed"], seed=4), 3, beta1=betas[0], beta2=betas[1])
+
+
+def _strided_params():
+    g = torch.Generator().manual_seed(5)
+    return [
+        torch.randn(40, 30, generator=g).to(DEVICE).t(),  # transposed: dense, walked in place
+        torch.randn(20, 60, generator=g).to(DEVICE)[:, ::2],  # strided slice: copied, written back
+        torch.randn(4, 6, 5, generator=g).to(DEVICE).permute(1, 2, 0),  # permuted 3-d: dense
+    ]
+
+
+def test_non_contiguous():
+    case = Case([(1,)] * 3, seed=5)
+    for d in (case.k, case.r):
+        d["params"] = _strided_params()
+        d["exp_avgs"] = [torch.zeros_like(p) for p in d["params"]]
+        d["exp_avg_sqs"] = [torch.zeros_like(p) for p in d["params"]]
+    assert not any(p.is_contiguous() for p in case.k["params"])
+    ptrs = [p.data_ptr() for p in case.k["params"]]
+    run_steps(case, 3)
+    assert [p.data_ptr() for p in case.k["params"]] == ptrs  # updated in place
+
+
+def test_complex():
+    def make(shape):
+        return torch.randn(shape, dtype=torch.complex64)
+
+    case = Case([(7,), (3, 5), ()], seed=6, make=make)
+    run_steps(case, 3, has_complex=True, amsgrad=False)
+
+
+def test_complex_amsgrad():
+    case = Case([(9,), (2, 3)], seed=6, amsgrad=True, make=lambda s: torch.randn(s, dtype=torch.complex64))
+    run_steps(case, 2, has_complex=True, amsgrad=True)
+
+
+def test_steps_differ_between_tensors():
+    case = Case([(5,), (B + 3,), (2, 2)], seed=8)
+    for d in (case.k, case.r):
+        d["state_steps"][1].fill_(10.0)
+        d["state_steps"][2].fill_(3.0)
+    run_steps(case, 2)
+
+
+def test_nonfinite_and_extremes_counted():
+    """inf/NaN gradients, huge and tiny values: every element lands in a bin, as torch does."""
+
+    def make(shape):
+        return torch.randn(shape)
+
+    case = Case([(B + 5,)], seed=9, make=make)
+    gk, gr = case.grads()
+    for g in (gk[0], gr[0]):
+        g[0], g[1], g[2], g[3], g[4], g[5] = float("inf"), float("nan"), 1e30, 1e-30, 0.0, -0.0
+    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper())
+    adam_reference(*Case.args(case.r, gr), hist=case.hr, **hyper())
+    assert case.hk.step.sum() == B + 5
+    assert case.hk.step[0, BINS.nonfinite] >= 2
+    for a, b in zip(case.k["exp_avg_sqs"], case.r["exp_avg_sqs"], strict=True):
+        assert same(a, b) if ON_CPU else True
+    if ON_CPU:
+        assert torch.equal(case.hk.step, case.hr.step)
+
+
+# -- grad scaling, capturable, lr tensors -------------------------------------------------
+@pytest.mark.parametrize("steps_on_device", [False, True])
+def test_grad_scale_and_found_inf(steps_on_device):
+    """torch's fused semantics: grads are unscaled in place by grad_scale; a step with
+    found_inf nonzero leaves parameters, states, step counts and histograms untouched."""
+    case = Case(SIZES["mixed"], amsgrad=True, steps_on_device=steps_on_device, seed=10)
+    scale = torch.tensor(1024.0, device=DEVICE)
+    count = 0
+    for inf in [0.0, 0.0, 1.0, 0.0]:
+        found_inf = torch.tensor(inf, device=DEVICE)
+        gk, gr = case.grads(scale=1024.0)
+        before = {k: [t.clone() for t in v] for k, v in case.k.items()}
+        hist_before = (case.hk.step.clone(), case.hk.total.clone())
+        K.adam_hist(
+            *Case.args(case.k, gk),
+            hist=case.hk,
+            **hyper(amsgrad=True, grad_scale=scale, found_inf=found_inf, capturable=steps_on_device),
+        )
+        if inf:
+            for k, v in case.k.items():
+                for a, b in zip(v, before[k], strict=True):
+                    assert torch.equal(a, b), f"{k} changed on a skipped step"
+            assert torch.equal(case.hk.step, hist_before[0]) and torch.equal(case.hk.total, hist_before[1])
+            assert all(torch.equal(a, b) for a, b in zip(gk, gr, strict=True))  # grads not unscaled either
+            continue
+        count += 1
+        # reference: unscale by hand (IEEE division, as torch's fused kernels do), then plain Adam
+        unscaled = [g / scale for g in gr]
+        for a, b in zip(gk, unscaled, strict=True):
+            assert torch.equal(a, b), "grads must be unscaled in place"
+        adam_reference(*Case.args(case.r, unscaled), hist=case.hr, **hyper(amsgrad=True))
+        assert [float(s) for s in case.k["state_steps"]] == [float(count)] * case.n
+        # device path: 1 - beta1**step in float32 on the device (as torch's capturable path
+        # computes it) against float64 on the host: step sizes differ by ~3e-7 relative
+        check(case, p_ulp=8.0 if steps_on_device else 2.0)
+    assert count == 3
+
+
+def test_fused_reference_with_grad_scale():
+    """Against torch's fused CPU/CUDA Adam with grad_scale/found_inf (its own rounding: states
+    and parameters within a few ulp; histograms against the oracle of the kernel's state)."""
+    case = Case(SIZES["mixed"], steps_on_device=True, seed=11)
+    scale = torch.tensor(64.0, device=DEVICE)
+    for inf in (0.0, 1.0, 0.0):
+        found = torch.tensor(inf, device=DEVICE)
+        gk, gr = case.grads(scale=64.0)
+        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(grad_scale=scale, found_inf=found, fused=True))
+        adam_reference(*Case.args(case.r, gr), hist=case.hr, **hyper(grad_scale=scale, found_inf=found, fused=True))
+        for a, b in zip(gk, gr, strict=True):
+            assert_ulp(a, b, 0, "unscaled grad")
+        check(case, p_ulp=4.0, state_exact=False, hist_vs_reference=False)
+
+
+def test_capturable_device_path():
+    """capturable=True: bias corrections computed with device ops (no host read of the step);
+    the reference runs capturable=False (torch's capturable path rejects CPU tensors)."""
+    case = Case(SIZES["mixed"], amsgrad=True, steps_on_device=True, seed=12)
+    for step in range(3):
+        lr = torch.tensor(1e-2 / (step + 1), device=DEVICE)
+        gk, gr = case.grads()
+        kw = dict(amsgrad=True, weight_decay=0.1, decoupled_weight_decay=True)
+        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(lr=lr, capturable=True, **kw))
+        adam_reference(
+            *Case.args(case.r, gr),
+            hist=case.hr,
+            **hyper(lr=lr if not ON_CPU else float(lr), capturable=not ON_CPU, **kw),
+        )
+        check(case, p_ulp=8.0)  # float32 bias correction 1 on the device, see above
+
+
+def test_differentiable_routes_to_reference():
+    case = Case([(4,), (2, 3)], seed=13)
+    gk, gr = case.grads()
+    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(differentiable=True))
+    adam_reference(*Case.args(case.r, gr), hist=case.hr, **hyper(differentiable=True))
+    for a, b in zip(case.k["params"], case.r["params"], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(case.hk.total, case.hr.total)
+
+
+# -- launch structure ---------------------------------------------------------------------
+class _Counting:
+    def __init__(self, fn):
+        self.fn, self.launches, self.grids = fn, 0, []
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        self.grids.append(grid)
+        return self.fn[grid]
+
+
+def test_constant_launches_and_cached_table(monkeypatch):
+    main = _Counting(K._adam_hist_kernel)
+    fin = _Counting(_common._finalize_kernel)
+    monkeypatch.setattr(K, "_adam_hist_kernel", main)
+    monkeypatch.setattr(_common, "_finalize_kernel", fin)
+    shapes = [(n,) for n in range(1, 41)] + [(C + 7,)]
+    case = Case(shapes, seed=14)
+    gk, _ = case.grads()
+    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper())
+    assert (main.launches, fin.launches) == (1, 1)
+    assert main.grids[0] == (len(shapes) - 1 + 2,)  # one program per chunk: 40 small + 2 for the big one
+    t1 = _common.TensorTable.get(
+        DEVICE,
+        [case.k["params"], gk, case.k["exp_avgs"], case.k["exp_avg_sqs"], case.k["exp_avg_sqs"]],
+        [p.numel() for p in case.k["params"]],
+        list(range(len(shapes))),
+        K.CHUNK,
+    )
+    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper())  # same tensors: table reused
+    t2 = _common.TensorTable.get(
+        DEVICE,
+        [case.k["params"], gk, case.k["exp_avgs"], case.k["exp_avg_sqs"], case.k["exp_avg_sqs"]],
+        [p.numel() for p in case.k["params"]],
+        list(range(len(shapes))),
+        K.CHUNK,
+    )
+    assert t1 is t2
+    assert (main.launches, fin.launches) == (2, 2)
+
+
+def test_mixed_dtypes_one_launch_per_dtype(monkeypatch):
+    main = _Counting(K._adam_hist_kernel)
+    monkeypatch.setattr(K, "_adam_hist_kernel", main)
+    case = Case([(5,), (6,)], seed=15)
+    for d in (case.k,):
+        d["params"][1] = d["params"][1].to(torch.bfloat16)
+        d["exp_avgs"][1] = torch.zeros_like(d["params"][1])
+        d["exp_avg_sqs"][1] = torch.zeros_like(d["params"][1])
+    gk, _ = case.grads()
+    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper())
+    assert main.launches == 2
+    assert int(case.hk.step.sum()) == 11
+
+
+def test_errors():
+    case = Case([(3,)], seed=16)
+    gk, _ = case.grads()
+    with pytest.raises(TypeError, match="grad 0"):
+        K.adam_hist(*Case.args(case.k, [gk[0].double().float().to(torch.float16)]), hist=None, **hyper())
+
+
+# -- through the optimizer ----------------------------------------------------------------
+def _model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(DEVICE)
+
+
+@pytest.mark.parametrize("cls", [fasthist.Adam, fasthist.AdamW])
+def test_optimizer_backend_triton_vs_torch(monkeypatch, cls):
+    """fasthist.Adam/AdamW on FASTHIST_BACKEND=triton against =torch, with save/reload midway."""
+    models = [_model(0), _model(0)]
+    opts = [cls(m.parameters(), lr=1e-2, amsgrad=True) for m in models]
+    x = torch.randn(16, 7, device=DEVICE)
+    for step in range(4):
+        prev = [p.detach().clone() for p in models[1].parameters()]
+        for backend, m, o in zip(("triton", "torch"), models, opts, strict=True):
+            monkeypatch.setenv("FASTHIST_BACKEND", backend)
+            o.zero_grad()
+            m(x + step).pow(2).sum().backward()
+            o.step()
+        if step == 1:  # save and reload the kernel-side optimizer
+            sd = opts[0].state_dict()
+            opts[0] = cls(models[0].parameters(), lr=1e-2, amsgrad=True)
+            opts[0].load_state_dict(sd)
+        # no teacher forcing here: 1-ulp differences (torch's CPU sqrt) may add up over steps
+        for a, b, pb in zip(models[0].parameters(), models[1].parameters(), prev, strict=True):
+            assert_ulp(a.detach(), b.detach(), 2.0 * (step + 1), f"param after step {step}", pb)
+        for window in ("step", "total"):
+            ha, hb = opts[0].histograms(window=window), opts[1].histograms(window=window)
+            assert ha.keys() == hb.keys()
+            for k in ha:
+                if ON_CPU:
+                    assert ha[k] == hb[k], f"{window} histogram of {k}"
+                else:
+                    assert ha[k].count == hb[k].count
+
+
+# -- GPU only -----------------------------------------------------------------------------
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gpu(dtype):
+    """bf16/fp16 params and states (as torch keeps them): within 2 ulp of the dtype of the
+    reference over 3 steps; histograms exact against the oracle of the kernel's own state."""
+    case = Case(SIZES["mixed"] + [(C + 1,)], dtype=dtype, amsgrad=True, seed=20)
+    for _ in range(3):
+        gk, gr = case.grads()
+        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(amsgrad=True, lr=1e-3))
+        adam_reference(*Case.args(case.r, gr), hist=case.hr, **hyper(amsgrad=True, lr=1e-3))
+        check(case, p_ulp=2.0, state_exact=False, hist_vs_reference=False)
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_graph_capture_replay(monkeypatch):
+    """capturable=True: opt.step() captured once in a CUDA graph and replayed; parameters and
+    both histogram windows follow an eager run step for step."""
+    monkeypatch.setenv("FASTHIST_BACKEND", "auto")
+    models = [_model(1), _model(1)]
+    opts = [fasthist.Adam(m.parameters(), lr=1e-2, capturable=True) for m in models]
+    xs = [torch.randn(16, 7, device=DEVICE) for _ in range(8)]
+    static_x = xs[0].clone()
+
+    def train_step(m, o, x):
+        o.zero_grad(set_to_none=False)
+        m(x).pow(2).sum().backward()
+        o.step()
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):  # warm-up (also builds and caches the kernel tables)
+            static_x.copy_(xs[i])
+            train_step(models[0], opts[0], static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    for i in range(3):
+        train_step(models[1], opts[1], xs[i])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step(models[0], opts[0], static_x)
+    for i in range(3, 8):
+        static_x.copy_(xs[i])
+        graph.replay()
+        train_step(models[1], opts[1], xs[i])
+        torch.cuda.synchronize()
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for window in ("step", "total"):
+            ha, hb = opts[0].histograms(window=window), opts[1].histograms(window=window)
+            for k in ha:
+                assert ha[k] == hb[k], f"{window} histogram of {k} after replay {i}"
