@@ -83,9 +83,8 @@ class Adam(HistogramMixin, torch.optim.Adam):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._check_param_group(param_group)
         super().add_param_group(param_group)
-        if "hist_bins" in self.defaults or hasattr(self, "_bins"):
-            param_group.setdefault("track", getattr(self, "_track_default", True))
-            param_group["hist_bins"] = self._bins.spec
+        param_group.setdefault("track", getattr(self, "_track_default", True))
+        param_group["hist_bins"] = self._bins.spec
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -90,7 +90,7 @@ class HistogramMixin:
     # -- storage -------------------------------------------------------------------------
     def _hist_store(self) -> _Store:
         store = self.__dict__.get("_fh_store")
-        if store is None or store.bins != self._bins:
+        if store is None:
             store = _Store(self._bins)
             self.__dict__["_fh_store"] = store
         return store
@@ -106,18 +106,11 @@ class HistogramMixin:
                     out.append((names[pi] if names is not None else f"{gi}.{pi}", p))
         return out
 
-    def _rebuild(self, extra: list[Tensor]) -> _Store:
+    def _rebuild(self) -> _Store:
+        # Called when a parameter got its state (lazy init in step) or after a load: every
+        # parameter with state in a tracked group gets a row, keeping the counts it has.
         store = _Store(self._bins)
         tracked = self._tracked()
-        known = {p for _, p in tracked}
-        extra_set = set(extra)
-        for gi, group in enumerate(self.param_groups):  # params initialised in this step
-            if group.get("track", True):
-                names = group.get("param_names")
-                for pi, p in enumerate(group["params"]):
-                    if p in extra_set and p not in known:
-                        tracked.append((names[pi] if names is not None else f"{gi}.{pi}", p))
-                        known.add(p)
         nb = self._bins.num_bins
         per_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
         for name, p in tracked:
@@ -145,7 +138,7 @@ class HistogramMixin:
         """For the params of one step call: per device, (their indices, the target)."""
         store = self._hist_store()
         if not store.valid_for(self.state, params):
-            store = self._rebuild(params)
+            store = self._rebuild()
         key = tuple(map(id, params))
         cached = store.targets.get(key)
         if cached is not None:
@@ -181,7 +174,7 @@ class HistogramMixin:
         store = self._hist_store()
         tracked = [p for _, p in self._tracked()]
         if set(tracked) != set(store.params) or not store.valid_for(self.state, store.params):
-            store = self._rebuild([])
+            store = self._rebuild()
         i = _WINDOWS.index(window)
         mats = [bufs[i] for bufs in store.buffers.values()]
         if not mats:
