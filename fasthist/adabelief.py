@@ -23,8 +23,11 @@ The value is computed as ``float32(s) / float32((1 - β2**t) / (1 - β2))`` with
 divisor in float64 on the host. Differences from the package, none of which changes the
 result: options are per param group (the package keeps ``weight_decouple`` & co. on the
 optimizer), the step count is a tensor as in ``torch.optim``, ``p.grad`` is never written
-(the package adds coupled weight decay into it in place), and nothing is printed
-(``print_change_log`` is accepted and ignored).
+(the package adds coupled weight decay into it in place), nothing is printed
+(``print_change_log`` is accepted and ignored), and with ``lr=0`` the parameters are left
+alone instead of receiving ``-0.0 * m/denom`` (NaN with ``eps=0`` where ``s = 0``): that is
+how :func:`fasthist.estimate_eps_range` runs AdaBelief with ``eps=0``, histogramming the
+ε-free ``(1-β2)·EMA_hat((g-m)²)`` with dead elements at exactly 0.
 """
 
 from __future__ import annotations

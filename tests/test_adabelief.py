@@ -9,7 +9,7 @@ import io
 
 import pytest
 import torch
-from test_rmsprop import STEPS, grads_at, make_params
+from test_rmsprop import STEPS, check_estimate_pass, grads_at, make_params
 
 import fasthist
 
@@ -120,3 +120,23 @@ def test_errors():
     a.grad = torch.ones(4).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         fasthist.AdaBelief([a]).step()
+
+
+def test_estimate_eps_range_with_adabelief():
+    def value(st, group):
+        _, beta2 = group["betas"]
+        t = int(st["step"])
+        return st["exp_avg_var"] / torch.tensor((1 - beta2**t) / (1 - beta2), dtype=torch.float32)
+
+    check_estimate_pass("adabelief", value)
+
+
+def test_lr_zero_leaves_params_alone_even_with_eps_zero():
+    p = torch.tensor([0.5, -0.0, 2.0], requires_grad=True)
+    opt = fasthist.AdaBelief([p], lr=0.0, eps=0.0)
+    for _ in range(8):  # through the SGD warm-up and into the rectified updates
+        p.grad = torch.tensor([1.0, 0.0, 0.0])  # elements 1 and 2: s = 0, m = 0
+        opt.step()
+    assert torch.equal(p.detach(), torch.tensor([0.5, -0.0, 2.0]))
+    assert torch.signbit(p.detach()[1])
+    assert opt.histogram(p).zero_count == 2

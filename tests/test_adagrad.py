@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_rmsprop import STEPS, grads_at, make_params, sqrt_rn
+from test_rmsprop import STEPS, check_estimate_pass, grads_at, make_params, sqrt_rn
 
 import fasthist
 
@@ -120,3 +120,7 @@ def test_errors():
         fasthist.Adagrad([a], lr_decay=-1.0)
     with pytest.raises(TypeError, match="bins must be a fasthist.LogBins"):
         fasthist.Adagrad([a], bins=5)
+
+
+def test_estimate_eps_range_with_adagrad():
+    check_estimate_pass("adagrad", lambda st, group: sqrt_rn(st["sum"]))

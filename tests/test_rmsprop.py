@@ -153,3 +153,42 @@ def test_state_dict_roundtrip_keeps_histograms_int64():
     for p, q in zip(params, params2, strict=True):
         assert opt2.state[q]["hist_total"].dtype == torch.int64
         assert opt2.histogram(q, window="total") == opt.histogram(p, window="total")
+
+
+def check_estimate_pass(name: str, value_of) -> list:
+    """``estimate_eps_range(optimizer=name)``: weights untouched bit for bit, and the per-tensor
+    percentiles equal the sort-based rule on the exact value read from the pass's state."""
+    from fasthist.estimate import eps_pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)) for _ in range(6)]
+
+    def loss_fn(m, batch):
+        return torch.nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    opt = eps_pass(model, batches, loss_fn, optimizer=name, progress=False)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
+    rng = opt.eps_range()
+    rel = opt.bins.relative_accuracy
+    by_name = {r.name: r for r in rng.rows}
+    for pname, p in model.named_parameters():
+        a = value_of(opt.state[p], opt.param_groups[0]).reshape(-1)
+        a = a[a != 0].sort().values
+        n = a.numel()
+        row = by_name[pname]
+        assert row.nonzero == n
+        for q, got in ((0.02, row.low), (0.98, row.high)):
+            exact = float(a[min(int(q * n), n - 1)])
+            assert abs(got - exact) <= rel * exact * (1 + 1e-9), (pname, q, got, exact)
+    return rng.rows
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_estimate_eps_range_with_rmsprop(centered):
+    check_estimate_pass(
+        "rmsprop-centered" if centered else "rmsprop", lambda st, group: denominator_value(st, group["centered"])
+    )

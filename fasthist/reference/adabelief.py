@@ -84,7 +84,9 @@ def adabelief_reference(
     degenerated_to_sgd: bool,
 ) -> None:
     """One AdaBelief step over the tensors. fp16 parameters are stepped in float32 with
-    float32 states (as the package does); every other dtype in its own."""
+    float32 states (as the package does); every other dtype in its own. With ``lr == 0``
+    only the moments (and a ``fixed_decay`` weight decay) change: the package would add
+    ``-0.0 * m/denom``, which is NaN where ``eps == 0`` and ``s == 0``."""
     lr = float(lr)
     scales: list[float] = []
     for i, param in enumerate(params):
@@ -116,7 +118,9 @@ def adabelief_reference(
             max_exp_avg_var = max_exp_avg_vars[i]
             torch.max(max_exp_avg_var, exp_avg_var, out=max_exp_avg_var)
 
-        if not rectify:
+        if lr == 0:
+            pass  # the update would be 0 * (m / denom): skipped, so eps=0 cannot make 0/0 a NaN
+        elif not rectify:
             var = max_exp_avg_vars[i] if amsgrad else exp_avg_var
             denom = (var.sqrt() / math.sqrt(bias_correction2)).add_(eps)
             p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
