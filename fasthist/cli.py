@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--task", default="digits", choices=TASKS, help="embedded task (default: digits)")
     task.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default: 0)")
     task.add_argument("--out", default="fasthist-out", help="output folder (default: ./fasthist-out)")
+    task.add_argument("--no-figures", action="store_true", help="write the JSON only, no PNG figures")
 
     parser = _Parser(prog="fasthist", description="Adam's ε from histograms of sqrt(v_hat) (Silva & Rodriguez, 2024).")
     parser.add_argument("--version", action="version", version=f"fasthist {__version__}")
@@ -206,8 +207,10 @@ def _decades(values: Sequence[float]) -> str:
     return " ".join(f"{v:.0e}" for v in values)
 
 
-def _plots(out: Path, draw: list[tuple[str, Any]]) -> list[str]:
+def _plots(out: Path, draw: list[tuple[str, Any]], skip: bool = False) -> list[str]:
     """Run the figure functions; without matplotlib, say so once and skip them."""
+    if skip:
+        return []
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -335,7 +338,7 @@ def cmd_eps_range(args: argparse.Namespace) -> int:
 
         plot.adaptability(from_opt, eps=eps, eps_range=rng, title=f"Adaptability at the initial weights, {args.task}", path=path)
 
-    figures = _plots(out, [("histograms.png", hist_png), ("adaptability.png", adapt_png)])
+    figures = _plots(out, [("histograms.png", hist_png), ("adaptability.png", adapt_png)], args.no_figures)
     print(f"wrote {', '.join(str(out / f) for f in ['eps_range.json', *figures])}  ({seconds:.1f} s)")
     return 0
 
@@ -494,7 +497,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             traces[shown], eps=shown, title=f"√v̂ quantiles while training {args.task}, ε={shown:.0e}", path=path
         )
 
-    figures = _plots(out, [("sweep.png", sweep_png), *([("quantiles.png", quantiles_png)] if traces else [])])
+    figures = _plots(out, [("sweep.png", sweep_png), *([("quantiles.png", quantiles_png)] if traces else [])], args.no_figures)
     print(f"wrote {', '.join(str(out / f) for f in ['sweep.json', *figures])}  ({seconds:.1f} s)")
     return 0
 
