@@ -33,6 +33,7 @@ device: parameters, states, step counts and histograms stay untouched, and nothi
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -159,9 +160,7 @@ def _adam_hist_kernel(
 def _launch(
     device: torch.device,
     dtype: torch.dtype,
-    columns: list[list[Tensor]],
-    numels: list[int],
-    slots: list[int],
+    tables: TensorTable,
     coef: Tensor,
     scratch: Tensor | None,
     grad_scale: Tensor | None,
@@ -170,7 +169,6 @@ def _launch(
     flags: dict[str, Any],
     bin_kwargs: dict[str, int],
 ) -> None:
-    tables = TensorTable.get(device, columns, numels, slots, CHUNK)
     if tables.num_chunks == 0:
         return
     dummy = coef
@@ -223,28 +221,87 @@ def _coefficients(
     """float32 ``[n, 3]`` on ``device``: ``-step_size``, ``c``, ``1 - lr*wd`` per tensor,
     computed after the step counts were incremented, where torch computes them."""
     n = len(state_steps)
-    if not on_device:
-        lr_f = _scalar(lr, "lr")
-        steps = torch.stack([s.detach().reshape(()).cpu() for s in state_steps]).tolist() if n else []
+    steps = torch.stack([s.detach() for s in state_steps]).reshape(n)
+    host_c = None
+    if steps.device.type == "cpu":  # float64 on the host, one evaluation per distinct step count
+        lr_f = _scalar(lr, "lr") if not on_device else 0.0
+        uniq, inverse = np.unique(steps.numpy(), return_inverse=True)
         decay = 1 - lr_f * weight_decay if decoupled else 1.0
-        per_step: dict[float, tuple[float, float, float]] = {}
-        rows = []
-        for s in steps:  # usually one distinct step count: compute each once
-            r = per_step.get(s)
-            if r is None:
-                (c,) = bias_correction2_sqrt([torch.tensor(s, dtype=torch.float64)], beta2)
-                r = per_step[s] = (-(lr_f / (1 - beta1**s)), c, decay)
-            rows.append(r)
-        host = torch.tensor(np.asarray(rows, dtype=np.float64).reshape(n, 3).astype(np.float32))
-        return host.to(device, non_blocking=True)
-    steps = torch.stack([s.reshape(()) for s in state_steps]).to(device=device, dtype=torch.float32)
-    c = bias_correction2_sqrt(state_steps, beta2)
-    c = torch.as_tensor(c, dtype=torch.float32).to(device) if not isinstance(c, Tensor) else c.to(device)
+        per_step = np.empty((len(uniq), 3), dtype=np.float64)
+        for j, st in enumerate(uniq.tolist()):
+            (c,) = bias_correction2_sqrt([torch.tensor(st)], beta2)
+            per_step[j] = (-(lr_f / (1 - beta1**st)), c, decay)
+        host = torch.from_numpy(per_step[inverse.reshape(-1)].astype(np.float32))
+        if not on_device:
+            return host.to(device, non_blocking=True)
+        host_c = host[:, 1].to(device)  # capturable with CPU step counts (CPU tensors): c as the reference has it
+    # On the device in float32, no host read (capturable). c is bias_correction2_sqrt's
+    # device branch, inlined so the steps are stacked once (equality with it is tested).
+    steps = steps.to(device=device, dtype=torch.float32)
+    c = (1 - torch.pow(beta2, steps)).sqrt() if host_c is None else host_c
     lr_t = lr.to(device=device, dtype=torch.float32) if isinstance(lr, Tensor) else lr
     neg_step = -(lr_t / (1 - torch.pow(beta1, steps)))
     decay = (1 - lr_t * weight_decay) if decoupled else 1.0
     decay_t = torch.as_tensor(decay, dtype=torch.float32, device=device).reshape(-1).expand(n)
-    return torch.stack([neg_step.to(torch.float32), c.to(torch.float32), decay_t], dim=1).contiguous()
+    return torch.stack([neg_step.to(torch.float32), c, decay_t], dim=1).contiguous()
+
+
+class _Plan:
+    """What a call needs beyond the per-step scalars: per dtype the launch tables, and the
+    (originals, contiguous copies) of tensors a flat walk cannot handle in place."""
+
+    __slots__ = ("groups", "write_back")
+
+    def __init__(self, groups: list[tuple[torch.dtype, TensorTable]], write_back: list) -> None:
+        self.groups = groups
+        self.write_back = write_back
+
+
+# Plans by (device, amsgrad, param ids, data_ptrs of every list): a step whose tensors did
+# not move (the usual case, also under CUDA-graph replay) skips all per-tensor Python work.
+_PLANS: OrderedDict = OrderedDict()
+
+
+def _plan(
+    device: torch.device,
+    n: int,
+    amsgrad: bool,
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+) -> _Plan:
+    groups: dict[torch.dtype, tuple[list[list[Tensor]], list[int], list[int]]] = {}
+    write_back: list[tuple[list[Tensor], list[Tensor]]] = []
+    for i in range(n):
+        p, g = params[i], grads[i]
+        if g.dtype != p.dtype or g.device != p.device:
+            raise TypeError(
+                f"fasthist Adam: grad {i} must match its parameter's dtype and device ({p.dtype}, {p.device}), "
+                f"but got {g.dtype} on {g.device}"
+            )
+        ts = [p, g, exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
+        if p.is_complex():
+            ts = [torch.view_as_real(t) for t in ts]
+        for t in ts[2:]:
+            if t.dtype != ts[0].dtype or t.device != device or t.shape != ts[0].shape:
+                raise TypeError(
+                    f"fasthist Adam: the state of parameter {i} must be {ts[0].dtype} of shape "
+                    f"{tuple(ts[0].shape)} on {device}, but got {t.dtype} {tuple(t.shape)} on {t.device}"
+                )
+        work, copied = dense_views(ts)
+        if copied:
+            write_back.append((ts, work))
+        if not amsgrad:
+            work.append(work[3])  # unused column: any valid pointer
+        cols, numels, slots = groups.setdefault(ts[0].dtype, ([[] for _ in range(5)], [], []))
+        for col, t in zip(cols, work, strict=True):
+            col.append(t)
+        numels.append(work[0].numel())
+        slots.append(i)
+    tables = [(dt, TensorTable.get(device, cols, numels, slots, CHUNK)) for dt, (cols, numels, slots) in groups.items()]
+    return _Plan(tables, write_back)
 
 
 def adam_hist(
@@ -281,57 +338,49 @@ def adam_hist(
     """
     if not params:
         return
-    if (
-        differentiable
-        or any(p.dtype not in _SUPPORTED and not p.is_complex() for p in params)
-        or any(p.is_complex() and p.dtype != torch.complex64 for p in params)
-    ):
-        adam_reference(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            state_steps,
-            hist=hist,
-            amsgrad=amsgrad,
-            has_complex=has_complex,
-            beta1=beta1,
-            beta2=beta2,
-            lr=lr,
-            weight_decay=weight_decay,
-            eps=eps,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
-        return
-    with torch.no_grad():
-        _adam_hist(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            state_steps,
-            hist=hist,
-            amsgrad=amsgrad,
-            beta1=_scalar(beta1, "beta1"),
-            beta2=_scalar(beta2, "beta2"),
-            lr=lr,
-            weight_decay=float(weight_decay),
-            eps=float(eps),
-            maximize=maximize,
-            capturable=capturable,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            decoupled=decoupled_weight_decay,
-        )
+    kwargs = dict(
+        amsgrad=amsgrad,
+        has_complex=has_complex,
+        beta1=beta1,
+        beta2=beta2,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=maximize,
+        foreach=foreach,
+        capturable=capturable,
+        differentiable=differentiable,
+        fused=fused,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        decoupled_weight_decay=decoupled_weight_decay,
+    )
+    if not differentiable:
+        with torch.no_grad():
+            done = _adam_hist(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                state_steps,
+                hist=hist,
+                amsgrad=amsgrad,
+                beta1=_scalar(beta1, "beta1"),
+                beta2=_scalar(beta2, "beta2"),
+                lr=lr,
+                weight_decay=float(weight_decay),
+                eps=float(eps),
+                maximize=maximize,
+                capturable=capturable,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                decoupled=decoupled_weight_decay,
+            )
+        if done:
+            return
+    # autograd through the step, or float64/complex128 parameters: the reference backend
+    adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, hist=hist, **kwargs)
 
 
 def _adam_hist(
@@ -354,7 +403,8 @@ def _adam_hist(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     decoupled: bool,
-) -> None:
+) -> bool:
+    """The fused step; False (having touched nothing) when a dtype needs the reference."""
     device = params[0].device
     n = len(params)
     for name, lst in (
@@ -370,14 +420,28 @@ def _adam_hist(
     if hist is not None and hist.step.device != device:
         raise RuntimeError(f"fasthist Adam: histograms on {hist.step.device}, but parameters on {device}")
 
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else exp_avg_sqs)
+    key = (device, amsgrad, tuple(map(id, params)), *(tuple(map(Tensor.data_ptr, lst)) for lst in lists))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if any(p.dtype not in _SUPPORTED and p.dtype != torch.complex64 for p in params):
+            return False
+        plan = _plan(device, n, amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+        if not plan.write_back:  # copies move every step: nothing to reuse
+            _PLANS[key] = plan
+            if len(_PLANS) > 16:
+                _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+
     # Step counts: on the host (torch's default) or on the device (capturable/fused).
-    on_device = capturable or any(s.device.type != "cpu" for s in state_steps)
+    on_device = capturable or state_steps[0].device.type != "cpu"
     if found_inf is not None:
         if not on_device and found_inf.device.type != "cpu":
             # Host step counts cannot be rolled back on the device: read the flag (a sync,
             # only for this unusual combination; torch's GradScaler syncs here too).
             if float(found_inf.item()) != 0.0:
-                return
+                return True
             found_inf = None
         else:
             found_inf = found_inf.to(device=device, non_blocking=True).reshape(())
@@ -385,36 +449,6 @@ def _adam_hist(
         grad_scale = grad_scale.to(device=device, non_blocking=True).reshape(())
     torch._foreach_add_(state_steps, 1)
     coef = _coefficients(state_steps, device, on_device, lr, beta1, beta2, weight_decay, decoupled)
-
-    # Per tensor: flat dense views (complex as real pairs), grouped by dtype.
-    groups: dict[torch.dtype, tuple[list[list[Tensor]], list[int], list[int]]] = {}
-    write_back: list[tuple[list[Tensor], list[Tensor]]] = []
-    for i in range(n):
-        p, g = params[i], grads[i]
-        if g.dtype != p.dtype or g.device != p.device:
-            raise TypeError(
-                f"fasthist Adam: grad {i} must match its parameter's dtype and device ({p.dtype}, {p.device}), "
-                f"but got {g.dtype} on {g.device}"
-            )
-        ts = [p, g, exp_avgs[i], exp_avg_sqs[i]] + ([max_exp_avg_sqs[i]] if amsgrad else [])
-        if p.is_complex():
-            ts = [torch.view_as_real(t) for t in ts]
-        for t in ts[2:]:
-            if t.dtype != ts[0].dtype or t.device != device:
-                raise TypeError(
-                    f"fasthist Adam: the state of parameter {i} must be {ts[0].dtype} on {device}, "
-                    f"but got {t.dtype} on {t.device}"
-                )
-        work, copied = dense_views(ts)
-        if copied:
-            write_back.append((ts, work))
-        if not amsgrad:
-            work.append(work[3])  # unused column: any valid pointer
-        cols, numels, slots = groups.setdefault(ts[0].dtype, ([[] for _ in range(5)], [], []))
-        for col, t in zip(cols, work, strict=True):
-            col.append(t)
-        numels.append(work[0].numel())
-        slots.append(i)
 
     scratch = scratch_for(hist, n) if hist is not None else None
     bin_kwargs = BinSpec(hist.bins).kwargs() if hist is not None else _NO_BINS
@@ -430,11 +464,11 @@ def _adam_hist(
     }
     wd_mode = 0 if weight_decay == 0 else (2 if decoupled else 1)
     flags = {"AMSGRAD": bool(amsgrad), "MAXIMIZE": bool(maximize), "WD_MODE": wd_mode, "LERP_SMALL": lerp_small}
-    for dtype, (cols, numels, slots) in groups.items():
-        _launch(device, dtype, cols, numels, slots, coef, scratch, grad_scale, found_inf, scalars, flags, bin_kwargs)
+    for dtype, tables in plan.groups:
+        _launch(device, dtype, tables, coef, scratch, grad_scale, found_inf, scalars, flags, bin_kwargs)
     if hist is not None:
         finalize_histograms(hist, scratch, found_inf)
-    for originals, work in write_back:
+    for originals, work in plan.write_back:
         for k, (orig, tmp) in enumerate(zip(originals, work, strict=False)):
             if k == 1 and grad_scale is None:
                 continue  # the grad is only written when it is unscaled
@@ -442,3 +476,4 @@ def _adam_hist(
     if found_inf is not None:
         flag = found_inf.to(state_steps[0].device)
         torch._foreach_sub_(state_steps, [flag] * n)
+    return True

@@ -549,3 +549,22 @@ def test_cuda_graph_capture_replay(monkeypatch):
             ha, hb = opts[0].histograms(window=window), opts[1].histograms(window=window)
             for k in ha:
                 assert ha[k] == hb[k], f"{window} histogram of {k} after replay {i}"
+
+
+def test_float64_runs_on_the_reference():
+    case = Case([(5,), (2, 3)], dtype=torch.float64, seed=17)
+    gk, gr = case.grads()
+    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper())
+    adam_reference(*Case.args(case.r, gr), hist=case.hr, **hyper())
+    for a, b in zip(case.k["params"], case.r["params"], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(case.hk.step, case.hr.step)
+
+
+@gpu
+@pytest.mark.gpu
+def test_device_bias_correction_matches_reference():
+    """The kernel inlines bias_correction2_sqrt's device branch: same float32 values."""
+    steps = [torch.tensor(float(s), device=DEVICE) for s in (1, 2, 3, 10, 1000)]
+    coef = K._coefficients(steps, DEVICE, True, 1e-3, 0.9, 0.999, 0.0, False)
+    assert torch.equal(coef[:, 1], bias_correction2_sqrt(steps, 0.999).to(torch.float32))
