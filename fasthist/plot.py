@@ -160,7 +160,8 @@ def histograms(
         ax.set_xlabel("√v̂", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("share of elements", fontsize=8)
-    axes.flat[0].legend(fontsize=7, loc="upper left")
+    if axes.flat[0].get_legend_handles_labels()[0]:
+        axes.flat[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(title or "Gradient magnitude histograms (√v̂ per tensor)", fontsize=10)
     return _save(fig, path)
 

@@ -1,0 +1,122 @@
+"""fasthist.plot: every figure is a matplotlib Figure, saves a PNG, and shows what the
+histograms say; ``import fasthist`` never imports matplotlib."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fasthist
+
+pytest.importorskip("matplotlib")
+from matplotlib.figure import Figure  # noqa: E402
+
+from fasthist import plot  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(12, 3))
+    opt = fasthist.Adam(model.named_parameters(), lr=1e-2)
+    rec = fasthist.QuantileRecorder(opt, every=2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        opt.zero_grad()
+        model(torch.randint(0, 12, (8, 3), generator=g)).pow(2).mean().backward()  # rows 12..19 unused
+        opt.step()
+    rec.close()
+    return opt, rec
+
+
+def png(path) -> bool:
+    return path.read_bytes()[:8] == PNG
+
+
+def test_histograms(run, tmp_path):
+    opt, _ = run
+    rng = opt.eps_range()
+    fig = plot.histograms(opt, eps=1e-8, eps_range=rng, path=str(tmp_path / "h.png"))
+    assert isinstance(fig, Figure) and png(tmp_path / "h.png")
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 3 and all(ax.get_xscale() == "log" for ax in axes)
+    assert "0.weight" in axes[0].get_title() and "40% zero" in axes[0].get_title()  # 8 of 20 rows unused
+    # ε is drawn where it is
+    assert any(np.allclose(line.get_xdata(), [1e-8, 1e-8]) for line in axes[0].get_lines())
+    # also from a dict of histograms and a single one, and a subset by name
+    assert len([a for a in plot.histograms(opt.histograms(), names=["2.bias"]).axes if a.get_visible()]) == 1
+    assert isinstance(plot.histograms(opt.histogram(), eps=None), Figure)
+
+
+def test_adaptability_curves_are_the_shares(run, tmp_path):
+    opt, _ = run
+    fig = plot.adaptability(opt, eps_range=opt.eps_range(), path=str(tmp_path / "a.png"))
+    assert png(tmp_path / "a.png")
+    ax = fig.axes[0]
+    hists = opt.histograms()
+    curves = {line.get_label().split(" ")[0]: line for line in ax.get_lines() if "(" in line.get_label()}
+    assert set(curves) == set(hists)
+    for name, line in curves.items():
+        x, y = line.get_xdata(), line.get_ydata()
+        assert np.all(np.diff(y) <= 0)  # non-increasing in ε
+        for k in (0, len(x) // 3, len(x) // 2, len(x) - 1):  # exact at the bin edges
+            assert y[k] == pytest.approx(hists[name].fraction_above(float(x[k]) * (1 - 1e-12)), abs=1e-12)
+
+
+def test_quantiles(run, tmp_path):
+    _, rec = run
+    trace = rec.trace()
+    fig = plot.quantiles(rec, eps=1e-8, path=str(tmp_path / "q.png"))
+    assert png(tmp_path / "q.png")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert np.array_equal(lines["2.weight"].get_xdata(), trace.steps)
+    assert np.allclose(lines["2.weight"].get_ydata(), trace.values[:, trace.names.index("2.weight"), 1])
+    assert fig.axes[0].get_yscale() == "log"
+    with pytest.raises(KeyError):
+        plot.quantiles(trace, names=["nope"])
+
+
+def test_sweep(tmp_path):
+    result = {
+        "task": "digits",
+        "metric": "accuracy",
+        "eps_range": {"low": 1e-6, "high": 1e-1},
+        "best_eps": 1e-3,
+        "best_inside": True,
+        "runs": [
+            {"eps": e, "metric": m, "metric_min": m - 1, "metric_max": m + 1, "adaptive_share": s}
+            for e, m, s in [(1e-8, 95.0, 0.99), (1e-3, 97.5, 0.4), (1e-1, 90.0, 0.0)]
+        ],
+    }
+    fig = plot.sweep(result, path=str(tmp_path / "s.png"))
+    assert isinstance(fig, Figure) and png(tmp_path / "s.png")
+    assert "inside" in fig.axes[0].get_title()
+    with pytest.raises(ValueError):
+        plot.sweep({**result, "runs": []})
+
+
+def test_errors(run):
+    opt, _ = run
+    with pytest.raises(TypeError):
+        plot.histograms(42)
+    with pytest.raises(KeyError):
+        plot.adaptability(opt, names=["missing"])
+    with pytest.raises(ValueError):
+        plot.histograms({})
+
+
+def test_import_fasthist_needs_no_demo_dependency():
+    # (tqdm is left out: torch itself imports it when it is installed)
+    code = (
+        "import sys, fasthist, fasthist.estimate, fasthist.recorder, fasthist.cli, fasthist.integrations.tensorboard\n"
+        "bad = [m for m in ('matplotlib', 'sklearn', 'tensorboard') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
