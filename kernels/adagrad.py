@@ -1,0 +1,214 @@
+r"""Fused Adagrad step that also histograms :math:`\sqrt{\sum g^2}` of every element.
+
+Per element, in float32 with every torch op's result rounded to the state dtype (a no-op for
+float32), ``p, g, sum`` loaded once and written once::
+
+    g      = grad / grad_scale                       # fused + GradScaler; written back
+    g      = -g                                      # maximize
+    g      = fma(p, weight_decay, g)                 # grad.add(param, alpha=weight_decay)
+    sum    = fma(g, g, sum)                          # state_sum.addcmul_(g, g, value=1)
+    x      = sqrt_rn(sum)                            # the value eps is added to: histogrammed
+    p      = p + (-clr * g) / (x + eps)              # torch's addcdiv; clr = lr / (1 + (t-1)*lr_decay)
+
+The FMAs are the ones torch's CPU kernels make, so ``sum`` and the histograms match the
+reference backend bit for bit, and ``p`` within an ulp or two (torch's CPU sqrt is not
+correctly rounded). ``clr`` is computed where torch computes it: on the host in float64 when
+the step counts live on the CPU, on the device in float32 otherwise. ``found_inf`` nonzero
+masks every load and store of the step on the device (parameters, sums, step counts and
+histograms stay untouched). Sparse gradients run on the reference backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fasthist.reference.adagrad import adagrad_reference
+from fasthist.reference.histogram import HistTarget
+
+from ._common import BinSpec, bin_index, finalize_histograms, flush_histogram, launch_options, scratch_for, tl_dtype
+from .rmsprop import BLOCK, CHUNK, ITERS, NO_BINS, NUM_WARPS, plan_groups, scalar, unsupported, write_back
+
+__all__ = ["adagrad_hist"]
+
+
+@triton.jit
+def _adagrad_hist_kernel(
+    table_ptr,  # int64 [n, 5]: param, grad, sum, numel, slot
+    chunk_ptr,  # int64 [num_chunks, 2]: table row, first element
+    clr_ptr,  # float32 [num_slots]: -clr
+    scratch_ptr,  # int64 [num_slots, NUM_BINS]
+    grad_scale_ptr,
+    found_inf_ptr,
+    eps,
+    weight_decay,
+    DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    TRACK: tl.constexpr,
+    SHIFT: tl.constexpr,
+    LOW_KEY: tl.constexpr,
+    ABOVE: tl.constexpr,
+    NONFINITE: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    HIST_BINS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_ptr + 2 * pid)
+    start = tl.load(chunk_ptr + 2 * pid + 1)
+    row = table_ptr + 5 * tid
+    p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
+    s_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
+    numel = tl.load(row + 3)
+    slot = tl.load(row + 4)
+    neg_clr = tl.load(clr_ptr + slot)
+    if HAS_FOUND_INF:  # a skipped step touches nothing: every element is masked off
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    acc = tl.zeros([HIST_BINS], dtype=tl.int32)
+    for it in range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GRAD_SCALE:
+            g = tl.div_rn(g, grad_scale).to(DTYPE)
+            tl.store(g_ptr + offs, g, mask=mask)
+            g = g.to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WD:
+            g = tl.fma(p, weight_decay, g).to(DTYPE).to(tl.float32)
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.fma(g, g, s).to(DTYPE)
+        tl.store(s_ptr + offs, s, mask=mask)
+        x = tl.sqrt_rn(s.to(tl.float32))
+        std = (x.to(DTYPE).to(tl.float32) + eps).to(DTYPE).to(tl.float32)
+        p = p + tl.div_rn(neg_clr * g, std)
+        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+        if TRACK:
+            idx = bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE)
+            acc += tl.histogram(idx, HIST_BINS, mask=mask)
+    if TRACK:
+        flush_histogram(acc, scratch_ptr + slot * NUM_BINS, NUM_BINS, HIST_BINS)
+
+
+def _neg_clr(state_steps: list[Tensor], device: torch.device, lr: float | Tensor, lr_decay: float) -> Tensor:
+    """float32 ``-lr / (1 + (step - 1) * lr_decay)`` per tensor, after the increment."""
+    if all(s.device.type == "cpu" for s in state_steps) and not (isinstance(lr, Tensor) and lr.device.type != "cpu"):
+        lr_f = scalar(lr, "lr", "Adagrad")
+        values = [-(lr_f / (1 + (float(s) - 1) * lr_decay)) for s in state_steps]
+        return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+    steps = torch.stack([s.detach().reshape(()) for s in state_steps]).to(device=device, dtype=torch.float32)
+    lr_t = lr.to(device=device, dtype=torch.float32) if isinstance(lr, Tensor) else lr
+    return (-(lr_t / (1 + (steps - 1) * lr_decay))).to(torch.float32).contiguous()
+
+
+def adagrad_hist(
+    params: list[Tensor],
+    grads: list[Tensor],
+    state_sums: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    hist: HistTarget | None,
+    lr: float | Tensor,
+    weight_decay: float,
+    lr_decay: float,
+    eps: float,
+    maximize: bool,
+    fused: bool | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    has_sparse_grad: bool = False,
+    foreach: bool | None = None,
+    differentiable: bool = False,
+    has_complex: bool = False,
+) -> None:
+    """``torch.optim.adagrad.adagrad`` (same arguments) in one fused launch per dtype, plus
+    the histograms (module docstring). Sparse gradients, ``differentiable=True`` and float64
+    parameters run on the reference backend; ``foreach``/``fused`` are accepted and ignored."""
+    if not params:
+        return
+    if has_sparse_grad or differentiable or unsupported(params) or any(g.is_sparse for g in grads):
+        adagrad_reference(
+            params,
+            grads,
+            state_sums,
+            state_steps,
+            hist=hist,
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_decay=lr_decay,
+            eps=eps,
+            maximize=maximize,
+            fused=fused,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            has_sparse_grad=has_sparse_grad,
+            foreach=foreach,
+            differentiable=differentiable,
+            has_complex=has_complex,
+        )
+        return
+    n = len(params)
+    device = params[0].device
+    for name, lst in (("grads", grads), ("state_sums", state_sums), ("state_steps", state_steps)):
+        if len(lst) != n:
+            raise RuntimeError(f"fasthist Adagrad: expected {n} {name}, but got {len(lst)}")
+    if hist is not None and hist.step.device != device:
+        raise RuntimeError(f"fasthist Adagrad: histograms on {hist.step.device}, but parameters on {device}")
+    with torch.no_grad():
+        steps_on_host = all(s.device.type == "cpu" for s in state_steps)
+        if found_inf is not None:
+            if steps_on_host and found_inf.device.type != "cpu":
+                # host step counts cannot be rolled back on the device: read the flag (a sync)
+                if float(found_inf.item()) != 0.0:
+                    return
+                found_inf = None
+            else:
+                found_inf = found_inf.to(device=device, non_blocking=True).reshape(())
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device=device, non_blocking=True).reshape(())
+        torch._foreach_add_(state_steps, 1)
+        neg_clr = _neg_clr(state_steps, device, lr, float(lr_decay))
+        plan = plan_groups("Adagrad", device, [params, grads, state_sums], CHUNK)
+        scratch = scratch_for(hist, n) if hist is not None else None
+        bin_kwargs = BinSpec(hist.bins).kwargs() if hist is not None else NO_BINS
+        for dtype, tables in plan.groups:
+            if tables.num_chunks == 0:
+                continue
+            _adagrad_hist_kernel[(tables.num_chunks,)](
+                tables.table,
+                tables.chunks,
+                neg_clr,
+                scratch if scratch is not None else tables.table,
+                grad_scale if grad_scale is not None else neg_clr,
+                found_inf if found_inf is not None else neg_clr,
+                float(eps),
+                float(weight_decay),
+                DTYPE=tl_dtype(dtype),
+                BLOCK=BLOCK,
+                ITERS=ITERS,
+                MAXIMIZE=bool(maximize),
+                HAS_WD=weight_decay != 0,
+                HAS_GRAD_SCALE=grad_scale is not None,
+                HAS_FOUND_INF=found_inf is not None,
+                TRACK=scratch is not None,
+                num_warps=NUM_WARPS,
+                **bin_kwargs,
+                **launch_options(device),
+            )
+        if hist is not None:
+            finalize_histograms(hist, scratch, found_inf)
+        write_back(plan, grads_written=grad_scale is not None)
+        if found_inf is not None:
+            flag = found_inf.to(state_steps[0].device)
+            torch._foreach_sub_(state_steps, [flag] * n)

@@ -1,0 +1,357 @@
+"""The fused Triton RMSprop, Adagrad and AdaBelief kernels against the reference backend.
+
+On a CPU-only machine the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set
+here before ``fasthist.kernels`` is first imported); with CUDA they run compiled.
+
+Each step starts the reference from the kernel's parameters and states (so 1-ulp differences
+from torch's CPU sqrt, which is not correctly rounded, do not accumulate), then compares:
+
+- the moment states (v, g_avg, sum, m, s, s_max): bit-identical on CPU;
+- parameters and momentum buffers (which go through the sqrt): within 2 ulp of the larger
+  of the value and its update;
+- histograms, both windows: exactly equal to the reference backend's (on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import Tensor
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import fasthist  # noqa: E402
+from fasthist.bins import LogBins  # noqa: E402
+from fasthist.reference.adabelief import adabelief_reference  # noqa: E402
+from fasthist.reference.adagrad import adagrad_reference  # noqa: E402
+from fasthist.reference.histogram import HistTarget  # noqa: E402
+from fasthist.reference.rmsprop import rmsprop_reference  # noqa: E402
+
+KR = pytest.importorskip("fasthist.kernels.rmsprop")
+KA = pytest.importorskip("fasthist.kernels.adagrad")
+KB = pytest.importorskip("fasthist.kernels.adabelief")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CPU = DEVICE.type == "cpu"
+if ON_CPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("fasthist.kernels needs TRITON_INTERPRET=1 on a machine without CUDA", allow_module_level=True)
+
+pytestmark = pytest.mark.interpreter if ON_CPU else []
+BINS = LogBins()
+C = KR.CHUNK
+
+# why each shape: not a multiple of the block; two programs of one tensor (CHUNK + 4);
+# a 0-d scalar; an empty tensor (no program at all); a transposed (dense, permuted) view
+# walked in place; a strided slice (not dense) that goes through a copy and write-back.
+SHAPES = [(37, 5), (C + 4,), (), (0,), "transposed", "strided"]
+
+
+def make(shape, gen, dtype=torch.float32):
+    if shape == "transposed":
+        return torch.randn(9, 13, generator=gen).to(DEVICE, dtype).t()
+    if shape == "strided":
+        return torch.randn(10, 12, generator=gen).to(DEVICE, dtype)[:, ::3]
+    return torch.randn(shape, generator=gen).to(DEVICE, dtype)
+
+
+def like(p: Tensor, fill: float = 0.0) -> Tensor:
+    """A state tensor with the parameter's layout (torch.zeros_like keeps strides of dense
+    tensors; for the strided slice we keep a strided state too, to exercise the copy path)."""
+    if not p.is_contiguous() and p.dim() == 2 and p.stride(1) == 3:
+        return torch.full((p.shape[0], p.shape[1] * 3), fill, device=p.device, dtype=p.dtype)[:, ::3]
+    return torch.full_like(p, fill, memory_format=torch.preserve_format)
+
+
+def ulp(x: Tensor) -> Tensor:
+    _, e = torch.frexp(x.double().abs())
+    return torch.ldexp(torch.ones_like(e, dtype=torch.float64), torch.clamp(e - 24, min=-149))
+
+
+def assert_ulp(actual: Tensor, expected: Tensor, previous: Tensor, n: float, what: str, slack=0.0) -> None:
+    """|actual - expected| <= n ulp of the largest of |expected|, |previous| and the update
+    |expected - previous| (a sum that cancels keeps the rounding of its terms)."""
+    if actual.is_complex():
+        actual, expected, previous = (torch.view_as_real(t) for t in (actual, expected, previous))
+    if actual.numel() == 0:
+        return
+    e, p = expected.double(), previous.double()
+    scale = torch.maximum(torch.maximum(e.abs(), (e - p).abs()), p.abs())
+    bad = (actual.double() - expected.double()).abs() > n * ulp(scale.float()) + slack
+    assert not bad.any(), f"{what}: {int(bad.sum())} elements beyond {n} ulp"
+
+
+def same(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def target(n: int) -> HistTarget:
+    z = torch.zeros(n, BINS.num_bins, dtype=torch.int64, device=DEVICE)
+    return HistTarget(BINS, z, z.clone(), torch.arange(n - 1, -1, -1, device=DEVICE))  # rows permuted
+
+
+def grads_for(params, gen, zero_first_row=True):
+    out = []
+    for p in params:
+        shape = p.shape
+        mag = 10.0 ** (torch.rand(shape, generator=gen) * 6 - 3)
+        g = (torch.randn(shape, generator=gen) * mag).to(DEVICE, p.dtype)
+        if zero_first_row and g.dim() == 2:
+            g[0] = 0.0  # exact zeros in the states
+        out.append(g)
+    return out
+
+
+def run(
+    kernel,
+    reference,
+    state_names,
+    exact,
+    ulp_names,
+    init,
+    kwargs,
+    steps=3,
+    seed=0,
+    shapes=SHAPES,
+    extra=None,
+    param_slack=None,
+):
+    """Run ``steps`` steps of kernel and reference from identical inputs; compare.
+    ``param_slack(i, state, previous_state)``: extra absolute tolerance on parameter i,
+    for updates that carry the ulps of a state compared within ulps."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [make(s, gen) for s in shapes]
+    k_state = {
+        name: [like(p, init.get(name, 0.0)) if init.get(name) is not None else like(p) for p in params]
+        for name in state_names
+    }
+    for name, fill in init.items():
+        if fill is None:  # an unused list
+            k_state[name] = []
+    r_state = {name: [t.clone() for t in lst] for name, lst in k_state.items()}
+    r_params = [p.clone() for p in params]
+    k_steps = [torch.tensor(0.0) for _ in params]
+    r_steps = [torch.tensor(0.0) for _ in params]
+    hk, hr = target(len(params)), target(len(params))
+    for step in range(steps):
+        for a, b in zip(params, r_params, strict=True):
+            b.copy_(a)
+        for name in state_names:
+            for a, b in zip(k_state[name], r_state[name], strict=True):
+                b.copy_(a)
+        previous = [p.clone() for p in r_params]
+        previous_state = {name: [t.clone() for t in r_state[name]] for name in ulp_names}
+        grads = grads_for(params, gen)
+        more = extra(step) if extra is not None else {}
+        kernel(
+            params, [g.clone() for g in grads], *(k_state[n] for n in state_names), k_steps, hist=hk, **kwargs, **more
+        )
+        reference(
+            r_params, [g.clone() for g in grads], *(r_state[n] for n in state_names), r_steps, hist=hr, **kwargs, **more
+        )
+        for a, b in zip(k_steps, r_steps, strict=True):
+            assert float(a) == float(b)
+        for name in state_names:
+            for i, (a, b) in enumerate(zip(k_state[name], r_state[name], strict=True)):
+                if name in exact:
+                    assert same(a, b), f"step {step}: {name}[{i}] differs"
+                elif name in ulp_names:
+                    assert_ulp(a, b, previous_state[name][i], 2, f"step {step}: {name}[{i}]")
+        for i, (a, b, prev) in enumerate(zip(params, r_params, previous, strict=True)):
+            slack = param_slack(i, r_state, previous_state) if param_slack is not None else 0.0
+            assert_ulp(a, b, prev, 2, f"step {step}: param {i}", slack)
+        assert torch.equal(hk.step, hr.step), f"step {step}: step window"
+        assert torch.equal(hk.total, hr.total), f"step {step}: total window"
+    return hk
+
+
+# -- RMSprop ------------------------------------------------------------------------------
+RMS_CONFIGS = {
+    "plain": {},
+    "centered": {"centered": True},
+    "momentum": {"momentum": 0.9},
+    "all": {"centered": True, "momentum": 0.5, "alpha": 0.9, "weight_decay": 0.1, "maximize": True},
+    "alpha-small": {"centered": True, "alpha": 0.3},  # lerp weight 0.7 >= 0.5: the other lerp formula
+}
+
+
+@pytest.mark.parametrize("name", list(RMS_CONFIGS))
+def test_rmsprop_kernel_matches_reference(name):
+    kw = {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0, "centered": False}
+    kw.update(RMS_CONFIGS[name])
+    kw.update(foreach=False, maximize=kw.get("maximize", False))
+    init = {
+        "grad_avgs": None if not kw["centered"] else 0.0,
+        "momentum_buffer_list": None if kw["momentum"] == 0 else 0.0,
+    }
+
+    def slack(i, state, previous):
+        # p = fma(buf, -lr, p): buf's 2-ulp tolerance (of its largest term) times lr
+        if kw["momentum"] == 0:
+            return 0.0
+        b, b0 = state["momentum_buffer_list"][i].double(), previous["momentum_buffer_list"][i].double()
+        big = torch.maximum(torch.maximum(b.abs(), b0.abs()), (b - b0).abs())
+        return kw["lr"] * 2 * ulp(big.float())
+
+    h = run(
+        KR.rmsprop_hist,
+        rmsprop_reference,
+        ["square_avgs", "grad_avgs", "momentum_buffer_list"],
+        {"square_avgs", "grad_avgs"},
+        {"momentum_buffer_list"},
+        init,
+        kw,
+        param_slack=slack,
+    )
+    assert int(h.total.sum()) == 3 * (185 + C + 4 + 1 + 0 + 117 + 40)
+
+
+def test_rmsprop_kernel_complex():
+    kw = {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.9, "centered": True}
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randn(33, 3, dtype=torch.complex64, generator=gen).to(DEVICE)
+    q = p.clone()
+    st = {k: [torch.zeros_like(p)] for k in ("v", "ga", "buf")}
+    sr = {k: [torch.zeros_like(p)] for k in ("v", "ga", "buf")}
+    hk, hr = target(1), target(1)
+    for _ in range(2):
+        g = torch.randn(33, 3, dtype=torch.complex64, generator=gen).to(DEVICE)
+        q.copy_(p)
+        for k in st:
+            sr[k][0].copy_(st[k][0])
+        KR.rmsprop_hist([p], [g.clone()], st["v"], st["ga"], st["buf"], [torch.tensor(0.0)], hist=hk, **kw)
+        rmsprop_reference([q], [g.clone()], sr["v"], sr["ga"], sr["buf"], [torch.tensor(0.0)], hist=hr, **kw)
+        assert same(st["v"][0], sr["v"][0]) and same(st["ga"][0], sr["ga"][0])
+        assert torch.equal(hk.step, hr.step)
+    assert int(hk.step.sum()) == 2 * p.numel()
+
+
+# -- Adagrad ------------------------------------------------------------------------------
+ADAGRAD_CONFIGS = {
+    "plain": {},
+    "decay": {"lr_decay": 0.1, "weight_decay": 0.1, "maximize": True},
+    "init-accumulator": {"init": 0.1},
+}
+
+
+@pytest.mark.parametrize("name", list(ADAGRAD_CONFIGS))
+def test_adagrad_kernel_matches_reference(name):
+    cfg = dict(ADAGRAD_CONFIGS[name])
+    init = cfg.pop("init", 0.0)
+    kw = {"lr": 1e-2, "weight_decay": 0.0, "lr_decay": 0.0, "eps": 1e-10, "maximize": False}
+    kw.update(cfg)
+    run(KA.adagrad_hist, adagrad_reference, ["state_sums"], {"state_sums"}, set(), {"state_sums": init}, kw)
+
+
+def test_adagrad_kernel_fused_protocol_skips_on_found_inf():
+    """fused: grads unscaled by grad_scale (and written back), a step with found_inf set
+    changes nothing, not even the step counts."""
+    kw = {"lr": 1e-2, "weight_decay": 0.0, "lr_decay": 0.01, "eps": 1e-10, "maximize": False, "fused": True}
+
+    def extra(step):
+        return {"grad_scale": torch.tensor(4.0), "found_inf": torch.tensor(1.0 if step == 1 else 0.0)}
+
+    # contiguous tensors only: torch's fused CPU Adagrad (the reference here) walks a grad
+    # whose strides differ from its parameter's in the wrong order (torch 2.13)
+    shapes = [(37, 5), (C + 4,), (), (0,)]
+    h = run(
+        KA.adagrad_hist,
+        adagrad_reference,
+        ["state_sums"],
+        {"state_sums"},
+        set(),
+        {"state_sums": 0.0},
+        kw,
+        extra=extra,
+        shapes=shapes,
+    )
+    assert int(h.total.sum()) == 2 * (185 + C + 4 + 1)
+
+
+# -- AdaBelief ----------------------------------------------------------------------------
+AB_BASE = {
+    "lr": 1e-2,
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "eps": 1e-16,
+    "weight_decay": 0.0,
+    "amsgrad": False,
+    "weight_decouple": True,
+    "fixed_decay": False,
+    "rectify": True,
+    "degenerated_to_sgd": True,
+}
+AB_CONFIGS = {
+    "defaults": {},
+    "decoupled-wd": {"weight_decay": 0.1},
+    "coupled-wd-amsgrad": {"weight_decay": 0.1, "weight_decouple": False, "amsgrad": True},
+    "unrectified-amsgrad-fixed": {"rectify": False, "amsgrad": True, "weight_decay": 0.1, "fixed_decay": True},
+    "short-warmup": {"beta2": 0.5, "degenerated_to_sgd": False},  # no update, then rectified from step 6
+    "estimate-pass": {"lr": 0.0, "eps": 0.0},  # what estimate_eps_range runs: 0/0 must not reach p
+}
+
+
+@pytest.mark.parametrize("name", list(AB_CONFIGS))
+def test_adabelief_kernel_matches_reference(name):
+    kw = dict(AB_BASE, **AB_CONFIGS[name])
+    init = {"exp_avgs": 0.0, "exp_avg_vars": 0.0, "max_exp_avg_vars": 0.0 if kw["amsgrad"] else None}
+    steps = 7 if name == "short-warmup" else 3
+    run(
+        KB.adabelief_hist,
+        adabelief_reference,
+        ["exp_avgs", "exp_avg_vars", "max_exp_avg_vars"],
+        {"exp_avgs", "exp_avg_vars", "max_exp_avg_vars"},
+        set(),
+        init,
+        kw,
+        steps=steps,
+    )
+
+
+# -- through the optimizer classes ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: fasthist.RMSprop(ps, lr=1e-3, centered=True, momentum=0.9),
+        lambda ps: fasthist.Adagrad(ps, lr_decay=1e-2),
+        lambda ps: fasthist.AdaBelief(ps, weight_decay=1e-2),
+    ],
+    ids=["rmsprop", "adagrad", "adabelief"],
+)
+def test_optimizer_on_forced_triton_backend(make_opt, monkeypatch):
+    """FASTHIST_BACKEND=triton routes the optimizer classes to these kernels: same
+    histograms as the reference backend over a few steps of a small model."""
+    results = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("FASTHIST_BACKEND", backend)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2)).to(DEVICE)
+        opt = make_opt(model.parameters())
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(4, 5, generator=g).to(DEVICE)
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        results.append((list(model.parameters()), opt.histograms(window="total")))
+    (p_ref, h_ref), (p_tri, h_tri) = results
+    for a, b in zip(p_tri, p_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert h_ref.keys() == h_tri.keys()
+    for k in h_ref:
+        assert h_ref[k].count == h_tri[k].count == 3 * dict(zip(h_ref, [35, 7, 14, 2], strict=True))[k]
+        if ON_CPU:  # on the GPU, torch's model math rounds differently from CPU: counts only
+            assert h_ref[k] == h_tri[k], k
+
+
+def test_kernels_are_dispatched(monkeypatch):
+    from fasthist import functional
+
+    monkeypatch.setenv("FASTHIST_BACKEND", "triton")
+    assert functional._kernel_op("rmsprop") is KR.rmsprop_hist
+    assert functional._kernel_op("adagrad") is KA.adagrad_hist
+    assert functional._kernel_op("adabelief") is KB.adabelief_hist
