@@ -102,11 +102,12 @@ def _adam_hist_kernel(
     tid = tl.load(chunk_ptr + 2 * pid)
     start = tl.load(chunk_ptr + 2 * pid + 1)
     row = table_ptr + 7 * tid
-    p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(DTYPE))
-    numel = tl.load(row + 5)
+    # pointers advanced to the chunk once (64-bit), then 32-bit offsets inside the chunk
+    p_ptr = tl.load(row).to(tl.pointer_type(DTYPE)) + start
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE)) + start
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE)) + start
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(DTYPE)) + start
+    numel = tl.minimum(tl.load(row + 5) - start, BLOCK * ITERS).to(tl.int32)  # live elements of this chunk
     slot = tl.load(row + 6)
     neg_step_size = tl.load(coef_ptr + 3 * slot)
     c = tl.load(coef_ptr + 3 * slot + 1)
@@ -116,10 +117,10 @@ def _adam_hist_kernel(
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
     if AMSGRAD:
-        vmax_ptr = tl.load(row + 4).to(tl.pointer_type(DTYPE))
+        vmax_ptr = tl.load(row + 4).to(tl.pointer_type(DTYPE)) + start
     acc = tl.zeros([HIST_BINS], dtype=tl.int32)
     for it in range(ITERS):
-        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+        offs = it * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GRAD_SCALE:
