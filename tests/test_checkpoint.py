@@ -11,6 +11,7 @@ the GPU is loaded onto the CPU with ``map_location="cpu"`` in the ``gpu`` test.
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 
@@ -137,20 +138,29 @@ def test_resume_at_step_zero_and_after_the_last_step(monkeypatch):
         assert_same(snapshot(model, opt), snapshot(*run_with_resume("adam", 6, k)))
 
 
-def _triton_adam_available() -> bool:
+def _triton_kernel_available(op: str) -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     mod = kernels_module(interpret=not torch.cuda.is_available())
-    return mod is not None and hasattr(mod, "adam")
+    if mod is None:
+        return False
+    try:
+        importlib.import_module(f"{mod.__name__}.{op}")
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("name", ["adam", "adamw-amsgrad"])
+@pytest.mark.parametrize(
+    "name", ["adam", "adamw-amsgrad", "rmsprop-centered-momentum", "adagrad", "adabelief-amsgrad-unrectified"]
+)
 def test_resume_is_exact_on_the_triton_backend(name, monkeypatch):
-    if not _triton_adam_available():
-        pytest.skip("fasthist.kernels.adam is not importable here")
+    op = name.split("-")[0].replace("adamw", "adam")
+    if not _triton_kernel_available(op):
+        pytest.skip(f"fasthist.kernels.{op} is not importable here")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("the kernels need TRITON_INTERPRET=1 on a machine without CUDA")
     monkeypatch.setenv("FASTHIST_BACKEND", "triton")

@@ -232,13 +232,21 @@ def test_bf16_params_on_cuda_match_torch():
         torch.testing.assert_close(p, q, **TOL[torch.bfloat16])
 
 
+GRAPH_OPTIMIZERS = {
+    "adam": lambda ps: fasthist.Adam(ps, lr=1e-3, capturable=True),
+    "adamw-amsgrad": lambda ps: fasthist.AdamW(ps, lr=1e-3, amsgrad=True, capturable=True),
+    "rmsprop-centered-momentum": lambda ps: fasthist.RMSprop(ps, lr=1e-4, centered=True, momentum=0.9, capturable=True),
+}
+
+
 @pytest.mark.gpu
-def test_cuda_graph_captures_a_full_training_step():
+@pytest.mark.parametrize("name", list(GRAPH_OPTIMIZERS))
+def test_cuda_graph_captures_a_full_training_step(name):
     """torch.cuda.graph over forward, backward and opt.step() with capturable=True: every
     replay updates parameters as eager execution does and records a new histogram."""
     eager_model, graph_model = _cuda_model(), _cuda_model()
-    eager_opt = fasthist.Adam(eager_model.parameters(), lr=1e-3, capturable=True)
-    opt = fasthist.Adam(graph_model.parameters(), lr=1e-3, capturable=True)
+    eager_opt = GRAPH_OPTIMIZERS[name](eager_model.parameters())
+    opt = GRAPH_OPTIMIZERS[name](graph_model.parameters())
     g = torch.Generator(device="cuda").manual_seed(0)
     batches = [(torch.randn(16, 32, device="cuda", generator=g), torch.randn(16, 8, device="cuda", generator=g))]
     batches += [
