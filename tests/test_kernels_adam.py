@@ -568,3 +568,54 @@ def test_device_bias_correction_matches_reference():
     steps = [torch.tensor(float(s), device=DEVICE) for s in (1, 2, 3, 10, 1000)]
     coef = K._coefficients(steps, DEVICE, True, 1e-3, 0.9, 0.999, 0.0, False)
     assert torch.equal(coef[:, 1], bias_correction2_sqrt(steps, 0.999).to(torch.float32))
+
+
+# -- compiled mode without a GPU ----------------------------------------------------------
+_AOT_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton, triton.language as tl
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from fasthist.bins import LogBins
+from fasthist.kernels import _common as C, adam as K
+
+spec = C.BinSpec(LogBins()).kwargs()
+ptr = dict(table_ptr="*i64", chunk_ptr="*i64", coef_ptr="*fp32", scratch_ptr="*i64", grad_scale_ptr="*fp32",
+           found_inf_ptr="*fp32", rows_ptr="*i64", step_ptr="*i64", total_ptr="*i64")
+
+def compile_(fn, consts, num_warps):
+    sig = {a: "constexpr" if a in consts else ptr.get(a, "fp32") for a in fn.arg_names}
+    src = ASTSource(fn, sig, consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "enable_fp_fusion": False})
+
+for dtype, track, ams, wd in [(tl.float32, True, True, 1), (tl.bfloat16, True, False, 2), (tl.float16, False, True, 0)]:
+    consts = dict(DTYPE=dtype, BLOCK=K.BLOCK, ITERS=K.ITERS, AMSGRAD=ams, MAXIMIZE=True, WD_MODE=wd, LERP_SMALL=True,
+                  HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, TRACK=track, **(spec if track else K._NO_BINS))
+    ptx = compile_(K._adam_hist_kernel, consts, K.NUM_WARPS).asm["ptx"]
+    for bad in ("sqrt.approx", "div.full", "div.approx"):
+        assert bad not in ptx, f"{dtype}: imprecise {bad} in the PTX"
+    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and "fma.rn.f32" in ptx
+    if track:
+        assert "red.global" in ptx or "atom.global" in ptx, "no histogram flush"
+compile_(C._finalize_kernel, dict(NUM_BINS=spec["NUM_BINS"], FB=1024, HAS_FOUND_INF=True), 4)
+print("ok")
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Compiled mode (frontend, LLVM, PTX) for an H100/H200 target, no device needed: catches
+    what the interpreter lets through, and checks the roundings are the precise ones."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"no NVIDIA backend in this Triton: {e}")
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
