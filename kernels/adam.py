@@ -243,7 +243,10 @@ def _coefficients(
     lr_t = lr.to(device=device, dtype=torch.float32) if isinstance(lr, Tensor) else lr
     neg_step = -(lr_t / (1 - torch.pow(beta1, steps)))
     decay = (1 - lr_t * weight_decay) if decoupled else 1.0
-    decay_t = torch.as_tensor(decay, dtype=torch.float32, device=device).reshape(-1).expand(n)
+    if isinstance(decay, Tensor):
+        decay_t = decay.to(torch.float32).reshape(-1).expand(n)
+    else:  # a fill, not a host-to-device copy: legal while a CUDA graph is being captured
+        decay_t = torch.full((n,), decay, dtype=torch.float32, device=device)
     return torch.stack([neg_step.to(torch.float32), c, decay_t], dim=1).contiguous()
 
 
