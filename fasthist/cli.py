@@ -336,10 +336,13 @@ def cmd_eps_range(args: argparse.Namespace) -> int:
     def adapt_png(path: str) -> None:
         from . import plot
 
-        plot.adaptability(from_opt, eps=eps, eps_range=rng, title=f"Adaptability at the initial weights, {args.task}", path=path)
+        plot.adaptability(
+            from_opt, eps=eps, eps_range=rng, title=f"Adaptability at the initial weights, {args.task}", path=path
+        )
 
     figures = _plots(out, [("histograms.png", hist_png), ("adaptability.png", adapt_png)], args.no_figures)
-    print(f"wrote {', '.join(str(out / f) for f in ['eps_range.json', *figures])}  ({seconds:.1f} s)")
+    total = time.perf_counter() - t0
+    print(f"wrote {', '.join(str(out / f) for f in ['eps_range.json', *figures])}  ({total:.1f} s)")
     return 0
 
 
@@ -364,7 +367,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"ε grid {_decades(grid)}, {device}"
     )
     rng = estimate_eps_range(
-        task.model(), task.batches(0), task.loss, steps=args.steps, clip_grad_norm=task.clip_grad_norm, progress=not args.quiet
+        task.model(),
+        task.batches(0),
+        task.loss,
+        steps=args.steps,
+        clip_grad_norm=task.clip_grad_norm,
+        progress=not args.quiet,
     )
     inside = grid_inside(grid, rng)
     print(f"estimated ε range at the initial weights (seed {args.seed}): [{rng.low:.0e}, {rng.high:.0e}]")
@@ -415,6 +423,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             best = r
     assert best is not None
     best_ok = math.isfinite(best["metric"])
+    # Equal means are a tie, common with a small validation set; the range "holds the best"
+    # when searching only inside it reaches the best value, i.e. when any tied ε is inside.
+    tied = [r for r in runs if best_ok and r["metric"] == best["metric"]]
+    tied_inside = [r for r in tied if r["in_range"]]
+    if tied_inside:
+        best = tied_inside[0]
     spread = [r["eps"] for r in runs if math.isfinite(r["metric"]) and _overlaps(r, best, task.higher_is_better)]
     seconds = time.perf_counter() - t_start
 
@@ -426,7 +440,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"{r['metric_min']:.2f} .. {r['metric_max']:.2f}" if math.isfinite(r["metric_min"]) else "-",
             f"{100 * r['adaptive_share']:.1f}%" if math.isfinite(r["adaptive_share"]) else "-",
             "yes" if r["in_range"] else "no",
-            "<- best" if r is best and best_ok else "",
+            ("<- best" if len(tied) == 1 else "<- best (tie)") if any(r is t for t in tied) else "",
         ]
         for r in runs
     ]
@@ -441,18 +455,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print()
     if best_ok:
         verdict = "inside" if best["in_range"] else "OUTSIDE"
-        print(
-            f"best ε: {best['eps']:.0e} ({task.metric} {best['metric']:.2f}{unit}), {verdict} the estimated range "
-            f"[{rng.low:.0e}, {rng.high:.0e}]"
-        )
+        if len(tied) == 1:
+            print(
+                f"best ε: {best['eps']:.0e} ({task.metric} {best['metric']:.2f}{unit}), {verdict} the estimated range "
+                f"[{rng.low:.0e}, {rng.high:.0e}]"
+            )
+        else:
+            print(
+                f"best ε: a tie between {_decades([r['eps'] for r in tied])} ({task.metric} {best['metric']:.2f}{unit}); "
+                f"inside the estimated range [{rng.low:.0e}, {rng.high:.0e}]: "
+                f"{_decades([r['eps'] for r in tied_inside]) or 'none'}"
+            )
         print(f"ε values whose seed range overlaps the best's: {_decades(spread)}")
     else:
         print("best ε: none (every run diverged)")
     saved = len(grid) - len(inside)
-    narrower = len(grid) / len(inside) if inside else math.inf
+    narrower = len(grid) / len(rng.candidates)
     print(
-        f"grid: {len(grid)} points, range keeps {len(inside)} -> saves {saved} "
-        f"({narrower:.2f}x narrower; the paper claims at least 2x)"
+        f"grid: {len(grid)} points, of which {len(inside)} lie in the range ({saved} saved); the range spans "
+        f"{len(rng.candidates)} decades: {narrower:.2f}x narrower than the grid (the paper claims at least 2x)"
     )
 
     out = Path(args.out)
@@ -473,11 +494,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "eps_range": rng.to_dict(),
         "grid_inside": inside,
         "saved": saved,
-        "narrowing": narrower,
+        "narrowing": narrower,  # len(grid) / number of candidate decades
         "runs": runs,
         "best_eps": best["eps"] if best_ok else None,
         "best_metric": best["metric"] if best_ok else None,
         "best_inside": bool(best["in_range"]) if best_ok else None,
+        "best_tied": [r["eps"] for r in tied],
         "within_noise_of_best": spread,
         "seconds": seconds,
     }
@@ -497,8 +519,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             traces[shown], eps=shown, title=f"√v̂ quantiles while training {args.task}, ε={shown:.0e}", path=path
         )
 
-    figures = _plots(out, [("sweep.png", sweep_png), *([("quantiles.png", quantiles_png)] if traces else [])], args.no_figures)
-    print(f"wrote {', '.join(str(out / f) for f in ['sweep.json', *figures])}  ({seconds:.1f} s)")
+    figures = _plots(
+        out, [("sweep.png", sweep_png), *([("quantiles.png", quantiles_png)] if traces else [])], args.no_figures
+    )
+    total = time.perf_counter() - t_start
+    print(f"wrote {', '.join(str(out / f) for f in ['sweep.json', *figures])}  ({total:.1f} s)")
     return 0
 
 
@@ -576,7 +601,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ref = base["foreach"] if "foreach" in name else base[""]
         baseline = "torch.optim.Adam (foreach)" if "foreach" in name else "torch.optim.Adam"
         rows.append([name, f"{1e3 * best[name]:.2f}", f"{best[name] / ref:.2f}", baseline])
-    rows.append(["opt.eps_range() (one query)", f"{1e3 * query:.2f}", f"{query / base[''] :.2f}", "torch.optim.Adam"])
+    rows.append(["opt.eps_range() (one query)", f"{1e3 * query:.2f}", f"{query / base['']:.2f}", "torch.optim.Adam"])
     print(_table(["step", "ms", "ratio", "vs"], rows, "lrrl"))
     return 0
 
@@ -598,7 +623,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("FASTHIST_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"fasthist {args.command}: error: {msg} ({type(e).__name__}; FASTHIST_DEBUG=1 for details)", file=sys.stderr)
+        print(
+            f"fasthist {args.command}: error: {msg} ({type(e).__name__}; FASTHIST_DEBUG=1 for details)", file=sys.stderr
+        )
         return 1
 
 

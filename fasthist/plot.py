@@ -138,7 +138,11 @@ def histograms(
             lo_all = min(lo_all, edges[nz[0]])
             hi_all = max(hi_all, edges[nz[-1] + 1])
             q = batched_quantile(
-                h.counts.unsqueeze(0).cpu(), torch.tensor([0.02, 0.98], dtype=torch.float64), h.bins, exclude_zeros=True, rule="n"
+                h.counts.unsqueeze(0).cpu(),
+                torch.tensor([0.02, 0.98], dtype=torch.float64),
+                h.bins,
+                exclude_zeros=True,
+                rule="n",
             )[0]
             for v in q.tolist():
                 ax.axvline(v, color="#555555", ls=":", lw=1.0)
@@ -226,11 +230,13 @@ def quantiles(
     names: Sequence[str] | None = None,
     eps: float | None = None,
     max_tensors: int = 16,
+    ncols: int = 4,
     title: str | None = None,
     path: str | None = None,
 ) -> Figure:
-    """Per-tensor quantile trajectories over steps (log y): the middle quantile as a line,
-    the band between the lowest and highest recorded quantiles shaded, ``eps`` dashed."""
+    """Per-tensor quantile trajectories over steps, one panel per tensor (shared log y):
+    the middle quantile as a line, the band between the lowest and highest recorded
+    quantiles shaded, ``eps`` dashed."""
     if hasattr(trace, "trace"):
         trace = trace.trace()  # type: ignore[union-attr]
     all_names = list(trace.names)  # type: ignore[union-attr]
@@ -243,24 +249,38 @@ def quantiles(
         chosen = list(names)
     if not chosen or len(trace.steps) == 0:  # type: ignore[union-attr]
         raise ValueError("nothing to plot: the trace is empty")
-    fig, axes = _figure(width=6.4, height=3.8)
-    ax = axes[0, 0]
     steps, values, qs = trace.steps, trace.values, trace.qs  # type: ignore[union-attr]
     mid = int(np.argmin([abs(q - 0.5) for q in qs]))
-    for name in chosen:
+    ncols = max(1, min(ncols, len(chosen)))
+    nrows = math.ceil(len(chosen) / ncols)
+    fig, axes = _figure(nrows, ncols, width=3.4, height=2.4)
+    shown = values[:, [all_names.index(n) for n in chosen], :]
+    positive = shown[np.isfinite(shown) & (shown > 0)]
+    for ax, name in zip(axes.flat, chosen, strict=False):
         i = all_names.index(name)
-        (line,) = ax.plot(steps, values[:, i, mid], lw=1.3, label=name)
+        (line,) = ax.plot(steps, values[:, i, mid], lw=1.3, color="#1f77b4", label=name)
         if len(qs) > 1:
-            ax.fill_between(steps, values[:, i, 0], values[:, i, -1], color=line.get_color(), alpha=0.12, lw=0)
-    if eps is not None:
-        ax.axhline(eps, color=_EPS_COLOR, ls="--", lw=1.2, label=f"ε = {eps:.0e}")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("√v̂")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(chosen) > 8 else 1)
+            ax.fill_between(steps, values[:, i, 0], values[:, i, -1], color="#1f77b4", alpha=0.2, lw=0)
+        if eps is not None:
+            ax.axhline(eps, color=_EPS_COLOR, ls="--", lw=1.2, label=f"ε = {eps:.0e}")
+        ax.set_yscale("log")
+        if len(positive):
+            lo, hi = positive.min(), positive.max()
+            if eps is not None:
+                lo, hi = min(lo, eps), max(hi, eps)
+            ax.set_ylim(lo / 3, hi * 3)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, which="major", alpha=0.3)
+    for ax in list(axes.flat)[len(chosen) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("√v̂", fontsize=8)
     band = f"q{qs[0]:g}–q{qs[-1]:g} shaded, " if len(qs) > 1 else ""
-    ax.set_title(title or f"√v̂ over training ({band}q{qs[mid]:g} line)", fontsize=10)
+    fig.suptitle(title or "√v̂ over training", fontsize=10)
+    axes.flat[0].text(0.02, 0.02, f"{band}q{qs[mid]:g} line", transform=axes.flat[0].transAxes, fontsize=7, va="bottom")
     return _save(fig, path)
 
 

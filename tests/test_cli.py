@@ -13,6 +13,9 @@ import torch
 
 from fasthist.cli import main
 
+pytest.importorskip("sklearn")  # the digits task and the figures come with the [demo] extra
+pytest.importorskip("matplotlib")
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -32,7 +35,9 @@ def is_png(path) -> bool:
 @pytest.mark.parametrize("task", ["digits", "charlm"])
 def test_eps_range(task, tmp_path, capsys):
     figures = [] if task == "digits" else ["--no-figures"]  # figures take seconds: draw them once
-    rc, out, err = run(["eps-range", "--task", task, "--steps", "3", "--quiet", *figures, "--out", str(tmp_path)], capsys)
+    rc, out, err = run(
+        ["eps-range", "--task", task, "--steps", "3", "--quiet", *figures, "--out", str(tmp_path)], capsys
+    )
     assert rc == 0, err
     assert "estimated ε range" in out and "candidate decades" in out
     data = json.loads((tmp_path / "eps_range.json").read_text())
@@ -61,7 +66,10 @@ def test_eps_range_deterministic(tmp_path, capsys):
     results = []
     for i in range(2):
         out = tmp_path / str(i)
-        assert run(["eps-range", "--steps", "4", "--seed", "3", "--quiet", "--no-figures", "--out", str(out)], capsys)[0] == 0
+        assert (
+            run(["eps-range", "--steps", "4", "--seed", "3", "--quiet", "--no-figures", "--out", str(out)], capsys)[0]
+            == 0
+        )
         data = json.loads((out / "eps_range.json").read_text())
         results.append((data["eps_range"], data["tensors"]))
     assert results[0] == results[1]
@@ -79,7 +87,7 @@ def test_sweep(tmp_path, capsys):
     argv = ["sweep", "--eps", "1e-8,1e-3", "--epochs", "1", "--steps", "6", "--seeds", "2", "--quiet"]
     rc, out, err = run([*argv, "--out", str(tmp_path)], capsys)
     assert rc == 0, err
-    assert "best ε" in out and "saves" in out
+    assert "best ε" in out and "saved" in out and "narrower" in out
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["grid"] == [1e-8, 1e-3] and data["seeds"] == [0, 1] and data["steps_per_run"] == 6
     assert [r["eps"] for r in data["runs"]] == [1e-8, 1e-3]
@@ -90,6 +98,7 @@ def test_sweep(tmp_path, capsys):
     assert data["best_eps"] in data["grid"]
     assert data["best_inside"] == (data["best_eps"] in data["grid_inside"])
     assert data["saved"] == len(data["grid"]) - len(data["grid_inside"])
+    assert data["narrowing"] == len(data["grid"]) / len(data["eps_range"]["candidates"])
     assert is_png(tmp_path / "sweep.png") and is_png(tmp_path / "quantiles.png")
 
 
@@ -137,7 +146,9 @@ def test_bad_arguments(argv, needle, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no GPU is present")
 @pytest.mark.parametrize("cmd", [["eps-range"], ["sweep"], ["bench"]])
 def test_cuda_without_gpu(cmd, tmp_path, capsys):
-    rc, out, err = run([*cmd, "--device", "cuda", "--out", str(tmp_path)] if cmd != ["bench"] else [*cmd, "--device", "cuda"], capsys)
+    rc, out, err = run(
+        [*cmd, "--device", "cuda", "--out", str(tmp_path)] if cmd != ["bench"] else [*cmd, "--device", "cuda"], capsys
+    )
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "no CUDA GPU" in lines[0]

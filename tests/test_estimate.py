@@ -128,7 +128,9 @@ def make(kind: str, seed: int):
         batches = [(torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(7)]
     elif kind == "embedding":
         model = EmbedBag()
-        batches = [(torch.randint(0, 40, (16, 6), generator=g), torch.randint(0, 5, (16,), generator=g)) for _ in range(7)]
+        batches = [
+            (torch.randint(0, 40, (16, 6), generator=g), torch.randint(0, 5, (16,), generator=g)) for _ in range(7)
+        ]
     elif kind == "convbn":
         model = ConvBN()
         batches = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(5)]
@@ -189,6 +191,7 @@ def test_steps_caps_the_pass():
 
 
 def test_on_an_embedded_task():
+    pytest.importorskip("sklearn")
     from fasthist.tasks import get_task
 
     task = get_task("digits", seed=0)

@@ -75,10 +75,13 @@ def test_quantiles(run, tmp_path):
     trace = rec.trace()
     fig = plot.quantiles(rec, eps=1e-8, path=str(tmp_path / "q.png"))
     assert png(tmp_path / "q.png")
-    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == trace.names
+    ax = axes[trace.names.index("2.weight")]
+    lines = {line.get_label(): line for line in ax.get_lines()}
     assert np.array_equal(lines["2.weight"].get_xdata(), trace.steps)
     assert np.allclose(lines["2.weight"].get_ydata(), trace.values[:, trace.names.index("2.weight"), 1])
-    assert fig.axes[0].get_yscale() == "log"
+    assert ax.get_yscale() == "log"
     with pytest.raises(KeyError):
         plot.quantiles(trace, names=["nope"])
 

@@ -42,7 +42,7 @@ class CharLM(Task):
     metric = "perplexity"
     higher_is_better = False
     eps_grid = tuple(10.0**e for e in range(-9, -2))  # the paper's Penn Treebank grid, 1e-9 ... 1e-3
-    epochs = 1
+    epochs = 3
     lr = 2e-3
     clip_grad_norm = None
     seq_len = 64
@@ -86,6 +86,8 @@ class CharLM(Task):
         total, count = 0.0, 0
         for seqs in self.val_seqs.split(256):
             logits = model(seqs[:, :-1])
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1), reduction="sum"))
+            total += float(
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1), reduction="sum")
+            )
             count += seqs[:, 1:].numel()
         return math.exp(total / count)
