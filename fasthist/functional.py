@@ -27,6 +27,14 @@ def _split(lists: list[list[Tensor]], idx: list[int]) -> list[list[Tensor]]:
     return [[lst[i] for i in idx] if lst else lst for lst in lists]
 
 
+def _locals(lists: list[list[Tensor]]) -> list[list[Tensor]]:
+    """DTensors (FSDP2, tensor parallel) replaced by their local shards, which share their
+    storage: the kernels walk raw pointers, and a DTensor's ``data_ptr()`` is 0."""
+    if not any(type(t).__name__ == "DTensor" for lst in lists for t in lst):
+        return lists
+    return [[t.to_local() if type(t).__name__ == "DTensor" else t for t in lst] for lst in lists]
+
+
 def adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -53,7 +61,7 @@ def adam(
     for device, idx, target in calls:
         sub = lists if whole else _split(lists, idx)
         if select_backend(device) == "triton":
-            kernels_module().adam.adam_hist(*sub, hist=target, **kwargs)  # type: ignore[union-attr]
+            kernels_module().adam.adam_hist(*_locals(sub), hist=target, **kwargs)  # type: ignore[union-attr]
         else:
             adam_reference(*sub, hist=target, **kwargs)
 
@@ -81,10 +89,11 @@ def _dispatch(
     whole = len(calls) == 1
     for device, idx, target in calls:
         sub = lists if whole else _split(lists, idx)
-        fn = reference
-        if select_backend(device) == "triton":
-            fn = _kernel_op(op) or reference
-        fn(*sub, hist=target, **kwargs)
+        kernel = _kernel_op(op) if select_backend(device) == "triton" else None
+        if kernel is not None:
+            kernel(*_locals(sub), hist=target, **kwargs)
+        else:
+            reference(*sub, hist=target, **kwargs)
 
 
 _KERNEL_OPS: dict[str, Any] = {}

@@ -62,7 +62,18 @@ def counts_of(hists: dict) -> dict:
     return {k: h.counts.clone() for k, h in hists.items()}
 
 
+def _kernels_importable() -> bool:
+    try:
+        import fasthist.kernels.adam  # noqa: F401
+        import fasthist.kernels.rmsprop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _worker(rank: int, port: int, outdir: str) -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before fasthist.kernels is imported
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -103,6 +114,34 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     out["fsdp_expected"] = [fopt.bins.count(sqrt_vhat(fopt, p, full=True)) for p in params]
     out["fsdp_merged_param"] = fopt.histogram(params[0], process_group=world).counts.clone()
     out["fsdp_eps_range"] = fopt.eps_range(process_group=world).to_dict()
+
+    # The same under the Triton kernels (interpreted on the CPU): they get the local shards.
+    out["fsdp_triton"] = None
+    if _kernels_importable():
+        os.environ["FASTHIST_BACKEND"] = "triton"
+        results = {}
+        try:
+            for name, make in (
+                ("adam", lambda ps: fasthist.Adam(ps, lr=1e-2)),
+                ("rmsprop", lambda ps: fasthist.RMSprop(ps, lr=1e-3, centered=True, momentum=0.9)),
+            ):
+                tmodel = make_model()
+                fully_shard(tmodel, mesh=mesh)
+                topt = make(tmodel.parameters())
+                train(tmodel, topt, x, y, 2)
+                tparams = list(tmodel.parameters())
+                if name == "adam":
+                    expected = [topt.bins.count(sqrt_vhat(topt, p, full=True)) for p in tparams]
+                else:
+                    expected = []
+                    for p in tparams:
+                        st = topt.state[p]
+                        v, ga = st["square_avg"].full_tensor(), st["grad_avg"].full_tensor()
+                        expected.append(topt.bins.count(v.addcmul(ga, ga, value=-1).double().sqrt().float()))
+                results[name] = (list(counts_of(topt.histograms(process_group=world)).values()), expected)
+        finally:
+            os.environ.pop("FASTHIST_BACKEND", None)
+        out["fsdp_triton"] = results
 
     # A replicated DTensor is counted once.
     rep = distribute_tensor(torch.randn(6, 4, generator=torch.Generator().manual_seed(2)), mesh, [Replicate()])
@@ -216,6 +255,19 @@ def test_fsdp2_merged_histogram_is_exactly_the_full_tensors(ranks):
     first = next(iter(ranks[0]["fsdp_as_replicated"].values()))
     assert int(first.sum()) == 24 != int(ranks[0]["fsdp_expected"][0].sum())
     assert ranks[0]["fsdp_eps_range"] == ranks[1]["fsdp_eps_range"]
+
+
+def test_fsdp2_on_the_triton_kernels(ranks):
+    """DTensor parameters reach the kernels as their local shards (a DTensor's data_ptr()
+    is 0): the merged histograms are again exactly the full tensors'."""
+    if ranks[0]["fsdp_triton"] is None:
+        pytest.skip("fasthist.kernels is not importable here")
+    for r in ranks:
+        assert set(r["fsdp_triton"]) == {"adam", "rmsprop"}
+        for name, (got, expected) in r["fsdp_triton"].items():
+            assert len(got) == len(expected) == 4
+            for g, e in zip(got, expected, strict=True):
+                assert torch.equal(g, e), name
 
 
 def test_replicated_dtensor_is_counted_once(ranks):
