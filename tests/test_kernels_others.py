@@ -414,3 +414,62 @@ def test_kernels_are_dispatched(monkeypatch):
     assert functional._kernel_op("rmsprop") is KR.rmsprop_hist
     assert functional._kernel_op("adagrad") is KA.adagrad_hist
     assert functional._kernel_op("adabelief") is KB.adabelief_hist
+
+
+# -- compiled mode without a GPU ----------------------------------------------------------
+_AOT_SCRIPT = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton, triton.language as tl
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from fasthist.bins import LogBins
+from fasthist.kernels import _common as C, rmsprop as R, adagrad as A, adabelief as B
+
+spec = C.BinSpec(LogBins()).kwargs()
+ptr = dict(table_ptr="*i64", chunk_ptr="*i64", coef_ptr="*fp32", clr_ptr="*fp32", scratch_ptr="*i64",
+           grad_scale_ptr="*fp32", found_inf_ptr="*fp32")
+
+def compile_(fn, consts):
+    sig = {a: "constexpr" if a in consts else ptr.get(a, "fp32") for a in fn.arg_names}
+    src = ASTSource(fn, sig, consts)
+    opts = {"num_warps": R.NUM_WARPS, "enable_fp_fusion": False}
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+    for bad in ("sqrt.approx", "div.full", "div.approx"):
+        assert bad not in ptx, f"{fn.__name__} {consts.get('DTYPE')}: imprecise {bad} in the PTX"
+    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx, fn.__name__
+    if consts["TRACK"]:
+        assert "red.global" in ptx or "atom.global" in ptx, "no histogram flush"
+
+base = dict(BLOCK=R.BLOCK, ITERS=R.ITERS)
+for dtype, track in [(tl.float32, True), (tl.bfloat16, True), (tl.float16, False)]:
+    bins = spec if track else R.NO_BINS
+    for centered, momentum, small in [(True, True, True), (False, False, False), (True, False, False)]:
+        compile_(R._rmsprop_hist_kernel, dict(base, DTYPE=dtype, CENTERED=centered, MOMENTUM=momentum, MAXIMIZE=True,
+                                              HAS_WD=True, LERP_SMALL=small, TRACK=track, **bins))
+    for scaled in (True, False):
+        compile_(A._adagrad_hist_kernel, dict(base, DTYPE=dtype, MAXIMIZE=True, HAS_WD=True, HAS_GRAD_SCALE=scaled,
+                                              HAS_FOUND_INF=scaled, TRACK=track, **bins))
+    if dtype is not tl.float16:
+        for ams, rect, wd in [(True, True, 1), (True, False, 2), (False, True, 0)]:
+            compile_(B._adabelief_hist_kernel, dict(base, DTYPE=dtype, AMSGRAD=ams, RECTIFY=rect, WD_MODE=wd,
+                                                    TRACK=track, **bins))
+print("ok")
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Compiled mode (frontend, LLVM, PTX) for an H100/H200 target, no device needed: catches
+    what the interpreter lets through, and checks the roundings are the precise ones."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"no NVIDIA backend in this Triton: {e}")
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
