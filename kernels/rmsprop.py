@@ -17,8 +17,8 @@ The FMAs are the ones torch's CPU kernels make (``add(alpha=)``, ``addcmul``, ``
 ``addcdiv`` computes ``a + (value * b) / c``), so ``v``, ``g_avg`` and the histograms match
 the reference backend bit for bit; ``p`` and ``buf`` go through torch's CPU sqrt, which is
 not correctly rounded, so they agree within an ulp or two. Nothing depends on the step
-count, so nothing is read from the host: the call is capturable when the step counts live on
-the device. Launches: one per dtype plus the histogram finalize launch
+count, and a tensor ``lr`` is read on the device, so nothing is read from the host: the call
+is capturable when the step counts live on the device. Launches: one per dtype plus the histogram finalize launch
 (:mod:`fasthist.kernels._common`).
 
 :func:`plan_groups` (the multi-tensor tables for any column layout) is shared with
@@ -66,6 +66,7 @@ def _rmsprop_hist_kernel(
     table_ptr,  # int64 [n, 7]: param, grad, square_avg, grad_avg, momentum_buffer, numel, slot
     chunk_ptr,  # int64 [num_chunks, 2]: table row, first element
     scratch_ptr,  # int64 [num_slots, NUM_BINS]
+    lr_ptr,  # float32 [1] when LR_FROM_PTR (a tensor lr: no host read, capturable)
     lr,
     alpha,
     one_minus_alpha,
@@ -82,6 +83,7 @@ def _rmsprop_hist_kernel(
     MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr,
     LERP_SMALL: tl.constexpr,
+    LR_FROM_PTR: tl.constexpr,
     TRACK: tl.constexpr,
     SHIFT: tl.constexpr,
     LOW_KEY: tl.constexpr,
@@ -93,6 +95,8 @@ def _rmsprop_hist_kernel(
     pid = tl.program_id(0)
     tid = tl.load(chunk_ptr + 2 * pid)
     start = tl.load(chunk_ptr + 2 * pid + 1)
+    if LR_FROM_PTR:
+        lr = tl.load(lr_ptr)
     row = table_ptr + 7 * tid
     p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
@@ -327,7 +331,14 @@ def rmsprop_hist(
         scratch = scratch_for(hist, n) if hist is not None else None
         bin_kwargs = BinSpec(hist.bins).kwargs() if hist is not None else NO_BINS
         w, coeff, small = lerp_coefficients(1 - alpha)
-        lr_f = scalar(lr, "lr", "RMSprop")
+        lr_t = None
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise RuntimeError(
+                    f"fasthist RMSprop: lr must be a float or a one-element Tensor, got {tuple(lr.shape)}"
+                )
+            lr_t = lr.detach().to(device=device, dtype=torch.float32).reshape(1)
+        lr_f = 0.0 if lr_t is not None else float(lr)
         for dtype, tables in plan.groups:
             if tables.num_chunks == 0:
                 continue
@@ -335,6 +346,7 @@ def rmsprop_hist(
                 tables.table,
                 tables.chunks,
                 scratch if scratch is not None else tables.table,
+                lr_t if lr_t is not None else tables.table,
                 lr_f,
                 float(alpha),
                 1 - float(alpha),
@@ -351,6 +363,7 @@ def rmsprop_hist(
                 MAXIMIZE=bool(maximize),
                 HAS_WD=weight_decay != 0,
                 LERP_SMALL=small,
+                LR_FROM_PTR=lr_t is not None,
                 TRACK=scratch is not None,
                 num_warps=NUM_WARPS,
                 **bin_kwargs,

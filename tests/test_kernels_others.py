@@ -223,6 +223,7 @@ RMS_CONFIGS = {
     "momentum": {"momentum": 0.9},
     "all": {"centered": True, "momentum": 0.5, "alpha": 0.9, "weight_decay": 0.1, "maximize": True},
     "alpha-small": {"centered": True, "alpha": 0.3},  # lerp weight 0.7 >= 0.5: the other lerp formula
+    "tensor-lr": {"lr": torch.tensor(3e-3), "momentum": 0.9},  # read on the device
 }
 
 
@@ -427,7 +428,7 @@ from fasthist.bins import LogBins
 from fasthist.kernels import _common as C, rmsprop as R, adagrad as A, adabelief as B
 
 spec = C.BinSpec(LogBins()).kwargs()
-ptr = dict(table_ptr="*i64", chunk_ptr="*i64", coef_ptr="*fp32", clr_ptr="*fp32", scratch_ptr="*i64",
+ptr = dict(table_ptr="*i64", chunk_ptr="*i64", coef_ptr="*fp32", clr_ptr="*fp32", scratch_ptr="*i64", lr_ptr="*fp32",
            grad_scale_ptr="*fp32", found_inf_ptr="*fp32")
 
 def compile_(fn, consts):
@@ -446,7 +447,8 @@ for dtype, track in [(tl.float32, True), (tl.bfloat16, True), (tl.float16, False
     bins = spec if track else R.NO_BINS
     for centered, momentum, small in [(True, True, True), (False, False, False), (True, False, False)]:
         compile_(R._rmsprop_hist_kernel, dict(base, DTYPE=dtype, CENTERED=centered, MOMENTUM=momentum, MAXIMIZE=True,
-                                              HAS_WD=True, LERP_SMALL=small, TRACK=track, **bins))
+                                              HAS_WD=True, LERP_SMALL=small, LR_FROM_PTR=momentum, TRACK=track,
+                                              **bins))
     for scaled in (True, False):
         compile_(A._adagrad_hist_kernel, dict(base, DTYPE=dtype, MAXIMIZE=True, HAS_WD=True, HAS_GRAD_SCALE=scaled,
                                               HAS_FOUND_INF=scaled, TRACK=track, **bins))

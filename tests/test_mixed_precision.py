@@ -236,6 +236,7 @@ GRAPH_OPTIMIZERS = {
     "adam": lambda ps: fasthist.Adam(ps, lr=1e-3, capturable=True),
     "adamw-amsgrad": lambda ps: fasthist.AdamW(ps, lr=1e-3, amsgrad=True, capturable=True),
     "rmsprop-centered-momentum": lambda ps: fasthist.RMSprop(ps, lr=1e-4, centered=True, momentum=0.9, capturable=True),
+    "rmsprop-tensor-lr": lambda ps: fasthist.RMSprop(ps, lr=torch.tensor(1e-4, device="cuda"), capturable=True),
 }
 
 
