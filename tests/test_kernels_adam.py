@@ -495,6 +495,39 @@ def test_optimizer_backend_triton_vs_torch(monkeypatch, cls):
                     assert ha[k].count == hb[k].count
 
 
+def test_gradscaler_fused_protocol(monkeypatch):
+    """torch.amp.GradScaler hands grad_scale/found_inf to a fused=True optimizer: on the
+    kernel backend an overflowing step is skipped on the device (parameters, states, step
+    count, histograms untouched) and the other steps follow the reference backend."""
+    models = [_model(2), _model(2)]
+    opts = [fasthist.Adam(m.parameters(), lr=1e-2, fused=True) for m in models]
+    scalers = [torch.amp.GradScaler(DEVICE.type, init_scale=2.0**8) for _ in models]
+    x = torch.randn(8, 7, device=DEVICE)
+    for i in range(4):
+        xi = x.clone()
+        if i == 2:
+            xi[0, 0] = float("inf")
+        prev = [p.detach().clone() for p in models[1].parameters()]
+        before = [p.detach().clone() for p in models[0].parameters()]
+        totals = opts[0].histogram(window="total").counts.clone() if i else None
+        for backend, m, o, sc in zip(("triton", "torch"), models, opts, scalers, strict=True):
+            monkeypatch.setenv("FASTHIST_BACKEND", backend)
+            o.zero_grad()
+            sc.scale(m(xi).pow(2).mean()).backward()
+            sc.step(o)
+            sc.update()
+        if i == 2:
+            for p, b in zip(models[0].parameters(), before, strict=True):
+                assert torch.equal(p.detach(), b)
+            assert torch.equal(opts[0].histogram(window="total").counts, totals)
+            assert all(float(st["step"]) == 2.0 for st in opts[0].state.values())
+        for a, b, pb in zip(models[0].parameters(), models[1].parameters(), prev, strict=True):
+            assert_ulp(a.detach(), b.detach(), 4.0 * (i + 1), f"param after step {i}", pb)
+        ha, hb = opts[0].histogram(window="total"), opts[1].histogram(window="total")
+        assert ha.count == hb.count
+    assert scalers[0].get_scale() == scalers[1].get_scale() < 2.0**8
+
+
 # -- GPU only -----------------------------------------------------------------------------
 @gpu
 @pytest.mark.gpu
