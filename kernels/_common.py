@@ -203,10 +203,13 @@ class TensorTable:
             cls._cache.move_to_end(key)
             return hit
         rows = [list(r) for r in zip(*ptrs, numels, slots, strict=True)]
-        chunk_rows = [[t, s] for t, n in enumerate(numels) for s in range(0, n, chunk)]
         width = len(columns) + 2
         table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width)
-        chunks = torch.tensor(chunk_rows, dtype=torch.int64).reshape(len(chunk_rows), 2)
+        per_tensor = (torch.tensor(list(numels), dtype=torch.int64) + (chunk - 1)) // chunk
+        tensor_of = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), per_tensor)
+        first = torch.cumsum(per_tensor, 0) - per_tensor  # first chunk of each tensor
+        starts = (torch.arange(tensor_of.numel(), dtype=torch.int64) - first[tensor_of]) * chunk
+        chunks = torch.stack([tensor_of, starts], dim=1).contiguous()
         out = cls(table.to(device), chunks.to(device))
         cls._cache[key] = out
         if len(cls._cache) > cls._cache_size:
