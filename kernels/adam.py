@@ -14,21 +14,28 @@ Per element, in float32, with ``p, g, m, v[, v_max]`` loaded once and written on
     hist  += LogBins index of x                     # per program, tl.histogram
 
 Every rounding is the one torch's single-tensor CPU path makes (its CPU ``add(alpha=)``,
-``lerp`` and ``addcmul`` kernels use FMA; checked against torch 2.13), so ``v`` and the
-histograms match the reference backend bit for bit and ``p``, ``m`` within an ulp or two.
-``c`` and ``step_size`` are computed where torch computes them: on the host in float64
-when the step counts live on the CPU (then rounded to float32), on the device in float32
-otherwise (capturable), with ``c`` from :func:`fasthist.reference.adam.bias_correction2_sqrt`.
-States are kept in the parameter's dtype (float32, bfloat16 or float16) and rounded on store;
-the histogram bins the stored state, as the reference does.
+``lerp`` and ``addcmul`` kernels use FMA; checked against torch 2.13): on the CPU ``m``,
+``v`` and the histograms match the reference backend bit for bit, and ``p`` within 2 ulp
+(torch's CPU float32 sqrt is not correctly rounded; ``sqrt_rn`` here is). On the GPU,
+``enable_fp_fusion=False`` keeps the compiler from adding contractions of its own.
+``c`` and ``step_size`` are computed where torch computes them: on the host in float64 when
+the step counts live on the CPU (then rounded to float32), on the device in float32 when
+they live there (``fused=True``/``capturable=True``), ``c`` as
+:func:`fasthist.reference.adam.bias_correction2_sqrt` computes it (its device branch is
+inlined). States are kept in the parameter's dtype (float32, bfloat16 or float16) and
+rounded on store; the denominator and the histogram use the stored value, as the reference
+does. Complex parameters run as real pairs; a parameter whose layout a flat walk cannot
+follow (a strided slice) runs on contiguous copies that are written back.
 
 Launches per call: one main launch per parameter dtype (a table of tensor pointers and chunk
 descriptors, cached while the tensors are unchanged; one program per chunk of ``CHUNK``
 elements of one tensor, histogram flushed once per program with atomics on non-zero bins
 only), one finalize launch for the histogram windows (:mod:`fasthist.kernels._common`), and
 the few ``torch`` ops that increment the step counts (and compute the bias corrections on the
-device when capturable). ``found_inf`` nonzero masks every load and store of the step on the
-device: parameters, states, step counts and histograms stay untouched, and nothing syncs.
+device when capturable). ``grad_scale``/``found_inf`` follow torch's fused Adam: grads are
+unscaled in place, and ``found_inf`` nonzero masks every load and store on the device, so
+parameters, states, step counts and histograms stay untouched without a host sync (with step
+counts on the CPU and ``found_inf`` on the GPU the flag is read on the host instead).
 """
 
 from __future__ import annotations
