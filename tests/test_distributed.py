@@ -80,7 +80,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     world = dist.group.WORLD
@@ -150,6 +150,17 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     rep.grad = distribute_tensor(torch.randn(6, 4, generator=torch.Generator().manual_seed(3)), mesh, [Replicate()])
     ropt.step()
     out["replicated_dtensor_count"] = ropt.histogram(process_group=world).count
+
+    # HSDP-style placements (Replicate over ranks, Shard over a size-1 dim): each rank holds
+    # the whole tensor as its "shard"; only mesh coordinate 0 of the replicate dim counts.
+    mesh2 = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    hsdp = torch.nn.Parameter(
+        distribute_tensor(torch.randn(5, 4, generator=torch.Generator().manual_seed(5)), mesh2, [Replicate(), Shard(0)])
+    )
+    hopt = fasthist.Adam([hsdp])
+    hsdp.grad = distribute_tensor(torch.ones(5, 4), mesh2, [Replicate(), Shard(0)])
+    hopt.step()
+    out["hsdp_count"] = hopt.histogram(process_group=world).count
 
     # Manual sharding: rank r holds rows r::2 of one plain tensor.
     g = torch.Generator().manual_seed(4)
@@ -272,6 +283,7 @@ def test_fsdp2_on_the_triton_kernels(ranks):
 
 def test_replicated_dtensor_is_counted_once(ranks):
     assert [r["replicated_dtensor_count"] for r in ranks] == [24, 24]
+    assert [r["hsdp_count"] for r in ranks] == [20, 20]
 
 
 def test_manual_shards_merge_exactly_with_sharded_true(ranks):
