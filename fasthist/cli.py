@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads for torch (eps-range, sweep default: 1, which is as fast for these small models and "
+        "does not collapse when other processes share the cores; bench default: torch's)",
+    )
     task = _Parser(add_help=False)
     task.add_argument("--task", default="digits", choices=TASKS, help="embedded task (default: digits)")
     task.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default: 0)")
@@ -611,6 +618,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"eps-range": cmd_eps_range, "sweep": cmd_sweep, "bench": cmd_bench}
+    threads = args.threads if args.threads is not None else (None if args.command == "bench" else 1)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        # With more threads than free cores, every small op waits for a descheduled
+        # thread: 80x slower LSTM steps were measured on a busy 2-core machine.
+        torch.set_num_threads(threads)
     try:
         return commands[args.command](args)
     except _UsageError as e:
@@ -627,6 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"fasthist {args.command}: error: {msg} ({type(e).__name__}; FASTHIST_DEBUG=1 for details)", file=sys.stderr
         )
         return 1
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 if __name__ == "__main__":

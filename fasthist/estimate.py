@@ -206,8 +206,6 @@ def eps_pass(
     done = 0
     try:
         for batch in batches:
-            if steps is not None and done >= steps:
-                break
             for p in params:
                 p.grad = None
             loss = loss_fn(model, batch)
@@ -228,6 +226,8 @@ def eps_pass(
             done += 1
             if bar is not None:
                 bar.update(1)
+            if steps is not None and done >= steps:
+                break  # before fetching another batch
     finally:
         if bar is not None:
             bar.close()

@@ -186,8 +186,10 @@ def test_betas_and_percentiles():
 
 def test_steps_caps_the_pass():
     model, batches = make("dead_mlp", 1)
-    res = fasthist.estimate_eps_range(model, iter(batches), ce, steps=3, progress=False)
+    it = iter(batches)
+    res = fasthist.estimate_eps_range(model, it, ce, steps=3, progress=False)
     assert_agrees(res, rule_by_sort(model, batches[:3], ce))
+    assert next(it) is batches[3]  # no batch fetched past the cap
 
 
 def test_on_an_embedded_task():
