@@ -2,6 +2,7 @@
 
     python bench/gpu_report.py                 # all sets, fp32 and bf16, every provider
     python bench/gpu_report.py --dry-run       # the whole pipeline on the CPU, tiny sets
+    python bench/gpu_report.py --sweep --sets a,c --dtypes fp32   # tune the kernel's launch shape
 
 Measures the device-to-device copy bandwidth, then one ``opt.step()`` of every provider on
 the sets of ``providers.gpu_param_shapes`` ((a) 1.1B parameters in 201 tensors, (b) GPT-2
@@ -207,6 +208,53 @@ def dry_run_shapes(name: str) -> list[tuple[int, ...]]:
     return [tuple(max(1, d // (256 if name != "c" else 1000)) for d in s) for s in shapes]
 
 
+SWEEP = [(1024, 4, 4), (1024, 8, 4), (2048, 4, 8), (2048, 8, 8), (4096, 2, 8), (512, 8, 4)]
+
+
+def sweep(sets, dtypes, shapes_of, steps, warmup, device, out_dir, dry_run) -> int:
+    """ms/step of fasthist_track (and torch_fused, the yardstick) per launch shape."""
+    from fasthist.kernels import adam as kernel
+
+    default = (kernel.BLOCK, kernel.ITERS, kernel.NUM_WARPS)
+    rows = []
+    try:
+        for s in sets:
+            for d in dtypes:
+                params = make_params(shapes_of(s), DTYPES[d], device)
+                fused = measure("torch_fused", params, steps, warmup, device)
+                print(f"set {s} {d}: torch_fused {fused:.3f} ms")
+                for block, iters, warps in SWEEP:
+                    kernel.configure(block, iters, warps)
+                    ms = measure("fasthist_track", params, steps, warmup, device)
+                    rows.append(
+                        {
+                            "set": s,
+                            "dtype": d,
+                            "block": block,
+                            "iters": iters,
+                            "num_warps": warps,
+                            "ms": ms,
+                            "x_fused": ms / fused,
+                        }
+                    )
+                    print(
+                        f"  BLOCK={block:<5} ITERS={iters:<2} warps={warps}: {ms:8.3f} ms  {ms / fused:.3f}x fused",
+                        flush=True,
+                    )
+                del params
+                gc.collect()
+    finally:
+        kernel.configure(*default)
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    if out_dir is None:
+        out_dir = Path(tempfile.gettempdir()) if dry_run else HERE / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{'dryrun' if dry_run else 'gpu'}-{date}-sweep.json"
+    path.write_text(json.dumps({"date": date, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
 # -- main ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -218,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copy-gib", type=float, default=2.0, help="size of the copy-bandwidth buffer")
     ap.add_argument("--out-dir", type=Path, default=None, help="default: bench/results (a temp dir for --dry-run)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sets, few steps: checks the pipeline only")
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead of the report: fasthist_track on the chosen sets for several kernel launch shapes "
+        "(BLOCK, ITERS, NUM_WARPS), to pick the defaults of fasthist.kernels.adam",
+    )
     args = ap.parse_args(argv)
 
     sets = [s for s in args.sets.split(",") if s]
@@ -249,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 3
         print(f"fasthist kernels: {kernels_module().__name__}")
+
+    if args.sweep:
+        return sweep(sets, dtypes, shapes_of, args.steps, args.warmup, device, args.out_dir, args.dry_run)
 
     t_start = time.perf_counter()
     copy_gbps = copy_bandwidth(device, int(args.copy_gib * 2**30))

@@ -64,8 +64,9 @@ from ._common import (
     tl_dtype,
 )
 
-__all__ = ["adam_hist", "BLOCK", "ITERS", "CHUNK"]
+__all__ = ["adam_hist", "configure", "BLOCK", "ITERS", "CHUNK", "NUM_WARPS"]
 
+# Launch shape (untuned: no GPU was available when it was chosen; see configure()).
 BLOCK = 1024  # elements per inner iteration (one tl.histogram call)
 ITERS = 4  # inner iterations per program
 CHUNK = BLOCK * ITERS  # elements per program: each program touches one tensor
@@ -204,6 +205,18 @@ def _launch(
         **bin_kwargs,
         **launch_options(device),
     )
+
+
+def configure(block: int = 1024, iters: int = 4, num_warps: int = 4) -> None:
+    """Set the launch shape of the Adam kernel: ``block`` elements per ``tl.histogram``
+    call (a power of two), ``iters`` blocks per program, ``num_warps`` per program. For
+    tuning on a GPU (``bench/gpu_report.py --sweep``); results do not depend on it."""
+    global BLOCK, ITERS, CHUNK, NUM_WARPS
+    for name, value in (("block", block), ("iters", iters), ("num_warps", num_warps)):
+        if not isinstance(value, int) or value < 1 or (name != "iters" and value & (value - 1)):
+            raise ValueError(f"Invalid {name}: {value}; expected a positive int (a power of two for block, num_warps)")
+    BLOCK, ITERS, CHUNK, NUM_WARPS = block, iters, block * iters, num_warps
+    _PLANS.clear()  # their tables were cut in chunks of the old size
 
 
 def _scalar(x: float | Tensor, name: str) -> float:

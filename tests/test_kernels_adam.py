@@ -223,6 +223,19 @@ def test_sizes(name):
     run_steps(Case(SIZES[name], seed=1), 3)
 
 
+def test_small_launch_shape():
+    """Another launch shape (block 256, 2 per program): many programs per tensor, each
+    flushing into the same histogram row; results must not depend on the shape."""
+    K.configure(block=256, iters=2, num_warps=4)
+    try:
+        run_steps(Case([(4093,), (513,), (1,), (7, 75)], amsgrad=True, seed=21), 2, amsgrad=True)
+    finally:
+        K.configure()
+    assert K.CHUNK == 4096
+    with pytest.raises(ValueError, match="block"):
+        K.configure(block=1000)
+
+
 def test_many_tensors_one_call():
     g = torch.Generator().manual_seed(7)
     shapes = [(int(n),) for n in torch.randint(0, 300, (60,), generator=g)]
