@@ -40,11 +40,30 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from providers import TorchFusedPlusHist, adam_bytes, gpu_param_shapes  # noqa: E402
 
-import fasthist  # noqa: E402
+def _import_fasthist():
+    """fasthist from the install, or straight from this checkout when it is not installed
+    (a bare GPU machine): ``kernels/`` is then mapped to ``fasthist.kernels`` by hand, as
+    setup.py's ``package_dir`` does."""
+    try:
+        import fasthist
+    except ImportError:
+        sys.path.insert(0, str(ROOT))
+        import fasthist
+    try:
+        import fasthist.kernels  # noqa: F401
+    except ImportError:
+        if (ROOT / "kernels" / "__init__.py").is_file() and str(ROOT) not in fasthist.__path__:
+            fasthist.__path__.append(str(ROOT))  # finds ROOT/kernels as fasthist.kernels
+    return fasthist
+
+
+fasthist = _import_fasthist()
+
+from providers import TorchFusedPlusHist, adam_bytes, gpu_param_shapes  # noqa: E402
 
 PROVIDERS: dict[str, Callable[[list[torch.Tensor]], object]] = {
     "torch_foreach": lambda ps: torch.optim.Adam(ps, foreach=True),
