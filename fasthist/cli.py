@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--threads",
         type=_positive_int,
-        default=None,
-        help="CPU threads for torch (eps-range, sweep default: 1, which is as fast for these small models and "
-        "does not collapse when other processes share the cores; bench default: torch's)",
+        default=1,
+        help="CPU threads for torch (default: 1; more threads than free cores make every small op wait "
+        "for a descheduled thread)",
     )
     task = _Parser(add_help=False)
     task.add_argument("--task", default="digits", choices=TASKS, help="embedded task (default: digits)")
@@ -601,7 +601,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bar.close()
     base = {"": best["torch.optim.Adam"], "foreach": best["torch.optim.Adam (foreach)"]}
     print(f"fasthist bench: {args.params:,} parameters in {len(params)} tensors, float32, {device}")
-    print(f"backend: {os.environ.get('FASTHIST_BACKEND', 'auto')}, best of {rounds} rounds of {args.steps} steps")
+    print(
+        f"backend: {os.environ.get('FASTHIST_BACKEND', 'auto')}, {torch.get_num_threads()} CPU thread(s), "
+        f"best of {rounds} rounds of {args.steps} steps"
+    )
     print()
     rows = []
     for name, _ in configs:
@@ -618,12 +621,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"eps-range": cmd_eps_range, "sweep": cmd_sweep, "bench": cmd_bench}
-    threads = args.threads if args.threads is not None else (None if args.command == "bench" else 1)
     previous_threads = torch.get_num_threads()
-    if threads is not None:
-        # With more threads than free cores, every small op waits for a descheduled
-        # thread: 80x slower LSTM steps were measured on a busy 2-core machine.
-        torch.set_num_threads(threads)
+    # With more threads than free cores, every small op waits for a descheduled thread:
+    # on a busy 2-core machine 2 threads made LSTM steps 80x and `bench` 16x slower than 1.
+    torch.set_num_threads(args.threads)
     try:
         return commands[args.command](args)
     except _UsageError as e:

@@ -132,6 +132,7 @@ def test_bench(capsys):
         (["eps-range", "--steps", "x"], "invalid positive integer"),
         (["eps-range", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
         (["bench", "--params", "-5"], "invalid positive integer"),
+        (["eps-range", "--threads", "0"], "invalid positive integer"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],
