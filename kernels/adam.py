@@ -242,7 +242,7 @@ def _coefficients(
     """float32 ``[n, 3]`` on ``device``: ``-step_size``, ``c``, ``1 - lr*wd`` per tensor,
     computed after the step counts were incremented, where torch computes them."""
     n = len(state_steps)
-    steps = torch.stack([s.detach() for s in state_steps]).reshape(n)
+    steps = torch.stack(state_steps).reshape(n)  # called under no_grad
     host_c = None
     if steps.device.type == "cpu":  # float64 on the host, one evaluation per distinct step count
         lr_f = _scalar(lr, "lr") if not on_device else 0.0
