@@ -465,6 +465,34 @@ def test_mixed_dtypes_one_launch_per_dtype(monkeypatch):
     assert int(case.hk.step.sum()) == 11
 
 
+def test_without_histograms():
+    """hist=None (track=False): the update alone, no histogram code compiled in."""
+    case = Case(SIZES["mixed"], amsgrad=True, seed=18)
+    for _ in range(2):
+        gk, gr = case.grads()
+        K.adam_hist(*Case.args(case.k, gk), hist=None, **hyper(amsgrad=True))
+        adam_reference(*Case.args(case.r, gr), hist=None, **hyper(amsgrad=True))
+        for i, (a, b, prev) in enumerate(zip(case.k["params"], case.r["params"], case.prev, strict=True)):
+            assert_ulp(a, b, 2.0, f"param {i}", prev)
+        for a, b in zip(case.k["exp_avg_sqs"], case.r["exp_avg_sqs"], strict=True):
+            assert same(a, b) if ON_CPU else True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_interpreter(dtype):
+    """bf16/fp16 on the CPU: the interpreter truncates where the GPU rounds on store, and
+    torch rounds after every op, so the tolerance is 3 ulp of the dtype (one step from the
+    same state); histograms are exact against the oracle of the kernel's own state.
+    eps=1e-4: torch's per-op float16 path turns eps=1e-8 into 0 and divides by an underflowed
+    v (inf), where the kernel (float32 arithmetic, like torch's fused kernels) does not."""
+    case = Case(SIZES["mixed"], dtype=dtype, amsgrad=True, seed=19)
+    for _ in range(2):
+        gk, gr = case.grads()
+        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(amsgrad=True, lr=1e-3, eps=1e-4))
+        adam_reference(*Case.args(case.r, gr), hist=case.hr, **hyper(amsgrad=True, lr=1e-3, eps=1e-4))
+        check(case, p_ulp=3.0, state_exact=False, hist_vs_reference=False)
+
+
 def test_errors():
     case = Case([(3,)], seed=16)
     gk, _ = case.grads()
@@ -551,8 +579,9 @@ def test_low_precision_gpu(dtype):
     case = Case(SIZES["mixed"] + [(C + 1,)], dtype=dtype, amsgrad=True, seed=20)
     for _ in range(3):
         gk, gr = case.grads()
-        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(amsgrad=True, lr=1e-3))
-        adam_reference(*Case.args(case.r, gr), hist=case.hr, **hyper(amsgrad=True, lr=1e-3))
+        kw = hyper(amsgrad=True, lr=1e-3, eps=1e-4)  # eps: see test_low_precision_interpreter
+        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **kw)
+        adam_reference(*Case.args(case.r, gr), hist=case.hr, **kw)
         check(case, p_ulp=2.0, state_exact=False, hist_vs_reference=False)
 
 
