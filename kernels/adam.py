@@ -76,6 +76,112 @@ _NO_BINS = {"SHIFT": 0, "LOW_KEY": 0, "ABOVE": 1, "NONFINITE": 1, "NUM_BINS": 1,
 
 
 @triton.jit
+def _ptrs(base, offs, ALIGNED: tl.constexpr):
+    """Pointers of one block; ALIGNED: the block starts 16-byte aligned (vector access)."""
+    ptrs = base + offs
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, 16)
+    return ptrs
+
+
+@triton.jit
+def _ld(ptrs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptrs).to(tl.float32)
+
+
+@triton.jit
+def _st(ptrs, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, value, mask=mask)
+    else:
+        tl.store(ptrs, value)
+
+
+@triton.jit
+def _adam_chunk(
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    v_ptr,
+    vmax_ptr,
+    numel,
+    neg_step_size,
+    c,
+    decay,
+    grad_scale,
+    one_minus_beta1,
+    lerp_coeff,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+    MASKED: tl.constexpr,  # False: the chunk is full, no masks (vector loads and stores)
+    ALIGNED: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    WD_MODE: tl.constexpr,
+    LERP_SMALL: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    TRACK: tl.constexpr,
+    SHIFT: tl.constexpr,
+    LOW_KEY: tl.constexpr,
+    ABOVE: tl.constexpr,
+    NONFINITE: tl.constexpr,
+    HIST_BINS: tl.constexpr,
+):
+    """The update of one chunk (``ITERS`` blocks of one tensor); returns its histogram."""
+    acc = tl.zeros([HIST_BINS], dtype=tl.int32)
+    for it in range(ITERS):
+        offs = it * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        gp = _ptrs(g_ptr, offs, ALIGNED)
+        g = _ld(gp, mask, MASKED)
+        if HAS_GRAD_SCALE:
+            g = tl.div_rn(g, grad_scale)
+            _st(gp, g.to(DTYPE), mask, MASKED)
+        if MAXIMIZE:
+            g = -g
+        pp = _ptrs(p_ptr, offs, ALIGNED)
+        p = _ld(pp, mask, MASKED)
+        if WD_MODE == 1:
+            g = tl.fma(p, weight_decay, g)
+        if WD_MODE == 2:
+            p = p * decay
+        mp = _ptrs(m_ptr, offs, ALIGNED)
+        m = _ld(mp, mask, MASKED)
+        if LERP_SMALL:
+            m = tl.fma(one_minus_beta1, g - m, m)
+        else:
+            m = tl.fma(lerp_coeff, g - m, g)
+        m = m.to(DTYPE)
+        _st(mp, m, mask, MASKED)
+        vp = _ptrs(v_ptr, offs, ALIGNED)
+        v = _ld(vp, mask, MASKED)
+        v = tl.fma(one_minus_beta2 * g, g, v * beta2).to(DTYPE)
+        _st(vp, v, mask, MASKED)
+        v_den = v.to(tl.float32)
+        if AMSGRAD:
+            xp = _ptrs(vmax_ptr, offs, ALIGNED)
+            v_den = tl.maximum(_ld(xp, mask, MASKED), v_den, propagate_nan=tl.PropagateNan.ALL)
+            _st(xp, v_den.to(DTYPE), mask, MASKED)
+        x = tl.div_rn(tl.sqrt_rn(v_den), c)
+        p = p + tl.div_rn(neg_step_size * m.to(tl.float32), x + eps)
+        _st(pp, p.to(DTYPE), mask, MASKED)
+        if TRACK:
+            idx = bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE)
+            if MASKED:
+                acc += tl.histogram(idx, HIST_BINS, mask=mask)
+            else:
+                acc += tl.histogram(idx, HIST_BINS)
+    return acc
+
+
+@triton.jit
 def _adam_hist_kernel(
     table_ptr,  # int64 [n, 7]: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, numel, slot
     chunk_ptr,  # int64 [num_chunks, 2]: table row, first element
@@ -92,6 +198,7 @@ def _adam_hist_kernel(
     DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every tensor of the launch starts 16-byte aligned
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     WD_MODE: tl.constexpr,  # 0 none, 1 coupled (Adam), 2 decoupled (AdamW)
@@ -115,6 +222,7 @@ def _adam_hist_kernel(
     g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE)) + start
     m_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE)) + start
     v_ptr = tl.load(row + 3).to(tl.pointer_type(DTYPE)) + start
+    vmax_ptr = tl.load(row + 4).to(tl.pointer_type(DTYPE)) + start  # a copy of v's without amsgrad
     numel = tl.minimum(tl.load(row + 5) - start, BLOCK * ITERS).to(tl.int32)  # live elements of this chunk
     slot = tl.load(row + 6)
     neg_step_size = tl.load(coef_ptr + 3 * slot)
@@ -122,46 +230,22 @@ def _adam_hist_kernel(
     decay = tl.load(coef_ptr + 3 * slot + 2)
     if HAS_FOUND_INF:  # a skipped step touches nothing: every element is masked off
         numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+    grad_scale = 1.0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
-    if AMSGRAD:
-        vmax_ptr = tl.load(row + 4).to(tl.pointer_type(DTYPE)) + start
-    acc = tl.zeros([HIST_BINS], dtype=tl.int32)
-    for it in range(ITERS):
-        offs = it * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GRAD_SCALE:
-            g = tl.div_rn(g, grad_scale)
-            tl.store(g_ptr + offs, g.to(DTYPE), mask=mask)
-        if MAXIMIZE:
-            g = -g
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if WD_MODE == 1:
-            g = tl.fma(p, weight_decay, g)
-        if WD_MODE == 2:
-            p = p * decay
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if LERP_SMALL:
-            m = tl.fma(one_minus_beta1, g - m, m)
-        else:
-            m = tl.fma(lerp_coeff, g - m, g)
-        m = m.to(DTYPE)
-        tl.store(m_ptr + offs, m, mask=mask)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.fma(one_minus_beta2 * g, g, v * beta2).to(DTYPE)
-        tl.store(v_ptr + offs, v, mask=mask)
-        v_den = v.to(tl.float32)
-        if AMSGRAD:
-            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            v_den = tl.maximum(vmax, v_den, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(vmax_ptr + offs, v_den.to(DTYPE), mask=mask)
-        x = tl.div_rn(tl.sqrt_rn(v_den), c)
-        p = p + tl.div_rn(neg_step_size * m.to(tl.float32), x + eps)
-        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
-        if TRACK:
-            idx = bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE)
-            acc += tl.histogram(idx, HIST_BINS, mask=mask)
+    args = (p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, numel, neg_step_size, c, decay, grad_scale)
+    if numel == BLOCK * ITERS:  # a full chunk (most of them): no masks
+        acc = _adam_chunk(
+            *args, one_minus_beta1, lerp_coeff, beta2, one_minus_beta2, eps, weight_decay,
+            DTYPE, BLOCK, ITERS, False, ALIGNED, AMSGRAD, MAXIMIZE, WD_MODE, LERP_SMALL, HAS_GRAD_SCALE,
+            TRACK, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS,
+        )  # fmt: skip
+    else:
+        acc = _adam_chunk(
+            *args, one_minus_beta1, lerp_coeff, beta2, one_minus_beta2, eps, weight_decay,
+            DTYPE, BLOCK, ITERS, True, ALIGNED, AMSGRAD, MAXIMIZE, WD_MODE, LERP_SMALL, HAS_GRAD_SCALE,
+            TRACK, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS,
+        )  # fmt: skip
     if TRACK:
         flush_histogram(acc, scratch_ptr + slot * NUM_BINS, NUM_BINS, HIST_BINS)
 
@@ -276,7 +360,7 @@ class _Plan:
 
     __slots__ = ("groups", "write_back")
 
-    def __init__(self, groups: list[tuple[torch.dtype, TensorTable]], write_back: list) -> None:
+    def __init__(self, groups: list[tuple[torch.dtype, TensorTable, bool]], write_back: list) -> None:
         self.groups = groups
         self.write_back = write_back
 
@@ -324,7 +408,14 @@ def _plan(
             col.append(t)
         numels.append(work[0].numel())
         slots.append(i)
-    tables = [(dt, TensorTable.get(device, cols, numels, slots, CHUNK)) for dt, (cols, numels, slots) in groups.items()]
+    tables = [
+        (
+            dt,
+            TensorTable.get(device, cols, numels, slots, CHUNK),
+            all(t.data_ptr() % 16 == 0 for col in cols for t in col),
+        )
+        for dt, (cols, numels, slots) in groups.items()
+    ]
     return _Plan(tables, write_back)
 
 
@@ -488,8 +579,19 @@ def _adam_hist(
     }
     wd_mode = 0 if weight_decay == 0 else (2 if decoupled else 1)
     flags = {"AMSGRAD": bool(amsgrad), "MAXIMIZE": bool(maximize), "WD_MODE": wd_mode, "LERP_SMALL": lerp_small}
-    for dtype, tables in plan.groups:
-        _launch(device, dtype, tables, coef, scratch, grad_scale, found_inf, scalars, flags, bin_kwargs)
+    for dtype, tables, aligned in plan.groups:
+        _launch(
+            device,
+            dtype,
+            tables,
+            coef,
+            scratch,
+            grad_scale,
+            found_inf,
+            scalars,
+            dict(flags, ALIGNED=aligned),
+            bin_kwargs,
+        )
     if hist is not None:
         finalize_histograms(hist, scratch, found_inf)
     for originals, work in plan.write_back:

@@ -665,12 +665,13 @@ def compile_(fn, consts, num_warps):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "enable_fp_fusion": False})
 
 for dtype, track, ams, wd in [(tl.float32, True, True, 1), (tl.bfloat16, True, False, 2), (tl.float16, False, True, 0)]:
-    consts = dict(DTYPE=dtype, BLOCK=K.BLOCK, ITERS=K.ITERS, AMSGRAD=ams, MAXIMIZE=True, WD_MODE=wd, LERP_SMALL=True,
+    consts = dict(DTYPE=dtype, BLOCK=K.BLOCK, ITERS=K.ITERS, ALIGNED=True, AMSGRAD=ams, MAXIMIZE=True, WD_MODE=wd, LERP_SMALL=True,
                   HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, TRACK=track, **(spec if track else K._NO_BINS))
     ptx = compile_(K._adam_hist_kernel, consts, K.NUM_WARPS).asm["ptx"]
     for bad in ("sqrt.approx", "div.full", "div.approx"):
         assert bad not in ptx, f"{dtype}: imprecise {bad} in the PTX"
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and "fma.rn.f32" in ptx
+    assert "ld.global.v4" in ptx and "st.global.v4" in ptx, "full aligned chunks must use vector access"
     if track:
         assert "red.global" in ptx or "atom.global" in ptx, "no histogram flush"
 compile_(C._finalize_kernel, dict(NUM_BINS=spec["NUM_BINS"], FB=1024, HAS_FOUND_INF=True), 4)
