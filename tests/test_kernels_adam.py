@@ -289,6 +289,24 @@ def test_non_contiguous():
     assert [p.data_ptr() for p in case.k["params"]] == ptrs  # updated in place
 
 
+def test_misaligned_views():
+    """Views starting 4 bytes into their storage: walked in place, without the 16-byte
+    alignment hint (a wrong hint would be a misaligned vector access on the GPU)."""
+    case = Case([(1,)] * 2, seed=22)
+    for d in (case.k, case.r):
+        g = torch.Generator().manual_seed(22)
+        d["params"] = [
+            torch.randn(C + 2, generator=g).to(DEVICE)[1:],
+            torch.randn(3, 33, generator=g).to(DEVICE)[:, 1:],
+        ]
+        d["exp_avgs"] = [torch.zeros_like(p) for p in d["params"]]
+        d["exp_avg_sqs"] = [torch.zeros_like(p) for p in d["params"]]
+    assert case.k["params"][0].data_ptr() % 16 != 0
+    run_steps(case, 2)
+    flags = [aligned for plan in K._PLANS.values() for _, _, aligned in plan.groups]
+    assert False in flags
+
+
 def test_complex():
     def make(shape):
         return torch.randn(shape, dtype=torch.complex64)
