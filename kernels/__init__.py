@@ -8,7 +8,8 @@ One module per optimizer, each laid out as: module docstring (the math) → ``@t
 kernel → launcher → ``<op>_hist`` wrapper taking exactly the arguments of torch's functional
 form plus ``hist`` (a :class:`fasthist.reference.histogram.HistTarget` or None):
 
-- :mod:`.adam`: Adam/AdamW (:func:`fasthist.kernels.adam.adam_hist`).
+- :mod:`.adam`: Adam/AdamW (:func:`fasthist.kernels.adam.adam_hist`; launch shape in
+  ``adam.configure(block, iters, num_warps)``).
 
 Shared pieces for new kernels live in :mod:`._common`:
 
