@@ -178,7 +178,7 @@ class TensorTable:
     """
 
     _cache: OrderedDict = OrderedDict()
-    _cache_size = 32
+    _cache_size = 64
 
     __slots__ = ("table", "chunks", "num_chunks")
 

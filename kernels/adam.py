@@ -544,7 +544,7 @@ def _adam_hist(
         plan = _plan(device, n, amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
         if not plan.write_back:  # copies move every step: nothing to reuse
             _PLANS[key] = plan
-            if len(_PLANS) > 16:
+            if len(_PLANS) > 64:  # one per param group and device, usually
                 _PLANS.popitem(last=False)
     else:
         _PLANS.move_to_end(key)
