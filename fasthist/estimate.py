@@ -262,7 +262,8 @@ def estimate_eps_range(
         model: the network, usually at its random initialisation (step 1 of the rule).
             Its weights and buffers are the same bit for bit afterwards.
         batches: an iterable of batches, one epoch of the training data (step 2).
-        loss_fn: ``loss_fn(model, batch) -> Tensor``, the training loss of one batch.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``, the training loss of one batch
+            (moving the batch to the model's device is up to it).
         optimizer: whose ε the range is for: ``"adam"`` (coupled ``weight_decay``),
             ``"adamw"`` (decoupled, so it does not enter the moments), or any name added
             with :func:`register_eps_optimizer`.
