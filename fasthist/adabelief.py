@@ -100,10 +100,7 @@ class AdaBelief(HistogramMixin, Optimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        self._bins = self._check_bins(bins)
-        if not isinstance(track, bool):
-            raise ValueError(f"Invalid track value: {track}; expected a bool")
-        self._track_default = track
+        self._init_tracking(track, bins)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -117,26 +114,12 @@ class AdaBelief(HistogramMixin, Optimizer):
             "track": track,
         }
         super().__init__(params, defaults)
-        self._set_hist_defaults()
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self._check_param_group(param_group)
-        super().add_param_group(param_group)
-        param_group["hist_bins"] = self._bins.spec
+        self._finish_tracking()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if "_bins" not in self.__dict__:
-            self._bins = LogBins()
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
-        self._set_hist_defaults()
-        self.__dict__.pop("_fh_store", None)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_bins"] = self._bins
-        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts loaded moments to the parameter's dtype; fp16 parameters keep float32

@@ -13,8 +13,6 @@ bit for bit. With sparse gradients the histogram covers the whole accumulator.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
@@ -56,10 +54,7 @@ class Adagrad(HistogramMixin, torch.optim.Adagrad):
         track: bool = True,
         bins: LogBins | None = None,
     ) -> None:
-        self._bins = self._check_bins(bins)
-        if not isinstance(track, bool):
-            raise ValueError(f"Invalid track value: {track}; expected a bool")
-        self._track_default = track
+        self._init_tracking(track, bins)
         super().__init__(
             params,
             lr,
@@ -72,26 +67,7 @@ class Adagrad(HistogramMixin, torch.optim.Adagrad):
             differentiable=differentiable,
             fused=fused,
         )
-        self.defaults["track"] = track
-        self._set_hist_defaults()
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self._check_param_group(param_group)
-        super().add_param_group(param_group)
-        param_group.setdefault("track", getattr(self, "_track_default", True))
-        param_group["hist_bins"] = self._bins.spec
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if "_bins" not in self.__dict__:
-            self._bins = LogBins()
-        self._set_hist_defaults()
-        self.__dict__.pop("_fh_store", None)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_bins"] = self._bins
-        return state
+        self._finish_tracking()
 
     @_use_grad_for_differentiable
     def step(self, closure=None):  # noqa: D102 - torch's docstring

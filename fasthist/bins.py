@@ -170,7 +170,12 @@ class LogBins:
         return self._representatives.clone()
 
     def representatives_on(self, device: torch.device | str) -> Tensor:
-        return self._representatives.to(device)
+        """:attr:`representatives` on ``device``, copied there once (do not modify)."""
+        cache = self.__dict__.setdefault("_reps", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = self._representatives.to(device)
+        return cache[key]
 
     @cached_property
     def _key_table(self) -> Tensor:
@@ -213,6 +218,10 @@ class LogBins:
     def count(self, x: Tensor) -> Tensor:
         """Histogram (int64 counts, length ``num_bins``) of all elements of ``x``."""
         return torch.bincount(self.index(x).reshape(-1), minlength=self.num_bins)
+
+    def __reduce__(self):
+        # the per-device caches in __dict__ (tables, representatives) are not part of the value
+        return (LogBins, self.spec)
 
     def __repr__(self) -> str:
         return (

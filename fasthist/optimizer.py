@@ -87,6 +87,36 @@ class HistogramMixin:
         if not isinstance(track, bool):
             raise ValueError(f"Invalid track value: {track}; expected a bool")
 
+    def _init_tracking(self, track: bool, bins: LogBins | None) -> None:
+        """Validate ``track``/``bins``; call before ``torch.optim.Optimizer.__init__``."""
+        self._bins = self._check_bins(bins)
+        if not isinstance(track, bool):
+            raise ValueError(f"Invalid track value: {track}; expected a bool")
+        self._track_default = track
+
+    def _finish_tracking(self) -> None:
+        """Record the tracking options in ``defaults`` and every group; call after it."""
+        self.defaults["track"] = self._track_default  # type: ignore[attr-defined]
+        self._set_hist_defaults()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_param_group(param_group)
+        super().add_param_group(param_group)  # type: ignore[misc]
+        param_group.setdefault("track", getattr(self, "_track_default", True))
+        param_group["hist_bins"] = self._bins.spec
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        if "_bins" not in self.__dict__:  # unpickled from an object without one
+            self._bins = LogBins()
+        self._set_hist_defaults()
+        self.__dict__.pop("_fh_store", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state["_bins"] = self._bins
+        return state
+
     # -- storage -------------------------------------------------------------------------
     def _hist_store(self) -> _Store:
         store = self.__dict__.get("_fh_store")
