@@ -1,5 +1,5 @@
-"""Parameter sets and the ``torch_fused+hist`` baseline, shared by ``bench_step.py`` and
-``gpu_report.py``.
+"""Parameter sets, bytes per step and the ``torch_fused+hist`` baseline, shared by
+``bench_step.py`` and ``gpu_report.py``.
 
 ``torch_fused+hist`` is the honest alternative to fasthist: ``torch.optim.Adam(fused=True)``
 followed, per tensor, by the leanest histogram of sqrt(v_hat) one can write with torch ops
@@ -13,7 +13,7 @@ import torch
 
 import fasthist
 
-__all__ = ["TorchFusedPlusHist", "gpu_param_shapes", "adam_bytes"]
+__all__ = ["ACCESSES", "TorchFusedPlusHist", "adabelief_package", "adam_bytes", "gpu_param_shapes", "step_bytes"]
 
 
 def gpu_param_shapes(name: str) -> list[tuple[int, ...]]:
@@ -41,10 +41,36 @@ def gpu_param_shapes(name: str) -> list[tuple[int, ...]]:
     raise ValueError(f"unknown GPU parameter set {name!r}; expected 'a', 'b' or 'c'")
 
 
+#: Accesses per parameter element one step must make, with the default options and the
+#: states in the parameter dtype: Adam reads p, g, m, v and writes p, m, v; AdaBelief the
+#: same with s for v; RMSprop (not centered, no momentum) reads p, g, v and writes p, v;
+#: Adagrad reads p, g, sum and writes p, sum.
+ACCESSES = {"adam": 7, "adabelief": 7, "rmsprop": 5, "adagrad": 5}
+
+
+def step_bytes(params: list[torch.Tensor], optimizer: str = "adam", scaler: bool = False) -> int:
+    """Bytes one ``optimizer`` step must move (:data:`ACCESSES` per element); with a
+    ``GradScaler`` one more read of every gradient (its inf/NaN check)."""
+    k = ACCESSES[optimizer] + (1 if scaler else 0)
+    return sum(k * p.numel() * p.element_size() for p in params)
+
+
 def adam_bytes(params: list[torch.Tensor]) -> int:
     """Bytes an Adam step must move: read param, grad, exp_avg, exp_avg_sq; write param,
     exp_avg, exp_avg_sq (7 accesses per element, states in the param dtype)."""
-    return sum(7 * p.numel() * p.element_size() for p in params)
+    return step_bytes(params, "adam")
+
+
+def adabelief_package() -> tuple[type | None, str]:
+    """``adabelief_pytorch.AdaBelief`` (the published implementation fasthist.AdaBelief
+    follows) and its version, or ``(None, why)`` when it does not import (it is an optional
+    test extra and usually absent on a bare GPU machine)."""
+    try:
+        import adabelief_pytorch
+        from adabelief_pytorch import AdaBelief
+    except Exception as e:  # ImportError, or its own imports (tabulate, colorama) missing
+        return None, f"{type(e).__name__}: {e}"
+    return AdaBelief, getattr(adabelief_pytorch, "__version__", "?")
 
 
 class TorchFusedPlusHist:
