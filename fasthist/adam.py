@@ -60,7 +60,10 @@ class Adam(HistogramMixin, torch.optim.Adam):
         bins: LogBins | None = None,
     ) -> None:
         self._init_tracking(track, bins)
-        super().__init__(
+        # torch.optim.Adam's own __init__ (not super()): in fasthist.AdamW the next class in
+        # the MRO is torch.optim.AdamW, whose __init__ takes no decoupled_weight_decay.
+        torch.optim.Adam.__init__(
+            self,
             params,
             lr,
             betas,
@@ -136,7 +139,7 @@ class Adam(HistogramMixin, torch.optim.Adam):
         return loss
 
 
-class AdamW(Adam):
+class AdamW(Adam, torch.optim.AdamW):
     __doc__ = (
         "Drop-in replacement for :class:`torch.optim.AdamW` (Adam with decoupled weight decay,\n"
         "    default 1e-2) that records log-binned histograms of sqrt(v_hat); see\n"

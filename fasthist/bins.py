@@ -88,10 +88,18 @@ class LogBins:
             raise ValueError(f"Invalid relative_accuracy: {relative_accuracy}; need 0 < relative_accuracy < 1")
         min_exponent = math.frexp(min_value)[1] - 1  # 2**min_exponent <= min_value
         max_exponent = math.frexp(max_value)[1]  # 2**max_exponent > max_value
+        if min_exponent < _FLOAT32_MIN_EXPONENT or max_exponent > _FLOAT32_MAX_EXPONENT:
+            raise ValueError(
+                f"Invalid LogBins range: [{min_value}, {max_value}]; log bins cover float32's normal range "
+                f"[2**{_FLOAT32_MIN_EXPONENT}, 2**{_FLOAT32_MAX_EXPONENT})"
+            )
         bits = 0
         while 1.0 / (2 ** (bits + 1) + 1) > relative_accuracy:
             bits += 1
-        return cls(max(min_exponent, _FLOAT32_MIN_EXPONENT), min(max_exponent, _FLOAT32_MAX_EXPONENT), bits)
+        if bits > _MAX_MANTISSA_BITS:
+            finest = 1.0 / (2 ** (_MAX_MANTISSA_BITS + 1) + 1)
+            raise ValueError(f"Invalid relative_accuracy: {relative_accuracy}; the finest LogBins give {finest:.3g}")
+        return cls(min_exponent, max_exponent, bits)
 
     # Layout -----------------------------------------------------------------------------
     @property
@@ -203,17 +211,25 @@ class LogBins:
     def index(self, x: Tensor) -> Tensor:
         """Bin index (int64) of every element of ``x``, by the bits of ``float32(|x|)``.
 
-        Non-float32 inputs are converted to float32 first (exact for bf16/fp16).
+        Non-float32 inputs are converted to float32 first (exact for bf16/fp16). float64
+        magnitudes beyond float32's range keep their side: nonzero values that underflow
+        go to the below-range bin, finite ones that overflow to the above-range bin.
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"LogBins.index expects a Tensor, but got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"LogBins.index expects a floating point tensor, but got {x.dtype}")
-        bits = x.detach().to(torch.float32).contiguous().view(torch.int32) & _ABS_MASK
+        x32 = x.detach().to(torch.float32).contiguous()
+        bits = x32.view(torch.int32) & _ABS_MASK
         key = bits >> self.shift
         idx = (key.long() - self.low_key + self.FIRST_LOG).clamp_(self.BELOW, self.above)
         idx = torch.where(bits >= _INF_BITS, self.nonfinite, idx)
-        return torch.where(bits == 0, self.ZERO, idx)
+        idx = torch.where(bits == 0, self.ZERO, idx)
+        if x.dtype == torch.float64:
+            x = x.detach().reshape(x32.shape)
+            idx = torch.where((x != 0) & (x32 == 0), self.BELOW, idx)
+            idx = torch.where(torch.isfinite(x) & torch.isinf(x32), self.above, idx)
+        return idx
 
     def count(self, x: Tensor) -> Tensor:
         """Histogram (int64 counts, length ``num_bins``) of all elements of ``x``."""

@@ -7,12 +7,14 @@ rounded to the nearest power of ten, ``10**round(log10(x))``; the candidates are
 decades from the rounded low to the rounded high. Tensors with no nonzero value are
 skipped. From a histogram each percentile is exact up to the bins' relative accuracy,
 so the rounding can differ from a sort-based computation only when a raw bound lies
-within that accuracy of a rounding boundary ``10**(k+0.5)``; ``ambiguous`` says so.
+within that accuracy of a rounding boundary ``10**(k+0.5)``, or outside the bins' range
+(it is then reported as the range bound, with a warning); ``ambiguous`` says so.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -52,7 +54,8 @@ class EpsRange:
     q_low: float = 0.02
     q_high: float = 0.98
     relative_accuracy: float = 0.0
-    ambiguous: bool = False  # a raw bound is within relative_accuracy of a rounding boundary
+    # a raw bound is within relative_accuracy of a rounding boundary, or outside the bins' range
+    ambiguous: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -93,15 +96,22 @@ def eps_range_from_counts(
     highs = [r.high for r in rows if r.nonzero > 0]
     if not lows:
         raise RuntimeError("eps_range: no tracked tensor has a nonzero value yet; take an optimizer step first")
+    bad = [r.name for r in rows if r.nonzero > 0 and not (math.isfinite(r.low) and math.isfinite(r.high))]
+    if bad:
+        raise RuntimeError(f"eps_range: non-finite percentiles (NaN/inf values) in {', '.join(bad[:5])}")
     low_raw, high_raw = min(lows), max(highs)
-    if not (low_raw > 0 and math.isfinite(high_raw)):
-        raise RuntimeError(
-            f"eps_range: percentiles fell outside the histogram range or were non-finite "
-            f"(low={low_raw}, high={high_raw}); use LogBins with a wider range"
+    rel = bins.relative_accuracy
+    clamped = low_raw <= bins.low or high_raw >= bins.high
+    if clamped:
+        # the bound lies in the below/above-range bin: only known to be < low or >= high
+        warnings.warn(
+            f"eps_range: a percentile lies outside the histogram range [{bins.low:.3g}, {bins.high:.3g}) "
+            f"(low={low_raw:.3g}, high={high_raw:.3g} are range bounds, not values); "
+            "use LogBins with a wider range; the result is marked ambiguous",
+            stacklevel=2,
         )
     lo, hi = round_to_decade(low_raw), round_to_decade(high_raw)
     e_lo, e_hi = round(math.log10(lo)), round(math.log10(hi))
-    rel = bins.relative_accuracy
     return EpsRange(
         low=lo,
         high=hi,
@@ -112,5 +122,5 @@ def eps_range_from_counts(
         q_low=low,
         q_high=high,
         relative_accuracy=rel,
-        ambiguous=_near_boundary(low_raw, rel) or _near_boundary(high_raw, rel),
+        ambiguous=clamped or _near_boundary(low_raw, rel) or _near_boundary(high_raw, rel),
     )

@@ -8,6 +8,7 @@ accumulation, dispatched per device to a backend (see :mod:`fasthist.backend`).
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 import torch
@@ -47,23 +48,8 @@ def adam(
     **kwargs: Any,
 ) -> None:
     """``torch.optim.adam.adam`` (same keyword arguments) plus histograms of sqrt(v_hat)."""
-    if not params:
-        return
     lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
-    if hist is None:
-        groups = {}
-        for i, p in enumerate(params):
-            groups.setdefault(p.device, []).append(i)
-        calls = [(dev, idx, None) for dev, idx in groups.items()]
-    else:
-        calls = [(dev, idx, target) for dev, (idx, target) in hist.items()]
-    whole = len(calls) == 1
-    for device, idx, target in calls:
-        sub = lists if whole else _split(lists, idx)
-        if select_backend(device) == "triton":
-            kernels_module().adam.adam_hist(*_locals(sub), hist=target, **kwargs)  # type: ignore[union-attr]
-        else:
-            adam_reference(*sub, hist=target, **kwargs)
+    _dispatch("adam", adam_reference, lists, hist, kwargs)
 
 
 def _dispatch(
@@ -90,13 +76,31 @@ def _dispatch(
     for device, idx, target in calls:
         sub = lists if whole else _split(lists, idx)
         kernel = _kernel_op(op) if select_backend(device) == "triton" else None
-        if kernel is not None:
+        if kernel is not None and _kernel_supports(target, kwargs):
             kernel(*_locals(sub), hist=target, **kwargs)
         else:
             reference(*sub, hist=target, **kwargs)
 
 
 _KERNEL_OPS: dict[str, Any] = {}
+_WARNED: set = set()
+
+
+def _kernel_supports(target: HistTarget | None, kwargs: dict[str, Any]) -> bool:
+    """False for what the fused kernels do not take: bins beyond ``kernels.MAX_BINS``, and
+    betas held in device tensors (the kernels take betas as host scalars; reading them
+    would synchronise, so torch's own code runs those groups)."""
+    max_bins = getattr(kernels_module(), "MAX_BINS", 0)
+    if target is not None and target.bins.num_bins > max_bins:
+        if target.bins not in _WARNED:
+            _WARNED.add(target.bins)
+            warnings.warn(
+                f"fasthist: {target.bins} has {target.bins.num_bins} bins, more than the fused kernels take "
+                f"({max_bins}); these groups run on the reference backend",
+                stacklevel=4,
+            )
+        return False
+    return not any(isinstance(kwargs.get(k), Tensor) and kwargs[k].device.type != "cpu" for k in ("beta1", "beta2"))
 
 
 def _kernel_op(op: str) -> Any:

@@ -157,8 +157,12 @@ class Histogram:
     def fraction_above(self, x: float, *, exclude_zeros: bool = False) -> float:
         """Share of elements above ``x``, each element taken at its bin's representative.
 
-        Exact when ``x`` is a bin edge; otherwise elements within ``relative_accuracy`` of
-        ``x`` may be misclassified. Non-finite values are never above; 0/0 gives NaN.
+        Inside ``[low, high)``: exact when ``x`` is a bin edge (except elements equal to
+        ``x``, counted above); otherwise only elements within ``relative_accuracy`` of ``x``
+        can be misclassified. Outside the range the below/above-range bins count as the
+        range bound: for ``x < low`` every below-range element counts as above, for
+        ``x >= high`` no above-range element does. Non-finite values are never above;
+        an empty histogram gives NaN.
         """
         return float(
             batched_fraction_above(self.counts.unsqueeze(0), float(x), self.bins, exclude_zeros=exclude_zeros)[0]

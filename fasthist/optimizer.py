@@ -12,6 +12,7 @@ parameter's dtype; they bypass that cast).
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable
 from itertools import chain
 from typing import Any
@@ -27,6 +28,7 @@ from .reference.histogram import HistTarget
 __all__ = ["HistogramMixin"]
 
 _HIST_KEYS = ("hist_step", "hist_total")
+_MAX_TARGETS = 8
 _WINDOWS = ("step", "total")
 
 
@@ -42,7 +44,9 @@ class _Store:
         self.row: dict[Tensor, tuple[torch.device, int]] = {}
         self.views: dict[Tensor, Tensor] = {}  # the exact tensor object put in state["hist_step"]
         self.buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
-        self.targets: dict[tuple, dict] = {}
+        # per set of parameters stepped together (usually one per group); bounded, since
+        # each holds workspace and the set can change every step (experts, frozen branches)
+        self.targets: OrderedDict[tuple, dict] = OrderedDict()
 
     def valid_for(self, state: Any, params: Iterable[Tensor]) -> bool:
         views = self.views
@@ -172,6 +176,7 @@ class HistogramMixin:
         key = tuple(map(id, params))
         cached = store.targets.get(key)
         if cached is not None:
+            store.targets.move_to_end(key)
             return cached
         by_device: dict[torch.device, list[int]] = {}
         for i, p in enumerate(params):
@@ -182,6 +187,8 @@ class HistogramMixin:
             rows = torch.tensor([store.row[params[i]][1] for i in idx], dtype=torch.int64, device=device)
             out[device] = (idx, HistTarget(self._bins, step, total, rows))
         store.targets[key] = out
+        if len(store.targets) > _MAX_TARGETS:
+            store.targets.popitem(last=False)
         return out
 
     def _rows(
@@ -302,9 +309,10 @@ class HistogramMixin:
 
     def reset_histograms(self) -> None:
         """Zero both windows of every tracked tensor."""
-        for step, total in self._hist_store().buffers.values():
-            step.zero_()
-            total.zero_()
+        for _, p in self._tracked():
+            for key in _HIST_KEYS:
+                if key in self.state[p]:  # rows of the packed buffers, or loaded tensors
+                    self.state[p][key].zero_()
 
     # -- state dict ----------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -328,7 +336,11 @@ class HistogramMixin:
                 f"loaded state dict has histograms recorded with LogBins{tuple(spec)}, "
                 f"but this optimizer uses {self._bins}"
             )
+        track = [g.get("track") for g in self.param_groups]
         super().load_state_dict(state_dict)  # type: ignore[misc]
+        for group, saved, was in zip(self.param_groups, state_dict["param_groups"], track, strict=False):
+            if "track" not in saved and was is not None:  # e.g. torch.optim's state dict: keep ours
+                group["track"] = was
         id_map = dict(
             zip(
                 chain.from_iterable(g["params"] for g in state_dict["param_groups"]),

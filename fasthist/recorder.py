@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .histogram import _as_q, _ranks
+from .histogram import _as_q, batched_quantile
 
 __all__ = ["QuantileRecorder", "QuantileTrace"]
 
@@ -97,8 +97,8 @@ class QuantileRecorder:
         self._steps: deque[int] = deque(maxlen=capacity)
         self._names: list[str] | None = None
         self._buffer: Tensor | None = None
-        self._reps: Tensor | None = None
         self._q_dev: Tensor | None = None
+        self._columns: dict[tuple[str, ...], Tensor] = {}
         self._handle = opt.register_step_post_hook(self._hook)
 
     # -- recording -----------------------------------------------------------------------
@@ -115,32 +115,35 @@ class QuantileRecorder:
         names, _, counts = self.opt._rows(self.window)  # type: ignore[attr-defined]
         if counts is None:
             return
-        bins = self.opt.bins  # type: ignore[attr-defined]
+        device = counts.device
         if self._buffer is None:
-            self._names = list(names)
-            device = counts.device
+            self._names = []
             self._buffer = torch.full(
-                (self.capacity, len(names), len(self.qs)), float("nan"), dtype=torch.float32, device=device
+                (self.capacity, 0, len(self.qs)), float("nan"), dtype=torch.float32, device=device
             )
-            # Kept on the device: a host-to-device copy per record would synchronise.
-            self._reps = bins.representatives_on(device)
-            self._q_dev = self._q.to(device)
-        elif list(names) != self._names:
-            raise RuntimeError(
-                "QuantileRecorder: the set of tracked tensors changed after recording started "
-                f"({len(self._names or [])} -> {len(names)}); start the recorder after the first step"
-            )
-        if self.exclude_zeros:
-            counts = counts.clone()
-            counts[:, bins.ZERO] = 0
-        cum = counts.cumsum(dim=1)
-        n = cum[:, -1]
-        k = _ranks(n, self._q_dev, "n")  # type: ignore[arg-type]
-        idx = torch.searchsorted(cum, k, right=True).clamp_(max=bins.num_bins - 1)
-        values = self._reps[idx].masked_fill_((n == 0).unsqueeze(-1), float("nan"))  # type: ignore[index]
-        self._buffer[self._records % self.capacity].copy_(values)
+            self._q_dev = self._q.to(device)  # kept on the device: a copy per record would synchronise
+        if tuple(names) not in self._columns:
+            self._grow(names)
+        values = batched_quantile(counts, self._q_dev, self.opt.bins, exclude_zeros=self.exclude_zeros, rule="n")  # type: ignore[arg-type, attr-defined]
+        slot = self._buffer[self._records % self.capacity]
+        slot.fill_(float("nan"))
+        slot.index_copy_(0, self._columns[tuple(names)], values.to(torch.float32))
         self._records += 1
         self._steps.append(step)
+
+    def _grow(self, names: Sequence[str]) -> None:
+        """Tensors that start being tracked later (no gradient at first, a param group added
+        mid-run) get a new column, NaN before they appear; the recording goes on."""
+        assert self._buffer is not None and self._names is not None
+        new = [n for n in names if n not in self._names]
+        if new:
+            pad = self._buffer.new_full((self.capacity, len(new), len(self.qs)), float("nan"))
+            self._buffer = torch.cat([self._buffer, pad], dim=1)
+            self._names = self._names + new
+        key = tuple(names)
+        if key not in self._columns:
+            pos = {n: i for i, n in enumerate(self._names)}
+            self._columns[key] = torch.tensor([pos[n] for n in names], dtype=torch.int64).to(self._buffer.device)
 
     # -- reading -------------------------------------------------------------------------
     @property

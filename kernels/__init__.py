@@ -34,3 +34,9 @@ Shared pieces for new kernels live in :mod:`._common`:
 import triton  # noqa: F401
 
 from . import adam  # noqa: E402,F401
+
+#: Largest ``LogBins.num_bins`` the fused kernels take: the per-program ``tl.histogram``
+#: holds ``next_power_of_2(num_bins)`` counters (4096 for the default bins, checked to
+#: compile for sm_90 without spills). Finer bins run on the reference backend instead,
+#: with a warning, rather than risk a kernel that spills or does not compile.
+MAX_BINS = 4096

@@ -13,10 +13,13 @@ Per element, in float32, with ``p, g, m, v[, v_max]`` loaded once and written on
     p      = p + (-step_size * m) / (x + eps)       # step_size = lr / (1 - beta1**step)
     hist  += LogBins index of x                     # per program, tl.histogram
 
-Every rounding is the one torch's single-tensor CPU path makes (its CPU ``add(alpha=)``,
-``lerp`` and ``addcmul`` kernels use FMA; checked against torch 2.13): on the CPU ``m``,
-``v`` and the histograms match the reference backend bit for bit, and ``p`` within 2 ulp
-(torch's CPU float32 sqrt is not correctly rounded; ``sqrt_rn`` here is). On the GPU,
+``m`` and ``v`` round as torch's single-tensor CPU path does (its CPU ``add(alpha=)``,
+``lerp`` and ``addcmul`` kernels use FMA; checked against torch 2.13), so on the CPU they
+and the histograms match the reference backend bit for bit. The parameter update does not
+round identically: torch's CPU float32 sqrt is not correctly rounded (``sqrt_rn`` here is)
+and its vectorised ``addcdiv`` multiplies ``m/d`` by the step where this divides
+``-step*m`` by ``d``; ``p`` agrees within 2 ulp of the update's size (more than 2 ulp of
+``p`` itself where the update nearly cancels ``p``). On the GPU,
 ``enable_fp_fusion=False`` keeps the compiler from adding contractions of its own.
 ``c`` and ``step_size`` are computed where torch computes them: on the host in float64 when
 the step counts live on the CPU (then rounded to float32), on the device in float32 when

@@ -1,14 +1,12 @@
-import os
-
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True)
-def _default_backend(monkeypatch):
-    """Each test starts from FASTHIST_BACKEND=auto unless it sets otherwise."""
-    if os.environ.get("FASTHIST_BACKEND") not in (None, "auto"):
-        monkeypatch.delenv("FASTHIST_BACKEND")
+def _seed():
+    """Tests that set FASTHIST_BACKEND use monkeypatch (undone after each test); one set
+    outside, e.g. ``FASTHIST_BACKEND=triton TRITON_INTERPRET=1 pytest tests/test_adam.py``,
+    runs the whole file on that backend."""
     torch.manual_seed(0)
 
 

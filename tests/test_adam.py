@@ -521,3 +521,75 @@ def test_step_never_synchronizes_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert opt.histogram(window="total").count == 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_adamw_is_a_torch_adamw():
+    opt = fasthist.AdamW([torch.zeros(2, requires_grad=True)])
+    assert isinstance(opt, torch.optim.AdamW) and isinstance(opt, torch.optim.Adam)
+
+
+def test_changing_sets_of_stepped_params_do_not_accumulate_caches():
+    # mixture-of-experts-like: a different subset of parameters has gradients each step
+    params = [torch.randn(100, requires_grad=True) for _ in range(12)]
+    opt = fasthist.Adam(params)
+    g = torch.Generator().manual_seed(0)
+    steps = torch.zeros(12, dtype=torch.int64)
+    for _ in range(60):
+        mask = torch.rand(12, generator=g) < 0.5
+        for p, m in zip(params, mask.tolist(), strict=True):
+            p.grad = torch.randn(100, generator=g) if m else None
+        opt.step()
+        steps += mask
+    store = opt.__dict__["_fh_store"]
+    assert len(store.targets) <= 8
+    for p, n in zip(params, steps.tolist(), strict=True):
+        if n:
+            assert opt.histogram(p, window="total").count == 100 * n
+            assert torch.equal(opt.histogram(p).counts, expected_step_hist(opt, p))
+
+
+def test_reset_after_load_and_track_survives_torch_state():
+    model = mlp()
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "track": False}]
+    opt = fasthist.Adam(groups)
+    ref = torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[2].parameters()}])
+    loss_of(model, torch.randn(2, 12)).backward()
+    opt.step()
+    ref.step()
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.reset_histograms()
+    assert opt.histogram().count == 0 and opt.histogram(window="total").count == 0
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))  # torch's groups carry no "track"
+    assert [g["track"] for g in opt.param_groups] == [True, False]
+
+
+def test_eps_range_outside_the_bins_is_flagged():
+    p = torch.zeros(4, requires_grad=True)
+    opt = fasthist.Adam([p], bins=LogBins(-20, 2, 5))
+    p.grad = torch.tensor([1e-9, 1e-8, 1e3, 1e4])  # after one step sqrt(v_hat) = |g|
+    opt.step()
+    with pytest.warns(UserWarning, match="outside the histogram range"):
+        res = opt.eps_range()
+    assert res.ambiguous and res.high == 10.0 ** round(math.log10(4.0))  # the range bound 2**2, not 1e4
+
+
+def test_bins_beyond_the_kernels_run_on_the_reference(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FASTHIST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from fasthist import backend
+
+    kernels = backend.kernels_module(interpret=True)
+    if kernels is None or not backend._interpreting():
+        pytest.skip("kernels not importable under the interpreter in this process")
+    fine = LogBins(-40, 10, 8)
+    assert fine.num_bins > kernels.MAX_BINS
+    p = torch.randn(64, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    a, b = fasthist.Adam([p], bins=fine), torch.optim.Adam([q])
+    p.grad, q.grad = torch.ones(64), torch.ones(64)
+    with pytest.warns(UserWarning, match="run on the reference backend"):
+        a.step()
+    b.step()
+    assert torch.equal(p, q)
+    assert torch.equal(a.histogram(p).counts, expected_step_hist(a, p))

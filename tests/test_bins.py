@@ -101,3 +101,16 @@ def test_frozen_and_hashable():
     with pytest.raises(AttributeError):
         b.mantissa_bits = 3
     assert hash(b) == hash(LogBins()) and b == LogBins() and b != LogBins(mantissa_bits=4)
+
+
+def test_float64_beyond_float32_keeps_its_side():
+    b = LogBins()
+    x = torch.tensor([1e300, -1e300, 1e-50, 0.0, math.inf, math.nan], dtype=torch.float64)
+    assert b.index(x).tolist() == [b.above, b.above, b.BELOW, b.ZERO, b.nonfinite, b.nonfinite]
+
+
+def test_from_range_refuses_what_it_cannot_cover():
+    with pytest.raises(ValueError, match="float32's normal range"):
+        LogBins.from_range(1e-40, 1e4)
+    with pytest.raises(ValueError, match="Invalid relative_accuracy: 0.0001"):
+        LogBins.from_range(relative_accuracy=1e-4)

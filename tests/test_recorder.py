@@ -92,3 +92,25 @@ def test_bad_arguments():
         fasthist.QuantileRecorder(opt, [1.5])
     with pytest.raises(ValueError, match="window"):
         fasthist.QuantileRecorder(opt, window="epoch")
+
+
+def test_recorder_keeps_going_when_tensors_start_late():
+    # a parameter with no gradient at first gets state (and a column) only later
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(50))
+    b = torch.nn.Parameter(torch.randn(30))
+    opt = fasthist.Adam([a, b])
+    rec = fasthist.QuantileRecorder(opt, [0.5], every=1)
+    for i in range(4):
+        opt.zero_grad()
+        a.grad = torch.randn(50)
+        if i >= 2:
+            b.grad = torch.randn(30)
+        opt.step()
+    tr = rec.trace()
+    assert tr.names == ["0.0", "0.1"]
+    assert tr.values.shape == (4, 2, 1)
+    assert np.isnan(tr.values[:2, 1, 0]).all() and np.isfinite(tr.values[2:, 1, 0]).all()
+    _, _, counts = opt._rows("step")
+    q = batched_quantile(counts, torch.tensor([0.5], dtype=torch.float64), opt.bins, exclude_zeros=True, rule="n")
+    np.testing.assert_allclose(tr.values[-1, :, 0], q[:, 0].numpy(), rtol=1e-6)

@@ -51,7 +51,8 @@ class HistTarget:
             self._workspace.clear()
             device, n, nb = self.step.device, sum(sizes), self.bins.num_bins
             offsets = torch.arange(len(sizes), device=device, dtype=torch.int64) * nb
-            seg = torch.repeat_interleave(offsets, torch.tensor(sizes, device=device, dtype=torch.int64))
+            repeats = torch.tensor(sizes, dtype=torch.int64).to(device, non_blocking=True)
+            seg = torch.repeat_interleave(offsets, repeats, output_size=n)  # output_size: no device read
             key_dtype = torch.int32 if len(sizes) * nb < 2**31 else torch.int64
             ws = (
                 torch.empty(n, device=device, dtype=torch.float32),
@@ -128,7 +129,13 @@ def accumulate_(
     if not key0_is_zero:
         keys.masked_fill_(zero, bins.ZERO)
     keys.add_(seg)
-    delta = torch.bincount(keys, minlength=len(sizes) * bins.num_bins).view(len(sizes), bins.num_bins)
+    nbins = len(sizes) * bins.num_bins
+    if device.type == "cpu":
+        delta = torch.bincount(keys, minlength=nbins)
+    else:  # CUDA's bincount reads min/max back to the host; a scatter-add does not
+        delta = torch.zeros(nbins, dtype=torch.int64, device=device)
+        delta.index_add_(0, keys, torch.ones((), dtype=torch.int64, device=device).expand(keys.numel()))
+    delta = delta.view(len(sizes), bins.num_bins)
     rows = target.rows
     if found_inf is None:
         target.step.index_copy_(0, rows, delta)
