@@ -2,7 +2,10 @@
 
 Importing this package needs Triton; ``fasthist.backend`` treats an ImportError as
 "no kernels here" and uses the pure-PyTorch reference. Under ``TRITON_INTERPRET=1`` (set
-before this package is first imported) the same kernels run on CPU tensors.
+before this package is first imported) the same kernels run on CPU tensors. Checked on
+2026-11-28 with Triton 3.9 and 3.6 (the GPU machine's): the kernels build and run under
+both interpreters; 3.6's interpreter rounds ``tl.fma`` twice, so the bit-exact CPU tests
+need Triton >= 3.9 (they pass on 3.6 too once its interpreter's fma rounds once).
 
 One module per optimizer, each laid out as: module docstring (the math) → ``@triton.jit``
 kernel → launcher → ``<op>_hist`` wrapper taking exactly the arguments of torch's functional
