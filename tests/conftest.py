@@ -23,10 +23,15 @@ def _interpreter_fma_rounds_once() -> bool:
 
 def pytest_collection_modifyitems(config, items):
     if not _interpreter_fma_rounds_once():
-        old = pytest.mark.skip(reason="this Triton's interpreter rounds tl.fma twice: bit-exact kernel tests need >= 3.9")
+        fma = pytest.mark.skip(
+            reason="this Triton's interpreter rounds tl.fma twice: bit-exact kernel tests need >= 3.9"
+        )
         for item in items:
-            if item.fspath.basename in ("test_kernels_adam.py", "test_kernels_others.py") and "gpu" not in item.keywords:
-                item.add_marker(old)
+            if (
+                item.fspath.basename in ("test_kernels_adam.py", "test_kernels_others.py")
+                and "gpu" not in item.keywords
+            ):
+                item.add_marker(fma)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
