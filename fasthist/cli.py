@@ -60,34 +60,24 @@ def _eps_list(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid positive integer {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"invalid positive integer {text!r}")
-    return v
+def _number(cast: type, low: float, inclusive: bool, what: str):
+    """argparse type: ``cast(text)``, finite and above ``low`` (or equal, if inclusive)."""
+
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}") from None
+        if not (math.isfinite(v) and (v >= low if inclusive else v > low)):
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"invalid non-negative integer {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"invalid positive number {text!r}")
-    return v
+_positive_int = _number(int, 0, False, "positive integer")
+_nonneg_int = _number(int, 0, True, "non-negative integer")
+_positive_float = _number(float, 0.0, False, "positive number")
 
 
 def _nonneg_float(text: str) -> float:
