@@ -224,7 +224,7 @@ def _plots(out: Path, draw: list[tuple[str, Any]], skip: bool = False) -> list[s
 def _eps_rows(opt: Any, rng: Any, eps: float) -> list[dict]:
     from .histogram import batched_fraction_above, batched_quantile
 
-    names, _, counts = opt._rows("step")
+    names, _, counts = opt.histogram_rows("step")
     bins = opt.bins
     p50 = batched_quantile(counts, torch.tensor([0.5], dtype=torch.float64), bins, exclude_zeros=True, rule="n")
     share = batched_fraction_above(counts, eps, bins)

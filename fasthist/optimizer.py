@@ -15,7 +15,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -25,7 +25,17 @@ from .eps import EpsRange, eps_range_from_counts
 from .histogram import Histogram, _as_q, batched_quantile
 from .reference.histogram import HistTarget
 
-__all__ = ["HistogramMixin"]
+__all__ = ["HistogramMixin", "HistogramRows"]
+
+
+class HistogramRows(NamedTuple):
+    """Every tracked tensor's histogram in one matrix: ``counts[i]`` (int64, one row of
+    ``bins.num_bins``) belongs to ``names[i]`` / ``params[i]`` (``params[i]`` is None for
+    a tensor known only on another rank). ``counts`` is None when nothing is tracked."""
+
+    names: list[str]
+    params: list[Tensor | None]
+    counts: Tensor | None
 
 _HIST_KEYS = ("hist_step", "hist_total")
 _MAX_TARGETS = 8
@@ -191,19 +201,22 @@ class HistogramMixin:
             store.targets.popitem(last=False)
         return out
 
-    def _rows(
-        self, window: str, process_group: Any = None, sharded: bool | None = None
-    ) -> tuple[list[str], list[Tensor | None], Tensor | None]:
+    def histogram_rows(
+        self, window: str = "step", *, process_group: Any = None, sharded: bool | None = None
+    ) -> HistogramRows:
+        """All histograms of ``window`` ("step" or "total") as one ``[R, num_bins]`` int64
+        matrix with the tensors' names, without copying them off the device; with
+        ``process_group``, merged across its ranks (see :meth:`histograms`)."""
         names, params, counts = self._local_rows(window)
         if process_group is None:
-            return names, params, counts
+            return HistogramRows(list(names), list(params), counts)
         from .distributed import global_rows  # torch.distributed only when asked for
 
         merged_names, merged = global_rows(names, params, counts, self._bins, process_group, sharded)
         if not merged_names:
-            return [], [], None
+            return HistogramRows([], [], None)
         local = dict(zip(names, params, strict=True))
-        return merged_names, [local.get(n) for n in merged_names], merged
+        return HistogramRows(merged_names, [local.get(n) for n in merged_names], merged)
 
     def _local_rows(self, window: str) -> tuple[list[str], list[Tensor], Tensor | None]:
         if window not in _WINDOWS:
@@ -239,7 +252,7 @@ class HistogramMixin:
         once, shards (DTensor/FSDP2) add up to the whole tensor; ``sharded`` overrides the
         per-tensor default. See :mod:`fasthist.distributed`. None (default): this rank only.
         """
-        names, _, counts = self._rows(window, process_group, sharded)
+        names, _, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
         if counts is None:
             return {}
         return {n: Histogram(c, self._bins) for n, c in zip(names, counts.clone().unbind(0), strict=True)}
@@ -253,7 +266,7 @@ class HistogramMixin:
         sharded: bool | None = None,
     ) -> Histogram:
         """Histogram of one tracked tensor (by tensor or name), or of all merged (None)."""
-        names, order, counts = self._rows(window, process_group, sharded)
+        names, order, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
         if param is None:
             if counts is None:
                 return Histogram.empty(self._bins)
@@ -287,7 +300,7 @@ class HistogramMixin:
         on the histograms' device, computed in one batched operation (rule and guarantee
         of :class:`Histogram`)."""
         qt, _ = _as_q(qs)
-        names, _, counts = self._rows(window, process_group, sharded)
+        names, _, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
         if counts is None:
             return [], torch.empty(0, qt.numel(), dtype=torch.float64)
         return names, batched_quantile(counts, qt, self._bins, exclude_zeros=exclude_zeros)
@@ -302,7 +315,7 @@ class HistogramMixin:
         sharded: bool | None = None,
     ) -> EpsRange:
         """The paper's ε-range rule (:mod:`fasthist.eps`) on the latest step's histograms."""
-        names, _, counts = self._rows(window, process_group, sharded)
+        names, _, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
         if counts is None:
             raise RuntimeError("eps_range: nothing tracked yet; take an optimizer step first")
         return eps_range_from_counts(names, counts, self._bins, low=low, high=high)

@@ -77,7 +77,7 @@ class QuantileRecorder:
         window: str = "step",
         exclude_zeros: bool = True,
     ) -> None:
-        if not hasattr(opt, "_rows") or not hasattr(opt, "bins"):
+        if not hasattr(opt, "histogram_rows") or not hasattr(opt, "bins"):
             raise TypeError(f"opt must be a fasthist optimizer, but got {type(opt).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"Invalid every: {every!r}; expected a positive int")
@@ -112,7 +112,7 @@ class QuantileRecorder:
         self._record(self._calls)
 
     def _record(self, step: int) -> None:
-        names, _, counts = self.opt._rows(self.window)  # type: ignore[attr-defined]
+        names, _, counts = self.opt.histogram_rows(self.window)  # type: ignore[attr-defined]
         if counts is None:
             return
         device = counts.device

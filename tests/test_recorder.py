@@ -111,6 +111,6 @@ def test_recorder_keeps_going_when_tensors_start_late():
     assert tr.names == ["0.0", "0.1"]
     assert tr.values.shape == (4, 2, 1)
     assert np.isnan(tr.values[:2, 1, 0]).all() and np.isfinite(tr.values[2:, 1, 0]).all()
-    _, _, counts = opt._rows("step")
+    _, _, counts = opt.histogram_rows("step")
     q = batched_quantile(counts, torch.tensor([0.5], dtype=torch.float64), opt.bins, exclude_zeros=True, rule="n")
     np.testing.assert_allclose(tr.values[-1, :, 0], q[:, 0].numpy(), rtol=1e-6)

@@ -95,9 +95,9 @@ def log_histograms(
     """
     if scale not in ("linear", "log10"):
         raise ValueError(f"Invalid scale: {scale!r}; expected 'linear' or 'log10'")
-    if not hasattr(opt, "_rows"):
+    if not hasattr(opt, "histogram_rows"):
         raise TypeError(f"opt must be a fasthist optimizer, but got {type(opt).__name__}")
-    names, params, counts = opt._rows(window)
+    names, params, counts = opt.histogram_rows(window)
     if counts is None:
         return {}
     bins = opt.bins
