@@ -8,7 +8,6 @@ accumulation, dispatched per device to a backend (see :mod:`fasthist.backend`).
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import Any
 
 import torch
@@ -60,8 +59,8 @@ def _dispatch(
     kwargs: dict[str, Any],
 ) -> None:
     """Run ``op`` per device on the kernel backend (``fasthist.kernels.<op>.<op>_hist``)
-    or the reference. Until a fused kernel for ``op`` exists the reference runs on every
-    device, so the optimizer works (unfused) wherever torch does."""
+    or the reference: the reference wherever the kernels do not run (no Triton, CPU tensors
+    without the interpreter), so the optimizer works wherever torch does."""
     params = lists[0]
     if not params:
         return
@@ -76,31 +75,13 @@ def _dispatch(
     for device, idx, target in calls:
         sub = lists if whole else _split(lists, idx)
         kernel = _kernel_op(op) if select_backend(device) == "triton" else None
-        if kernel is not None and _kernel_supports(target, kwargs):
+        if kernel is not None:  # it runs what it cannot take on the reference (kernels.kernel_supports)
             kernel(*_locals(sub), hist=target, **kwargs)
         else:
             reference(*sub, hist=target, **kwargs)
 
 
 _KERNEL_OPS: dict[str, Any] = {}
-_WARNED: set = set()
-
-
-def _kernel_supports(target: HistTarget | None, kwargs: dict[str, Any]) -> bool:
-    """False for what the fused kernels do not take: bins beyond ``kernels.MAX_BINS``, and
-    betas held in device tensors (the kernels take betas as host scalars; reading them
-    would synchronise, so torch's own code runs those groups)."""
-    max_bins = getattr(kernels_module(), "MAX_BINS", 0)
-    if target is not None and target.bins.num_bins > max_bins:
-        if target.bins not in _WARNED:
-            _WARNED.add(target.bins)
-            warnings.warn(
-                f"fasthist: {target.bins} has {target.bins.num_bins} bins, more than the fused kernels take "
-                f"({max_bins}); these groups run on the reference backend",
-                stacklevel=4,
-            )
-        return False
-    return not any(isinstance(kwargs.get(k), Tensor) and kwargs[k].device.type != "cpu" for k in ("beta1", "beta2"))
 
 
 def _kernel_op(op: str) -> Any:

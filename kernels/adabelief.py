@@ -21,9 +21,10 @@ float32), ``p, g, m, s[, s_max]`` loaded once and written once::
 ``scale``, ``c``, ``decay`` and the mode are per tensor, computed on the host in float64 from
 the step count as the reference does (AdaBelief's step counts live on the CPU). The FMAs are
 the ones torch's CPU kernels make, so ``m``, ``s``, ``s_max`` and the histograms match the
-reference backend bit for bit, and ``p`` within an ulp or two (torch's CPU sqrt is not
-correctly rounded). float16 parameters (stepped in float32 with float32 states, as the
-package does) and float64 parameters run on the reference backend.
+reference backend bit for bit, and ``p`` within three ulp of the update (torch's CPU sqrt is
+not correctly rounded, and three roundings follow it in the unrectified denominator).
+float16 parameters (stepped in float32 with float32 states, as the package does) and
+float64 parameters run on the reference backend.
 """
 
 from __future__ import annotations
@@ -36,20 +37,38 @@ from torch import Tensor
 from fasthist.reference.adabelief import adabelief_reference, adabelief_scale, adabelief_step_size
 from fasthist.reference.histogram import HistTarget
 
-from ._common import BinSpec, bin_index, finalize_histograms, flush_histogram, launch_options, scratch_for, tl_dtype
-from .rmsprop import BLOCK, CHUNK, ITERS, NO_BINS, NUM_WARPS, plan_groups, write_back
+from ._common import (
+    check_call,
+    chunk_header,
+    column,
+    hist_add,
+    hist_begin,
+    hist_end,
+    kernel_supports,
+    launch,
+    load,
+    plan_groups,
+    store,
+    write_back,
+)
 
 __all__ = ["adabelief_hist"]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-
 
 @triton.jit
-def _adabelief_hist_kernel(
-    table_ptr,  # int64 [n, 7]: param, grad, exp_avg, exp_avg_var, max_exp_avg_var, numel, slot
-    chunk_ptr,  # int64 [num_chunks, 2]: table row, first element
-    coef_ptr,  # float32 [num_slots, 5]: decay, scale, sqrt(1 - beta2**t), c, mode
-    scratch_ptr,  # int64 [num_slots, NUM_BINS]
+def _adabelief_chunk(
+    acc,
+    p_ptr,
+    g_ptr,
+    m_ptr,
+    s_ptr,
+    smax_ptr,
+    numel,
+    decay,
+    scale,
+    sqrt_bc2,
+    c,
+    mode,
     beta1,
     one_minus_beta1,
     beta2,
@@ -59,61 +78,50 @@ def _adabelief_hist_kernel(
     DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
+    MASKED: tl.constexpr,
+    ALIGNED: tl.constexpr,
     AMSGRAD: tl.constexpr,
     RECTIFY: tl.constexpr,
-    WD_MODE: tl.constexpr,  # 0 none, 1 coupled, 2 decoupled
-    TRACK: tl.constexpr,
+    WD_MODE: tl.constexpr,
+    HIST: tl.constexpr,
     SHIFT: tl.constexpr,
     LOW_KEY: tl.constexpr,
     ABOVE: tl.constexpr,
     NONFINITE: tl.constexpr,
-    NUM_BINS: tl.constexpr,
     HIST_BINS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    DUMP: tl.constexpr,
+    SMEM_BINS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tid = tl.load(chunk_ptr + 2 * pid)
-    start = tl.load(chunk_ptr + 2 * pid + 1)
-    row = table_ptr + 7 * tid
-    p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
-    s_ptr = tl.load(row + 3).to(tl.pointer_type(DTYPE))
-    numel = tl.load(row + 5)
-    slot = tl.load(row + 6)
-    decay = tl.load(coef_ptr + 5 * slot)
-    scale = tl.load(coef_ptr + 5 * slot + 1)
-    sqrt_bc2 = tl.load(coef_ptr + 5 * slot + 2)
-    c = tl.load(coef_ptr + 5 * slot + 3)
-    mode = tl.load(coef_ptr + 5 * slot + 4)
-    if AMSGRAD:
-        smax_ptr = tl.load(row + 4).to(tl.pointer_type(DTYPE))
-    acc = tl.zeros([HIST_BINS], dtype=tl.int32)
-    for it in range(ITERS):
-        offs = start + it * BLOCK + tl.arange(0, BLOCK)
+    trips = ITERS
+    if MASKED:  # the tail chunk: only its live blocks
+        trips = tl.cdiv(numel, BLOCK)
+    for it in range(trips):
+        offs = it * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = load(g_ptr, offs, mask, MASKED, ALIGNED)
+        p = load(p_ptr, offs, mask, MASKED, ALIGNED)
         if WD_MODE == 2:
             p = (p * decay).to(DTYPE).to(tl.float32)
         if WD_MODE == 1:
             g = tl.fma(p, weight_decay, g).to(DTYPE).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = load(m_ptr, offs, mask, MASKED, ALIGNED)
         m = (m * beta1).to(DTYPE).to(tl.float32)
         m = tl.fma(g, one_minus_beta1, m).to(DTYPE)
-        tl.store(m_ptr + offs, m, mask=mask)
+        store(m_ptr, offs, m, mask, MASKED, ALIGNED)
         mf = m.to(tl.float32)
         r = (g - mf).to(DTYPE).to(tl.float32)
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = load(s_ptr, offs, mask, MASKED, ALIGNED)
         s = (s * beta2).to(DTYPE).to(tl.float32)
         s = tl.fma(one_minus_beta2 * r, r, s).to(DTYPE).to(tl.float32)
         s = (s + eps).to(DTYPE)
-        tl.store(s_ptr + offs, s, mask=mask)
+        store(s_ptr, offs, s, mask, MASKED, ALIGNED)
         sf = s.to(tl.float32)
         v = sf
         if AMSGRAD:
-            smax = tl.load(smax_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            smax = load(smax_ptr, offs, mask, MASKED, ALIGNED)
             smax = tl.maximum(smax, sf, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(smax_ptr + offs, smax.to(DTYPE), mask=mask)
+            store(smax_ptr, offs, smax.to(DTYPE), mask, MASKED, ALIGNED)
             if not RECTIFY:
                 v = smax
         x = tl.div_rn(v, c)
@@ -125,12 +133,71 @@ def _adabelief_hist_kernel(
         adaptive = p + tl.div_rn(scale * mf, denom)
         sgd = tl.fma(mf, scale, p)
         p = tl.where(mode >= 2.0, adaptive, tl.where(mode == 1.0, sgd, p))
-        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
-        if TRACK:
-            idx = bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE)
-            acc += tl.histogram(idx, HIST_BINS, mask=mask)
-    if TRACK:
-        flush_histogram(acc, scratch_ptr + slot * NUM_BINS, NUM_BINS, HIST_BINS)
+        store(p_ptr, offs, p.to(DTYPE), mask, MASKED, ALIGNED)
+        if HIST != 0:
+            acc = hist_add(
+                acc, x, mask, MASKED, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS
+            )
+    return acc
+
+
+@triton.jit
+def _adabelief_hist_kernel(
+    table_ptr,  # int64 [n, 7]: param, grad, exp_avg, exp_avg_var, max_exp_avg_var, numel, slot
+    chunk_ptr,  # int64 [num_chunks, 2]: table row, first element
+    scratch_ptr,  # int64 [num_slots, NUM_BINS]
+    coef_ptr,  # float32 [num_slots, 5]: decay, scale, sqrt(1 - beta2**t), c, mode
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    RECTIFY: tl.constexpr,
+    WD_MODE: tl.constexpr,  # 0 none, 1 coupled, 2 decoupled
+    HIST: tl.constexpr,
+    SHIFT: tl.constexpr,
+    LOW_KEY: tl.constexpr,
+    ABOVE: tl.constexpr,
+    NONFINITE: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    HIST_BINS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    DUMP: tl.constexpr,
+    SMEM_BINS: tl.constexpr,
+):
+    row, start, numel, slot = chunk_header(table_ptr, chunk_ptr, 7, BLOCK * ITERS)
+    p_ptr = column(row, 0, start, DTYPE)
+    g_ptr = column(row, 1, start, DTYPE)
+    m_ptr = column(row, 2, start, DTYPE)
+    s_ptr = column(row, 3, start, DTYPE)
+    smax_ptr = column(row, 4, start, DTYPE)  # the parameter's own pointer without amsgrad
+    coef = coef_ptr + 5 * slot
+    decay = tl.load(coef)
+    scale = tl.load(coef + 1)
+    sqrt_bc2 = tl.load(coef + 2)
+    c = tl.load(coef + 3)
+    mode = tl.load(coef + 4)
+    row_ptr = scratch_ptr + slot * NUM_BINS
+    acc = hist_begin(start < 0, row_ptr, HIST, HIST_BINS, SMEM_BINS)
+    args = (p_ptr, g_ptr, m_ptr, s_ptr, smax_ptr, numel, decay, scale, sqrt_bc2, c, mode, beta1, one_minus_beta1)
+    if numel == BLOCK * ITERS:  # a full chunk: no masks
+        acc = _adabelief_chunk(
+            acc, *args, beta2, one_minus_beta2, eps, weight_decay, DTYPE, BLOCK, ITERS, False, ALIGNED, AMSGRAD,
+            RECTIFY, WD_MODE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS,
+        )  # fmt: skip
+    else:
+        acc = _adabelief_chunk(
+            acc, *args, beta2, one_minus_beta2, eps, weight_decay, DTYPE, BLOCK, ITERS, True, ALIGNED, AMSGRAD,
+            RECTIFY, WD_MODE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS,
+        )  # fmt: skip
+    if HIST != 0:
+        hist_end(acc, row_ptr, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, NUM_BINS, HIST_BINS, WINDOW, DUMP, SMEM_BINS)
 
 
 def _coefficients(
@@ -202,13 +269,12 @@ def adabelief_hist(
         rectify=rectify,
         degenerated_to_sgd=degenerated_to_sgd,
     )
-    if any(p.dtype not in _KERNEL_DTYPES for p in params) or any(g.is_sparse for g in grads):
+    if not kernel_supports("adabelief", hist, params, grads):
         adabelief_reference(params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, hist=hist, **kwargs)
         return
     n = len(params)
     device = params[0].device
-    if hist is not None and hist.step.device != device:
-        raise RuntimeError(f"fasthist AdaBelief: histograms on {hist.step.device}, but parameters on {device}")
+    check_call("AdaBelief", n, {}, device, hist)
     with torch.no_grad():
         torch._foreach_add_(state_steps, 1)
         steps = [int(s.item()) for s in state_steps]  # CPU step counts, as the reference
@@ -226,38 +292,18 @@ def adabelief_hist(
             degenerated_to_sgd,
         )
         columns = [params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars if amsgrad else [None] * n]
-        plan = plan_groups("AdaBelief", device, columns, CHUNK)
-        scratch = scratch_for(hist, n) if hist is not None else None
-        bin_kwargs = BinSpec(hist.bins).kwargs() if hist is not None else NO_BINS
+        plan = plan_groups("AdaBelief", device, columns)
         if weight_decouple:
             wd_mode = 2 if (weight_decay if fixed_decay else lr * weight_decay) != 0 else 0
         else:
             wd_mode = 1 if weight_decay != 0 else 0
-        for dtype, tables in plan.groups:
-            if tables.num_chunks == 0:
-                continue
-            _adabelief_hist_kernel[(tables.num_chunks,)](
-                tables.table,
-                tables.chunks,
-                coef,
-                scratch if scratch is not None else tables.table,
-                float(beta1),
-                1 - float(beta1),
-                float(beta2),
-                1 - float(beta2),
-                float(eps),
-                float(weight_decay),
-                DTYPE=tl_dtype(dtype),
-                BLOCK=BLOCK,
-                ITERS=ITERS,
-                AMSGRAD=bool(amsgrad),
-                RECTIFY=bool(rectify),
-                WD_MODE=wd_mode,
-                TRACK=scratch is not None,
-                num_warps=NUM_WARPS,
-                **bin_kwargs,
-                **launch_options(device),
-            )
-        if hist is not None:
-            finalize_histograms(hist, scratch, None)
+        scalars = (float(beta1), 1 - float(beta1), float(beta2), 1 - float(beta2), float(eps), float(weight_decay))
+        launch(
+            _adabelief_hist_kernel,
+            plan,
+            hist,
+            lambda tables, scratch: (tables.table, tables.chunks, scratch, coef, *scalars),
+            {"AMSGRAD": bool(amsgrad), "RECTIFY": bool(rectify), "WD_MODE": wd_mode},
+            device,
+        )
         write_back(plan)

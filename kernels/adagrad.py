@@ -28,18 +28,90 @@ from torch import Tensor
 from fasthist.reference.adagrad import adagrad_reference
 from fasthist.reference.histogram import HistTarget
 
-from ._common import BinSpec, bin_index, finalize_histograms, flush_histogram, launch_options, scratch_for, tl_dtype
-from .rmsprop import BLOCK, CHUNK, ITERS, NO_BINS, NUM_WARPS, plan_groups, scalar, unsupported, write_back
+from ._common import (
+    check_call,
+    chunk_header,
+    column,
+    hist_add,
+    hist_begin,
+    hist_end,
+    kernel_supports,
+    launch,
+    load,
+    plan_groups,
+    scalar,
+    store,
+    write_back,
+)
 
 __all__ = ["adagrad_hist"]
+
+
+@triton.jit
+def _adagrad_chunk(
+    acc,
+    p_ptr,
+    g_ptr,
+    s_ptr,
+    numel,
+    neg_clr,
+    grad_scale,
+    eps,
+    weight_decay,
+    DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+    MASKED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HIST: tl.constexpr,
+    SHIFT: tl.constexpr,
+    LOW_KEY: tl.constexpr,
+    ABOVE: tl.constexpr,
+    NONFINITE: tl.constexpr,
+    HIST_BINS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    DUMP: tl.constexpr,
+    SMEM_BINS: tl.constexpr,
+):
+    trips = ITERS
+    if MASKED:  # the tail chunk: only its live blocks
+        trips = tl.cdiv(numel, BLOCK)
+    for it in range(trips):
+        offs = it * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        g = load(g_ptr, offs, mask, MASKED, ALIGNED)
+        if HAS_GRAD_SCALE:
+            g = tl.div_rn(g, grad_scale).to(DTYPE)
+            store(g_ptr, offs, g, mask, MASKED, ALIGNED)
+            g = g.to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        p = load(p_ptr, offs, mask, MASKED, ALIGNED)
+        if HAS_WD:
+            g = tl.fma(p, weight_decay, g).to(DTYPE).to(tl.float32)
+        s = load(s_ptr, offs, mask, MASKED, ALIGNED)
+        s = tl.fma(g, g, s).to(DTYPE)
+        store(s_ptr, offs, s, mask, MASKED, ALIGNED)
+        x = tl.sqrt_rn(s.to(tl.float32))
+        std = (x.to(DTYPE).to(tl.float32) + eps).to(DTYPE).to(tl.float32)
+        p = p + tl.div_rn(neg_clr * g, std)
+        store(p_ptr, offs, p.to(DTYPE), mask, MASKED, ALIGNED)
+        if HIST != 0:
+            acc = hist_add(
+                acc, x, mask, MASKED, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS
+            )
+    return acc
 
 
 @triton.jit
 def _adagrad_hist_kernel(
     table_ptr,  # int64 [n, 5]: param, grad, sum, numel, slot
     chunk_ptr,  # int64 [num_chunks, 2]: table row, first element
-    clr_ptr,  # float32 [num_slots]: -clr
     scratch_ptr,  # int64 [num_slots, NUM_BINS]
+    clr_ptr,  # float32 [num_slots]: -clr
     grad_scale_ptr,
     found_inf_ptr,
     eps,
@@ -47,58 +119,46 @@ def _adagrad_hist_kernel(
     DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
+    ALIGNED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
-    TRACK: tl.constexpr,
+    HIST: tl.constexpr,
     SHIFT: tl.constexpr,
     LOW_KEY: tl.constexpr,
     ABOVE: tl.constexpr,
     NONFINITE: tl.constexpr,
     NUM_BINS: tl.constexpr,
     HIST_BINS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    DUMP: tl.constexpr,
+    SMEM_BINS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tid = tl.load(chunk_ptr + 2 * pid)
-    start = tl.load(chunk_ptr + 2 * pid + 1)
-    row = table_ptr + 5 * tid
-    p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-    s_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
-    numel = tl.load(row + 3)
-    slot = tl.load(row + 4)
+    row, start, numel, slot = chunk_header(table_ptr, chunk_ptr, 5, BLOCK * ITERS)
+    p_ptr = column(row, 0, start, DTYPE)
+    g_ptr = column(row, 1, start, DTYPE)
+    s_ptr = column(row, 2, start, DTYPE)
     neg_clr = tl.load(clr_ptr + slot)
     if HAS_FOUND_INF:  # a skipped step touches nothing: every element is masked off
         numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+    grad_scale = 1.0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
-    acc = tl.zeros([HIST_BINS], dtype=tl.int32)
-    for it in range(ITERS):
-        offs = start + it * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GRAD_SCALE:
-            g = tl.div_rn(g, grad_scale).to(DTYPE)
-            tl.store(g_ptr + offs, g, mask=mask)
-            g = g.to(tl.float32)
-        if MAXIMIZE:
-            g = -g
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_WD:
-            g = tl.fma(p, weight_decay, g).to(DTYPE).to(tl.float32)
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.fma(g, g, s).to(DTYPE)
-        tl.store(s_ptr + offs, s, mask=mask)
-        x = tl.sqrt_rn(s.to(tl.float32))
-        std = (x.to(DTYPE).to(tl.float32) + eps).to(DTYPE).to(tl.float32)
-        p = p + tl.div_rn(neg_clr * g, std)
-        tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
-        if TRACK:
-            idx = bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE)
-            acc += tl.histogram(idx, HIST_BINS, mask=mask)
-    if TRACK:
-        flush_histogram(acc, scratch_ptr + slot * NUM_BINS, NUM_BINS, HIST_BINS)
+    row_ptr = scratch_ptr + slot * NUM_BINS
+    acc = hist_begin(start < 0, row_ptr, HIST, HIST_BINS, SMEM_BINS)
+    if numel == BLOCK * ITERS:  # a full chunk: no masks
+        acc = _adagrad_chunk(
+            acc, p_ptr, g_ptr, s_ptr, numel, neg_clr, grad_scale, eps, weight_decay, DTYPE, BLOCK, ITERS, False,
+            ALIGNED, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS,
+        )  # fmt: skip
+    else:
+        acc = _adagrad_chunk(
+            acc, p_ptr, g_ptr, s_ptr, numel, neg_clr, grad_scale, eps, weight_decay, DTYPE, BLOCK, ITERS, True,
+            ALIGNED, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS,
+        )  # fmt: skip
+    if HIST != 0:
+        hist_end(acc, row_ptr, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, NUM_BINS, HIST_BINS, WINDOW, DUMP, SMEM_BINS)
 
 
 def _neg_clr(state_steps: list[Tensor], device: torch.device, lr: float | Tensor, lr_decay: float) -> Tensor:
@@ -133,11 +193,14 @@ def adagrad_hist(
     has_complex: bool = False,
 ) -> None:
     """``torch.optim.adagrad.adagrad`` (same arguments) in one fused launch per dtype, plus
-    the histograms (module docstring). Sparse gradients, ``differentiable=True`` and float64
-    parameters run on the reference backend; ``foreach``/``fused`` are accepted and ignored."""
+    the histograms (module docstring). What :func:`fasthist.kernels._common.kernel_supports`
+    refuses (sparse gradients, ``differentiable=True``, float64 parameters, …) runs on the
+    reference backend; ``foreach``/``fused`` are accepted and ignored."""
     if not params:
         return
-    if has_sparse_grad or differentiable or unsupported(params) or any(g.is_sparse for g in grads):
+    if not kernel_supports(
+        "adagrad", hist, params, grads, differentiable=differentiable, has_sparse_grad=has_sparse_grad
+    ):
         adagrad_reference(
             params,
             grads,
@@ -160,11 +223,7 @@ def adagrad_hist(
         return
     n = len(params)
     device = params[0].device
-    for name, lst in (("grads", grads), ("state_sums", state_sums), ("state_steps", state_steps)):
-        if len(lst) != n:
-            raise RuntimeError(f"fasthist Adagrad: expected {n} {name}, but got {len(lst)}")
-    if hist is not None and hist.step.device != device:
-        raise RuntimeError(f"fasthist Adagrad: histograms on {hist.step.device}, but parameters on {device}")
+    check_call("Adagrad", n, {"grads": grads, "state_sums": state_sums, "state_steps": state_steps}, device, hist)
     with torch.no_grad():
         steps_on_host = all(s.device.type == "cpu" for s in state_steps)
         if found_inf is not None:
@@ -179,35 +238,30 @@ def adagrad_hist(
             grad_scale = grad_scale.to(device=device, non_blocking=True).reshape(())
         torch._foreach_add_(state_steps, 1)
         neg_clr = _neg_clr(state_steps, device, lr, float(lr_decay))
-        plan = plan_groups("Adagrad", device, [params, grads, state_sums], CHUNK)
-        scratch = scratch_for(hist, n) if hist is not None else None
-        bin_kwargs = BinSpec(hist.bins).kwargs() if hist is not None else NO_BINS
-        for dtype, tables in plan.groups:
-            if tables.num_chunks == 0:
-                continue
-            _adagrad_hist_kernel[(tables.num_chunks,)](
+        plan = plan_groups("Adagrad", device, [params, grads, state_sums])
+        launch(
+            _adagrad_hist_kernel,
+            plan,
+            hist,
+            lambda tables, scratch: (
                 tables.table,
                 tables.chunks,
+                scratch,
                 neg_clr,
-                scratch if scratch is not None else tables.table,
                 grad_scale if grad_scale is not None else neg_clr,
                 found_inf if found_inf is not None else neg_clr,
                 float(eps),
                 float(weight_decay),
-                DTYPE=tl_dtype(dtype),
-                BLOCK=BLOCK,
-                ITERS=ITERS,
-                MAXIMIZE=bool(maximize),
-                HAS_WD=weight_decay != 0,
-                HAS_GRAD_SCALE=grad_scale is not None,
-                HAS_FOUND_INF=found_inf is not None,
-                TRACK=scratch is not None,
-                num_warps=NUM_WARPS,
-                **bin_kwargs,
-                **launch_options(device),
-            )
-        if hist is not None:
-            finalize_histograms(hist, scratch, found_inf)
+            ),
+            {
+                "MAXIMIZE": bool(maximize),
+                "HAS_WD": weight_decay != 0,
+                "HAS_GRAD_SCALE": grad_scale is not None,
+                "HAS_FOUND_INF": found_inf is not None,
+            },
+            device,
+            found_inf,
+        )
         write_back(plan, grads_written=grad_scale is not None)
         if found_inf is not None:
             flag = found_inf.to(state_steps[0].device)

@@ -231,7 +231,7 @@ def test_small_launch_shape():
         run_steps(Case([(4093,), (513,), (1,), (7, 75)], amsgrad=True, seed=21), 2, amsgrad=True)
     finally:
         K.configure()
-    assert K.CHUNK == 4096
+    assert (K.BLOCK, K.ITERS, K.CHUNK) == (1024, 16, 16384)  # the defaults
     with pytest.raises(ValueError, match="block"):
         K.configure(block=1000)
 
@@ -684,8 +684,8 @@ def compile_(fn, consts, num_warps):
 
 for dtype, track, ams, wd in [(tl.float32, True, True, 1), (tl.bfloat16, True, False, 2), (tl.float16, False, True, 0)]:
     consts = dict(DTYPE=dtype, BLOCK=K.BLOCK, ITERS=K.ITERS, ALIGNED=True, AMSGRAD=ams, MAXIMIZE=True, WD_MODE=wd, LERP_SMALL=True,
-                  HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, TRACK=track, **(spec if track else K._NO_BINS))
-    ptx = compile_(K._adam_hist_kernel, consts, K.NUM_WARPS).asm["ptx"]
+                  HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HIST=C.HIST_SHARED if track else C.HIST_OFF, **(spec if track else C.NO_BINS))
+    ptx = compile_(K._adam_hist_kernel, consts, C.SHAPE.num_warps).asm["ptx"]
     for bad in ("sqrt.approx", "div.full", "div.approx"):
         assert bad not in ptx, f"{dtype}: imprecise {bad} in the PTX"
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and "fma.rn.f32" in ptx

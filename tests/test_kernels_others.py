@@ -43,7 +43,7 @@ if ON_CPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
 
 pytestmark = pytest.mark.interpreter if ON_CPU else []
 BINS = LogBins()
-C = KR.CHUNK
+C = pytest.importorskip("fasthist.kernels._common").SHAPE.chunk
 
 # why each shape: not a multiple of the block; two programs of one tensor (CHUNK + 4);
 # a 0-d scalar; an empty tensor (no program at all); a transposed (dense, permuted) view
@@ -120,6 +120,7 @@ def run(
     extra=None,
     param_slack=None,
     oracle=None,
+    param_ulp=2,
 ):
     """Run ``steps`` steps of kernel and reference from identical inputs; compare.
     ``param_slack(i, state, previous_state)``: extra absolute tolerance on parameter i,
@@ -168,7 +169,7 @@ def run(
                     assert_ulp(a, b, previous_state[name][i], 2, f"step {step}: {name}[{i}]")
         for i, (a, b, prev) in enumerate(zip(params, r_params, previous, strict=True)):
             slack = param_slack(i, r_state, previous_state) if param_slack is not None else 0.0
-            assert_ulp(a, b, prev, 2, f"step {step}: param {i}", slack)
+            assert_ulp(a, b, prev, param_ulp, f"step {step}: param {i}", slack)
         if ON_CPU:
             assert torch.equal(hk.step, hr.step), f"step {step}: step window"
             assert torch.equal(hk.total, hr.total), f"step {step}: total window"
@@ -369,6 +370,10 @@ def test_adabelief_kernel_matches_reference(name):
         kw,
         steps=steps,
         oracle=adabelief_oracle(kw),
+        # three roundings after the reference's CPU sqrt (1 ulp off round-to-nearest):
+        # / sqrt(1 - beta2**t), + eps, then m / denom; seen at 3.0 ulp of the update in one
+        # element of 16k (tensor of CHUNK + 4 with the 16k-element chunks)
+        param_ulp=3,
     )
 
 
@@ -434,28 +439,28 @@ ptr = dict(table_ptr="*i64", chunk_ptr="*i64", coef_ptr="*fp32", clr_ptr="*fp32"
 def compile_(fn, consts):
     sig = {a: "constexpr" if a in consts else ptr.get(a, "fp32") for a in fn.arg_names}
     src = ASTSource(fn, sig, consts)
-    opts = {"num_warps": R.NUM_WARPS, "enable_fp_fusion": False}
+    opts = {"num_warps": C.SHAPE.num_warps, "enable_fp_fusion": False}
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
     for bad in ("sqrt.approx", "div.full", "div.approx"):
         assert bad not in ptx, f"{fn.__name__} {consts.get('DTYPE')}: imprecise {bad} in the PTX"
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx, fn.__name__
-    if consts["TRACK"]:
+    if consts["HIST"]:
         assert "red.global" in ptx or "atom.global" in ptx, "no histogram flush"
 
-base = dict(BLOCK=R.BLOCK, ITERS=R.ITERS)
+base = dict(BLOCK=C.SHAPE.block, ITERS=C.SHAPE.iters, ALIGNED=True)
 for dtype, track in [(tl.float32, True), (tl.bfloat16, True), (tl.float16, False)]:
-    bins = spec if track else R.NO_BINS
+    bins = spec if track else C.NO_BINS
     for centered, momentum, small in [(True, True, True), (False, False, False), (True, False, False)]:
         compile_(R._rmsprop_hist_kernel, dict(base, DTYPE=dtype, CENTERED=centered, MOMENTUM=momentum, MAXIMIZE=True,
-                                              HAS_WD=True, LERP_SMALL=small, LR_FROM_PTR=momentum, TRACK=track,
+                                              HAS_WD=True, LERP_SMALL=small, LR_FROM_PTR=momentum, HIST=C.HIST_SHARED if track else C.HIST_OFF,
                                               **bins))
     for scaled in (True, False):
         compile_(A._adagrad_hist_kernel, dict(base, DTYPE=dtype, MAXIMIZE=True, HAS_WD=True, HAS_GRAD_SCALE=scaled,
-                                              HAS_FOUND_INF=scaled, TRACK=track, **bins))
+                                              HAS_FOUND_INF=scaled, HIST=C.HIST_SHARED if track else C.HIST_OFF, **bins))
     if dtype is not tl.float16:
         for ams, rect, wd in [(True, True, 1), (True, False, 2), (False, True, 0)]:
             compile_(B._adabelief_hist_kernel, dict(base, DTYPE=dtype, AMSGRAD=ams, RECTIFY=rect, WD_MODE=wd,
-                                                    TRACK=track, **bins))
+                                                    HIST=C.HIST_SHARED if track else C.HIST_OFF, **bins))
 print("ok")
 """
 

@@ -1,0 +1,288 @@
+"""Static cost of every fused kernel on NVIDIA GPUs, read off the SASS, without a GPU.
+
+    python bench/sass_report.py                    # installed Triton -> bench/results/sass-triton-<v>.json
+    PYTHONPATH=DIR python bench/sass_report.py     # DIR from `pip install --no-deps --target DIR triton==X`
+    python bench/sass_report.py --check            # exit 1 if a target below is missed
+
+Each kernel (Adam, AdamW, RMSprop, Adagrad, AdaBelief × float32/bfloat16/float16 ×
+untracked/tracked) is compiled with ``triton.compile`` for sm_90 (H100/H200; and sm_80 with
+``--arch 80``), disassembled with the ``nvdisasm``/``cuobjdump`` that the Triton wheel ships,
+and measured:
+
+- ``hot_per_elem``: SASS instructions in the unmasked full-chunk loop (the loop whose global
+  loads carry no predicate) per element a thread handles in one trip (``BLOCK / threads``);
+- ``whole_per_elem``: (instructions outside every loop, counted once, + ``ITERS`` × the hot
+  loop) per element of a full chunk. An upper bound: the tail path's and the never-taken
+  shared-memory reservation's straight-line code are counted too;
+- ``registers``, ``stack_bytes`` and ``local_ops`` (``STL``/``LDL``: register spills),
+  ``shared_bytes`` (Triton's allocation), and per element of a full chunk: ``barriers``,
+  ``shared_atomics``, ``global_atomics`` (static counts, the flush's predicated atomics as if
+  every bin were non-zero);
+- for the tracked kernel, the histogram strategy the runtime would pick
+  (``fasthist.kernels._common.shared_histogram_problems`` on this compiler's output) and the
+  ``tl.histogram`` fallback measured the same way.
+
+The H200 prediction is a roofline model, not a measurement: time per element =
+max(bytes / 4.3 TB/s measured copy bandwidth, instructions / 29.6 T thread-instructions/s
+(132 SMs × 4 schedulers × 32 lanes × 1.755 GHz)), tracked over untracked.
+
+Targets (issue 8), for the strategy the runtime picks, on every kernel and dtype: hot loop
+≤ 1.25× the untracked one, whole kernel ≤ 1.30×, no spills, ≤ 128 registers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled mode: the interpreter has no SASS
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # a bare checkout: map kernels/ to fasthist.kernels
+    sys.path.insert(0, str(ROOT))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fasthist.bins import LogBins  # noqa: E402
+
+
+def _kernels_module():
+    try:
+        import fasthist.kernels as k
+    except ImportError:  # not installed: import kernels/ as fasthist.kernels
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "fasthist.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+        )
+        k = importlib.util.module_from_spec(spec)
+        sys.modules["fasthist.kernels"] = k
+        spec.loader.exec_module(k)
+    return k
+
+
+K = _kernels_module()
+C = K._common
+
+TARGETS = {"hot_ratio": 1.25, "whole_ratio": 1.30, "registers": 128, "stack_bytes": 0, "local_ops": 0}
+H200 = {"copy_bytes_per_s": 4.3e12, "thread_instructions_per_s": 132 * 4 * 32 * 1.755e9}
+DTYPES = {"float32": (tl.float32, 4), "bfloat16": (tl.bfloat16, 2), "float16": (tl.float16, 2)}
+# The kernels with the flags of their optimizer's defaults (AdamW: decoupled weight decay),
+# and the global accesses per element of a step (read p, g, states; write p, states).
+KERNELS = {
+    "adam": (K.adam._adam_hist_kernel, dict(AMSGRAD=False, MAXIMIZE=False, WD_MODE=0, LERP_SMALL=True,
+                                            HAS_GRAD_SCALE=False, HAS_FOUND_INF=False), 7),
+    "adamw": (K.adam._adam_hist_kernel, dict(AMSGRAD=False, MAXIMIZE=False, WD_MODE=2, LERP_SMALL=True,
+                                             HAS_GRAD_SCALE=False, HAS_FOUND_INF=False), 7),
+    "rmsprop": (K.rmsprop._rmsprop_hist_kernel, dict(CENTERED=False, MOMENTUM=False, MAXIMIZE=False, HAS_WD=False,
+                                                     LERP_SMALL=False, LR_FROM_PTR=False), 5),
+    "adagrad": (K.adagrad._adagrad_hist_kernel, dict(MAXIMIZE=False, HAS_WD=False, HAS_GRAD_SCALE=False,
+                                                     HAS_FOUND_INF=False), 5),
+    "adabelief": (K.adabelief._adabelief_hist_kernel, dict(AMSGRAD=False, RECTIFY=True, WD_MODE=0), 7),
+}  # fmt: skip
+NO_KERNEL = {("adabelief", "float16")}  # runs on the reference backend
+_I64_PTRS = {"table_ptr", "chunk_ptr", "scratch_ptr"}
+_INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def compile_kernel(fn, constexprs: dict, arch: int, num_warps: int):
+    sig = {
+        a: "constexpr" if a in constexprs else ("*i64" if a in _I64_PTRS else "*fp32") if a.endswith("_ptr") else "fp32"
+        for a in fn.arg_names
+    }
+    src = ASTSource(fn, sig, constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "enable_fp_fusion": False})
+
+
+def parse_sass(sass: str) -> list[tuple[str, str, str]]:
+    """``(label or '', predicate, opcode)`` per instruction, labels attached to the next one."""
+    out, label = [], ""
+    for line in sass.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            label = m.group(1)
+            continue
+        m = _INSTR.match(line)
+        if m:
+            out.append((label, (m.group(2) or "").strip(), m.group(3) + m.group(4)))
+            label = ""
+    return out
+
+
+def loops(instrs: list[tuple[str, str, str]]) -> list[tuple[int, int]]:
+    """``[first, last]`` instruction indices of every loop (a branch back to an earlier label)."""
+    where = {lab: i for i, (lab, _, _) in enumerate(instrs) if lab}
+    found = []
+    for i, (_, _, op) in enumerate(instrs):
+        m = re.match(r"BRA\S*\s+`?\(?(\.L_x_\d+)", op)
+        if m and m.group(1) in where and where[m.group(1)] < i:
+            found.append((where[m.group(1)], i))
+    return found
+
+
+def _count(instrs, pattern: str) -> int:
+    return sum(1 for _, _, op in instrs if re.match(pattern, op))
+
+
+def measure(ck, block: int, iters: int, num_warps: int) -> dict:
+    """The static figures of one compiled kernel (module docstring)."""
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(ck.asm["cubin"])
+        sass = subprocess.run([_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True, check=True)
+    instrs = [x for x in parse_sass(sass) if not x[2].startswith("NOP")]
+    found = loops(instrs)
+    found = [(a, b) for a, b in found if b > a]  # not the self-branch after EXIT
+    hot = [(a, b) for a, b in found if any(op.startswith("LDG") and not pred for _, pred, op in instrs[a : b + 1])]
+    if not hot:
+        raise RuntimeError("no unmasked loop with global loads found in the SASS")
+    a, b = max(hot, key=lambda r: r[1] - r[0])
+    body = instrs[a : b + 1]
+    in_loops = {i for lo, hi in found for i in range(lo, hi + 1)}
+    outside = [x for i, x in enumerate(instrs) if i not in in_loops]
+    threads = 32 * num_warps
+    per_trip = block / threads
+    per_chunk = block * iters / threads
+
+    def per_elem(pattern: str) -> float:
+        return (_count(outside, pattern) + iters * _count(body, pattern)) / per_chunk
+
+    usage = res.stdout
+    return {
+        "hot_per_elem": len(body) / per_trip,
+        "whole_per_elem": (len(outside) + iters * len(body)) / per_chunk,
+        "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+        "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),
+        "local_ops": _count(instrs, r"(STL|LDL)\b"),
+        "shared_bytes": int(ck.metadata.shared),
+        "barriers": per_elem(r"BAR\b"),
+        "shared_atomics": per_elem(r"ATOMS\b"),
+        "global_atomics": per_elem(r"(RED|ATOMG|ATOM)\b"),
+        "instructions": len(instrs),
+    }
+
+
+def predicted_ratio(tracked: float, untracked: float, bytes_per_elem: int) -> float:
+    """H200 roofline model: max(memory, issue) time per element, tracked over untracked."""
+    mem = bytes_per_elem / H200["copy_bytes_per_s"]
+    issue = H200["thread_instructions_per_s"]
+    return max(mem, tracked / issue) / max(mem, untracked / issue)
+
+
+def report_kernel(name: str, dtype: str, arch: int, fallback: bool) -> dict:
+    fn, flags, accesses = KERNELS[name]
+    shape = C.SHAPE
+    tl_dt, size = DTYPES[dtype]
+    spec = C.BinSpec(LogBins()).kwargs()
+    base = dict(flags, DTYPE=tl_dt, BLOCK=shape.block, ITERS=shape.iters, ALIGNED=True)
+
+    def run(hist: int, bins: dict):
+        return compile_kernel(fn, dict(base, HIST=hist, **bins), arch, shape.num_warps)
+
+    def figures(ck) -> dict:
+        return measure(ck, shape.block, shape.iters, shape.num_warps)
+
+    off = figures(run(C.HIST_OFF, C.NO_BINS))
+    shared_ck = run(C.HIST_SHARED, spec)
+    probe = run(C.HIST_PROBE, spec)
+    problems = C.shared_histogram_problems(
+        shared_ck.asm["ptx"], shared_ck.metadata.shared, probe.metadata.shared, spec["SMEM_BINS"]
+    )
+    row = {"kernel": name, "dtype": dtype, "bytes_per_elem": accesses * size, "untracked": off}
+    row["strategies"] = {"shared": figures(shared_ck)}
+    if fallback or problems:
+        row["strategies"]["tl"] = figures(run(C.HIST_TL, spec))
+    row["strategy"] = "tl" if problems else "shared"
+    row["guard_problems"] = problems
+    chosen = row["strategies"][row["strategy"]]
+    row["tracked"] = chosen
+    row["hot_ratio"] = chosen["hot_per_elem"] / off["hot_per_elem"]
+    row["whole_ratio"] = chosen["whole_per_elem"] / off["whole_per_elem"]
+    row["h200_model_ratio"] = predicted_ratio(chosen["whole_per_elem"], off["whole_per_elem"], row["bytes_per_elem"])
+    row["misses"] = misses(row)
+    return row
+
+
+def misses(row: dict) -> list[str]:
+    t, out = row["tracked"], []
+    if row["hot_ratio"] > TARGETS["hot_ratio"]:
+        out.append(f"hot loop x{row['hot_ratio']:.2f} > x{TARGETS['hot_ratio']}")
+    if row["whole_ratio"] > TARGETS["whole_ratio"]:
+        out.append(f"whole kernel x{row['whole_ratio']:.2f} > x{TARGETS['whole_ratio']}")
+    if t["registers"] > TARGETS["registers"]:
+        out.append(f"{t['registers']} registers > {TARGETS['registers']}")
+    if t["stack_bytes"] or t["local_ops"]:
+        out.append(f"spills: {t['stack_bytes']} B stack, {t['local_ops']} STL/LDL")
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'kernel':10} {'dtype':9} {'strategy':8} {'hot/el':>13} {'whole/el':>13} {'reg':>7} {'stack':>5} {'smem':>6} {'H200 model':>10}  misses"
+    lines = [head]
+    for r in rows:
+        u, t = r["untracked"], r["tracked"]
+        lines.append(
+            f"{r['kernel']:10} {r['dtype']:9} {r['strategy']:8} "
+            f"{u['hot_per_elem']:5.1f}>{t['hot_per_elem']:5.1f} x{r['hot_ratio']:.2f} "
+            f"{u['whole_per_elem']:5.1f}>{t['whole_per_elem']:5.1f} x{r['whole_ratio']:.2f} "
+            f"{u['registers']:3d}>{t['registers']:3d} {t['stack_bytes']:5d} {t['shared_bytes']:6d} "
+            f"x{r['h200_model_ratio']:9.3f}  {'; '.join(r['misses']) or '-'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, action="append", help="SM architecture(s), default 90 and 80")
+    ap.add_argument("--kernels", nargs="*", default=list(KERNELS), choices=list(KERNELS))
+    ap.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--no-fallback", action="store_true", help="skip measuring the tl.histogram fallback")
+    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/sass-triton-<version>.json)")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a sm_90 target is missed")
+    args = ap.parse_args(argv)
+    archs = args.arch or [90, 80]
+    result = {
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "launch_shape": {"block": C.SHAPE.block, "iters": C.SHAPE.iters, "num_warps": C.SHAPE.num_warps},
+        "targets": TARGETS,
+        "h200_model": H200,
+        "method": __doc__,
+        "archs": {},
+    }
+    failed = False
+    for arch in archs:
+        rows = [
+            report_kernel(k, d, arch, fallback=not args.no_fallback and arch == 90)
+            for k in args.kernels
+            for d in args.dtypes
+            if (k, d) not in NO_KERNEL
+        ]
+        result["archs"][f"sm_{arch}"] = rows
+        print(f"Triton {triton.__version__}, sm_{arch}, SASS instructions per element (untracked > tracked)")
+        print(table(rows))
+        failed |= arch == 90 and any(r["misses"] for r in rows)
+    out = args.out or ROOT / "bench" / "results" / f"sass-triton-{triton.__version__}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 1 if (args.check and failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
