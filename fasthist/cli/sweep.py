@@ -145,11 +145,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     tasks = [get_task(args.task, seed=args.seed + i, device=device) for i in range(args.seeds)]
     task = tasks[0]
-    grid = args.eps if args.eps is not None else list(task.eps_grid)
-    epochs = args.epochs if args.epochs is not None else task.epochs
-    lr = args.lr if args.lr is not None else task.lr
-    per_epoch = len(task.batches(0))
-    per_run = per_epoch * epochs if args.steps is None else min(args.steps, per_epoch * epochs)
+    grid, epochs, lr, per_run = _settings(args, task)
 
     print(f"fasthist sweep: {task.describe()}")
     print(
@@ -194,11 +190,19 @@ def run(args: argparse.Namespace) -> int:
         "seconds": seconds,
     }
     payload = write_result(args.out, "sweep.json", "sweep", fields)
-    best = verdict.best
-    shown = best.eps if best is not None and best.eps in traces else grid[0]
-    figures = draw_figures(args.out, _figures(payload, traces, shown, args.task), args.no_figures)
+    figures = draw_figures(args.out, _figures(payload, traces, verdict, grid, args.task), args.no_figures)
     report_written(args.out, ["sweep.json", *figures], t_start)
     return 0
+
+
+def _settings(args: argparse.Namespace, task: Any) -> tuple[list[float], int, float, int]:
+    """The ε grid, epochs and learning rate (the arguments', else the task's) and the steps per run."""
+    grid = args.eps if args.eps is not None else list(task.eps_grid)
+    epochs = args.epochs if args.epochs is not None else task.epochs
+    lr = args.lr if args.lr is not None else task.lr
+    per_epoch = len(task.batches(0))
+    per_run = per_epoch * epochs if args.steps is None else min(args.steps, per_epoch * epochs)
+    return grid, epochs, lr, per_run
 
 
 def _train_grid(
@@ -289,7 +293,13 @@ def _print_results(
     )
 
 
-def _figures(payload: dict, traces: dict[float, Any], shown: float, task_name: str) -> list[tuple[str, Any]]:
+def _figures(
+    payload: dict, traces: dict[float, Any], verdict: SweepVerdict, grid: list[float], task_name: str
+) -> list[tuple[str, Any]]:
+    """sweep.png, and quantiles.png of the best ε's first seed (else the grid's first ε)."""
+    best = verdict.best
+    shown = best.eps if best is not None and best.eps in traces else grid[0]
+
     def sweep_png(path: str) -> None:
         from .. import plot
 
