@@ -1,5 +1,5 @@
-"""Parameter sets, bytes per step and the ``torch_fused+hist`` baseline, shared by
-``bench_step.py`` and ``gpu_report.py``.
+"""The optimizers the benchmarks time: the Adam providers shared by ``bench_step.py`` and
+``gpu_report.py``, the ``torch_fused+hist`` baseline and the optional ``adabelief_pytorch``.
 
 ``torch_fused+hist`` is the honest alternative to fasthist: ``torch.optim.Adam(fused=True)``
 followed, per tensor, by the leanest histogram of sqrt(v_hat) one can write with torch ops
@@ -9,56 +9,13 @@ sort, no host sync). It fills the same ``step``/``total`` windows fasthist keeps
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 import fasthist
 
-__all__ = ["ACCESSES", "TorchFusedPlusHist", "adabelief_package", "adam_bytes", "gpu_param_shapes", "step_bytes"]
-
-
-def gpu_param_shapes(name: str) -> list[tuple[int, ...]]:
-    """The GPU sets of issue 3.
-
-    - ``a``: a 1.1B-parameter decoder in 201 tensors (TinyLlama-1.1B shapes: 22 layers,
-      hidden 2048, MLP 5632, grouped KV 256, vocabulary 32000, untied head);
-    - ``b``: GPT-2 small, 124M parameters in 148 tensors;
-    - ``c``: 2,000 small tensors totalling 20M parameters (sizes 2k-18k, fixed seed).
-    """
-    if name == "a":
-        h, f, kv, vocab = 2048, 5632, 256, 32000
-        layer = [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f), (h,), (h,)]
-        return [(vocab, h)] + layer * 22 + [(h,), (vocab, h)]
-    if name == "b":
-        d, vocab, ctx = 768, 50257, 1024
-        layer = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-        return [(vocab, d), (ctx, d)] + layer * 12 + [(d,), (d,)]
-    if name == "c":
-        g = torch.Generator().manual_seed(0)
-        sizes = torch.randint(2000, 18001, (2000,), generator=g)
-        sizes = (sizes.double() * (20_000_000 / sizes.sum().item())).round().long()
-        sizes[-1] += 20_000_000 - int(sizes.sum())
-        return [(int(n),) for n in sizes]
-    raise ValueError(f"unknown GPU parameter set {name!r}; expected 'a', 'b' or 'c'")
-
-
-#: Accesses per parameter element one step must make, with the default options and the
-#: states in the parameter dtype: Adam reads p, g, m, v and writes p, m, v; AdaBelief the
-#: same with s for v; RMSprop (not centered, no momentum) reads p, g, v and writes p, v;
-#: Adagrad reads p, g, sum and writes p, sum.
-ACCESSES = {"adam": 7, "adabelief": 7, "rmsprop": 5, "adagrad": 5}
-
-
-def step_bytes(params: list[torch.Tensor], optimizer: str = "adam", scaler: bool = False) -> int:
-    """Bytes one ``optimizer`` step must move (:data:`ACCESSES` per element); with a
-    ``GradScaler`` one more read of every gradient (its inf/NaN check)."""
-    k = ACCESSES[optimizer] + (1 if scaler else 0)
-    return sum(k * p.numel() * p.element_size() for p in params)
-
-
-def adam_bytes(params: list[torch.Tensor]) -> int:
-    """Bytes an Adam step must move: read param, grad, exp_avg, exp_avg_sq; write param,
-    exp_avg, exp_avg_sq (7 accesses per element, states in the param dtype)."""
-    return step_bytes(params, "adam")
+__all__ = ["ADAM_PROVIDERS", "TorchFusedPlusHist", "adabelief_package"]
 
 
 def adabelief_package() -> tuple[type | None, str]:
@@ -104,3 +61,14 @@ class TorchFusedPlusHist:
             counts = torch.bincount(self.table[keys.reshape(-1)], minlength=nb)
             self.step_counts[i].copy_(counts)
             self.total_counts[i].add_(counts)
+
+
+#: The Adam providers, by name: the baseline ``torch_fused``, torch's ``torch_foreach``,
+#: fasthist's Triton step with and without the histogram, and ``torch_fused+hist``.
+ADAM_PROVIDERS: dict[str, Callable[[list[torch.Tensor]], object]] = {
+    "torch_foreach": lambda ps: torch.optim.Adam(ps, foreach=True),
+    "torch_fused": lambda ps: torch.optim.Adam(ps, fused=True),
+    "fasthist_notrack": lambda ps: fasthist.Adam(ps, fused=True, track=False),
+    "fasthist_track": lambda ps: fasthist.Adam(ps, fused=True, track=True),
+    "torch_fused+hist": lambda ps: TorchFusedPlusHist(ps),
+}

@@ -25,8 +25,11 @@ at each step. Buffers (BatchNorm running statistics, ...) are restored after the
 and each parameter's ``.grad`` is put back as it was.
 
 Other optimizers plug in through :func:`register_eps_optimizer`: a factory that builds a
-fasthist optimizer with the same moment update and a zero step (the table in PAPER.md
-says what each one histograms).
+fasthist optimizer with the same moment update and a zero step. Each histograms what its ε
+is added to, in ε's units (the ``quantity`` of its registration below; the optimizer's
+docstring has the details), as the paper's rule carries over from Adam: Silva & Rodriguez,
+"Fine-Tuning Adaptive Stochastic Optimizers: Determining the Optimal Hyperparameter ε via
+Gradient Magnitude Histogram Analysis" (arXiv 2311.11532, 2024).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from torch import Tensor, nn
 from .adam import Adam, AdamW
 from .bins import LogBins
 from .eps import EpsRange
+from .progress import progress_bar
 
 __all__ = [
     "EpsOptimizer",
@@ -139,16 +143,6 @@ register_eps_optimizer("adagrad", _adagrad, quantity="sqrt(sum g^2)")
 register_eps_optimizer("adabelief", _adabelief, quantity="(1-beta2)*s_hat")
 
 
-def _progress(total: int | None, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with the [demo] extra; without it, no bar
-        return None
-    return tqdm(total=total, desc=desc, unit="batch", leave=False)
-
-
 def _check_args(
     optimizer: str, betas: tuple[float, float], weight_decay: float, clip_grad_norm: float | None, steps: int | None
 ) -> EpsOptimizer:
@@ -202,7 +196,7 @@ def eps_pass(
     if hasattr(batches, "__len__"):
         n_batches = len(batches)  # type: ignore[arg-type]
         total = n_batches if steps is None else min(steps, n_batches)
-    bar = _progress(total, progress, f"eps-range ({optimizer})")
+    bar = progress_bar(total, f"eps-range ({optimizer})", enabled=progress, unit="batch")
     done = 0
     try:
         for batch in batches:
