@@ -105,7 +105,9 @@ def compile_kernel(fn, constexprs: dict, arch: int, num_warps: int):
         for a in fn.arg_names
     }
     src = ASTSource(fn, sig, constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "enable_fp_fusion": False})
+    return triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "enable_fp_fusion": False}
+    )
 
 
 def parse_sass(sass: str) -> list[tuple[str, str, str]]:
@@ -192,7 +194,7 @@ def report_kernel(name: str, dtype: str, arch: int, fallback: bool) -> dict:
     base = dict(flags, DTYPE=tl_dt, BLOCK=shape.block, ITERS=shape.iters, ALIGNED=True)
 
     def run(hist: int, bins: dict):
-        return compile_kernel(fn, dict(base, HIST=hist, **bins), arch, shape.num_warps)
+        return compile_kernel(fn, dict(base, HIST=hist, **C.slab_kwargs(bins, shape.num_warps)), arch, shape.num_warps)
 
     def figures(ck) -> dict:
         return measure(ck, shape.block, shape.iters, shape.num_warps)
@@ -201,7 +203,10 @@ def report_kernel(name: str, dtype: str, arch: int, fallback: bool) -> dict:
     shared_ck = run(C.HIST_SHARED, spec)
     probe = run(C.HIST_PROBE, spec)
     problems = C.shared_histogram_problems(
-        shared_ck.asm["ptx"], shared_ck.metadata.shared, probe.metadata.shared, spec["SMEM_BINS"]
+        shared_ck.asm["ptx"],
+        shared_ck.metadata.shared,
+        probe.metadata.shared,
+        C.slab_kwargs(spec, shape.num_warps)["SMEM_BINS"],
     )
     row = {"kernel": name, "dtype": dtype, "bytes_per_elem": accesses * size, "untracked": off}
     row["strategies"] = {"shared": figures(shared_ck)}

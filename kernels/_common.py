@@ -96,6 +96,7 @@ __all__ = [
     "scalar",
     "scratch_for",
     "shared_histogram_problems",
+    "slab_kwargs",
     "store",
     "tl_dtype",
     "write_back",
@@ -117,16 +118,22 @@ HIST_OFF, HIST_TL, HIST_SHARED, HIST_PROBE, HIST_WORDS = 0, 1, 2, 3, 4
 
 
 def _smem_asm(base: str, access: str) -> tl.constexpr:
-    """PTX for one element: the address of word ``$1`` from ``base``, then ``access``."""
-    return tl.constexpr(f"{{ .reg .b32 %fh_a; mov.u32 %fh_a, {base}; mad.lo.u32 %fh_a, $1, 4, %fh_a; {access} }}")
+    """PTX for one element: the address of word ``$1`` (quad ``$4`` for the vector reads
+    and writes) from ``base``, then ``access``."""
+    return tl.constexpr(f"{{ .reg .b32 %fh_a; mov.u32 %fh_a, {base}; {access} }}")
 
 
-_ZERO, _INC, _READ = (
-    "st.shared.u32 [%fh_a], 0; mov.u32 $0, 0;",
-    "red.shared.add.u32 [%fh_a], 1; mov.u32 $0, 0;",
-    "ld.shared.u32 $0, [%fh_a];",
-)
+_ZERO = "mad.lo.u32 %fh_a, $1, 16, %fh_a; st.shared.v4.u32 [%fh_a], {0, 0, 0, 0}; mov.u32 $0, 0;"
+_INC = "mad.lo.u32 %fh_a, $1, 4, %fh_a; red.shared.add.u32 [%fh_a], 1; mov.u32 $0, 0;"
+_READ = "mad.lo.u32 %fh_a, $4, 16, %fh_a; ld.shared.v4.u32 {$0, $1, $2, $3}, [%fh_a];"
 _SMEM_ZERO, _SMEM_INC, _SMEM_READ = (_smem_asm("global_smem", a) for a in (_ZERO, _INC, _READ))
+# The hot loop's whole histogram step in PTX: the word of float32 bits $1 (WORD_ASM, built by
+# BinSpec: smem_word's four operations, written so ptxas sees an unsigned min, not the
+# compare-and-select LLVM makes of it), then the shared atomic.
+_WORD_PRE = tl.constexpr("{ .reg .b32 %fh_a, %fh_b, %fh_k, %fh_z; ")
+_WORD_POST = "mad.lo.u32 %fh_a, %fh_k, 4, %fh_a; red.shared.add.u32 [%fh_a], 1; mov.u32 $0, 0; }"
+_SMEM_WORD_POST = tl.constexpr("mov.u32 %fh_a, global_smem; " + _WORD_POST)
+_PROBE_WORD_POST = tl.constexpr("mov.u32 %fh_a, 0; " + _WORD_POST)
 _PROBE_ZERO, _PROBE_INC, _PROBE_READ = (_smem_asm("0", a) for a in (_ZERO, _INC, _READ))
 
 
@@ -200,25 +207,36 @@ def smem_word(
 
 
 @triton.jit
-def hist_begin(never, spare_ptr, HIST: tl.constexpr, HIST_BINS: tl.constexpr, SMEM_BINS: tl.constexpr):
+def hist_begin(
+    never,
+    spare_ptr,
+    HIST: tl.constexpr,
+    HIST_BINS: tl.constexpr,
+    DUMP: tl.constexpr,
+    SMEM_BINS: tl.constexpr,
+    SLAB: tl.constexpr,
+):
     """Start a program's histogram: the ``tl.histogram`` accumulator (``HIST_TL``; over
-    words for ``HIST_WORDS``), or zeroed shared words (``HIST_SHARED``; ``never`` is a
-    runtime-false condition guarding the branch that reserves them, ``spare_ptr`` any int64
-    pointer that branch may name)."""
+    words for ``HIST_WORDS``), or zeroed shared words 0..DUMP (``HIST_SHARED``, four per
+    store, ``SLAB`` = one quad per thread at a time; ``never`` is a runtime-false condition
+    guarding the branch that reserves them, ``spare_ptr`` any int64 pointer it may name)."""
     acc = tl.zeros([1], dtype=tl.int32)
     if HIST == 1:
         acc = tl.zeros([HIST_BINS], dtype=tl.int32)
     if HIST == 4:
         acc = tl.zeros([SMEM_BINS], dtype=tl.int32)
     if HIST == 2 or HIST == 3:
-        b = tl.arange(0, SMEM_BINS)
+        for s in range(0, DUMP // 4 + 1, SLAB):
+            q = s + tl.arange(0, SLAB)
+            if HIST == 2:
+                tl.inline_asm_elementwise(_SMEM_ZERO, "=r,r", [q], dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                tl.inline_asm_elementwise(_PROBE_ZERO, "=r,r", [q], dtype=tl.int32, is_pure=False, pack=1)
         if HIST == 2:
-            tl.inline_asm_elementwise(_SMEM_ZERO, "=r,r", [b], dtype=tl.int32, is_pure=False, pack=1)
             if never:  # never runs; makes Triton allocate SMEM_BINS words of shared memory
+                b = tl.arange(0, SMEM_BINS)
                 words = tl.load(spare_ptr + b).to(tl.int32)
                 tl.store(spare_ptr + b, tl.gather(words, (b * 7) % SMEM_BINS, 0).to(tl.int64))
-        else:
-            tl.inline_asm_elementwise(_PROBE_ZERO, "=r,r", [b], dtype=tl.int32, is_pure=False, pack=1)
         tl.debug_barrier()
     return acc
 
@@ -238,6 +256,7 @@ def hist_add(
     WINDOW: tl.constexpr,
     DUMP: tl.constexpr,
     SMEM_BINS: tl.constexpr,
+    WORD_ASM: tl.constexpr,
 ):
     """Count the bin of every live element of a block of float32 values ``x``."""
     if HIST == 1:
@@ -246,7 +265,17 @@ def hist_add(
             acc += tl.histogram(idx, HIST_BINS, mask=mask)
         else:
             acc += tl.histogram(idx, HIST_BINS)
-    if HIST >= 2:
+    if (HIST == 2 or HIST == 3) and WINDOW and not MASKED:
+        bits = x.to(tl.int32, bitcast=True)
+        if HIST == 2:
+            tl.inline_asm_elementwise(
+                _WORD_PRE + WORD_ASM + _SMEM_WORD_POST, "=r,r", [bits], dtype=tl.int32, is_pure=False, pack=1
+            )
+        else:
+            tl.inline_asm_elementwise(
+                _WORD_PRE + WORD_ASM + _PROBE_WORD_POST, "=r,r", [bits], dtype=tl.int32, is_pure=False, pack=1
+            )
+    elif HIST >= 2:
         w = smem_word(x, SHIFT, LOW_KEY, ABOVE, NONFINITE, WINDOW)
         if MASKED:  # dead lanes count in the dump word, past every real one
             w = tl.where(mask, w, DUMP)
@@ -257,6 +286,51 @@ def hist_add(
         if HIST == 4:
             acc += tl.histogram(w, SMEM_BINS)
     return acc
+
+
+@triton.jit
+def _fold(b, SHIFT: tl.constexpr, LOW_KEY: tl.constexpr, ABOVE: tl.constexpr, NONFINITE: tl.constexpr):
+    """The bin of window word ``b``: itself up to ``ABOVE``; finite keys above the range to
+    ``ABOVE``, non-finite ones to ``NONFINITE``."""
+    return tl.where(b >= (0x7F800000 >> SHIFT) - LOW_KEY + 2, NONFINITE, tl.minimum(b, ABOVE))
+
+
+@triton.jit
+def _flush_quads(
+    row_ptr,
+    start,
+    stop,
+    FOLD: tl.constexpr,
+    CHECK: tl.constexpr,
+    HIST: tl.constexpr,
+    SHIFT: tl.constexpr,
+    LOW_KEY: tl.constexpr,
+    ABOVE: tl.constexpr,
+    NONFINITE: tl.constexpr,
+    DUMP: tl.constexpr,
+    SLAB: tl.constexpr,
+):
+    """Add shared words ``4*start .. 4*stop`` to their bins of the row (``FOLD``: words past
+    the log bins; ``CHECK``: the range reaches the dump word, which is not added)."""
+    for s in range(start, stop, SLAB):
+        q = s + tl.arange(0, SLAB)
+        if HIST == 2:
+            words = tl.inline_asm_elementwise(
+                _SMEM_READ, "=r,=r,=r,=r,r", [q], dtype=(tl.int32,) * 4, is_pure=False, pack=1
+            )
+        else:
+            words = tl.inline_asm_elementwise(
+                _PROBE_READ, "=r,=r,=r,=r,r", [q], dtype=(tl.int32,) * 4, is_pure=False, pack=1
+            )
+        for j in tl.static_range(4):
+            b = 4 * q + j
+            live = words[j] != 0
+            bins = b
+            if FOLD:
+                bins = _fold(b, SHIFT, LOW_KEY, ABOVE, NONFINITE)
+            if CHECK:
+                live = live & (b < DUMP)
+            tl.atomic_add(row_ptr + bins, words[j].to(tl.int64), mask=live, sem="relaxed")
 
 
 @triton.jit
@@ -273,24 +347,29 @@ def hist_end(
     WINDOW: tl.constexpr,
     DUMP: tl.constexpr,
     SMEM_BINS: tl.constexpr,
+    SLAB: tl.constexpr,
 ):
-    """``row_ptr[bin] += count`` for the non-zero bins of the program (int64 row)."""
+    """``row_ptr[bin] += count`` for the non-zero bins of the program (int64 row): from the
+    ``tl.histogram`` accumulator, or from the shared words, four per load, the words past
+    the log bins folded (``WINDOW``) in a second loop."""
     if HIST == 1:
         b = tl.arange(0, HIST_BINS)
         tl.atomic_add(row_ptr + b, acc.to(tl.int64), mask=(acc != 0) & (b < NUM_BINS), sem="relaxed")
-    if HIST >= 2:
+    if HIST == 4:  # the interpreter's twin of the shared words
         b = tl.arange(0, SMEM_BINS)
-        words = acc
-        if HIST == 2 or HIST == 3:
-            tl.debug_barrier()
-            if HIST == 2:
-                words = tl.inline_asm_elementwise(_SMEM_READ, "=r,r", [b], dtype=tl.int32, is_pure=False, pack=1)
-            else:
-                words = tl.inline_asm_elementwise(_PROBE_READ, "=r,r", [b], dtype=tl.int32, is_pure=False, pack=1)
         bins = b
-        if WINDOW:  # fold the words past the log bins: finite ones into above, the rest non-finite
-            bins = tl.where(b >= (0x7F800000 >> SHIFT) - LOW_KEY + 2, NONFINITE, tl.minimum(b, ABOVE))
-        tl.atomic_add(row_ptr + bins, words.to(tl.int64), mask=(words != 0) & (b < DUMP), sem="relaxed")
+        if WINDOW:
+            bins = _fold(b, SHIFT, LOW_KEY, ABOVE, NONFINITE)
+        tl.atomic_add(row_ptr + bins, acc.to(tl.int64), mask=(acc != 0) & (b < DUMP), sem="relaxed")
+    if HIST == 2 or HIST == 3:
+        tl.debug_barrier()
+        quads = DUMP // 4 + 1
+        plain = quads
+        if WINDOW:
+            plain = (ABOVE // 4) // SLAB * SLAB  # whole slabs of words below ABOVE: no fold
+        _flush_quads(row_ptr, 0, plain, False, not WINDOW, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, DUMP, SLAB)
+        if WINDOW:
+            _flush_quads(row_ptr, plain, quads, True, True, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, DUMP, SLAB)
 
 
 @triton.jit
@@ -399,7 +478,17 @@ class BinSpec:
             "WINDOW": self.window,
             "DUMP": self.dump,
             "SMEM_BINS": self.smem_bins,
+            "WORD_ASM": self.word_asm(),
         }
+
+    def word_asm(self) -> str:
+        """PTX of :func:`smem_word` (``WINDOW``) from float32 bits ``$1`` into ``%fh_k``."""
+        if not self.window:
+            return ""
+        return (
+            f"shl.b32 %fh_b, $1, 1; shr.u32 %fh_k, %fh_b, {self.shift + 1}; min.u32 %fh_z, %fh_b, 1; "
+            f"sub.s32 %fh_k, %fh_k, {self.low_key - 2}; max.s32 %fh_k, %fh_k, %fh_z; "
+        )
 
 
 NO_BINS = {
@@ -412,9 +501,18 @@ NO_BINS = {
     "WINDOW": False,
     "DUMP": 1,
     "SMEM_BINS": 2,
+    "WORD_ASM": "",
 }
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def slab_kwargs(bin_kwargs: dict[str, Any], num_warps: int) -> dict[str, Any]:
+    """``bin_kwargs`` plus ``SLAB`` (one element per thread: the shared histogram is zeroed,
+    read and flushed a quad of words per thread at a time, never two threads on one quad) and
+    ``SMEM_BINS`` raised to whole slabs of quads."""
+    slab = 32 * num_warps
+    return dict(bin_kwargs, SLAB=slab, SMEM_BINS=max(bin_kwargs["SMEM_BINS"], 4 * slab))
 
 
 def tl_dtype(dtype: torch.dtype):
@@ -511,7 +609,7 @@ def shared_histogram_problems(ptx: str, shared_bytes: int, probe_shared_bytes: i
         problems.append(f"{shared_bytes} bytes of shared memory reserved, {4 * smem_bins} needed")
     if not _SMEM_SYMBOL.search(ptx):
         problems.append("no dynamic shared-memory symbol global_smem in the PTX")
-    if "red.shared.add.u32" not in ptx or "ld.shared.u32" not in ptx or "st.shared.u32" not in ptx:
+    if any(op not in ptx for op in ("red.shared.add.u32", "ld.shared.v4.u32", "st.shared.v4.u32")):
         problems.append("the shared-memory histogram instructions are missing from the PTX")
     if len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx)) < 2:
         problems.append("the barriers around the shared histogram are missing")
@@ -784,7 +882,7 @@ def launch(
             ALIGNED=aligned,
             HIST=HIST_OFF,
             num_warps=SHAPE.num_warps,
-            **bin_kwargs,
+            **slab_kwargs(bin_kwargs, SHAPE.num_warps),
             **launch_options(device),
         )
         if hist is not None:

@@ -92,6 +92,7 @@ def _adabelief_chunk(
     WINDOW: tl.constexpr,
     DUMP: tl.constexpr,
     SMEM_BINS: tl.constexpr,
+    WORD_ASM: tl.constexpr,
 ):
     trips = ITERS
     if MASKED:  # the tail chunk: only its live blocks
@@ -136,7 +137,20 @@ def _adabelief_chunk(
         store(p_ptr, offs, p.to(DTYPE), mask, MASKED, ALIGNED)
         if HIST != 0:
             acc = hist_add(
-                acc, x, mask, MASKED, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS
+                acc,
+                x,
+                mask,
+                MASKED,
+                HIST,
+                SHIFT,
+                LOW_KEY,
+                ABOVE,
+                NONFINITE,
+                HIST_BINS,
+                WINDOW,
+                DUMP,
+                SMEM_BINS,
+                WORD_ASM,
             )
     return acc
 
@@ -170,8 +184,12 @@ def _adabelief_hist_kernel(
     WINDOW: tl.constexpr,
     DUMP: tl.constexpr,
     SMEM_BINS: tl.constexpr,
+    SLAB: tl.constexpr,
+    WORD_ASM: tl.constexpr,
 ):
     row, start, numel, slot = chunk_header(table_ptr, chunk_ptr, 7, BLOCK * ITERS)
+    row_ptr = scratch_ptr + slot * NUM_BINS  # this program's histogram, zeroed first: fewer live registers
+    acc = hist_begin(start < 0, row_ptr, HIST, HIST_BINS, DUMP, SMEM_BINS, SLAB)
     p_ptr = column(row, 0, start, DTYPE)
     g_ptr = column(row, 1, start, DTYPE)
     m_ptr = column(row, 2, start, DTYPE)
@@ -183,21 +201,21 @@ def _adabelief_hist_kernel(
     sqrt_bc2 = tl.load(coef + 2)
     c = tl.load(coef + 3)
     mode = tl.load(coef + 4)
-    row_ptr = scratch_ptr + slot * NUM_BINS
-    acc = hist_begin(start < 0, row_ptr, HIST, HIST_BINS, SMEM_BINS)
     args = (p_ptr, g_ptr, m_ptr, s_ptr, smax_ptr, numel, decay, scale, sqrt_bc2, c, mode, beta1, one_minus_beta1)
     if numel == BLOCK * ITERS:  # a full chunk: no masks
         acc = _adabelief_chunk(
             acc, *args, beta2, one_minus_beta2, eps, weight_decay, DTYPE, BLOCK, ITERS, False, ALIGNED, AMSGRAD,
-            RECTIFY, WD_MODE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS,
+            RECTIFY, WD_MODE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS, WORD_ASM,
         )  # fmt: skip
     else:
         acc = _adabelief_chunk(
             acc, *args, beta2, one_minus_beta2, eps, weight_decay, DTYPE, BLOCK, ITERS, True, ALIGNED, AMSGRAD,
-            RECTIFY, WD_MODE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS,
+            RECTIFY, WD_MODE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS, WORD_ASM,
         )  # fmt: skip
     if HIST != 0:
-        hist_end(acc, row_ptr, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, NUM_BINS, HIST_BINS, WINDOW, DUMP, SMEM_BINS)
+        hist_end(
+            acc, row_ptr, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, NUM_BINS, HIST_BINS, WINDOW, DUMP, SMEM_BINS, SLAB
+        )
 
 
 def _coefficients(

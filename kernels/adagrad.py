@@ -75,6 +75,7 @@ def _adagrad_chunk(
     WINDOW: tl.constexpr,
     DUMP: tl.constexpr,
     SMEM_BINS: tl.constexpr,
+    WORD_ASM: tl.constexpr,
 ):
     trips = ITERS
     if MASKED:  # the tail chunk: only its live blocks
@@ -101,7 +102,20 @@ def _adagrad_chunk(
         store(p_ptr, offs, p.to(DTYPE), mask, MASKED, ALIGNED)
         if HIST != 0:
             acc = hist_add(
-                acc, x, mask, MASKED, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS
+                acc,
+                x,
+                mask,
+                MASKED,
+                HIST,
+                SHIFT,
+                LOW_KEY,
+                ABOVE,
+                NONFINITE,
+                HIST_BINS,
+                WINDOW,
+                DUMP,
+                SMEM_BINS,
+                WORD_ASM,
             )
     return acc
 
@@ -134,8 +148,12 @@ def _adagrad_hist_kernel(
     WINDOW: tl.constexpr,
     DUMP: tl.constexpr,
     SMEM_BINS: tl.constexpr,
+    SLAB: tl.constexpr,
+    WORD_ASM: tl.constexpr,
 ):
     row, start, numel, slot = chunk_header(table_ptr, chunk_ptr, 5, BLOCK * ITERS)
+    row_ptr = scratch_ptr + slot * NUM_BINS  # this program's histogram, zeroed first: fewer live registers
+    acc = hist_begin(start < 0, row_ptr, HIST, HIST_BINS, DUMP, SMEM_BINS, SLAB)
     p_ptr = column(row, 0, start, DTYPE)
     g_ptr = column(row, 1, start, DTYPE)
     s_ptr = column(row, 2, start, DTYPE)
@@ -145,20 +163,20 @@ def _adagrad_hist_kernel(
     grad_scale = 1.0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
-    row_ptr = scratch_ptr + slot * NUM_BINS
-    acc = hist_begin(start < 0, row_ptr, HIST, HIST_BINS, SMEM_BINS)
     if numel == BLOCK * ITERS:  # a full chunk: no masks
         acc = _adagrad_chunk(
             acc, p_ptr, g_ptr, s_ptr, numel, neg_clr, grad_scale, eps, weight_decay, DTYPE, BLOCK, ITERS, False,
-            ALIGNED, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS,
+            ALIGNED, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS, WORD_ASM,
         )  # fmt: skip
     else:
         acc = _adagrad_chunk(
             acc, p_ptr, g_ptr, s_ptr, numel, neg_clr, grad_scale, eps, weight_decay, DTYPE, BLOCK, ITERS, True,
-            ALIGNED, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS,
+            ALIGNED, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS, WORD_ASM,
         )  # fmt: skip
     if HIST != 0:
-        hist_end(acc, row_ptr, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, NUM_BINS, HIST_BINS, WINDOW, DUMP, SMEM_BINS)
+        hist_end(
+            acc, row_ptr, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, NUM_BINS, HIST_BINS, WINDOW, DUMP, SMEM_BINS, SLAB
+        )
 
 
 def _neg_clr(state_steps: list[Tensor], device: torch.device, lr: float | Tensor, lr_decay: float) -> Tensor:

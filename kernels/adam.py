@@ -125,6 +125,7 @@ def _adam_chunk(
     WINDOW: tl.constexpr,
     DUMP: tl.constexpr,
     SMEM_BINS: tl.constexpr,
+    WORD_ASM: tl.constexpr,
 ):
     """The update of one chunk (``ITERS`` blocks of one tensor), counted into ``acc``."""
     trips = ITERS
@@ -163,7 +164,20 @@ def _adam_chunk(
         store(p_ptr, offs, p.to(DTYPE), mask, MASKED, ALIGNED)
         if HIST != 0:
             acc = hist_add(
-                acc, x, mask, MASKED, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS
+                acc,
+                x,
+                mask,
+                MASKED,
+                HIST,
+                SHIFT,
+                LOW_KEY,
+                ABOVE,
+                NONFINITE,
+                HIST_BINS,
+                WINDOW,
+                DUMP,
+                SMEM_BINS,
+                WORD_ASM,
             )
     return acc
 
@@ -202,8 +216,12 @@ def _adam_hist_kernel(
     WINDOW: tl.constexpr,
     DUMP: tl.constexpr,
     SMEM_BINS: tl.constexpr,
+    SLAB: tl.constexpr,
+    WORD_ASM: tl.constexpr,
 ):
     row, start, numel, slot = chunk_header(table_ptr, chunk_ptr, 7, BLOCK * ITERS)
+    row_ptr = scratch_ptr + slot * NUM_BINS  # this program's histogram, zeroed first: fewer live registers
+    acc = hist_begin(start < 0, row_ptr, HIST, HIST_BINS, DUMP, SMEM_BINS, SLAB)
     p_ptr = column(row, 0, start, DTYPE)
     g_ptr = column(row, 1, start, DTYPE)
     m_ptr = column(row, 2, start, DTYPE)
@@ -217,23 +235,23 @@ def _adam_hist_kernel(
     grad_scale = 1.0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
-    row_ptr = scratch_ptr + slot * NUM_BINS
-    acc = hist_begin(start < 0, row_ptr, HIST, HIST_BINS, SMEM_BINS)
     args = (p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, numel, neg_step_size, c, decay, grad_scale)
     if numel == BLOCK * ITERS:  # a full chunk (most of them): no masks
         acc = _adam_chunk(
             acc, *args, one_minus_beta1, lerp_coeff, beta2, one_minus_beta2, eps, weight_decay,
             DTYPE, BLOCK, ITERS, False, ALIGNED, AMSGRAD, MAXIMIZE, WD_MODE, LERP_SMALL, HAS_GRAD_SCALE,
-            HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS,
+            HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS, WORD_ASM,
         )  # fmt: skip
     else:
         acc = _adam_chunk(
             acc, *args, one_minus_beta1, lerp_coeff, beta2, one_minus_beta2, eps, weight_decay,
             DTYPE, BLOCK, ITERS, True, ALIGNED, AMSGRAD, MAXIMIZE, WD_MODE, LERP_SMALL, HAS_GRAD_SCALE,
-            HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS,
+            HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS, WORD_ASM,
         )  # fmt: skip
     if HIST != 0:
-        hist_end(acc, row_ptr, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, NUM_BINS, HIST_BINS, WINDOW, DUMP, SMEM_BINS)
+        hist_end(
+            acc, row_ptr, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, NUM_BINS, HIST_BINS, WINDOW, DUMP, SMEM_BINS, SLAB
+        )
 
 
 def _coefficients(

@@ -88,6 +88,7 @@ def _rmsprop_chunk(
     WINDOW: tl.constexpr,
     DUMP: tl.constexpr,
     SMEM_BINS: tl.constexpr,
+    WORD_ASM: tl.constexpr,
 ):
     trips = ITERS
     if MASKED:  # the tail chunk: only its live blocks
@@ -129,7 +130,20 @@ def _rmsprop_chunk(
         store(p_ptr, offs, p.to(DTYPE), mask, MASKED, ALIGNED)
         if HIST != 0:
             acc = hist_add(
-                acc, x, mask, MASKED, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS
+                acc,
+                x,
+                mask,
+                MASKED,
+                HIST,
+                SHIFT,
+                LOW_KEY,
+                ABOVE,
+                NONFINITE,
+                HIST_BINS,
+                WINDOW,
+                DUMP,
+                SMEM_BINS,
+                WORD_ASM,
             )
     return acc
 
@@ -168,8 +182,12 @@ def _rmsprop_hist_kernel(
     WINDOW: tl.constexpr,
     DUMP: tl.constexpr,
     SMEM_BINS: tl.constexpr,
+    SLAB: tl.constexpr,
+    WORD_ASM: tl.constexpr,
 ):
     row, start, numel, slot = chunk_header(table_ptr, chunk_ptr, 7, BLOCK * ITERS)
+    row_ptr = scratch_ptr + slot * NUM_BINS  # this program's histogram, zeroed first: fewer live registers
+    acc = hist_begin(start < 0, row_ptr, HIST, HIST_BINS, DUMP, SMEM_BINS, SLAB)
     if LR_FROM_PTR:
         lr = tl.load(lr_ptr)
     p_ptr = column(row, 0, start, DTYPE)
@@ -177,21 +195,21 @@ def _rmsprop_hist_kernel(
     v_ptr = column(row, 2, start, DTYPE)
     ga_ptr = column(row, 3, start, DTYPE)  # the parameter's own pointer when not centered
     buf_ptr = column(row, 4, start, DTYPE)  # likewise without momentum
-    row_ptr = scratch_ptr + slot * NUM_BINS
-    acc = hist_begin(start < 0, row_ptr, HIST, HIST_BINS, SMEM_BINS)
     args = (p_ptr, g_ptr, v_ptr, ga_ptr, buf_ptr, numel, lr, alpha, one_minus_alpha, lerp_w, lerp_coeff, eps)
     if numel == BLOCK * ITERS:  # a full chunk: no masks
         acc = _rmsprop_chunk(
             acc, *args, weight_decay, momentum, DTYPE, BLOCK, ITERS, False, ALIGNED, CENTERED, MOMENTUM, MAXIMIZE,
-            HAS_WD, LERP_SMALL, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS,
+            HAS_WD, LERP_SMALL, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS, WORD_ASM,
         )  # fmt: skip
     else:
         acc = _rmsprop_chunk(
             acc, *args, weight_decay, momentum, DTYPE, BLOCK, ITERS, True, ALIGNED, CENTERED, MOMENTUM, MAXIMIZE,
-            HAS_WD, LERP_SMALL, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS,
+            HAS_WD, LERP_SMALL, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS, WORD_ASM,
         )  # fmt: skip
     if HIST != 0:
-        hist_end(acc, row_ptr, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, NUM_BINS, HIST_BINS, WINDOW, DUMP, SMEM_BINS)
+        hist_end(
+            acc, row_ptr, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, NUM_BINS, HIST_BINS, WINDOW, DUMP, SMEM_BINS, SLAB
+        )
 
 
 def rmsprop_hist(
