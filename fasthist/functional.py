@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 from .backend import kernels_module, select_backend
+from .dtensor import is_dtensor, local_tensor
 from .reference.adabelief import adabelief_reference
 from .reference.adagrad import adagrad_reference
 from .reference.adam import adam_reference
-from .reference.histogram import HistTarget
 from .reference.rmsprop import rmsprop_reference
+from .target import HistTarget
 
 __all__ = ["adam", "rmsprop", "adagrad", "adabelief"]
 
@@ -31,9 +32,9 @@ def _split(lists: list[list[Tensor]], idx: list[int]) -> list[list[Tensor]]:
 def _locals(lists: list[list[Tensor]]) -> list[list[Tensor]]:
     """DTensors (FSDP2, tensor parallel) replaced by their local shards, which share their
     storage: the kernels walk raw pointers, and a DTensor's ``data_ptr()`` is 0."""
-    if not any(type(t).__name__ == "DTensor" for lst in lists for t in lst):
+    if not any(is_dtensor(t) for lst in lists for t in lst):
         return lists
-    return [[t.to_local() if type(t).__name__ == "DTensor" else t for t in lst] for lst in lists]
+    return [[local_tensor(t) for t in lst] for lst in lists]
 
 
 def adam(

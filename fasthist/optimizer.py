@@ -28,8 +28,8 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from .bins import LogBins
 from .eps import EpsRange, eps_range_from_counts
-from .histogram import Histogram, _as_q, batched_quantile
-from .reference.histogram import HistTarget
+from .histogram import Histogram, as_quantiles, batched_quantile
+from .target import HistTarget
 
 __all__ = ["HistogramMixin", "HistogramRows", "TRACKING_ARGS_DOC", "drop_in_doc"]
 
@@ -384,7 +384,7 @@ class HistogramMixin:
         """Quantiles of every tracked tensor at once: ``(names, float64 [num_tensors, len(qs)])``
         on the histograms' device, computed in one batched operation (rule and guarantee
         of :class:`Histogram`)."""
-        qt, _ = _as_q(qs)
+        qt, _ = as_quantiles(qs)
         names, _, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
         if counts is None:
             return [], torch.empty(0, qt.numel(), dtype=torch.float64)
