@@ -1,8 +1,9 @@
 """Functional forms of the fasthist optimizers: the optimizer math plus histogram
 accumulation, dispatched per device to a backend (see :mod:`fasthist.backend`).
 
-``hist`` maps each device to ``(indices of the tensors on it, HistTarget)``, as
-``HistogramMixin._hist_targets`` builds it; ``None`` records nothing.
+``hist`` maps each device to ``(indices of the tensors on it, HistTarget)``
+(:data:`fasthist.target.DeviceTargets`, built by the optimizer's step); ``None`` records
+nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .reference.adabelief import adabelief_reference
 from .reference.adagrad import adagrad_reference
 from .reference.adam import adam_reference
 from .reference.rmsprop import rmsprop_reference
-from .target import HistTarget
+from .target import DeviceTargets, HistTarget
 
 __all__ = ["adam", "rmsprop", "adagrad", "adabelief"]
 
@@ -45,7 +46,7 @@ def adam(
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
-    hist: dict[torch.device, tuple[list[int], HistTarget]] | None = None,
+    hist: DeviceTargets | None = None,
     **kwargs: Any,
 ) -> None:
     """``torch.optim.adam.adam`` (same keyword arguments) plus histograms of sqrt(v_hat)."""
@@ -57,12 +58,13 @@ def _dispatch(
     op: str,
     reference: Any,
     lists: list[list[Tensor]],
-    hist: dict[torch.device, tuple[list[int], HistTarget]] | None,
+    hist: DeviceTargets | None,
     kwargs: dict[str, Any],
 ) -> None:
     """Run ``op`` per device on the kernel backend (``fasthist.kernels.<op>.<op>_hist``)
-    or the reference. Until a fused kernel for ``op`` exists the reference runs on every
-    device, so the optimizer works (unfused) wherever torch does."""
+    or the reference: the reference wherever the kernels do not run (no CUDA and no forced
+    Triton, no Triton, or what :func:`_kernel_supports` turns down), so the optimizer works
+    wherever torch does."""
     params = lists[0]
     if not params:
         return
@@ -124,7 +126,7 @@ def rmsprop(
     momentum_buffer_list: list[Tensor],
     state_steps: list[Tensor],
     *,
-    hist: dict[torch.device, tuple[list[int], HistTarget]] | None = None,
+    hist: DeviceTargets | None = None,
     **kwargs: Any,
 ) -> None:
     """``torch.optim.rmsprop.rmsprop`` (same keyword arguments) plus histograms of the
@@ -139,7 +141,7 @@ def adagrad(
     state_sums: list[Tensor],
     state_steps: list[Tensor],
     *,
-    hist: dict[torch.device, tuple[list[int], HistTarget]] | None = None,
+    hist: DeviceTargets | None = None,
     **kwargs: Any,
 ) -> None:
     """``torch.optim.adagrad.adagrad`` (same keyword arguments) plus histograms of sqrt(sum)."""
@@ -154,7 +156,7 @@ def adabelief(
     max_exp_avg_vars: list[Tensor],
     state_steps: list[Tensor],
     *,
-    hist: dict[torch.device, tuple[list[int], HistTarget]] | None = None,
+    hist: DeviceTargets | None = None,
     **kwargs: Any,
 ) -> None:
     """AdaBelief as ``adabelief_pytorch.AdaBelief`` computes it, plus histograms of

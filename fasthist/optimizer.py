@@ -29,7 +29,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from .bins import LogBins
 from .eps import EpsRange, eps_range_from_counts
 from .histogram import Histogram, as_quantiles, batched_quantile
-from .target import HistTarget
+from .target import DeviceTargets, HistTarget
 
 __all__ = ["HistogramMixin", "HistogramRows", "TRACKING_ARGS_DOC", "drop_in_doc"]
 
@@ -261,9 +261,7 @@ class HistogramMixin:
         self.__dict__["_fh_store"] = store
         return store
 
-    def _hist_targets(
-        self, group: dict[str, Any], params: list[Tensor]
-    ) -> dict[torch.device, tuple[list[int], HistTarget]]:
+    def _hist_targets(self, group: dict[str, Any], params: list[Tensor]) -> DeviceTargets:
         """For the params of one step call: per device, (their indices, the target)."""
         store = self._hist_store()
         if not store.valid_for(self.state, params):

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from .bins import LogBins
 
-__all__ = ["HistTarget"]
+__all__ = ["HistTarget", "DeviceTargets"]
 
 
 @dataclass
@@ -43,3 +44,8 @@ class HistTarget:
         if buf is None:
             buf = self._workspace[key] = make()
         return buf
+
+
+DeviceTargets = dict[torch.device, tuple[list[int], HistTarget]]
+"""What a step passes to a functional form as ``hist``: per device, (the indices of the
+call's tensors on it, their target)."""
