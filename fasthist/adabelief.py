@@ -70,6 +70,16 @@ class AdaBelief(HistogramMixin, Optimizer):
         "    fp16 parameters are stepped in float32 with float32 states, as the package does.\n"
     )
     _functional = staticmethod(adabelief_hist)
+    _group_options = (
+        "lr",
+        "eps",
+        "weight_decay",
+        "amsgrad",
+        "weight_decouple",
+        "fixed_decay",
+        "rectify",
+        "degenerated_to_sgd",
+    )
 
     def __init__(
         self,
@@ -162,24 +172,7 @@ class AdaBelief(HistogramMixin, Optimizer):
             state_steps.append(state["step"])
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
-        params_with_grad: list[Tensor] = []
-        grads: list[Tensor] = []
-        exp_avgs: list[Tensor] = []
-        exp_avg_vars: list[Tensor] = []
-        max_exp_avg_vars: list[Tensor] = []
-        state_steps: list[Tensor] = []
+        lists = params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps = self._lists(6)
+        self._init_group(group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps)
         beta1, beta2 = group["betas"]
-        self._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps)
-        lists = [params_with_grad, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps]
-        return lists, {
-            "lr": group["lr"],
-            "beta1": beta1,
-            "beta2": beta2,
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "amsgrad": group["amsgrad"],
-            "weight_decouple": group["weight_decouple"],
-            "fixed_decay": group["fixed_decay"],
-            "rectify": group["rectify"],
-            "degenerated_to_sgd": group["degenerated_to_sgd"],
-        }
+        return lists, self._options(group, beta1=beta1, beta2=beta2)

@@ -66,24 +66,12 @@ class Adagrad(HistogramMixin, torch.optim.Adagrad):
         self._finish_tracking()
 
     _functional = staticmethod(adagrad_hist)
+    _group_options = ("lr", "weight_decay", "lr_decay", "eps", "foreach", "maximize", "differentiable", "fused")
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
-        params_with_grad: list[Tensor] = []
-        grads: list[Tensor] = []
-        state_sums: list[Tensor] = []
-        state_steps: list[Tensor] = []
-        has_sparse_grad, has_complex = self._init_group(group, params_with_grad, grads, state_sums, state_steps)
-        return [params_with_grad, grads, state_sums, state_steps], {
-            "lr": group["lr"],
-            "weight_decay": group["weight_decay"],
-            "lr_decay": group["lr_decay"],
-            "eps": group["eps"],
-            "has_sparse_grad": has_sparse_grad,
-            "foreach": group["foreach"],
-            "maximize": group["maximize"],
-            "differentiable": group["differentiable"],
-            "has_complex": has_complex,
-            "fused": group["fused"],
-            "grad_scale": getattr(self, "grad_scale", None),
-            "found_inf": getattr(self, "found_inf", None),
-        }
+        lists = params, grads, state_sums, state_steps = self._lists(4)
+        has_sparse_grad, has_complex = self._init_group(group, params, grads, state_sums, state_steps)
+        kwargs = self._options(
+            group, has_sparse_grad=has_sparse_grad, has_complex=has_complex, **self._grad_scaler_args()
+        )
+        return lists, kwargs

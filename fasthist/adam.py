@@ -68,37 +68,26 @@ class Adam(HistogramMixin, torch.optim.Adam):
         self._finish_tracking()
 
     _functional = staticmethod(adam_hist)
+    _group_options = (
+        "amsgrad",
+        "lr",
+        "weight_decay",
+        "eps",
+        "maximize",
+        "foreach",
+        "capturable",
+        "differentiable",
+        "fused",
+        "decoupled_weight_decay",
+    )
     _checks_graph_capture = True
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
-        params_with_grad: list[Tensor] = []
-        grads: list[Tensor] = []
-        exp_avgs: list[Tensor] = []
-        exp_avg_sqs: list[Tensor] = []
-        max_exp_avg_sqs: list[Tensor] = []
-        state_steps: list[Tensor] = []
+        lists = params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = self._lists(6)
+        has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
         beta1, beta2 = group["betas"]
-        has_complex = self._init_group(
-            group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
-        )
-        lists = [params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
-        return lists, {
-            "amsgrad": group["amsgrad"],
-            "has_complex": has_complex,
-            "beta1": beta1,
-            "beta2": beta2,
-            "lr": group["lr"],
-            "weight_decay": group["weight_decay"],
-            "eps": group["eps"],
-            "maximize": group["maximize"],
-            "foreach": group["foreach"],
-            "capturable": group["capturable"],
-            "differentiable": group["differentiable"],
-            "fused": group["fused"],
-            "grad_scale": getattr(self, "grad_scale", None),
-            "found_inf": getattr(self, "found_inf", None),
-            "decoupled_weight_decay": group["decoupled_weight_decay"],
-        }
+        kwargs = self._options(group, has_complex=has_complex, beta1=beta1, beta2=beta2, **self._grad_scaler_args())
+        return lists, kwargs
 
 
 class AdamW(Adam, torch.optim.AdamW):

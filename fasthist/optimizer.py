@@ -126,11 +126,26 @@ class HistogramMixin:
     # True where torch's counterpart checks CUDA-graph capture at the start of step
     _checks_graph_capture: bool = False
 
+    # group options passed to _functional under their own names
+    _group_options: tuple[str, ...] = ()
+
     # -- the step ------------------------------------------------------------------------
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
         """The positional lists (parameters with a gradient first) and keyword arguments
         of ``_functional`` for ``group``, lazily initialising state as torch does."""
         raise NotImplementedError
+
+    def _options(self, group: dict[str, Any], **more: Any) -> dict[str, Any]:
+        """``_group_options`` read from ``group``, plus ``more``."""
+        return {**{k: group[k] for k in self._group_options}, **more}
+
+    def _grad_scaler_args(self) -> dict[str, Any]:
+        """``grad_scale``/``found_inf`` as ``torch.amp.GradScaler`` sets them on a fused optimizer."""
+        return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+
+    @staticmethod
+    def _lists(n: int) -> list[list[Tensor]]:
+        return [[] for _ in range(n)]
 
     @_torch_grad_mode
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

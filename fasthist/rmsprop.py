@@ -64,29 +64,23 @@ class RMSprop(HistogramMixin, torch.optim.RMSprop):
         self._finish_tracking()
 
     _functional = staticmethod(rmsprop_hist)
+    _group_options = (
+        "lr",
+        "alpha",
+        "eps",
+        "weight_decay",
+        "momentum",
+        "centered",
+        "foreach",
+        "maximize",
+        "differentiable",
+        "capturable",
+    )
     _checks_graph_capture = True
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
-        params_with_grad: list[Tensor] = []
-        grads: list[Tensor] = []
-        square_avgs: list[Tensor] = []
-        grad_avgs: list[Tensor] = []
-        momentum_buffer_list: list[Tensor] = []
-        state_steps: list[Tensor] = []
+        lists = params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps = self._lists(6)
         has_complex = self._init_group(
-            group, params_with_grad, grads, square_avgs, momentum_buffer_list, grad_avgs, state_steps
-        )
-        lists = [params_with_grad, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps]
-        return lists, {
-            "lr": group["lr"],
-            "alpha": group["alpha"],
-            "eps": group["eps"],
-            "weight_decay": group["weight_decay"],
-            "momentum": group["momentum"],
-            "centered": group["centered"],
-            "foreach": group["foreach"],
-            "maximize": group["maximize"],
-            "differentiable": group["differentiable"],
-            "capturable": group["capturable"],
-            "has_complex": has_complex,
-        }
+            group, params, grads, square_avgs, momentum_buffer_list, grad_avgs, state_steps
+        )  # torch's order: momentum buffers before grad averages
+        return lists, self._options(group, has_complex=has_complex)

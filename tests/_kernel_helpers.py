@@ -8,7 +8,10 @@ imported before ``fasthist.kernels`` is (the interpreter is chosen at Triton's i
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -75,3 +78,19 @@ def target(n: int) -> HistTarget:
     """A fresh target for ``n`` tensors, rows deliberately permuted: tensor i writes row n-1-i."""
     z = torch.zeros(n, BINS.num_bins, dtype=torch.int64, device=DEVICE)
     return HistTarget(BINS, z, z.clone(), torch.arange(n - 1, -1, -1, device=DEVICE))
+
+
+def compile_without_a_gpu(script: str, *, timeout: int, env: dict[str, str] | None = None) -> None:
+    """Run ``script`` (which compiles kernels for a GPU target and prints "ok") in a fresh
+    interpreter without ``TRITON_INTERPRET``; skip where this Triton has no NVIDIA backend."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"no NVIDIA backend in this Triton: {e}")
+    full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for k, v in (env or {}).items():
+        full_env.setdefault(k, v)
+    out = subprocess.run([sys.executable, "-c", script], env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -151,33 +151,30 @@ ADAM_BAD = [
     BadInput({"fused": True, "differentiable": True}),
 ]
 
+ADAM = OptimInfo(
+    "adam",
+    fasthist.Adam,
+    torch.optim.Adam,
+    ADAM_CONFIGS,
+    adam_value,
+    ADAM_BAD,
+    state_tol=(1e-6, 1e-8),
+    param_tol=(1e-6, 1e-8),
+    sparse_error="Adam does not support sparse gradients",  # torch's AdamW says so too
+    estimate_names=("adam",),
+    backend_config={"lr": 1e-2, "amsgrad": True},
+    kernel="adam",
+)
 OPTIMS = [
-    OptimInfo(
-        "adam",
-        fasthist.Adam,
-        torch.optim.Adam,
-        ADAM_CONFIGS,
-        adam_value,
-        ADAM_BAD,
-        state_tol=(1e-6, 1e-8),
-        param_tol=(1e-6, 1e-8),
-        sparse_error="Adam does not support sparse gradients",
-        estimate_names=("adam",),
-        backend_config={"lr": 1e-2, "amsgrad": True},
-        kernel="adam",
-    ),
-    OptimInfo(
-        "adamw",
-        fasthist.AdamW,
-        torch.optim.AdamW,
-        {k: ADAM_CONFIGS[k] for k in ("defaults", "amsgrad", "maximize", "fused")},
-        adam_value,
-        ADAM_BAD[:4],
-        state_tol=(1e-6, 1e-8),
-        param_tol=(1e-6, 1e-8),
-        sparse_error="Adam does not support sparse gradients",  # torch's AdamW says so too
-        backend_config={"lr": 1e-2, "amsgrad": True},
-        kernel="adam",
+    ADAM,
+    replace(
+        ADAM,
+        name="adamw",
+        cls=fasthist.AdamW,
+        reference=torch.optim.AdamW,
+        configs={k: ADAM_CONFIGS[k] for k in ("defaults", "amsgrad", "maximize", "fused")},
+        bad_inputs=ADAM_BAD[:4],
+        estimate_names=(),
     ),
     OptimInfo(
         "rmsprop",

@@ -17,11 +17,19 @@ What is compared, per step, over several steps:
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
-from _kernel_helpers import BINS, DEVICE, INTERPRETING, ON_CPU, assert_ulp, same, target  # before triton
+from _kernel_helpers import (  # before triton
+    BINS,
+    DEVICE,
+    INTERPRETING,
+    ON_CPU,
+    assert_ulp,
+    compile_without_a_gpu,
+    same,
+    target,
+)
 
 triton = pytest.importorskip("triton")
 
@@ -628,16 +636,4 @@ print("ok")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """Compiled mode (frontend, LLVM, PTX) for an H100/H200 target, no device needed: catches
     what the interpreter lets through, and checks the roundings are the precise ones."""
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"no NVIDIA backend in this Triton: {e}")
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    compile_without_a_gpu(_AOT_SCRIPT, timeout=300, env={"TRITON_DEFAULT_FP_FUSION": "0"})
