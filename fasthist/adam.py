@@ -68,18 +68,8 @@ class Adam(HistogramMixin, torch.optim.Adam):
         self._finish_tracking()
 
     _functional = staticmethod(adam_hist)
-    _group_options = (
-        "amsgrad",
-        "lr",
-        "weight_decay",
-        "eps",
-        "maximize",
-        "foreach",
-        "capturable",
-        "differentiable",
-        "fused",
-        "decoupled_weight_decay",
-    )
+    _group_options = ("amsgrad", "lr", "weight_decay", "eps", "maximize")
+    _group_options += ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
     _checks_graph_capture = True
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:

@@ -64,18 +64,8 @@ class RMSprop(HistogramMixin, torch.optim.RMSprop):
         self._finish_tracking()
 
     _functional = staticmethod(rmsprop_hist)
-    _group_options = (
-        "lr",
-        "alpha",
-        "eps",
-        "weight_decay",
-        "momentum",
-        "centered",
-        "foreach",
-        "maximize",
-        "differentiable",
-        "capturable",
-    )
+    _group_options = ("lr", "alpha", "eps", "weight_decay", "momentum")
+    _group_options += ("centered", "foreach", "maximize", "differentiable", "capturable")
     _checks_graph_capture = True
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
