@@ -34,6 +34,9 @@ class Adagrad(HistogramMixin, torch.optim.Adagrad):
         "    every tracked tensor has an (empty) row before the first step.",
     )
 
+    _functional = staticmethod(adagrad_hist)
+    _group_options = ("lr", "weight_decay", "lr_decay", "eps", "foreach", "maximize", "differentiable", "fused")
+
     def __init__(
         self,
         params: ParamsT,
@@ -64,9 +67,6 @@ class Adagrad(HistogramMixin, torch.optim.Adagrad):
             fused=fused,
         )
         self._finish_tracking()
-
-    _functional = staticmethod(adagrad_hist)
-    _group_options = ("lr", "weight_decay", "lr_decay", "eps", "foreach", "maximize", "differentiable", "fused")
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
         lists = params, grads, state_sums, state_steps = self._lists(4)

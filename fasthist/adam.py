@@ -29,6 +29,11 @@ __all__ = ["Adam", "AdamW"]
 class Adam(HistogramMixin, torch.optim.Adam):
     __doc__ = drop_in_doc("Adam", "sqrt(v_hat)")
 
+    _functional = staticmethod(adam_hist)
+    _group_options = ("amsgrad", "lr", "weight_decay", "eps", "maximize")
+    _group_options += ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+    _checks_graph_capture = True
+
     def __init__(
         self,
         params: ParamsT,
@@ -66,11 +71,6 @@ class Adam(HistogramMixin, torch.optim.Adam):
             decoupled_weight_decay=decoupled_weight_decay,
         )
         self._finish_tracking()
-
-    _functional = staticmethod(adam_hist)
-    _group_options = ("amsgrad", "lr", "weight_decay", "eps", "maximize")
-    _group_options += ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
-    _checks_graph_capture = True
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
         lists = params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = self._lists(6)

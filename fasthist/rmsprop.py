@@ -30,6 +30,11 @@ __all__ = ["RMSprop"]
 class RMSprop(HistogramMixin, torch.optim.RMSprop):
     __doc__ = drop_in_doc("RMSprop", "sqrt(v)\n    (centered: sqrt(v - grad_avg**2)), the value eps is added to")
 
+    _functional = staticmethod(rmsprop_hist)
+    _group_options = ("lr", "alpha", "eps", "weight_decay", "momentum")
+    _group_options += ("centered", "foreach", "maximize", "differentiable", "capturable")
+    _checks_graph_capture = True
+
     def __init__(
         self,
         params: ParamsT,
@@ -62,11 +67,6 @@ class RMSprop(HistogramMixin, torch.optim.RMSprop):
             differentiable,
         )
         self._finish_tracking()
-
-    _functional = staticmethod(rmsprop_hist)
-    _group_options = ("lr", "alpha", "eps", "weight_decay", "momentum")
-    _group_options += ("centered", "foreach", "maximize", "differentiable", "capturable")
-    _checks_graph_capture = True
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
         lists = params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps = self._lists(6)
