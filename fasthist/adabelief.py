@@ -32,7 +32,6 @@ how :func:`fasthist.estimate_eps_range` runs AdaBelief with ``eps=0``, histogram
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import Any
 
 import torch
@@ -41,7 +40,7 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from .bins import LogBins
 from .functional import adabelief as adabelief_hist
-from .optimizer import HistogramMixin
+from .optimizer import TRACKING_ARGS_DOC, HistogramMixin
 
 __all__ = ["AdaBelief"]
 
@@ -49,29 +48,30 @@ _MOMENTS = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
 
 
 class AdaBelief(HistogramMixin, Optimizer):
-    """Drop-in replacement for ``adabelief_pytorch.AdaBelief`` that records log-binned
-    histograms of ``(1-beta2) * s_hat`` (see the module docstring for why).
-
-    Args:
-        params (iterable): parameters to optimize or dicts defining parameter groups.
-        lr (float): learning rate (default: 1e-3).
-        betas (tuple[float, float]): coefficients of the running averages of the gradient
-            and of its squared deviation from that average (default: (0.9, 0.999)).
-        eps (float): added into ``s_t`` every step and to the denominator (default: 1e-16).
-        weight_decay (float): weight decay (default: 0).
-        amsgrad (bool): keep the running maximum of ``s_t`` (default: False).
-        weight_decouple (bool): decoupled weight decay as in AdamW (default: True).
-        fixed_decay (bool): with ``weight_decouple``, decay by ``weight_decay`` instead of
-            ``lr * weight_decay`` (default: False).
-        rectify (bool): RAdam's rectified update (default: True).
-        degenerated_to_sgd (bool): while the rectification term is undefined, take an SGD
-            with momentum step instead of none (default: True).
-        print_change_log (bool): accepted for compatibility; nothing is printed.
-        track (bool): record histograms (default: True). A group option too.
-        bins (LogBins, optional): the binning (default: ``LogBins()``).
-
-    fp16 parameters are stepped in float32 with float32 states, as the package does.
-    """
+    __doc__ = (
+        "Drop-in replacement for ``adabelief_pytorch.AdaBelief`` that records log-binned\n"
+        "    histograms of ``(1-beta2) * s_hat`` (see the module docstring for why).\n\n"
+        "    Args:\n"
+        "        params (iterable): parameters to optimize or dicts defining parameter groups.\n"
+        "        lr (float): learning rate (default: 1e-3).\n"
+        "        betas (tuple[float, float]): coefficients of the running averages of the gradient\n"
+        "            and of its squared deviation from that average (default: (0.9, 0.999)).\n"
+        "        eps (float): added into ``s_t`` every step and to the denominator (default: 1e-16).\n"
+        "        weight_decay (float): weight decay (default: 0).\n"
+        "        amsgrad (bool): keep the running maximum of ``s_t`` (default: False).\n"
+        "        weight_decouple (bool): decoupled weight decay as in AdamW (default: True).\n"
+        "        fixed_decay (bool): with ``weight_decouple``, decay by ``weight_decay`` instead of\n"
+        "            ``lr * weight_decay`` (default: False).\n"
+        "        rectify (bool): RAdam's rectified update (default: True).\n"
+        "        degenerated_to_sgd (bool): while the rectification term is undefined, take an SGD\n"
+        "            with momentum step instead of none (default: True).\n"
+        "        print_change_log (bool): accepted for compatibility; nothing is printed.\n"
+        f"{TRACKING_ARGS_DOC}\n"
+        "    fp16 parameters are stepped in float32 with float32 states, as the package does.\n"
+    )
+    _functional = staticmethod(adabelief_hist)
+    _group_options = ("lr", "eps", "weight_decay", "amsgrad")
+    _group_options += ("weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd")
 
     def __init__(
         self,
@@ -121,25 +121,14 @@ class AdaBelief(HistogramMixin, Optimizer):
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _load_param_state(self, p: Tensor, saved: dict[str, Any]) -> None:
         # torch casts loaded moments to the parameter's dtype; fp16 parameters keep float32
         # moments here (as the package does), so put the saved float32 values back.
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        id_map = dict(
-            zip(
-                chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
-                chain.from_iterable(g["params"] for g in self.param_groups),
-                strict=True,
-            )
-        )
-        for k, st in saved.items():
-            p = id_map.get(k)
-            if p is None or p.dtype != torch.float16:
-                continue
-            for key in _MOMENTS:
-                if key in st:
-                    self.state[p][key] = st[key].to(device=p.device, dtype=torch.float32, copy=True)
+        if p.dtype != torch.float16:
+            return
+        for key in _MOMENTS:
+            if key in saved:
+                self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
 
     def _init_group(
         self,
@@ -174,51 +163,8 @@ class AdaBelief(HistogramMixin, Optimizer):
                 max_exp_avg_vars.append(state["max_exp_avg_var"])
             state_steps.append(state["step"])
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform a single optimization step, recording the histograms.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model
-                and returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for group in self.param_groups:
-            params_with_grad: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_vars: list[Tensor] = []
-            max_exp_avg_vars: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            beta1, beta2 = group["betas"]
-
-            self._init_group(group, params_with_grad, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps)
-            if not params_with_grad:
-                continue
-            targets = self._hist_targets(group, params_with_grad) if group["track"] else None
-
-            adabelief_hist(
-                params_with_grad,
-                grads,
-                exp_avgs,
-                exp_avg_vars,
-                max_exp_avg_vars,
-                state_steps,
-                hist=targets,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"],
-                weight_decouple=group["weight_decouple"],
-                fixed_decay=group["fixed_decay"],
-                rectify=group["rectify"],
-                degenerated_to_sgd=group["degenerated_to_sgd"],
-            )
-
-        return loss
+    def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
+        lists = params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps = self._lists(6)
+        self._init_group(group, params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps)
+        beta1, beta2 = group["betas"]
+        return lists, self._options(group, beta1=beta1, beta2=beta2)

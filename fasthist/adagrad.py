@@ -13,30 +13,29 @@ bit for bit. With sparse gradients the histogram covers the whole accumulator.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
-from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
+from torch.optim.optimizer import ParamsT
 
 from .bins import LogBins
 from .functional import adagrad as adagrad_hist
-from .optimizer import HistogramMixin
+from .optimizer import HistogramMixin, drop_in_doc
 
 __all__ = ["Adagrad"]
 
 
 class Adagrad(HistogramMixin, torch.optim.Adagrad):
-    __doc__ = (
-        "Drop-in replacement for :class:`torch.optim.Adagrad` that records log-binned "
-        "histograms of sqrt(sum),\n    the value eps is added to.\n\n"
-        "    Every argument of ``torch.optim.Adagrad`` is accepted with its meaning, defaults and\n"
-        "    error messages; the extra keyword-only arguments are:\n\n"
-        "    Args:\n"
-        "        track (bool): record histograms (default: True). A group option too.\n"
-        "        bins (LogBins, optional): the binning (default: ``LogBins()``).\n\n"
-        "    Query with :meth:`histogram`, :meth:`histograms`, :meth:`quantiles` and\n"
-        "    :meth:`eps_range`. torch's Adagrad creates every state at construction, so\n"
-        "    every tracked tensor has an (empty) row before the first step.\n"
+    __doc__ = drop_in_doc(
+        "Adagrad",
+        "sqrt(sum),\n    the value eps is added to",
+        note="torch's Adagrad creates every state at construction, so\n"
+        "    every tracked tensor has an (empty) row before the first step.",
     )
+
+    _functional = staticmethod(adagrad_hist)
+    _group_options = ("lr", "weight_decay", "lr_decay", "eps", "foreach", "maximize", "differentiable", "fused")
 
     def __init__(
         self,
@@ -69,46 +68,10 @@ class Adagrad(HistogramMixin, torch.optim.Adagrad):
         )
         self._finish_tracking()
 
-    @_use_grad_for_differentiable
-    def step(self, closure=None):  # noqa: D102 - torch's docstring
-        """Perform a single optimization step, recording the histograms.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model
-                and returns the loss.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for group in self.param_groups:
-            params_with_grad: list[Tensor] = []
-            grads: list[Tensor] = []
-            state_sums: list[Tensor] = []
-            state_steps: list[Tensor] = []
-
-            has_sparse_grad, has_complex = self._init_group(group, params_with_grad, grads, state_sums, state_steps)
-            targets = self._hist_targets(group, params_with_grad) if group["track"] and params_with_grad else None
-
-            adagrad_hist(
-                params_with_grad,
-                grads,
-                state_sums,
-                state_steps,
-                hist=targets,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                lr_decay=group["lr_decay"],
-                eps=group["eps"],
-                has_sparse_grad=has_sparse_grad,
-                foreach=group["foreach"],
-                maximize=group["maximize"],
-                differentiable=group["differentiable"],
-                has_complex=has_complex,
-                fused=group["fused"],
-                grad_scale=getattr(self, "grad_scale", None),
-                found_inf=getattr(self, "found_inf", None),
-            )
-
-        return loss
+    def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
+        lists = params, grads, state_sums, state_steps = self._lists(4)
+        has_sparse_grad, has_complex = self._init_group(group, params, grads, state_sums, state_steps)
+        kwargs = self._options(
+            group, has_sparse_grad=has_sparse_grad, has_complex=has_complex, **self._grad_scaler_args()
+        )
+        return lists, kwargs

@@ -17,29 +17,22 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
+from torch.optim.optimizer import ParamsT
 
 from .bins import LogBins
 from .functional import adam as adam_hist
-from .optimizer import HistogramMixin
+from .optimizer import HistogramMixin, drop_in_doc
 
 __all__ = ["Adam", "AdamW"]
 
 
 class Adam(HistogramMixin, torch.optim.Adam):
-    __doc__ = (
-        "Drop-in replacement for :class:`torch.optim.Adam` that records log-binned "
-        "histograms of sqrt(v_hat).\n\n"
-        "    Every argument of ``torch.optim.Adam`` is accepted with its meaning, defaults and\n"
-        "    error messages; the extra keyword-only arguments are:\n\n"
-        "    Args:\n"
-        "        track (bool): record histograms (default: True). A group option too: a param\n"
-        "            group with ``track=False`` records nothing and costs nothing.\n"
-        "        bins (LogBins, optional): the binning (default: ``LogBins()``, [1e-20, 1e4]\n"
-        "            at 1.54% relative accuracy).\n\n"
-        "    Query with :meth:`histogram`, :meth:`histograms`, :meth:`quantiles` and\n"
-        "    :meth:`eps_range`. See ``torch.optim.Adam`` for the algorithm.\n"
-    )
+    __doc__ = drop_in_doc("Adam", "sqrt(v_hat)")
+
+    _functional = staticmethod(adam_hist)
+    _group_options = ("amsgrad", "lr", "weight_decay", "eps", "maximize")
+    _group_options += ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+    _checks_graph_capture = True
 
     def __init__(
         self,
@@ -79,64 +72,12 @@ class Adam(HistogramMixin, torch.optim.Adam):
         )
         self._finish_tracking()
 
-    @_use_grad_for_differentiable
-    def step(self, closure=None):  # noqa: D102 - torch's docstring
-        """Perform a single optimization step, recording the histograms.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model
-                and returns the loss.
-        """
-        health_check = (
-            getattr(self, "_accelerator_graph_capture_health_check", None) or self._cuda_graph_capture_health_check
-        )
-        health_check()
-
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for group in self.param_groups:
-            params_with_grad: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            max_exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            beta1, beta2 = group["betas"]
-
-            has_complex = self._init_group(
-                group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
-            )
-            targets = self._hist_targets(group, params_with_grad) if group["track"] and params_with_grad else None
-
-            adam_hist(
-                params_with_grad,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                state_steps,
-                hist=targets,
-                amsgrad=group["amsgrad"],
-                has_complex=has_complex,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-                capturable=group["capturable"],
-                differentiable=group["differentiable"],
-                fused=group["fused"],
-                grad_scale=getattr(self, "grad_scale", None),
-                found_inf=getattr(self, "found_inf", None),
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-            )
-
-        return loss
+    def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
+        lists = params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = self._lists(6)
+        has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        beta1, beta2 = group["betas"]
+        kwargs = self._options(group, has_complex=has_complex, beta1=beta1, beta2=beta2, **self._grad_scaler_args())
+        return lists, kwargs
 
 
 class AdamW(Adam, torch.optim.AdamW):

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .bins import LogBins
+from .dtensor import is_dtensor
 from .histogram import Histogram
 
 __all__ = ["all_reduce", "global_rows", "is_sharded"]
@@ -81,7 +82,7 @@ def all_reduce(hist: Histogram, group: Any = None) -> Histogram:
 
 def _dtensor_placements(t: Tensor) -> tuple[Any, Any] | None:
     """``(placements, device_mesh)`` of a DTensor, else None (no import cost otherwise)."""
-    if type(t).__name__ != "DTensor":
+    if not is_dtensor(t):
         return None
     return t.placements, t.device_mesh
 

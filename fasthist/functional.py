@@ -1,8 +1,9 @@
 """Functional forms of the fasthist optimizers: the optimizer math plus histogram
 accumulation, dispatched per device to a backend (see :mod:`fasthist.backend`).
 
-``hist`` maps each device to ``(indices of the tensors on it, HistTarget)``, as
-``HistogramMixin._hist_targets`` builds it; ``None`` records nothing.
+``hist`` maps each device to ``(indices of the tensors on it, HistTarget)``
+(:data:`fasthist.target.DeviceTargets`, built by the optimizer's step); ``None`` records
+nothing.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import torch
 from torch import Tensor
 
 from .backend import kernels_module, select_backend
+from .dtensor import is_dtensor, local_tensor
 from .reference.adabelief import adabelief_reference
 from .reference.adagrad import adagrad_reference
 from .reference.adam import adam_reference
-from .reference.histogram import HistTarget
 from .reference.rmsprop import rmsprop_reference
+from .target import DeviceTargets
 
 __all__ = ["adam", "rmsprop", "adagrad", "adabelief"]
 
@@ -30,9 +32,9 @@ def _split(lists: list[list[Tensor]], idx: list[int]) -> list[list[Tensor]]:
 def _locals(lists: list[list[Tensor]]) -> list[list[Tensor]]:
     """DTensors (FSDP2, tensor parallel) replaced by their local shards, which share their
     storage: the kernels walk raw pointers, and a DTensor's ``data_ptr()`` is 0."""
-    if not any(type(t).__name__ == "DTensor" for lst in lists for t in lst):
+    if not any(is_dtensor(t) for lst in lists for t in lst):
         return lists
-    return [[t.to_local() if type(t).__name__ == "DTensor" else t for t in lst] for lst in lists]
+    return [[local_tensor(t) for t in lst] for lst in lists]
 
 
 def adam(
@@ -43,7 +45,7 @@ def adam(
     max_exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
-    hist: dict[torch.device, tuple[list[int], HistTarget]] | None = None,
+    hist: DeviceTargets | None = None,
     **kwargs: Any,
 ) -> None:
     """``torch.optim.adam.adam`` (same keyword arguments) plus histograms of sqrt(v_hat)."""
@@ -55,12 +57,13 @@ def _dispatch(
     op: str,
     reference: Any,
     lists: list[list[Tensor]],
-    hist: dict[torch.device, tuple[list[int], HistTarget]] | None,
+    hist: DeviceTargets | None,
     kwargs: dict[str, Any],
 ) -> None:
     """Run ``op`` per device on the kernel backend (``fasthist.kernels.<op>.<op>_hist``)
-    or the reference: the reference wherever the kernels do not run (no Triton, CPU tensors
-    without the interpreter), so the optimizer works wherever torch does."""
+    or the reference: the reference wherever the kernels do not run (no CUDA and no forced
+    Triton, no Triton), and for what ``fasthist.kernels.kernel_supports`` turns down inside
+    the kernel op, so the optimizer works wherever torch does."""
     params = lists[0]
     if not params:
         return
@@ -104,7 +107,7 @@ def rmsprop(
     momentum_buffer_list: list[Tensor],
     state_steps: list[Tensor],
     *,
-    hist: dict[torch.device, tuple[list[int], HistTarget]] | None = None,
+    hist: DeviceTargets | None = None,
     **kwargs: Any,
 ) -> None:
     """``torch.optim.rmsprop.rmsprop`` (same keyword arguments) plus histograms of the
@@ -119,7 +122,7 @@ def adagrad(
     state_sums: list[Tensor],
     state_steps: list[Tensor],
     *,
-    hist: dict[torch.device, tuple[list[int], HistTarget]] | None = None,
+    hist: DeviceTargets | None = None,
     **kwargs: Any,
 ) -> None:
     """``torch.optim.adagrad.adagrad`` (same keyword arguments) plus histograms of sqrt(sum)."""
@@ -134,7 +137,7 @@ def adabelief(
     max_exp_avg_vars: list[Tensor],
     state_steps: list[Tensor],
     *,
-    hist: dict[torch.device, tuple[list[int], HistTarget]] | None = None,
+    hist: DeviceTargets | None = None,
     **kwargs: Any,
 ) -> None:
     """AdaBelief as ``adabelief_pytorch.AdaBelief`` computes it, plus histograms of

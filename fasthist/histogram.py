@@ -20,10 +20,11 @@ from torch import Tensor
 
 from .bins import LogBins
 
-__all__ = ["Histogram", "batched_quantile", "batched_fraction_above"]
+__all__ = ["Histogram", "as_quantiles", "batched_quantile", "batched_fraction_above"]
 
 
-def _as_q(q: float | Sequence[float] | Tensor) -> tuple[Tensor, bool]:
+def as_quantiles(q: float | Sequence[float] | Tensor) -> tuple[Tensor, bool]:
+    """``q`` as a float64 CPU vector, checked to lie in [0, 1], and whether it was a scalar."""
     scalar = isinstance(q, (int, float)) and not isinstance(q, bool)
     qt = torch.as_tensor(q, dtype=torch.float64).reshape(-1).cpu()
     if qt.numel() == 0 or not bool(((qt >= 0) & (qt <= 1)).all()):
@@ -150,7 +151,7 @@ class Histogram:
         Returns a float for a scalar ``q``, else a float64 CPU tensor of ``len(q)`` values.
         ``exclude_zeros=True`` drops the exact-zero bin first (dead units, unused rows).
         """
-        qt, scalar = _as_q(q)
+        qt, scalar = as_quantiles(q)
         out = batched_quantile(self.counts.unsqueeze(0), qt, self.bins, exclude_zeros=exclude_zeros)[0].cpu()
         return float(out[0]) if scalar else out
 

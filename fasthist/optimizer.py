@@ -1,6 +1,10 @@
 """What every fasthist optimizer adds to its torch counterpart: histogram storage in the
 optimizer state, and the queries (histograms, batched quantiles, the ε range).
 
+The mixin owns ``step`` (closure, ``_init_group``, histogram targets, the functional call);
+each optimizer supplies :meth:`HistogramMixin._gather`, the lists and keyword arguments of
+its functional form in :mod:`fasthist.functional`.
+
 Storage: each tracked parameter's state holds ``hist_step`` and ``hist_total``, int64
 ``[num_bins]`` rows of two packed ``[R, num_bins]`` buffers per device, so a backend
 updates all of a group's histograms in one call and a query reads all rows at once.
@@ -11,21 +15,61 @@ parameter's dtype; they bypass that cast).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _use_grad_for_differentiable
 
 from .bins import LogBins
 from .eps import EpsRange, eps_range_from_counts
-from .histogram import Histogram, _as_q, batched_quantile
-from .reference.histogram import HistTarget
+from .histogram import Histogram, as_quantiles, batched_quantile
+from .target import DeviceTargets, HistTarget
 
-__all__ = ["HistogramMixin", "HistogramRows"]
+__all__ = ["HistogramMixin", "HistogramRows", "TRACKING_ARGS_DOC", "drop_in_doc"]
+
+TRACKING_ARGS_DOC = """\
+        track (bool): record histograms (default: True). A group option too: a param
+            group with ``track=False`` records nothing and costs nothing.
+        bins (LogBins, optional): the binning (default: ``LogBins()``, [1e-20, 1e4]
+            at 1.54% relative accuracy).
+"""
+"""The ``Args`` entries of the arguments every fasthist optimizer adds, for class docstrings."""
+
+
+def drop_in_doc(torch_name: str, value: str, note: str | None = None) -> str:
+    """The class docstring of the drop-in for ``torch.optim.<torch_name>`` that histograms
+    ``value``; ``note`` closes it (default: where to read about the algorithm)."""
+    note = note if note is not None else f"See ``torch.optim.{torch_name}`` for the algorithm."
+    return (
+        f"Drop-in replacement for :class:`torch.optim.{torch_name}` that records log-binned "
+        f"histograms of {value}.\n\n"
+        f"    Every argument of ``torch.optim.{torch_name}`` is accepted with its meaning, defaults and\n"
+        "    error messages; the extra keyword-only arguments are:\n\n"
+        "    Args:\n"
+        f"{TRACKING_ARGS_DOC}\n"
+        "    Query with :meth:`histogram`, :meth:`histograms`, :meth:`quantiles` and\n"
+        f"    :meth:`eps_range`. {note}\n"
+    )
+
+
+def _torch_grad_mode(step: Callable) -> Callable:
+    """Run ``step`` in torch's grad mode for optimizer steps: ``_use_grad_for_differentiable``
+    (gradients only with ``differentiable=True``, graph breaks for ``torch.compile``) for an
+    optimizer with a ``differentiable`` option, ``torch.no_grad`` for one without."""
+    differentiable = _use_grad_for_differentiable(step)
+    no_grad = torch.no_grad()(step)
+
+    @functools.wraps(step)
+    def wrapper(self: Any, closure: Callable[[], Any] | None = None) -> Any:
+        return (differentiable if "differentiable" in self.defaults else no_grad)(self, closure)
+
+    return wrapper
 
 
 class HistogramRows(NamedTuple):
@@ -36,6 +80,7 @@ class HistogramRows(NamedTuple):
     names: list[str]
     params: list[Tensor | None]
     counts: Tensor | None
+
 
 _HIST_KEYS = ("hist_step", "hist_total")
 _MAX_TARGETS = 8
@@ -68,12 +113,67 @@ class _Store:
 
 
 class HistogramMixin:
-    """Mixed into a ``torch.optim`` optimizer subclass. Requires ``self._bins`` and the
-    group option ``track``; the subclass's ``step`` calls :meth:`_hist_targets`."""
+    """Mixed into a ``torch.optim`` optimizer subclass, before it in the bases. Requires
+    ``self._bins`` and the group option ``track``; the subclass supplies :meth:`_gather`,
+    ``_functional`` (its functional form) and ``_checks_graph_capture``."""
 
     _bins: LogBins
     state: Any
     param_groups: list[dict[str, Any]]
+    defaults: dict[str, Any]
+    # the functional form (fasthist.functional) that steps one group; a staticmethod
+    _functional: Callable[..., None]
+    # True where torch's counterpart checks CUDA-graph capture at the start of step
+    _checks_graph_capture: bool = False
+
+    # group options passed to _functional under their own names
+    _group_options: tuple[str, ...] = ()
+
+    # -- the step ------------------------------------------------------------------------
+    def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
+        """The positional lists (parameters with a gradient first) and keyword arguments
+        of ``_functional`` for ``group``, lazily initialising state as torch does."""
+        raise NotImplementedError
+
+    def _options(self, group: dict[str, Any], **more: Any) -> dict[str, Any]:
+        """``_group_options`` read from ``group``, plus ``more``."""
+        return {**{k: group[k] for k in self._group_options}, **more}
+
+    def _grad_scaler_args(self) -> dict[str, Any]:
+        """``grad_scale``/``found_inf`` as ``torch.amp.GradScaler`` sets them on a fused optimizer."""
+        return {"grad_scale": getattr(self, "grad_scale", None), "found_inf": getattr(self, "found_inf", None)}
+
+    @staticmethod
+    def _lists(n: int) -> list[list[Tensor]]:
+        return [[] for _ in range(n)]
+
+    @_torch_grad_mode
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform a single optimization step, recording the histograms.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        if self._checks_graph_capture:
+            # newer torch checks any accelerator; older versions have only the CUDA check
+            check = getattr(self, "_accelerator_graph_capture_health_check", None)
+            (check or self._cuda_graph_capture_health_check)()  # type: ignore[attr-defined]
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            lists, kwargs = self._gather(group)
+            params = lists[0]
+            if not params:
+                continue
+            targets = self._hist_targets(group, params) if group["track"] else None
+            self._functional(*lists, hist=targets, **kwargs)
+
+        return loss
 
     # -- construction helpers ------------------------------------------------------------
     @staticmethod
@@ -176,9 +276,7 @@ class HistogramMixin:
         self.__dict__["_fh_store"] = store
         return store
 
-    def _hist_targets(
-        self, group: dict[str, Any], params: list[Tensor]
-    ) -> dict[torch.device, tuple[list[int], HistTarget]]:
+    def _hist_targets(self, group: dict[str, Any], params: list[Tensor]) -> DeviceTargets:
         """For the params of one step call: per device, (their indices, the target)."""
         store = self._hist_store()
         if not store.valid_for(self.state, params):
@@ -299,7 +397,7 @@ class HistogramMixin:
         """Quantiles of every tracked tensor at once: ``(names, float64 [num_tensors, len(qs)])``
         on the histograms' device, computed in one batched operation (rule and guarantee
         of :class:`Histogram`)."""
-        qt, _ = _as_q(qs)
+        qt, _ = as_quantiles(qs)
         names, _, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
         if counts is None:
             return [], torch.empty(0, qt.numel(), dtype=torch.float64)
@@ -361,21 +459,29 @@ class HistogramMixin:
                 strict=True,
             )
         )
-        nb = self._bins.num_bins
-        for k, h in hists.items():
+        for k, saved in saved_state.items():
             p = id_map.get(k)
             if p is None:
                 continue
-            for key, t in h.items():
-                if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.shape != (nb,):
-                    warnings.warn(
-                        f"fasthist: dropping saved {key} of parameter {k}: expected int64 [{nb}], got "
-                        f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}",
-                        stacklevel=2,
-                    )
-                    continue
-                self.state[p][key] = t.to(device=p.device, copy=True)
+            self._load_hists(k, p, hists.get(k, {}))
+            self._load_param_state(p, saved)
         self.__dict__.pop("_fh_store", None)
+
+    def _load_hists(self, k: Any, p: Tensor, hists: dict[str, Tensor]) -> None:
+        nb = self._bins.num_bins
+        for key, t in hists.items():
+            if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.shape != (nb,):
+                warnings.warn(
+                    f"fasthist: dropping saved {key} of parameter {k}: expected int64 [{nb}], got "
+                    f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}",
+                    stacklevel=3,
+                )
+                continue
+            self.state[p][key] = t.to(device=p.device, copy=True)
+
+    def _load_param_state(self, p: Tensor, saved: dict[str, Any]) -> None:
+        """Hook: fix up ``p``'s state after torch's ``load_state_dict`` from its ``saved``
+        state (e.g. undo torch's cast to the parameter's dtype). Default: nothing."""
 
     def _set_hist_defaults(self) -> None:
         for group in self.param_groups:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .histogram import _as_q, batched_quantile
+from .histogram import as_quantiles, batched_quantile
 
 __all__ = ["QuantileRecorder", "QuantileTrace"]
 
@@ -86,7 +86,7 @@ class QuantileRecorder:
         if window not in ("step", "total"):
             raise ValueError(f"Invalid window: {window!r}; expected 'step' or 'total'")
         self.opt = opt
-        self._q, _ = _as_q(qs)
+        self._q, _ = as_quantiles(qs)
         self.qs = self._q.tolist()
         self.every = every
         self.capacity = capacity

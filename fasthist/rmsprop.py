@@ -14,29 +14,26 @@ The update itself is torch's: on the reference backend it *is*
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
-from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
+from torch.optim.optimizer import ParamsT
 
 from .bins import LogBins
 from .functional import rmsprop as rmsprop_hist
-from .optimizer import HistogramMixin
+from .optimizer import HistogramMixin, drop_in_doc
 
 __all__ = ["RMSprop"]
 
 
 class RMSprop(HistogramMixin, torch.optim.RMSprop):
-    __doc__ = (
-        "Drop-in replacement for :class:`torch.optim.RMSprop` that records log-binned "
-        "histograms of sqrt(v)\n    (centered: sqrt(v - grad_avg**2)), the value eps is added to.\n\n"
-        "    Every argument of ``torch.optim.RMSprop`` is accepted with its meaning, defaults and\n"
-        "    error messages; the extra keyword-only arguments are:\n\n"
-        "    Args:\n"
-        "        track (bool): record histograms (default: True). A group option too.\n"
-        "        bins (LogBins, optional): the binning (default: ``LogBins()``).\n\n"
-        "    Query with :meth:`histogram`, :meth:`histograms`, :meth:`quantiles` and\n"
-        "    :meth:`eps_range`. See ``torch.optim.RMSprop`` for the algorithm.\n"
-    )
+    __doc__ = drop_in_doc("RMSprop", "sqrt(v)\n    (centered: sqrt(v - grad_avg**2)), the value eps is added to")
+
+    _functional = staticmethod(rmsprop_hist)
+    _group_options = ("lr", "alpha", "eps", "weight_decay", "momentum")
+    _group_options += ("centered", "foreach", "maximize", "differentiable", "capturable")
+    _checks_graph_capture = True
 
     def __init__(
         self,
@@ -71,53 +68,9 @@ class RMSprop(HistogramMixin, torch.optim.RMSprop):
         )
         self._finish_tracking()
 
-    @_use_grad_for_differentiable
-    def step(self, closure=None):  # noqa: D102 - torch's docstring
-        """Perform a single optimization step, recording the histograms.
-
-        Args:
-            closure (Callable, optional): A closure that reevaluates the model
-                and returns the loss.
-        """
-        self._accelerator_graph_capture_health_check()
-
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for group in self.param_groups:
-            params_with_grad: list[Tensor] = []
-            grads: list[Tensor] = []
-            square_avgs: list[Tensor] = []
-            grad_avgs: list[Tensor] = []
-            momentum_buffer_list: list[Tensor] = []
-            state_steps: list[Tensor] = []
-
-            has_complex = self._init_group(
-                group, params_with_grad, grads, square_avgs, momentum_buffer_list, grad_avgs, state_steps
-            )
-            targets = self._hist_targets(group, params_with_grad) if group["track"] and params_with_grad else None
-
-            rmsprop_hist(
-                params_with_grad,
-                grads,
-                square_avgs,
-                grad_avgs,
-                momentum_buffer_list,
-                state_steps,
-                hist=targets,
-                lr=group["lr"],
-                alpha=group["alpha"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                centered=group["centered"],
-                foreach=group["foreach"],
-                maximize=group["maximize"],
-                differentiable=group["differentiable"],
-                capturable=group["capturable"],
-                has_complex=has_complex,
-            )
-
-        return loss
+    def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
+        lists = params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps = self._lists(6)
+        has_complex = self._init_group(
+            group, params, grads, square_avgs, momentum_buffer_list, grad_avgs, state_steps
+        )  # torch's order: momentum buffers before grad averages
+        return lists, self._options(group, has_complex=has_complex)

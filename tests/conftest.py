@@ -27,10 +27,8 @@ def pytest_collection_modifyitems(config, items):
             reason="this Triton's interpreter rounds tl.fma twice: bit-exact kernel tests need >= 3.9"
         )
         for item in items:
-            if (
-                item.fspath.basename in ("test_kernels_adam.py", "test_kernels_others.py")
-                and "gpu" not in item.keywords
-            ):
+            in_kernel_file = item.fspath.basename in ("test_kernels_adam.py", "test_kernels_others.py")
+            if (in_kernel_file or "interpreter" in item.keywords) and "gpu" not in item.keywords:
                 item.add_marker(fma)
     if torch.cuda.is_available():
         return

@@ -1,5 +1,6 @@
-"""fasthist.Adagrad against torch.optim.Adagrad, step for step, and its histograms against
-the exact histogram of sqrt(sum) read from the state."""
+"""What is particular to fasthist.Adagrad: sparse gradients, the fused found_inf protocol,
+complex parameters. Step-for-step equality with torch.optim.Adagrad, state dicts, bad input
+and the ε-range pass are in test_contract.py (the table in _optim_db.py)."""
 
 from __future__ import annotations
 
@@ -7,48 +8,9 @@ import copy
 
 import pytest
 import torch
-from test_rmsprop import STEPS, check_estimate_pass, grads_at, make_params, sqrt_rn
+from _optim_db import grads_at, make_params, sqrt_rn
 
 import fasthist
-
-CONFIGS = [
-    {},
-    {"lr_decay": 0.05},
-    {"weight_decay": 0.1},
-    {"initial_accumulator_value": 0.1},
-    {"eps": 1e-3, "lr": 0.1},
-    {"maximize": True},
-    {"lr_decay": 1e-2, "weight_decay": 1e-2, "initial_accumulator_value": 1e-4, "maximize": True},
-    {"foreach": True, "lr_decay": 1e-2},
-    {"foreach": False, "weight_decay": 1e-2},
-    {"fused": True, "lr_decay": 1e-2, "initial_accumulator_value": 1e-3},
-    {"lr": torch.tensor(3e-2)},
-]
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
-def test_matches_torch_step_for_step(config):
-    ours_p = make_params()
-    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
-    ours = fasthist.Adagrad(ours_p, **copy.deepcopy(config))
-    ref = torch.optim.Adagrad(ref_p, **copy.deepcopy(config))
-    bins = ours.bins
-    total = [torch.zeros(bins.num_bins, dtype=torch.int64) for _ in ours_p]
-    for step in range(STEPS):
-        for p, q, g in zip(ours_p, ref_p, grads_at(step, ours_p), strict=True):
-            p.grad = g.clone()
-            q.grad = g.clone()
-        ours.step()
-        ref.step()
-        for i, (p, q) in enumerate(zip(ours_p, ref_p, strict=True)):
-            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-            for key, value in ref.state[q].items():
-                torch.testing.assert_close(ours.state[p][key], value, rtol=1e-6, atol=1e-7)
-            expected = bins.count(sqrt_rn(ours.state[p]["sum"]))
-            assert torch.equal(ours.histogram(p).counts, expected), f"step {step}, tensor {i}"
-            total[i] += expected
-    for p, t in zip(ours_p, total, strict=True):
-        assert torch.equal(ours.histogram(p, window="total").counts, t)
 
 
 def test_sparse_gradients_histogram_the_whole_accumulator():
@@ -112,15 +74,3 @@ def test_complex_params():
     torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     expected = fasthist.LogBins().count(sqrt_rn(torch.view_as_real(ours.state[p]["sum"])))
     assert torch.equal(ours.histogram(p).counts, expected)
-
-
-def test_errors():
-    a = torch.zeros(4, requires_grad=True)
-    with pytest.raises(ValueError, match="Invalid lr_decay value"):
-        fasthist.Adagrad([a], lr_decay=-1.0)
-    with pytest.raises(TypeError, match="bins must be a fasthist.LogBins"):
-        fasthist.Adagrad([a], bins=5)
-
-
-def test_estimate_eps_range_with_adagrad():
-    check_estimate_pass("adagrad", lambda st, group: sqrt_rn(st["sum"]))

@@ -1,5 +1,7 @@
-"""fasthist.Adam/AdamW against torch.optim.Adam/AdamW step for step, the histograms
-against the exact histogram of the state, state-dict compatibility, bad input."""
+"""fasthist.Adam/AdamW against torch.optim.Adam/AdamW on real models (MLP, conv, LSTM) under
+every flag set of the table in _optim_db.py, the histograms against the exact histogram of
+the state, state-dict compatibility with torch, queries, bad input. What every optimizer
+shares (step for step on raw tensors, bad arguments, backends) is in test_contract.py."""
 
 import copy
 import io
@@ -7,6 +9,7 @@ import math
 
 import pytest
 import torch
+from _optim_db import ADAM_CONFIGS, adam_value
 from torch import nn
 
 import fasthist
@@ -74,33 +77,13 @@ def run_pair(kind, make_ref, make_fh, steps=50, group_fn=None, after_step=None):
     return ref_model, fh_model, ref_opt, fh_opt
 
 
-CONFIGS = {
-    "defaults": {},
-    "lr": {"lr": 3e-3},
-    "weight_decay": {"weight_decay": 0.1},
-    "maximize": {"maximize": True},
-    "amsgrad": {"amsgrad": True},
-    "decoupled": {"weight_decay": 0.1, "decoupled_weight_decay": True},
-    "tensor_lr": {"lr": torch.tensor(2e-3)},
-    "foreach": {"foreach": True, "amsgrad": True},
-    "fused": {"fused": True, "weight_decay": 0.01},
-    "betas_eps": {"betas": (0.8, 0.99), "eps": 1e-6},
-}
+CONFIGS = ADAM_CONFIGS
 
 
 def expected_step_hist(opt, p, bins=None):
     """Exact histogram of sqrt(v_hat) for p, straight from the optimizer state."""
-    st = opt.state[p]
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-    v = st["max_exp_avg_sq"] if group["amsgrad"] else st["exp_avg_sq"]
-    beta2 = float(group["betas"][1])
-    step = st["step"]
-    if step.device.type == "cpu":  # bias correction on the host in float64, as torch does
-        c = torch.tensor((1 - beta2 ** float(step)) ** 0.5, dtype=torch.float32)
-    else:
-        c = (1 - torch.pow(beta2, step.float())).sqrt()
-    sqrt_rn = v.double().sqrt().float()  # correctly rounded (torch's CPU float32 sqrt is not always)
-    return (bins or opt.bins).count(sqrt_rn / c)
+    return (bins or opt.bins).count(adam_value(opt.state[p], group))
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -425,54 +408,9 @@ def test_gradscaler_end_to_end_cpu():
     assert ob.histogram(window="total").count == 7 * sum(p.numel() for p in b.parameters())
 
 
-def test_backend_forced_torch_is_identical(monkeypatch):
-    results = []
-    for backend in ("auto", "torch"):
-        monkeypatch.setenv("FASTHIST_BACKEND", backend)
-        torch.manual_seed(0)
-        m = mlp()
-        o = fasthist.Adam(m.parameters())
-        for _ in range(3):
-            o.zero_grad()
-            loss_of(m, torch.randn(4, 12)).backward()
-            o.step()
-        results.append((list(m.parameters()), o.histogram(window="total")))
-    assert all(torch.equal(p, q) for p, q in zip(results[0][0], results[1][0], strict=True))
-    assert results[0][1] == results[1][1]
-
-
 # -- bad input -------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"lr": -1.0},
-        {"eps": -1.0},
-        {"betas": (1.0, 0.9)},
-        {"betas": (0.9, -0.1)},
-        {"weight_decay": -1},
-        {"fused": True, "differentiable": True},
-    ],
-)
-def test_invalid_arguments_like_torch(kwargs):
-    p = [torch.zeros(2, requires_grad=True)]
-    with pytest.raises(Exception) as ref:
-        torch.optim.Adam(p, **kwargs)
-    with pytest.raises(type(ref.value), match=str(ref.value).replace("(", r"\(").replace(")", r"\)").replace("`", ".")):
-        fasthist.Adam(p, **kwargs)
-
-
-def test_bad_input_errors(monkeypatch):
-    with pytest.raises(TypeError, match="bins must be a fasthist.LogBins, but got dict"):
-        fasthist.Adam([torch.zeros(2, requires_grad=True)], bins={"mantissa_bits": 5})
-    with pytest.raises(TypeError, match="can only optimize floating point or complex parameters"):
-        fasthist.Adam([torch.zeros(2, dtype=torch.int64)])
-    with pytest.raises(ValueError, match="Invalid track value"):
-        fasthist.Adam([torch.zeros(2, requires_grad=True)], track="yes")
-    emb = nn.Embedding(10, 3, sparse=True)
-    opt = fasthist.Adam(emb.parameters())
-    emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match="Adam does not support sparse gradients"):
-        opt.step()
+def test_bad_queries_and_backend(monkeypatch):
+    # bad constructor arguments, parameters and sparse gradients: test_contract.py
     p = torch.zeros(2, requires_grad=True)
     opt = fasthist.Adam([p])
     with pytest.raises(ValueError, match="Invalid window: 'last'"):

@@ -17,69 +17,38 @@ What is compared, per step, over several steps:
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
-from torch import Tensor
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from _kernel_helpers import (  # before triton
+    BINS,
+    DEVICE,
+    INTERPRETING,
+    ON_CPU,
+    assert_ulp,
+    compile_without_a_gpu,
+    same,
+    target,
+)
 
 triton = pytest.importorskip("triton")
 
 import fasthist  # noqa: E402
-from fasthist.bins import LogBins  # noqa: E402
 from fasthist.reference.adam import adam_reference, bias_correction2_sqrt  # noqa: E402
-from fasthist.reference.histogram import HistTarget  # noqa: E402
 
 K = pytest.importorskip("fasthist.kernels.adam")
 from fasthist.kernels import _common  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ON_CPU = DEVICE.type == "cpu"
-if ON_CPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+if ON_CPU and not INTERPRETING:
     pytest.skip("fasthist.kernels needs TRITON_INTERPRET=1 on a machine without CUDA", allow_module_level=True)
 
 pytestmark = pytest.mark.interpreter if ON_CPU else []
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-BINS = LogBins()
 B, C = K.BLOCK, K.CHUNK
 
 
 # -- helpers ------------------------------------------------------------------------------
-def ulp(x: Tensor) -> Tensor:
-    """ulp of |x| in x's dtype, as float64."""
-    bits = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}[x.dtype]
-    _, e = torch.frexp(x.double().abs())
-    tiny = {torch.float32: -149, torch.bfloat16: -133, torch.float16: -24}[x.dtype]
-    return torch.ldexp(torch.ones_like(e, dtype=torch.float64), torch.clamp(e - bits, min=tiny))
-
-
-def assert_ulp(actual: Tensor, expected: Tensor, n: float, what: str, previous: Tensor | None = None) -> None:
-    """|actual - expected| <= n ulp of max(|expected|, |expected - previous|): an update
-    larger than the parameter carries its own rounding (torch's CPU sqrt is 1 ulp off)."""
-    if actual.is_complex():
-        actual, expected = torch.view_as_real(actual), torch.view_as_real(expected)
-        previous = torch.view_as_real(previous) if previous is not None else None
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    if actual.numel() == 0:
-        return
-    diff = (actual.double() - expected.double()).abs()
-    scale = expected.double().abs()
-    if previous is not None:
-        scale = torch.maximum(scale, (expected.double() - previous.double()).abs())
-    tol = n * ulp(scale.to(expected.dtype))
-    bad = diff > tol
-    assert not bad.any(), f"{what}: {int(bad.sum())} elements beyond {n} ulp, max diff {diff.max().item():.3e}"
-
-
-def same(a: Tensor, b: Tensor) -> bool:
-    """Bit-for-bit equal values, NaN equal to NaN."""
-    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
 def oracle_counts(values: list[torch.Tensor], steps: list[torch.Tensor], beta2: float) -> torch.Tensor:
     """[n, num_bins] counts of fl32(sqrt(v)) / fl32(c), correctly rounded via float64."""
     c = bias_correction2_sqrt(steps, beta2)
@@ -91,12 +60,6 @@ def oracle_counts(values: list[torch.Tensor], steps: list[torch.Tensor], beta2: 
         x = (s / float(torch.tensor(ci, dtype=torch.float32))).float()
         rows.append(BINS.count(x))
     return torch.stack(rows) if rows else torch.zeros(0, BINS.num_bins, dtype=torch.int64)
-
-
-def target(n: int) -> HistTarget:
-    z = torch.zeros(n, BINS.num_bins, dtype=torch.int64, device=DEVICE)
-    # rows deliberately permuted: tensor i writes row n-1-i
-    return HistTarget(BINS, z, z.clone(), torch.arange(n - 1, -1, -1, device=DEVICE))
 
 
 class Case:
@@ -524,34 +487,7 @@ def _model(seed):
     return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(DEVICE)
 
 
-@pytest.mark.parametrize("cls", [fasthist.Adam, fasthist.AdamW])
-def test_optimizer_backend_triton_vs_torch(monkeypatch, cls):
-    """fasthist.Adam/AdamW on FASTHIST_BACKEND=triton against =torch, with save/reload midway."""
-    models = [_model(0), _model(0)]
-    opts = [cls(m.parameters(), lr=1e-2, amsgrad=True) for m in models]
-    x = torch.randn(16, 7, device=DEVICE)
-    for step in range(4):
-        prev = [p.detach().clone() for p in models[1].parameters()]
-        for backend, m, o in zip(("triton", "torch"), models, opts, strict=True):
-            monkeypatch.setenv("FASTHIST_BACKEND", backend)
-            o.zero_grad()
-            m(x + step).pow(2).sum().backward()
-            o.step()
-        if step == 1:  # save and reload the kernel-side optimizer
-            sd = opts[0].state_dict()
-            opts[0] = cls(models[0].parameters(), lr=1e-2, amsgrad=True)
-            opts[0].load_state_dict(sd)
-        # no teacher forcing here: 1-ulp differences (torch's CPU sqrt) may add up over steps
-        for a, b, pb in zip(models[0].parameters(), models[1].parameters(), prev, strict=True):
-            assert_ulp(a.detach(), b.detach(), 2.0 * (step + 1), f"param after step {step}", pb)
-        for window in ("step", "total"):
-            ha, hb = opts[0].histograms(window=window), opts[1].histograms(window=window)
-            assert ha.keys() == hb.keys()
-            for k in ha:
-                if ON_CPU:
-                    assert ha[k] == hb[k], f"{window} histogram of {k}"
-                else:
-                    assert ha[k].count == hb[k].count
+# fasthist.Adam/AdamW on FASTHIST_BACKEND=triton against =torch: test_contract.py::test_backends_agree
 
 
 def test_gradscaler_fused_protocol(monkeypatch):
@@ -684,7 +620,7 @@ def compile_(fn, consts, num_warps):
 
 for dtype, track, ams, wd in [(tl.float32, True, True, 1), (tl.bfloat16, True, False, 2), (tl.float16, False, True, 0)]:
     consts = dict(DTYPE=dtype, BLOCK=K.BLOCK, ITERS=K.ITERS, ALIGNED=True, AMSGRAD=ams, MAXIMIZE=True, WD_MODE=wd, LERP_SMALL=True,
-                  HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HIST=C.HIST_SHARED if track else C.HIST_OFF, **(spec if track else C.NO_BINS))
+                  HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HIST=C.HIST_SHARED if track else C.HIST_OFF, **C.slab_kwargs(spec if track else C.NO_BINS, C.SHAPE.num_warps))
     ptx = compile_(K._adam_hist_kernel, consts, C.SHAPE.num_warps).asm["ptx"]
     for bad in ("sqrt.approx", "div.full", "div.approx"):
         assert bad not in ptx, f"{dtype}: imprecise {bad} in the PTX"
@@ -700,16 +636,4 @@ print("ok")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """Compiled mode (frontend, LLVM, PTX) for an H100/H200 target, no device needed: catches
     what the interpreter lets through, and checks the roundings are the precise ones."""
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"no NVIDIA backend in this Triton: {e}")
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "0")
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    compile_without_a_gpu(_AOT_SCRIPT, timeout=300, env={"TRITON_DEFAULT_FP_FUSION": "0"})

@@ -14,35 +14,35 @@ from torch's CPU sqrt, which is not correctly rounded, do not accumulate), then 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from _kernel_helpers import (  # before triton
+    BINS,
+    DEVICE,
+    INTERPRETING,
+    ON_CPU,
+    assert_ulp,
+    compile_without_a_gpu,
+    same,
+    target,
+    ulp,
+)
 from torch import Tensor
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
-import fasthist  # noqa: E402
-from fasthist.bins import LogBins  # noqa: E402
 from fasthist.reference.adabelief import adabelief_reference  # noqa: E402
 from fasthist.reference.adagrad import adagrad_reference  # noqa: E402
-from fasthist.reference.histogram import HistTarget  # noqa: E402
 from fasthist.reference.rmsprop import rmsprop_reference  # noqa: E402
 
 KR = pytest.importorskip("fasthist.kernels.rmsprop")
 KA = pytest.importorskip("fasthist.kernels.adagrad")
 KB = pytest.importorskip("fasthist.kernels.adabelief")
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ON_CPU = DEVICE.type == "cpu"
-if ON_CPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+if ON_CPU and not INTERPRETING:
     pytest.skip("fasthist.kernels needs TRITON_INTERPRET=1 on a machine without CUDA", allow_module_level=True)
 
 pytestmark = pytest.mark.interpreter if ON_CPU else []
-BINS = LogBins()
 C = pytest.importorskip("fasthist.kernels._common").SHAPE.chunk
 
 # why each shape: not a multiple of the block; two programs of one tensor (CHUNK + 4);
@@ -65,33 +65,6 @@ def like(p: Tensor, fill: float = 0.0) -> Tensor:
     if not p.is_contiguous() and p.dim() == 2 and p.stride(1) == 3:
         return torch.full((p.shape[0], p.shape[1] * 3), fill, device=p.device, dtype=p.dtype)[:, ::3]
     return torch.full_like(p, fill, memory_format=torch.preserve_format)
-
-
-def ulp(x: Tensor) -> Tensor:
-    _, e = torch.frexp(x.double().abs())
-    return torch.ldexp(torch.ones_like(e, dtype=torch.float64), torch.clamp(e - 24, min=-149))
-
-
-def assert_ulp(actual: Tensor, expected: Tensor, previous: Tensor, n: float, what: str, slack=0.0) -> None:
-    """|actual - expected| <= n ulp of the largest of |expected|, |previous| and the update
-    |expected - previous| (a sum that cancels keeps the rounding of its terms)."""
-    if actual.is_complex():
-        actual, expected, previous = (torch.view_as_real(t) for t in (actual, expected, previous))
-    if actual.numel() == 0:
-        return
-    e, p = expected.double(), previous.double()
-    scale = torch.maximum(torch.maximum(e.abs(), (e - p).abs()), p.abs())
-    bad = (actual.double() - expected.double()).abs() > n * ulp(scale.float()) + slack
-    assert not bad.any(), f"{what}: {int(bad.sum())} elements beyond {n} ulp"
-
-
-def same(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
-def target(n: int) -> HistTarget:
-    z = torch.zeros(n, BINS.num_bins, dtype=torch.int64, device=DEVICE)
-    return HistTarget(BINS, z, z.clone(), torch.arange(n - 1, -1, -1, device=DEVICE))  # rows permuted
 
 
 def grads_for(params, gen, zero_first_row=True):
@@ -164,12 +137,12 @@ def run(
                 if name in exact and ON_CPU:
                     assert same(a, b), f"step {step}: {name}[{i}] differs"
                 elif name in exact:  # torch's CUDA kernels round differently
-                    assert_ulp(a, b, b, 2, f"step {step}: {name}[{i}]")
+                    assert_ulp(a, b, 2, f"step {step}: {name}[{i}]", b, previous_scales=True)
                 elif name in ulp_names:
-                    assert_ulp(a, b, previous_state[name][i], 2, f"step {step}: {name}[{i}]")
+                    assert_ulp(a, b, 2, f"step {step}: {name}[{i}]", previous_state[name][i], previous_scales=True)
         for i, (a, b, prev) in enumerate(zip(params, r_params, previous, strict=True)):
             slack = param_slack(i, r_state, previous_state) if param_slack is not None else 0.0
-            assert_ulp(a, b, prev, param_ulp, f"step {step}: param {i}", slack)
+            assert_ulp(a, b, param_ulp, f"step {step}: param {i}", prev, previous_scales=True, slack=slack)
         if ON_CPU:
             assert torch.equal(hk.step, hr.step), f"step {step}: step window"
             assert torch.equal(hk.total, hr.total), f"step {step}: total window"
@@ -377,42 +350,7 @@ def test_adabelief_kernel_matches_reference(name):
     )
 
 
-# -- through the optimizer classes ----------------------------------------------------------
-@pytest.mark.parametrize(
-    "make_opt",
-    [
-        lambda ps: fasthist.RMSprop(ps, lr=1e-3, centered=True, momentum=0.9),
-        lambda ps: fasthist.Adagrad(ps, lr_decay=1e-2),
-        lambda ps: fasthist.AdaBelief(ps, weight_decay=1e-2),
-    ],
-    ids=["rmsprop", "adagrad", "adabelief"],
-)
-def test_optimizer_on_forced_triton_backend(make_opt, monkeypatch):
-    """FASTHIST_BACKEND=triton routes the optimizer classes to these kernels: same
-    histograms as the reference backend over a few steps of a small model."""
-    results = []
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("FASTHIST_BACKEND", backend)
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2)).to(DEVICE)
-        opt = make_opt(model.parameters())
-        g = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            x = torch.randn(4, 5, generator=g).to(DEVICE)
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
-        results.append((list(model.parameters()), opt.histograms(window="total")))
-    (p_ref, h_ref), (p_tri, h_tri) = results
-    for a, b in zip(p_tri, p_ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    assert h_ref.keys() == h_tri.keys()
-    for k in h_ref:
-        assert h_ref[k].count == h_tri[k].count == 3 * dict(zip(h_ref, [35, 7, 14, 2], strict=True))[k]
-        if ON_CPU:  # on the GPU, torch's model math rounds differently from CPU: counts only
-            assert h_ref[k] == h_tri[k], k
-
-
+# -- through the optimizer classes: test_contract.py::test_backends_agree -------------------
 def test_kernels_are_dispatched(monkeypatch):
     from fasthist import functional
 
@@ -449,7 +387,7 @@ def compile_(fn, consts):
 
 base = dict(BLOCK=C.SHAPE.block, ITERS=C.SHAPE.iters, ALIGNED=True)
 for dtype, track in [(tl.float32, True), (tl.bfloat16, True), (tl.float16, False)]:
-    bins = spec if track else C.NO_BINS
+    bins = C.slab_kwargs(spec if track else C.NO_BINS, C.SHAPE.num_warps)
     for centered, momentum, small in [(True, True, True), (False, False, False), (True, False, False)]:
         compile_(R._rmsprop_hist_kernel, dict(base, DTYPE=dtype, CENTERED=centered, MOMENTUM=momentum, MAXIMIZE=True,
                                               HAS_WD=True, LERP_SMALL=small, LR_FROM_PTR=momentum, HIST=C.HIST_SHARED if track else C.HIST_OFF,
@@ -468,15 +406,4 @@ print("ok")
 def test_kernels_compile_for_sm90_without_a_gpu():
     """Compiled mode (frontend, LLVM, PTX) for an H100/H200 target, no device needed: catches
     what the interpreter lets through, and checks the roundings are the precise ones."""
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"no NVIDIA backend in this Triton: {e}")
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    compile_without_a_gpu(_AOT_SCRIPT, timeout=600)

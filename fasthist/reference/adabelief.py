@@ -37,7 +37,8 @@ import math
 import torch
 from torch import Tensor
 
-from .histogram import HistTarget, accumulate_
+from ..target import HistTarget
+from .histogram import accumulate_
 
 __all__ = ["adabelief_reference", "adabelief_scale", "adabelief_step_size"]
 

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from torch.optim.adagrad import adagrad as torch_adagrad
 
-from .histogram import HistTarget, accumulate_
+from ..target import HistTarget
+from .histogram import accumulate_
 
 __all__ = ["adagrad_reference"]
 

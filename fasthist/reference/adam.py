@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as torch_adam
 
-from .histogram import HistTarget, accumulate_
+from ..target import HistTarget
+from .histogram import accumulate_
 
 __all__ = ["adam_reference", "bias_correction2_sqrt"]
 

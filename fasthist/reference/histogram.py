@@ -18,50 +18,36 @@ synchronises the host.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..bins import LogBins
+from ..dtensor import local_tensor
+from ..target import HistTarget
 
+# HistTarget lives in fasthist.target; it is re-exported here, where it used to be
 __all__ = ["HistTarget", "accumulate_"]
+_KEY = "fasthist.reference.workspace"
 
 
-@dataclass
-class HistTarget:
-    """Where one backend call writes its histograms: rows of packed [R, num_bins] buffers.
+def _workspace(target: HistTarget, sizes: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(values fp32, keys int32, zero mask, per-element row offset) for these sizes, kept in
+    the target (big CPU allocations page-fault every step)."""
+    device, n, nb = target.step.device, sum(sizes), target.bins.num_bins
+    key_dtype = torch.int32 if len(sizes) * nb < 2**31 else torch.int64
 
-    ``rows[i]`` is the row of the i-th tensor of the call; ``step``/``total`` are the
-    "step" and "total" windows. All on one device.
-    """
+    def row_offsets() -> Tensor:
+        offsets = torch.arange(len(sizes), device=device, dtype=torch.int64) * nb
+        repeats = torch.tensor(sizes, dtype=torch.int64).to(device, non_blocking=True)
+        seg = torch.repeat_interleave(offsets, repeats, output_size=n)  # output_size: no device read
+        return seg.to(key_dtype)
 
-    bins: LogBins
-    step: Tensor
-    total: Tensor
-    rows: Tensor
-    _workspace: dict = field(default_factory=dict, repr=False)
-
-    def workspace(self, sizes: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(values fp32, keys int32, zero mask, per-element row offset) for these sizes,
-        kept while the sizes are unchanged: big CPU allocations page-fault every step."""
-        ws = self._workspace.get(sizes)
-        if ws is None:
-            self._workspace.clear()
-            device, n, nb = self.step.device, sum(sizes), self.bins.num_bins
-            offsets = torch.arange(len(sizes), device=device, dtype=torch.int64) * nb
-            repeats = torch.tensor(sizes, dtype=torch.int64).to(device, non_blocking=True)
-            seg = torch.repeat_interleave(offsets, repeats, output_size=n)  # output_size: no device read
-            key_dtype = torch.int32 if len(sizes) * nb < 2**31 else torch.int64
-            ws = (
-                torch.empty(n, device=device, dtype=torch.float32),
-                torch.empty(n, device=device, dtype=key_dtype),
-                torch.empty(n, device=device, dtype=torch.bool),
-                seg.to(key_dtype),
-            )
-            self._workspace[sizes] = ws
-        return ws
+    return (
+        target.buffer((_KEY, "values", sizes), lambda: torch.empty(n, device=device, dtype=torch.float32)),
+        target.buffer((_KEY, "keys", sizes), lambda: torch.empty(n, device=device, dtype=key_dtype)),
+        target.buffer((_KEY, "zero", sizes), lambda: torch.empty(n, device=device, dtype=torch.bool)),
+        target.buffer((_KEY, "rows", sizes), row_offsets),
+    )
 
 
 def _sqrt_rn_(t: Tensor) -> None:
@@ -108,7 +94,7 @@ def accumulate_(
     :mod:`fasthist.distributed`).
     """
     device = target.step.device
-    values = [v.to_local() if type(v).__name__ == "DTensor" else v for v in values]
+    values = [local_tensor(v) for v in values]
     for v in values:
         if v.device != device:
             raise RuntimeError(
@@ -117,7 +103,7 @@ def accumulate_(
     bins = target.bins
     flat_views = [torch.view_as_real(v).reshape(-1) if v.is_complex() else v.reshape(-1) for v in values]
     sizes = tuple(v.numel() for v in flat_views)
-    flat, keys, zero, seg = target.workspace(sizes)
+    flat, keys, zero, seg = _workspace(target, sizes)
     _scaled_into_(flat, flat_views, sizes, scale, sqrt)
     key0_is_zero = sqrt and not isinstance(scale, Tensor) and all(0.0 < c <= 1.0 for c in scale)
     bits = flat.view(torch.int32).bitwise_and_(0x7FFFFFFF)

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 from torch.optim.rmsprop import rmsprop as torch_rmsprop
 
-from .histogram import HistTarget, accumulate_
+from ..target import HistTarget
+from .histogram import accumulate_
 
 __all__ = ["rmsprop_reference", "rmsprop_denominator_squares"]
 

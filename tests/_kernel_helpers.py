@@ -1,0 +1,96 @@
+"""Helpers shared by the kernel tests: the device they run on, ulp tolerances, bitwise
+equality and a histogram target with permuted rows.
+
+Importing this module sets ``TRITON_INTERPRET=1`` on a machine without CUDA, so it must be
+imported before ``fasthist.kernels`` is (the interpreter is chosen at Triton's import).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import Tensor
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fasthist.bins import LogBins  # noqa: E402
+from fasthist.target import HistTarget  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CPU = DEVICE.type == "cpu"
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+BINS = LogBins()
+
+
+def ulp(x: Tensor) -> Tensor:
+    """ulp of |x| in x's dtype, as float64."""
+    bits = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}[x.dtype]
+    _, e = torch.frexp(x.double().abs())
+    tiny = {torch.float32: -149, torch.bfloat16: -133, torch.float16: -24}[x.dtype]
+    return torch.ldexp(torch.ones_like(e, dtype=torch.float64), torch.clamp(e - bits, min=tiny))
+
+
+def assert_ulp(
+    actual: Tensor,
+    expected: Tensor,
+    n: float,
+    what: str,
+    previous: Tensor | None = None,
+    *,
+    previous_scales: bool = False,
+    slack: float | Tensor = 0.0,
+) -> None:
+    """|actual - expected| <= n ulp of max(|expected|, |expected - previous|) (+ ``slack``):
+    an update larger than the value carries its own rounding (torch's CPU sqrt is 1 ulp
+    off). ``previous_scales``: |previous| counts too (a sum that cancels keeps the rounding
+    of its terms), measured in float32 ulps."""
+    if actual.is_complex():
+        actual, expected = torch.view_as_real(actual), torch.view_as_real(expected)
+        previous = torch.view_as_real(previous) if previous is not None else None
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    if actual.numel() == 0:
+        return
+    diff = (actual.double() - expected.double()).abs()
+    scale = expected.double().abs()
+    if previous is not None:
+        scale = torch.maximum(scale, (expected.double() - previous.double()).abs())
+    if previous_scales:
+        assert previous is not None
+        scale = torch.maximum(scale, previous.double().abs())
+        tol = n * ulp(scale.float()) + slack
+    else:
+        tol = n * ulp(scale.to(expected.dtype)) + slack
+    bad = diff > tol
+    assert not bad.any(), f"{what}: {int(bad.sum())} elements beyond {n} ulp, max diff {diff.max().item():.3e}"
+
+
+def same(a: Tensor, b: Tensor) -> bool:
+    """Bit-for-bit equal values, NaN equal to NaN."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def target(n: int) -> HistTarget:
+    """A fresh target for ``n`` tensors, rows deliberately permuted: tensor i writes row n-1-i."""
+    z = torch.zeros(n, BINS.num_bins, dtype=torch.int64, device=DEVICE)
+    return HistTarget(BINS, z, z.clone(), torch.arange(n - 1, -1, -1, device=DEVICE))
+
+
+def compile_without_a_gpu(script: str, *, timeout: int, env: dict[str, str] | None = None) -> None:
+    """Run ``script`` (which compiles kernels for a GPU target and prints "ok") in a fresh
+    interpreter without ``TRITON_INTERPRET``; skip where this Triton has no NVIDIA backend."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"no NVIDIA backend in this Triton: {e}")
+    full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for k, v in (env or {}).items():
+        full_env.setdefault(k, v)
+    out = subprocess.run([sys.executable, "-c", script], env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
