@@ -12,8 +12,10 @@ and measured:
 - ``hot_per_elem``: SASS instructions in the unmasked full-chunk loop (the loop whose global
   loads carry no predicate) per element a thread handles in one trip (``BLOCK / threads``);
 - ``whole_per_elem``: (instructions outside every loop, counted once, + ``ITERS`` × the hot
-  loop) per element of a full chunk. An upper bound: the tail path's and the never-taken
-  shared-memory reservation's straight-line code are counted too;
+  loop) per element of a full chunk. An upper bound: the tail path's straight-line code is
+  counted too. For the shared-memory histogram it is read off the kernel's probe compile
+  (the same code without the never-taken branch that reserves the shared memory;
+  ``whole_with_reservation_per_elem`` counts that branch too);
 - ``registers``, ``stack_bytes`` and ``local_ops`` (``STL``/``LDL``: register spills),
   ``shared_bytes`` (Triton's allocation), and per element of a full chunk: ``barriers``,
   ``shared_atomics``, ``global_atomics`` (static counts, the flush's predicated atomics as if
@@ -209,7 +211,14 @@ def report_kernel(name: str, dtype: str, arch: int, fallback: bool) -> dict:
         C.slab_kwargs(spec, shape.num_warps)["SMEM_BINS"],
     )
     row = {"kernel": name, "dtype": dtype, "bytes_per_elem": accesses * size, "untracked": off}
-    row["strategies"] = {"shared": figures(shared_ck)}
+    shared = figures(shared_ck)
+    # What runs is the probe's instruction stream (the same code, less the never-taken branch
+    # that reserves the shared memory): per-element figures from it, registers from the kernel.
+    runs = figures(probe)
+    shared["whole_with_reservation_per_elem"] = shared["whole_per_elem"]
+    for key in ("whole_per_elem", "barriers", "shared_atomics", "global_atomics"):
+        shared[key] = runs[key]
+    row["strategies"] = {"shared": shared}
     if fallback or problems:
         row["strategies"]["tl"] = figures(run(C.HIST_TL, spec))
     row["strategy"] = "tl" if problems else "shared"

@@ -8,7 +8,7 @@ Triton 3.9 and 3.6 (the GPU machine's): the kernels build and run under both int
 
 One module per optimizer, each laid out as: module docstring (the math) → ``@triton.jit``
 kernel → launcher → ``<op>_hist`` wrapper taking exactly the arguments of torch's functional
-form plus ``hist`` (a :class:`fasthist.reference.histogram.HistTarget` or None):
+form plus ``hist`` (a :class:`fasthist.target.HistTarget` or None):
 
 - :mod:`.adam`: Adam/AdamW (:func:`fasthist.kernels.adam.adam_hist`);
 - :mod:`.rmsprop`, :mod:`.adagrad`, :mod:`.adabelief`: the other optimizers.

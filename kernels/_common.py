@@ -44,7 +44,7 @@ Host code:
   (skipped on ``found_inf``, device-side, no host sync), scratch re-zeroed.
 
 Scratch protocol: a call's scratch is ``int64 [num_tensors, num_bins]`` kept in the
-:class:`~fasthist.reference.histogram.HistTarget` workspace, all zero between calls.
+:class:`~fasthist.target.HistTarget` workspace, all zero between calls.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fasthist.bins import LogBins
-from fasthist.reference.histogram import HistTarget
+from fasthist.target import HistTarget
 
 __all__ = [
     "HIST_OFF",
@@ -655,12 +655,10 @@ def histogram_strategy(
 # -- scratch and histogram windows --------------------------------------------------------
 def scratch_for(target: HistTarget, num_tensors: int) -> Tensor:
     """The call's int64 ``[num_tensors, num_bins]`` scratch, zero between calls."""
-    key = ("fasthist.kernels.scratch", num_tensors)
-    buf = target._workspace.get(key)
-    if buf is None:
-        buf = torch.zeros(num_tensors, target.bins.num_bins, dtype=torch.int64, device=target.step.device)
-        target._workspace[key] = buf
-    return buf
+    return target.buffer(
+        ("fasthist.kernels.scratch", num_tensors),
+        lambda: torch.zeros(num_tensors, target.bins.num_bins, dtype=torch.int64, device=target.step.device),
+    )
 
 
 def finalize_histograms(target: HistTarget, scratch: Tensor, found_inf: Tensor | None) -> None:

@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fasthist.reference.adabelief import adabelief_reference, adabelief_scale, adabelief_step_size
-from fasthist.reference.histogram import HistTarget
+from fasthist.target import HistTarget
 
 from ._common import (
     check_call,

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fasthist.reference.adagrad import adagrad_reference
-from fasthist.reference.histogram import HistTarget
+from fasthist.target import HistTarget
 
 from ._common import (
     check_call,

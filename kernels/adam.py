@@ -52,7 +52,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fasthist.reference.adam import adam_reference, bias_correction2_sqrt
-from fasthist.reference.histogram import HistTarget
+from fasthist.target import HistTarget
 
 from ._common import (
     PLANS,

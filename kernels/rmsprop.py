@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fasthist.reference.histogram import HistTarget
 from fasthist.reference.rmsprop import rmsprop_reference
+from fasthist.target import HistTarget
 
 from ._common import (
     check_call,
