@@ -1,0 +1,295 @@
+"""The shared-memory histogram of the fused kernels, checked without a GPU.
+
+On the GPU the kernels count every element with one ``red.shared`` into a per-program window
+of shared-memory words (``fasthist.kernels._common``), code the interpreter cannot run. It
+is checked here four ways:
+
+- the hot loop's PTX word formula (``BinSpec.word_asm``), emulated instruction by instruction
+  in numpy over float32 bit patterns, folds to exactly ``LogBins.index`` (every pattern with
+  ``FASTHIST_EXHAUSTIVE=1``: all 2**32 of them, a few minutes);
+- the interpreter runs the same words and fold through ``tl.histogram`` (the default there)
+  and the ``tl.histogram`` fallback, both exactly equal to the reference backend;
+- the guard refuses compiled code that is not what the strategy needs, and the runtime falls
+  back with one warning;
+- compiled for sm_90 with the installed Triton, the guard accepts the real kernels (and
+  ``bench/sass_report.py`` holds them to the cost targets: ``test_sass_report.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from _kernel_helpers import DEVICE, ON_CPU, compile_without_a_gpu, same  # noqa: E402
+
+from fasthist.bins import LogBins  # noqa: E402
+from fasthist.reference.adam import adam_reference  # noqa: E402
+from fasthist.reference.rmsprop import rmsprop_reference  # noqa: E402
+from fasthist.target import HistTarget  # noqa: E402
+
+C = pytest.importorskip("fasthist.kernels._common")
+from fasthist.kernels import adam as KA  # noqa: E402
+from fasthist.kernels import rmsprop as KR  # noqa: E402
+
+# window layouts (one word per key) and one too wide for the window (one word per bin)
+LAYOUTS = {
+    "default": LogBins(),
+    "widest": LogBins(-126, 128, 5),  # every normal binade: the window starts at key 31
+    "coarse": LogBins(-20, 10, 2),
+    "one-per-binade": LogBins(-60, 20, 0),
+    "fine-narrow": LogBins(-40, 0, 6),  # 2**14 keys: not a window, words are bins
+}
+
+
+def target(n: int, bins: LogBins = LAYOUTS["default"]) -> HistTarget:
+    z = torch.zeros(n, bins.num_bins, dtype=torch.int64, device=DEVICE)
+    return HistTarget(bins, z, z.clone(), torch.arange(n - 1, -1, -1, device=DEVICE))
+
+
+# -- the PTX word formula, emulated -------------------------------------------------------
+def run_word_asm(asm: str, bits: np.ndarray) -> np.ndarray:
+    """``%fh_k`` after the PTX of ``BinSpec.word_asm`` on float32 bits ``$1`` (uint32)."""
+    regs: dict[str, np.ndarray] = {"$1": bits.astype(np.uint32)}
+
+    def val(tok: str) -> np.ndarray:
+        return regs[tok] if tok in regs else np.uint32(int(tok, 0))
+
+    for ins in filter(None, (s.strip() for s in asm.split(";"))):
+        op, args = ins.split(None, 1)
+        d, *src = (a.strip() for a in args.split(","))
+        a, b = (val(s) for s in src)
+        if op == "shl.b32":
+            out = (a.astype(np.uint64) << np.uint64(b)).astype(np.uint32)
+        elif op == "shr.u32":
+            out = a >> b
+        elif op == "min.u32":
+            out = np.minimum(a, b).astype(np.uint32)
+        elif op == "sub.s32":
+            out = (a.astype(np.int64) - np.int64(np.int32(b))).astype(np.int32).view(np.uint32)
+        elif op == "max.s32":
+            out = np.maximum(a.view(np.int32), np.asarray(b).astype(np.uint32).view(np.int32)).view(np.uint32)
+        else:
+            raise AssertionError(f"word_asm uses {op}, which this emulator does not model")
+        regs[d] = np.asarray(out, dtype=np.uint32)
+    return regs["%fh_k"].view(np.int32)
+
+
+def fold(words: np.ndarray, bins: LogBins) -> np.ndarray:
+    """``_fold`` of the kernels: words past the log bins to above / non-finite."""
+    inf_word = (0x7F800000 >> bins.shift) - bins.low_key + 2
+    return np.where(words >= inf_word, bins.nonfinite, np.minimum(words, bins.above))
+
+
+def check_words(bins: LogBins, bits: np.ndarray) -> None:
+    spec = C.BinSpec(bins)
+    words = run_word_asm(spec.word_asm(), bits)
+    assert words.min() >= 0 and words.max() < spec.dump, "a word outside the window"
+    expected = bins.index(torch.from_numpy(bits.view(np.float32))).numpy()
+    bad = fold(words, bins) != expected
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise AssertionError(f"{bins}: bits {bits[i]:#010x} -> bin {fold(words, bins)[i]}, LogBins says {expected[i]}")
+
+
+def boundary_patterns(bins: LogBins) -> np.ndarray:
+    """Every bin edge of the bit layout (multiples of 2**shift), +-2 patterns, both signs,
+    and the special values."""
+    edges = np.arange(0, 1 << (32 - bins.shift), dtype=np.uint64) << np.uint64(bins.shift)
+    near = (edges[:, None] + np.arange(-2, 3, dtype=np.int64)[None, :].astype(np.uint64)).ravel()
+    specials = np.array([0, 1, 0x7F800000, 0x7F800001, 0x7FC00000, 0x7FFFFFFF, 0x00800000, 0x007FFFFF], np.uint64)
+    return (np.concatenate([near, specials]) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+@pytest.mark.parametrize("name", [n for n, b in LAYOUTS.items() if C.BinSpec(b).window])
+def test_word_asm_folds_to_logbins_index(name):
+    bins = LAYOUTS[name]
+    check_words(bins, boundary_patterns(bins))
+    rng = np.random.default_rng(0)
+    check_words(bins, rng.integers(0, 1 << 32, size=1 << 21, dtype=np.uint64).astype(np.uint32))
+    if os.environ.get("FASTHIST_EXHAUSTIVE") == "1":
+        step = 1 << 26
+        for start in range(0, 1 << 32, step):
+            check_words(bins, np.arange(start, start + step, dtype=np.uint64).astype(np.uint32))
+
+
+def test_window_only_where_it_fits():
+    for name, bins in LAYOUTS.items():
+        spec = C.BinSpec(bins)
+        keys = 1 << (31 - bins.shift)
+        assert spec.window == (keys - bins.low_key + 2 < C.MAX_WINDOW), name
+        assert spec.smem_bins > spec.dump and spec.smem_bins <= C.MAX_WINDOW, name
+        if not spec.window:
+            assert spec.dump == bins.num_bins and spec.word_asm() == "", name
+
+
+# -- the interpreter: the shared strategy's twin and the fallback, exact ------------------
+def _adam_case(n_steps: int, bins: LogBins) -> None:
+    g = torch.Generator().manual_seed(3)
+    shapes = [(C.SHAPE.chunk + 5,), (1000,), (1,), (0,), (7, 9)]
+    params = [torch.randn(s, generator=g).to(DEVICE) for s in shapes]
+    states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    ref = [[t.clone() for t in lst] for lst in (params, *states)]
+    steps_k = [torch.tensor(0.0) for _ in params]
+    steps_r = [torch.tensor(0.0) for _ in params]
+    hk, hr = target(len(params), bins), target(len(params), bins)
+    kw = dict(amsgrad=False, has_complex=False, beta1=0.9, beta2=0.999, lr=1e-2, weight_decay=0.0, eps=1e-8)
+    kw.update(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
+    kw.update(grad_scale=None, found_inf=None, decoupled_weight_decay=False)
+    for _ in range(n_steps):
+        # spread over 20 decades, with exact zeros, so every part of the layout is hit
+        grads = [
+            torch.randn(p.shape, generator=g).to(DEVICE) * 10.0 ** torch.randint(-18, 3, p.shape, generator=g)
+            for p in params
+        ]
+        for gr in grads[:1]:
+            gr.view(-1)[:100] = 0.0
+        KA.adam_hist(params, [x.clone() for x in grads], *states, [], steps_k, hist=hk, **kw)
+        adam_reference(ref[0], [x.clone() for x in grads], *ref[1:], [], steps_r, hist=hr, **kw)
+        assert torch.equal(hk.step, hr.step) and torch.equal(hk.total, hr.total)
+        for a, b in zip(states[1], ref[2], strict=True):
+            assert same(a, b)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the interpreter's strategies")
+@pytest.mark.parametrize("histogram", ["auto", "tl"])
+@pytest.mark.parametrize("name", ["default", "coarse", "fine-narrow"])
+def test_interpreter_strategies_match_reference(histogram, name):
+    """``auto`` runs the shared words' twin on the interpreter, ``tl`` the fallback."""
+    C.configure(histogram=histogram)
+    try:
+        expected = C.HIST_WORDS if histogram == "auto" else C.HIST_TL
+        assert C.histogram_strategy(None, (1,), (), {}, DEVICE) == expected
+        _adam_case(2, LAYOUTS[name])
+    finally:
+        C.configure()
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the interpreter's strategies")
+def test_interpreter_rmsprop_fallback_matches_reference():
+    C.configure(histogram="tl")
+    try:
+        g = torch.Generator().manual_seed(4)
+        params = [torch.randn(n, generator=g) for n in (C.SHAPE.chunk + 3, 17)]
+        sq = [torch.zeros_like(p) for p in params]
+        refs = [p.clone() for p in params], [t.clone() for t in sq]
+        hk, hr = target(2), target(2)
+        kw = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False)
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        KR.rmsprop_hist(params, grads, sq, [], [], [torch.tensor(0.0)] * 2, hist=hk, **kw)
+        rmsprop_reference(refs[0], grads, refs[1], [], [], [torch.tensor(0.0)] * 2, hist=hr, **kw)
+        assert torch.equal(hk.step, hr.step)
+    finally:
+        C.configure()
+
+
+def test_configure_refuses_bad_shapes():
+    with pytest.raises(ValueError, match="histogram"):
+        C.configure(histogram="smem")
+    with pytest.raises(ValueError, match="block"):
+        C.configure(block=64, num_warps=4)  # fewer elements than threads: replicated lanes
+    assert (C.SHAPE.block, C.SHAPE.iters, C.SHAPE.num_warps, C.SHAPE.histogram) == C.DEFAULT_SHAPE
+
+
+# -- the guard ----------------------------------------------------------------------------
+GOOD_PTX = """
+.extern .shared .align 16 .b8 global_smem[];
+st.shared.v4.u32 [%r1], {0, 0, 0, 0};
+bar.sync 0;
+red.shared.add.u32 [%r2], 1;
+bar.sync 0;
+ld.shared.v4.u32 {%r3, %r4, %r5, %r6}, [%r7];
+"""
+
+
+def test_guard_reasons():
+    ok = C.shared_histogram_problems(GOOD_PTX, 32768, 0, 8192)
+    assert ok == []
+    assert "overwrite" in C.shared_histogram_problems(GOOD_PTX, 32768, 512, 8192)[0]
+    assert "needed" in C.shared_histogram_problems(GOOD_PTX, 16384, 0, 8192)[0]
+    no_symbol = GOOD_PTX.replace("global_smem[]", "smem[]")
+    assert "global_smem" in C.shared_histogram_problems(no_symbol, 32768, 0, 8192)[0]
+    no_red = GOOD_PTX.replace("red.shared.add.u32", "atom.global.add.u32")
+    assert "missing" in C.shared_histogram_problems(no_red, 32768, 0, 8192)[0]
+    one_barrier = GOOD_PTX.replace("bar.sync 0;", "", 1)
+    assert "barriers" in C.shared_histogram_problems(one_barrier, 32768, 0, 8192)[0]
+
+
+class _Compiled:
+    def __init__(self, ptx: str, shared: int) -> None:
+        self.asm = {"ptx": ptx}
+        self.metadata = type("M", (), {"shared": shared})()
+
+
+class _FakeKernel:
+    """Stands for a JITFunction: ``warmup`` returns what the compiler would have made."""
+
+    def __init__(self, shared: int, probe_shared: int) -> None:
+        self.shared, self.probe_shared, self.calls = shared, probe_shared, []
+
+    def warmup(self, *args, grid, **kwargs):
+        self.calls.append(kwargs["HIST"])
+        return _Compiled(GOOD_PTX, self.shared if kwargs["HIST"] == C.HIST_SHARED else self.probe_shared)
+
+
+def test_strategy_checks_once_and_falls_back_with_one_warning():
+    cuda = torch.device("cuda", 0)  # only its type is read: nothing runs
+    args = (torch.zeros(4),)
+    kw = {"SMEM_BINS": 8192, "DTYPE": "fp32"}
+    good = _FakeKernel(32768, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert C.histogram_strategy(good, (1,), args, kw, cuda) == C.HIST_SHARED
+        assert C.histogram_strategy(good, (1,), args, kw, cuda) == C.HIST_SHARED
+    assert good.calls == [C.HIST_SHARED, C.HIST_PROBE]  # compiled and checked once
+    bad = _FakeKernel(32768, 1024)  # Triton's own code uses shared memory too
+    with pytest.warns(UserWarning, match="falling back to tl.histogram"):
+        assert C.histogram_strategy(bad, (1,), args, kw, cuda) == C.HIST_TL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert C.histogram_strategy(bad, (1,), args, dict(kw, DTYPE="bf16"), cuda) == C.HIST_TL
+
+
+_COMPILE_SCRIPT = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import sys
+sys.path.insert(0, "bench")
+import sass_report as S
+from fasthist.bins import LogBins
+C = S.C
+spec = C.slab_kwargs(C.BinSpec(LogBins()).kwargs(), C.SHAPE.num_warps)
+for name in ("adamw", "adagrad"):
+    fn, flags, _ = S.KERNELS[name]
+    base = dict(flags, DTYPE=S.tl.bfloat16, BLOCK=C.SHAPE.block, ITERS=C.SHAPE.iters, ALIGNED=True, **spec)
+    real = S.compile_kernel(fn, dict(base, HIST=C.HIST_SHARED), 90, C.SHAPE.num_warps)
+    probe = S.compile_kernel(fn, dict(base, HIST=C.HIST_PROBE), 90, C.SHAPE.num_warps)
+    problems = C.shared_histogram_problems(real.asm["ptx"], real.metadata.shared, probe.metadata.shared, spec["SMEM_BINS"])
+    assert problems == [], (name, problems)
+    ptx = real.asm["ptx"]
+    per_thread = C.SHAPE.block // (32 * C.SHAPE.num_warps)
+    # one shared increment per element a thread holds: in the full-chunk and the tail loop
+    assert ptx.count("red.shared.add.u32") == 2 * per_thread, (name, ptx.count("red.shared.add.u32"))
+    assert "shl.b32 %fh_b" in ptx  # the hot loop's PTX word formula is in
+print("ok")
+"""
+
+
+def test_guard_accepts_the_compiled_kernels():
+    """sm_90 compile with the installed Triton: the guard passes and every element of a
+    block is counted once (one shared increment per element per loop)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        compile_without_a_gpu(_COMPILE_SCRIPT, timeout=600)
+    finally:
+        os.chdir(cwd)
