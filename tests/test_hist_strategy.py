@@ -167,7 +167,7 @@ def test_interpreter_strategies_match_reference(histogram, name):
     C.configure(histogram=histogram)
     try:
         expected = C.HIST_WORDS if histogram == "auto" else C.HIST_TL
-        assert C.histogram_strategy(None, (1,), (), {}, DEVICE) == expected
+        assert C.histogram_strategy(None, (1,), (), {}, DEVICE, C.SHAPE.histogram) == expected
         _adam_case(2, LAYOUTS[name])
     finally:
         C.configure()

@@ -37,7 +37,7 @@ import fasthist  # noqa: E402
 from fasthist.reference.adam import adam_reference, bias_correction2_sqrt  # noqa: E402
 
 K = pytest.importorskip("fasthist.kernels.adam")
-from fasthist.kernels import _common  # noqa: E402
+from fasthist.kernels import _common, _histogram  # noqa: E402
 
 if ON_CPU and not INTERPRETING:
     pytest.skip("fasthist.kernels needs TRITON_INTERPRET=1 on a machine without CUDA", allow_module_level=True)
@@ -404,9 +404,9 @@ class _Counting:
 
 def test_constant_launches_and_cached_table(monkeypatch):
     main = _Counting(K._adam_hist_kernel)
-    fin = _Counting(_common._finalize_kernel)
+    fin = _Counting(_histogram._finalize_kernel)
     monkeypatch.setattr(K, "_adam_hist_kernel", main)
-    monkeypatch.setattr(_common, "_finalize_kernel", fin)
+    monkeypatch.setattr(_histogram, "_finalize_kernel", fin)
     shapes = [(n,) for n in range(1, 41)] + [(C + 7,)]
     case = Case(shapes, seed=14)
     gk, _ = case.grads()
@@ -607,7 +607,7 @@ import triton, triton.language as tl
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from fasthist.bins import LogBins
-from fasthist.kernels import _common as C, adam as K
+from fasthist.kernels import _common as C, _histogram as H, adam as K
 
 spec = C.BinSpec(LogBins()).kwargs()
 ptr = dict(table_ptr="*i64", chunk_ptr="*i64", coef_ptr="*fp32", scratch_ptr="*i64", grad_scale_ptr="*fp32",
@@ -628,7 +628,7 @@ for dtype, track, ams, wd in [(tl.float32, True, True, 1), (tl.bfloat16, True, F
     assert "ld.global.v4" in ptx and "st.global.v4" in ptx, "full aligned chunks must use vector access"
     if track:
         assert "red.global" in ptx or "atom.global" in ptx, "no histogram flush"
-compile_(C._finalize_kernel, dict(NUM_BINS=spec["NUM_BINS"], FB=1024, HAS_FOUND_INF=True), 4)
+compile_(H._finalize_kernel, dict(NUM_BINS=spec["NUM_BINS"], FB=1024, HAS_FOUND_INF=True), 4)
 print("ok")
 """
 

@@ -1,0 +1,502 @@
+"""The histogram every fused kernel accumulates: device code, strategy, guard and windows.
+
+Device code (``@triton.jit``):
+
+- :func:`bin_index`: the :class:`fasthist.LogBins` index of float32 values, read off their bits
+  exactly as ``LogBins.index`` does (zero, below, log bins, above, non-finite), so Triton, the
+  interpreter and PyTorch agree bit for bit.
+- :func:`hist_begin` → :func:`hist_add` (per block) → :func:`hist_end`: a program's histogram,
+  flushed once into its tensor's row of the int64 scratch with one atomic per non-zero bin.
+  The strategy is chosen per compiled kernel (:func:`histogram_strategy`):
+
+  * ``HIST_SHARED`` (the GPU default): a private histogram in shared memory, zeroed once per
+    program, one ``red.shared.add.u32`` per element, read back once after a barrier and
+    flushed. For the default bins its words are a *window*: one word per shifted key
+    ``bits(|x|) >> shift`` from the key below the range up (:func:`smem_word`: four integer
+    operations, no clamps; in the unmasked hot loop written in PTX, 6 SASS instructions per
+    element with the atomic); the words past the log bins are folded into the above-range and
+    non-finite bins once per program. Layouts whose window would exceed :data:`MAX_WINDOW`
+    words use one word per bin (:func:`bin_index`). Masked lanes count in a dump word past
+    every real one. Triton's language has no shared-memory allocation, so the words are
+    reserved by a never-taken branch that runs a ``tl.gather`` of ``SMEM_BINS`` int32 (which
+    Triton stages through shared memory) and addressed through Triton's dynamic
+    shared-memory symbol ``global_smem``. This leans on Triton internals:
+    :func:`shared_histogram_problems` checks what the compiler produced before the kernel
+    first runs (the symbol, the reservation, our instructions and barriers, and, from a probe
+    compile without the reservation, that Triton's own code uses no shared memory our words
+    could overwrite); where it fails the kernel uses ``HIST_TL`` with one warning.
+  * ``HIST_TL``: ``tl.histogram`` per block into a register accumulator, the fallback. Up to
+    Triton 3.7 it lowers to warp ballots whose cost grows with the number of bins (×10 the
+    untracked step for the default bins, with spills); from 3.8 to shared-memory atomics with
+    a zero/read-back of the whole histogram per block (×1.4).
+  * ``HIST_WORDS``: the interpreter's twin of ``HIST_SHARED`` (inline PTX does not run
+    there): the same words, dump word and fold, counted with ``tl.histogram``.
+
+Host code: :class:`BinSpec` (the layout's constexprs), :func:`histogram_strategy` and its
+guard, :func:`scratch_for`/:func:`finalize_histograms`: a call's int64 ``[num_tensors,
+num_bins]`` scratch (zero between calls, kept in the :class:`~fasthist.target.HistTarget`)
+and the one launch that moves it into the ``step``/``total`` windows (skipped on
+``found_inf``, device-side, no host sync).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fasthist.bins import LogBins
+from fasthist.target import HistTarget
+
+__all__ = [
+    "HIST_OFF",
+    "HIST_TL",
+    "HIST_SHARED",
+    "HIST_PROBE",
+    "HIST_WORDS",
+    "MAX_BINS",
+    "MAX_WINDOW",
+    "NO_BINS",
+    "BinSpec",
+    "bin_index",
+    "finalize_histograms",
+    "hist_add",
+    "hist_begin",
+    "hist_end",
+    "histogram_strategy",
+    "scratch_for",
+    "shared_histogram_problems",
+    "slab_kwargs",
+    "smem_word",
+]
+
+#: Largest ``LogBins.num_bins`` the fused kernels take (the default bins pad to 4096): the
+#: shared histogram holds ``next_power_of_2(num_bins + 1)`` words (16 KB for the default,
+#: 32 KB at this limit). Finer bins run on the reference backend, with a warning.
+MAX_BINS = 4096
+
+
+#: Largest shared histogram of one program, in 4-byte words (32 KB).
+MAX_WINDOW = 8192
+
+
+HIST_OFF, HIST_TL, HIST_SHARED, HIST_PROBE, HIST_WORDS = 0, 1, 2, 3, 4
+
+
+def _smem_asm(base: str, access: str) -> tl.constexpr:
+    """PTX for one element: the address of word ``$1`` (quad ``$4`` for the vector reads
+    and writes) from ``base``, then ``access``."""
+    return tl.constexpr(f"{{ .reg .b32 %fh_a; mov.u32 %fh_a, {base}; {access} }}")
+
+
+_ZERO = "mad.lo.u32 %fh_a, $1, 16, %fh_a; st.shared.v4.u32 [%fh_a], {0, 0, 0, 0}; mov.u32 $0, 0;"
+
+
+_INC = "mad.lo.u32 %fh_a, $1, 4, %fh_a; red.shared.add.u32 [%fh_a], 1; mov.u32 $0, 0;"
+
+
+_READ = "mad.lo.u32 %fh_a, $4, 16, %fh_a; ld.shared.v4.u32 {$0, $1, $2, $3}, [%fh_a];"
+
+
+_SMEM_ZERO, _SMEM_INC, _SMEM_READ = (_smem_asm("global_smem", a) for a in (_ZERO, _INC, _READ))
+
+
+# The hot loop's whole histogram step in PTX: the word of float32 bits $1 (WORD_ASM, built by
+# BinSpec: smem_word's four operations, written so ptxas sees an unsigned min, not the
+# compare-and-select LLVM makes of it), then the shared atomic.
+_WORD_PRE = tl.constexpr("{ .reg .b32 %fh_a, %fh_b, %fh_k, %fh_z; ")
+
+
+_WORD_POST = "mad.lo.u32 %fh_a, %fh_k, 4, %fh_a; red.shared.add.u32 [%fh_a], 1; mov.u32 $0, 0; }"
+
+
+_SMEM_WORD_POST = tl.constexpr("mov.u32 %fh_a, global_smem; " + _WORD_POST)
+
+
+_PROBE_WORD_POST = tl.constexpr("mov.u32 %fh_a, 0; " + _WORD_POST)
+
+
+_PROBE_ZERO, _PROBE_INC, _PROBE_READ = (_smem_asm("0", a) for a in (_ZERO, _INC, _READ))
+
+
+@triton.jit
+def bin_index(x, SHIFT: tl.constexpr, LOW_KEY: tl.constexpr, ABOVE: tl.constexpr, NONFINITE: tl.constexpr):
+    """LogBins index (int32) of float32 ``x``; see :mod:`fasthist.bins` for the layout."""
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    idx = (bits >> SHIFT) - LOW_KEY + 2
+    idx = tl.minimum(tl.maximum(idx, 1), ABOVE)
+    idx = tl.where(bits >= 0x7F800000, NONFINITE, idx)
+    return tl.where(bits == 0, 0, idx)
+
+
+@triton.jit
+def smem_word(
+    x, SHIFT: tl.constexpr, LOW_KEY: tl.constexpr, ABOVE: tl.constexpr, NONFINITE: tl.constexpr, WINDOW: tl.constexpr
+):
+    """The shared-histogram word of float32 ``x``. ``WINDOW`` (the default bins): one word per
+    shifted key from ``LOW_KEY - 1`` up to the largest (NaN), below that 1 (below) or 0 (exact
+    zero) -- four integer operations, the above-range and non-finite words folded into their
+    bins once per program by :func:`hist_end`. Otherwise the bin itself (:func:`bin_index`)."""
+    if WINDOW:
+        b2 = x.to(tl.uint32, bitcast=True) << 1  # the sign bit dropped
+        key = (b2 >> (SHIFT + 1)).to(tl.int32)
+        return tl.maximum(key - (LOW_KEY - 2), tl.minimum(b2, 1).to(tl.int32))
+    return bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE)
+
+
+@triton.jit
+def hist_begin(
+    never,
+    spare_ptr,
+    HIST: tl.constexpr,
+    HIST_BINS: tl.constexpr,
+    DUMP: tl.constexpr,
+    SMEM_BINS: tl.constexpr,
+    SLAB: tl.constexpr,
+):
+    """Start a program's histogram: the ``tl.histogram`` accumulator (``HIST_TL``; over
+    words for ``HIST_WORDS``), or zeroed shared words 0..DUMP (``HIST_SHARED``, four per
+    store, ``SLAB`` = one quad per thread at a time; ``never`` is a runtime-false condition
+    guarding the branch that reserves them, ``spare_ptr`` any int64 pointer it may name)."""
+    acc = tl.zeros([1], dtype=tl.int32)
+    if HIST == 1:
+        acc = tl.zeros([HIST_BINS], dtype=tl.int32)
+    if HIST == 4:
+        acc = tl.zeros([SMEM_BINS], dtype=tl.int32)
+    if HIST == 2 or HIST == 3:
+        for s in range(0, DUMP // 4 + 1, SLAB):
+            q = s + tl.arange(0, SLAB)
+            if HIST == 2:
+                tl.inline_asm_elementwise(_SMEM_ZERO, "=r,r", [q], dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                tl.inline_asm_elementwise(_PROBE_ZERO, "=r,r", [q], dtype=tl.int32, is_pure=False, pack=1)
+        if HIST == 2:
+            if never:  # never runs; makes Triton allocate SMEM_BINS words of shared memory
+                b = tl.arange(0, SMEM_BINS)
+                words = tl.load(spare_ptr + b).to(tl.int32)
+                tl.store(spare_ptr + b, tl.gather(words, (b * 7) % SMEM_BINS, 0).to(tl.int64))
+        tl.debug_barrier()
+    return acc
+
+
+@triton.jit
+def hist_add(
+    acc,
+    x,
+    mask,
+    MASKED: tl.constexpr,
+    HIST: tl.constexpr,
+    SHIFT: tl.constexpr,
+    LOW_KEY: tl.constexpr,
+    ABOVE: tl.constexpr,
+    NONFINITE: tl.constexpr,
+    HIST_BINS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    DUMP: tl.constexpr,
+    SMEM_BINS: tl.constexpr,
+    WORD_ASM: tl.constexpr,
+):
+    """Count the bin of every live element of a block of float32 values ``x``."""
+    if HIST == 1:
+        idx = bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE)
+        if MASKED:
+            acc += tl.histogram(idx, HIST_BINS, mask=mask)
+        else:
+            acc += tl.histogram(idx, HIST_BINS)
+    if (HIST == 2 or HIST == 3) and WINDOW and not MASKED:
+        bits = x.to(tl.int32, bitcast=True)
+        if HIST == 2:
+            tl.inline_asm_elementwise(
+                _WORD_PRE + WORD_ASM + _SMEM_WORD_POST, "=r,r", [bits], dtype=tl.int32, is_pure=False, pack=1
+            )
+        else:
+            tl.inline_asm_elementwise(
+                _WORD_PRE + WORD_ASM + _PROBE_WORD_POST, "=r,r", [bits], dtype=tl.int32, is_pure=False, pack=1
+            )
+    elif HIST >= 2:
+        w = smem_word(x, SHIFT, LOW_KEY, ABOVE, NONFINITE, WINDOW)
+        if MASKED:  # dead lanes count in the dump word, past every real one
+            w = tl.where(mask, w, DUMP)
+        if HIST == 2:
+            tl.inline_asm_elementwise(_SMEM_INC, "=r,r", [w], dtype=tl.int32, is_pure=False, pack=1)
+        if HIST == 3:
+            tl.inline_asm_elementwise(_PROBE_INC, "=r,r", [w], dtype=tl.int32, is_pure=False, pack=1)
+        if HIST == 4:
+            acc += tl.histogram(w, SMEM_BINS)
+    return acc
+
+
+@triton.jit
+def _fold(b, SHIFT: tl.constexpr, LOW_KEY: tl.constexpr, ABOVE: tl.constexpr, NONFINITE: tl.constexpr):
+    """The bin of window word ``b``: itself up to ``ABOVE``; finite keys above the range to
+    ``ABOVE``, non-finite ones to ``NONFINITE``."""
+    return tl.where(b >= (0x7F800000 >> SHIFT) - LOW_KEY + 2, NONFINITE, tl.minimum(b, ABOVE))
+
+
+@triton.jit
+def _flush_quads(
+    row_ptr,
+    start,
+    stop,
+    FOLD: tl.constexpr,
+    CHECK: tl.constexpr,
+    HIST: tl.constexpr,
+    SHIFT: tl.constexpr,
+    LOW_KEY: tl.constexpr,
+    ABOVE: tl.constexpr,
+    NONFINITE: tl.constexpr,
+    DUMP: tl.constexpr,
+    SLAB: tl.constexpr,
+):
+    """Add shared words ``4*start .. 4*stop`` to their bins of the row (``FOLD``: words past
+    the log bins; ``CHECK``: the range reaches the dump word, which is not added)."""
+    for s in range(start, stop, SLAB):
+        q = s + tl.arange(0, SLAB)
+        if HIST == 2:
+            words = tl.inline_asm_elementwise(
+                _SMEM_READ, "=r,=r,=r,=r,r", [q], dtype=(tl.int32,) * 4, is_pure=False, pack=1
+            )
+        else:
+            words = tl.inline_asm_elementwise(
+                _PROBE_READ, "=r,=r,=r,=r,r", [q], dtype=(tl.int32,) * 4, is_pure=False, pack=1
+            )
+        for j in tl.static_range(4):
+            b = 4 * q + j
+            live = words[j] != 0
+            bins = b
+            if FOLD:
+                bins = _fold(b, SHIFT, LOW_KEY, ABOVE, NONFINITE)
+            if CHECK:
+                live = live & (b < DUMP)
+            tl.atomic_add(row_ptr + bins, words[j].to(tl.int64), mask=live, sem="relaxed")
+
+
+@triton.jit
+def hist_end(
+    acc,
+    row_ptr,
+    HIST: tl.constexpr,
+    SHIFT: tl.constexpr,
+    LOW_KEY: tl.constexpr,
+    ABOVE: tl.constexpr,
+    NONFINITE: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    HIST_BINS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    DUMP: tl.constexpr,
+    SMEM_BINS: tl.constexpr,
+    SLAB: tl.constexpr,
+):
+    """``row_ptr[bin] += count`` for the non-zero bins of the program (int64 row): from the
+    ``tl.histogram`` accumulator, or from the shared words, four per load, the words past
+    the log bins folded (``WINDOW``) in a second loop."""
+    if HIST == 1:
+        b = tl.arange(0, HIST_BINS)
+        tl.atomic_add(row_ptr + b, acc.to(tl.int64), mask=(acc != 0) & (b < NUM_BINS), sem="relaxed")
+    if HIST == 4:  # the interpreter's twin of the shared words
+        b = tl.arange(0, SMEM_BINS)
+        bins = b
+        if WINDOW:
+            bins = _fold(b, SHIFT, LOW_KEY, ABOVE, NONFINITE)
+        tl.atomic_add(row_ptr + bins, acc.to(tl.int64), mask=(acc != 0) & (b < DUMP), sem="relaxed")
+    if HIST == 2 or HIST == 3:
+        tl.debug_barrier()
+        quads = DUMP // 4 + 1
+        plain = quads
+        if WINDOW:
+            plain = (ABOVE // 4) // SLAB * SLAB  # whole slabs of words below ABOVE: no fold
+        _flush_quads(row_ptr, 0, plain, False, not WINDOW, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, DUMP, SLAB)
+        if WINDOW:
+            _flush_quads(row_ptr, plain, quads, True, True, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, DUMP, SLAB)
+
+
+@triton.jit
+def _finalize_kernel(
+    scratch_ptr,
+    rows_ptr,
+    step_ptr,
+    total_ptr,
+    found_inf_ptr,
+    NUM_BINS: tl.constexpr,
+    FB: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+):
+    t = tl.program_id(0)
+    b = tl.program_id(1) * FB + tl.arange(0, FB)
+    in_row = b < NUM_BINS
+    row = tl.load(rows_ptr + t)
+    src = scratch_ptr + t.to(tl.int64) * NUM_BINS + b
+    delta = tl.load(src, mask=in_row, other=0)
+    live = NUM_BINS
+    if HAS_FOUND_INF:  # skipped step: leave both windows as they are
+        live = tl.where(tl.load(found_inf_ptr) == 0, NUM_BINS, 0)
+    ok = b < live
+    dst = row * NUM_BINS + b
+    tl.store(step_ptr + dst, delta, mask=ok)
+    total = tl.load(total_ptr + dst, mask=ok, other=0)
+    tl.store(total_ptr + dst, total + delta, mask=ok)
+    tl.store(src, tl.zeros_like(delta), mask=in_row)
+
+
+class BinSpec:
+    """The constexpr description of a LogBins layout for the kernels: the bin layout, the
+    ``tl.histogram`` size, and the shared histogram's words (see :func:`smem_word`): one per
+    shifted key from ``low_key - 1`` up when that fits in :data:`MAX_WINDOW` words (``WINDOW``),
+    else one per bin; ``DUMP`` is the word masked lanes count in."""
+
+    __slots__ = ("num_bins", "hist_bins", "smem_bins", "window", "dump", "shift", "low_key", "above", "nonfinite")
+
+    def __init__(self, bins: LogBins) -> None:
+        self.num_bins = bins.num_bins
+        self.hist_bins = triton.next_power_of_2(bins.num_bins)  # tl.histogram needs a power of two
+        self.shift = bins.shift
+        self.low_key = bins.low_key
+        self.above = bins.above
+        self.nonfinite = bins.nonfinite
+        window_dump = (1 << (31 - bins.shift)) - bins.low_key + 2  # one past the word of the largest key
+        self.window = window_dump < MAX_WINDOW
+        self.dump = window_dump if self.window else bins.num_bins
+        self.smem_bins = triton.next_power_of_2(self.dump + 1)
+
+    def kwargs(self) -> dict[str, int]:
+        return {
+            "SHIFT": self.shift,
+            "LOW_KEY": self.low_key,
+            "ABOVE": self.above,
+            "NONFINITE": self.nonfinite,
+            "NUM_BINS": self.num_bins,
+            "HIST_BINS": self.hist_bins,
+            "WINDOW": self.window,
+            "DUMP": self.dump,
+            "SMEM_BINS": self.smem_bins,
+            "WORD_ASM": self.word_asm(),
+        }
+
+    def word_asm(self) -> str:
+        """PTX of :func:`smem_word` (``WINDOW``) from float32 bits ``$1`` into ``%fh_k``."""
+        if not self.window:
+            return ""
+        return (
+            f"shl.b32 %fh_b, $1, 1; shr.u32 %fh_k, %fh_b, {self.shift + 1}; min.u32 %fh_z, %fh_b, 1; "
+            f"sub.s32 %fh_k, %fh_k, {self.low_key - 2}; max.s32 %fh_k, %fh_k, %fh_z; "
+        )
+
+
+NO_BINS = {
+    "SHIFT": 0,
+    "LOW_KEY": 0,
+    "ABOVE": 1,
+    "NONFINITE": 1,
+    "NUM_BINS": 1,
+    "HIST_BINS": 1,
+    "WINDOW": False,
+    "DUMP": 1,
+    "SMEM_BINS": 2,
+    "WORD_ASM": "",
+}
+
+
+def slab_kwargs(bin_kwargs: dict[str, Any], num_warps: int) -> dict[str, Any]:
+    """``bin_kwargs`` plus ``SLAB`` (one element per thread: the shared histogram is zeroed,
+    read and flushed a quad of words per thread at a time, never two threads on one quad) and
+    ``SMEM_BINS`` raised to whole slabs of quads."""
+    slab = 32 * num_warps
+    return dict(bin_kwargs, SLAB=slab, SMEM_BINS=max(bin_kwargs["SMEM_BINS"], 4 * slab))
+
+
+_STRATEGY: dict = {}
+
+
+_SMEM_SYMBOL = re.compile(r"\.extern\s+\.shared\s+\.align\s+\d+\s+\.b8\s+global_smem\[\]")
+
+
+def shared_histogram_problems(ptx: str, shared_bytes: int, probe_shared_bytes: int, smem_bins: int) -> list[str]:
+    """What stops the shared-memory histogram from being used safely in a compiled kernel
+    (empty: nothing). ``ptx``/``shared_bytes``: the ``HIST_SHARED`` kernel; ``probe_*``: the
+    same kernel compiled as ``HIST_PROBE`` (no reservation, address 0), whose shared memory
+    is what Triton's own code needs outside the reservation."""
+    problems = []
+    if probe_shared_bytes != 0:
+        problems.append(
+            f"Triton's own code uses {probe_shared_bytes} bytes of shared memory, which the histogram would overwrite"
+        )
+    if shared_bytes < 4 * smem_bins:
+        problems.append(f"{shared_bytes} bytes of shared memory reserved, {4 * smem_bins} needed")
+    if not _SMEM_SYMBOL.search(ptx):
+        problems.append("no dynamic shared-memory symbol global_smem in the PTX")
+    if any(op not in ptx for op in ("red.shared.add.u32", "ld.shared.v4.u32", "st.shared.v4.u32")):
+        problems.append("the shared-memory histogram instructions are missing from the PTX")
+    if len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx)) < 2:
+        problems.append("the barriers around the shared histogram are missing")
+    return problems
+
+
+def histogram_strategy(
+    kernel: Any, grid: tuple, args: Sequence[Any], kwargs: dict[str, Any], device: torch.device, choice: str = "auto"
+) -> int:
+    """``HIST_SHARED`` where the compiled kernel passes :func:`shared_histogram_problems`
+    (checked once per specialisation, by compiling it and its probe before it first runs),
+    else ``HIST_TL`` (one warning); ``HIST_TL`` whenever ``choice`` is ``"tl"``. On
+    the interpreter (no inline PTX there) ``HIST_WORDS``, the shared strategy's twin: the same
+    words and fold, counted with ``tl.histogram``."""
+    if choice == "tl":
+        return HIST_TL
+    if device.type != "cuda":
+        return HIST_WORDS
+    aligned = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, Tensor))
+    key = (kernel, device, aligned, tuple(sorted(kwargs.items())))
+    choice = _STRATEGY.get(key)
+    if choice is None:
+        try:
+            real = kernel.warmup(*args, grid=grid, **dict(kwargs, HIST=HIST_SHARED))
+            probe = kernel.warmup(*args, grid=grid, **dict(kwargs, HIST=HIST_PROBE))
+            problems = shared_histogram_problems(
+                real.asm["ptx"], real.metadata.shared, probe.metadata.shared, kwargs["SMEM_BINS"]
+            )
+        except Exception as e:  # noqa: BLE001 - any compile failure means: not this strategy
+            problems = [f"compiling it failed: {type(e).__name__}: {e}"]
+        choice = HIST_TL if problems else HIST_SHARED
+        if problems and ("warned", *problems) not in _STRATEGY:
+            _STRATEGY[("warned", *problems)] = True
+            warnings.warn(
+                f"fasthist: the shared-memory histogram cannot be used with Triton {triton.__version__} "
+                f"({'; '.join(problems)}); falling back to tl.histogram (slower, same counts)",
+                stacklevel=5,
+            )
+        _STRATEGY[key] = choice
+    return choice
+
+
+def scratch_for(target: HistTarget, num_tensors: int) -> Tensor:
+    """The call's int64 ``[num_tensors, num_bins]`` scratch, zero between calls."""
+    return target.buffer(
+        ("fasthist.kernels.scratch", num_tensors),
+        lambda: torch.zeros(num_tensors, target.bins.num_bins, dtype=torch.int64, device=target.step.device),
+    )
+
+
+def finalize_histograms(target: HistTarget, scratch: Tensor, found_inf: Tensor | None) -> None:
+    """``step[rows[t]] = scratch[t]; total[rows[t]] += scratch[t]; scratch[t] = 0`` for every
+    tensor ``t`` of the call, unless ``found_inf`` is nonzero (then only the zeroing)."""
+    n = scratch.shape[0]
+    if n == 0:
+        return
+    nb = target.bins.num_bins
+    fb = min(1024, triton.next_power_of_2(nb))
+    _finalize_kernel[(n, triton.cdiv(nb, fb))](
+        scratch,
+        target.rows,
+        target.step,
+        target.total,
+        found_inf if found_inf is not None else scratch,
+        NUM_BINS=nb,
+        FB=fb,
+        HAS_FOUND_INF=found_inf is not None,
+        num_warps=4,
+    )
