@@ -19,6 +19,7 @@ for a chunk, the multi-tensor launch tables and the one decision kernel-or-refer
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -84,6 +85,7 @@ __all__ = [
     "lerp_coefficients",
     "load",
     "plan_groups",
+    "rne",
     "scalar",
     "scratch_for",
     "shared_histogram_problems",
@@ -128,6 +130,24 @@ def load(base, offs, mask, MASKED: tl.constexpr, ALIGNED: tl.constexpr):
     if MASKED:
         return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     return tl.load(ptrs).to(tl.float32)
+
+
+# Triton's interpreter casts float32 to bfloat16 by truncation; the GPU rounds to nearest
+# even (cvt.rn). Under the interpreter rne() rounds in integer arithmetic instead, so CPU
+# runs store what the GPU stores.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@triton.jit
+def rne(x, DTYPE: tl.constexpr):
+    """float32 ``x`` in ``DTYPE``, rounded to nearest even (NaN stays NaN), on the GPU and
+    under the interpreter alike."""
+    if _INTERPRETED and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, bits | 0x400000, rounded)  # a NaN's payload must not carry into inf
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(DTYPE)
 
 
 @triton.jit

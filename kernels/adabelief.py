@@ -48,6 +48,7 @@ from ._common import (
     launch,
     load,
     plan_groups,
+    rne,
     store,
     write_back,
 )
@@ -103,38 +104,40 @@ def _adabelief_chunk(
         g = load(g_ptr, offs, mask, MASKED, ALIGNED)
         p = load(p_ptr, offs, mask, MASKED, ALIGNED)
         if WD_MODE == 2:
-            p = (p * decay).to(DTYPE).to(tl.float32)
+            p = rne(p * decay, DTYPE).to(tl.float32)
         if WD_MODE == 1:
-            g = tl.fma(p, weight_decay, g).to(DTYPE).to(tl.float32)
+            g = rne(tl.fma(p, weight_decay, g), DTYPE).to(tl.float32)
         m = load(m_ptr, offs, mask, MASKED, ALIGNED)
-        m = (m * beta1).to(DTYPE).to(tl.float32)
-        m = tl.fma(g, one_minus_beta1, m).to(DTYPE)
+        m = rne(m * beta1, DTYPE).to(tl.float32)
+        m = rne(tl.fma(g, one_minus_beta1, m), DTYPE)
         store(m_ptr, offs, m, mask, MASKED, ALIGNED)
         mf = m.to(tl.float32)
-        r = (g - mf).to(DTYPE).to(tl.float32)
+        r = rne(g - mf, DTYPE).to(tl.float32)
         s = load(s_ptr, offs, mask, MASKED, ALIGNED)
-        s = (s * beta2).to(DTYPE).to(tl.float32)
-        s = tl.fma(one_minus_beta2 * r, r, s).to(DTYPE).to(tl.float32)
-        s = (s + eps).to(DTYPE)
+        s = rne(s * beta2, DTYPE).to(tl.float32)
+        s = rne(tl.fma(one_minus_beta2 * r, r, s), DTYPE).to(tl.float32)
+        s = rne(s + eps, DTYPE)
         store(s_ptr, offs, s, mask, MASKED, ALIGNED)
         sf = s.to(tl.float32)
         v = sf
         if AMSGRAD:
             smax = load(smax_ptr, offs, mask, MASKED, ALIGNED)
             smax = tl.maximum(smax, sf, propagate_nan=tl.PropagateNan.ALL)
-            store(smax_ptr, offs, smax.to(DTYPE), mask, MASKED, ALIGNED)
+            store(smax_ptr, offs, rne(smax, DTYPE), mask, MASKED, ALIGNED)
             if not RECTIFY:
                 v = smax
         x = tl.div_rn(v, c)
         # the update: one of four modes per tensor (scalar), all lanes alike
-        unrect = (tl.div_rn(tl.sqrt_rn(v).to(DTYPE).to(tl.float32), sqrt_bc2).to(DTYPE).to(tl.float32) + eps).to(DTYPE)
-        rect = (tl.sqrt_rn(sf).to(DTYPE).to(tl.float32) + eps).to(DTYPE)
+        unrect = rne(
+            (rne(tl.div_rn(rne(tl.sqrt_rn(v), DTYPE).to(tl.float32), sqrt_bc2), DTYPE).to(tl.float32) + eps), DTYPE
+        )
+        rect = rne((rne(tl.sqrt_rn(sf), DTYPE).to(tl.float32) + eps), DTYPE)
         denom = tl.where(mode == 3.0, unrect.to(tl.float32), rect.to(tl.float32))
         denom = tl.where(mode >= 2.0, denom, 1.0)  # unused: keep 0/0 (eps=0, s=0) out of the lanes
         adaptive = p + tl.div_rn(scale * mf, denom)
         sgd = tl.fma(mf, scale, p)
         p = tl.where(mode >= 2.0, adaptive, tl.where(mode == 1.0, sgd, p))
-        store(p_ptr, offs, p.to(DTYPE), mask, MASKED, ALIGNED)
+        store(p_ptr, offs, rne(p, DTYPE), mask, MASKED, ALIGNED)
         if HIST != 0:
             acc = hist_add(
                 acc,

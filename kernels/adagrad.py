@@ -39,6 +39,7 @@ from ._common import (
     launch,
     load,
     plan_groups,
+    rne,
     scalar,
     store,
     write_back,
@@ -85,21 +86,21 @@ def _adagrad_chunk(
         mask = offs < numel
         g = load(g_ptr, offs, mask, MASKED, ALIGNED)
         if HAS_GRAD_SCALE:
-            g = tl.div_rn(g, grad_scale).to(DTYPE)
+            g = rne(tl.div_rn(g, grad_scale), DTYPE)
             store(g_ptr, offs, g, mask, MASKED, ALIGNED)
             g = g.to(tl.float32)
         if MAXIMIZE:
             g = -g
         p = load(p_ptr, offs, mask, MASKED, ALIGNED)
         if HAS_WD:
-            g = tl.fma(p, weight_decay, g).to(DTYPE).to(tl.float32)
+            g = rne(tl.fma(p, weight_decay, g), DTYPE).to(tl.float32)
         s = load(s_ptr, offs, mask, MASKED, ALIGNED)
-        s = tl.fma(g, g, s).to(DTYPE)
+        s = rne(tl.fma(g, g, s), DTYPE)
         store(s_ptr, offs, s, mask, MASKED, ALIGNED)
         x = tl.sqrt_rn(s.to(tl.float32))
-        std = (x.to(DTYPE).to(tl.float32) + eps).to(DTYPE).to(tl.float32)
+        std = rne((rne(x, DTYPE).to(tl.float32) + eps), DTYPE).to(tl.float32)
         p = p + tl.div_rn(neg_clr * g, std)
-        store(p_ptr, offs, p.to(DTYPE), mask, MASKED, ALIGNED)
+        store(p_ptr, offs, rne(p, DTYPE), mask, MASKED, ALIGNED)
         if HIST != 0:
             acc = hist_add(
                 acc,

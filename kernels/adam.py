@@ -69,6 +69,7 @@ from ._common import (
     lerp_coefficients,
     load,
     plan_groups,
+    rne,
     scalar,
     store,
     write_back,
@@ -137,7 +138,7 @@ def _adam_chunk(
         g = load(g_ptr, offs, mask, MASKED, ALIGNED)
         if HAS_GRAD_SCALE:
             g = tl.div_rn(g, grad_scale)
-            store(g_ptr, offs, g.to(DTYPE), mask, MASKED, ALIGNED)
+            store(g_ptr, offs, rne(g, DTYPE), mask, MASKED, ALIGNED)
         if MAXIMIZE:
             g = -g
         p = load(p_ptr, offs, mask, MASKED, ALIGNED)
@@ -150,18 +151,18 @@ def _adam_chunk(
             m = tl.fma(one_minus_beta1, g - m, m)
         else:
             m = tl.fma(lerp_coeff, g - m, g)
-        m = m.to(DTYPE)
+        m = rne(m, DTYPE)
         store(m_ptr, offs, m, mask, MASKED, ALIGNED)
         v = load(v_ptr, offs, mask, MASKED, ALIGNED)
-        v = tl.fma(one_minus_beta2 * g, g, v * beta2).to(DTYPE)
+        v = rne(tl.fma(one_minus_beta2 * g, g, v * beta2), DTYPE)
         store(v_ptr, offs, v, mask, MASKED, ALIGNED)
         v_den = v.to(tl.float32)
         if AMSGRAD:
             v_den = tl.maximum(load(vmax_ptr, offs, mask, MASKED, ALIGNED), v_den, propagate_nan=tl.PropagateNan.ALL)
-            store(vmax_ptr, offs, v_den.to(DTYPE), mask, MASKED, ALIGNED)
+            store(vmax_ptr, offs, rne(v_den, DTYPE), mask, MASKED, ALIGNED)
         x = tl.div_rn(tl.sqrt_rn(v_den), c)
         p = p + tl.div_rn(neg_step_size * m.to(tl.float32), x + eps)
-        store(p_ptr, offs, p.to(DTYPE), mask, MASKED, ALIGNED)
+        store(p_ptr, offs, rne(p, DTYPE), mask, MASKED, ALIGNED)
         if HIST != 0:
             acc = hist_add(
                 acc,

@@ -45,6 +45,7 @@ from ._common import (
     lerp_coefficients,
     load,
     plan_groups,
+    rne,
     store,
     write_back,
 )
@@ -101,10 +102,10 @@ def _rmsprop_chunk(
             g = -g
         p = load(p_ptr, offs, mask, MASKED, ALIGNED)
         if HAS_WD:
-            g = tl.fma(p, weight_decay, g).to(DTYPE).to(tl.float32)
+            g = rne(tl.fma(p, weight_decay, g), DTYPE).to(tl.float32)
         v = load(v_ptr, offs, mask, MASKED, ALIGNED)
-        v = (v * alpha).to(DTYPE).to(tl.float32)
-        v = tl.fma(one_minus_alpha * g, g, v).to(DTYPE)
+        v = rne(v * alpha, DTYPE).to(tl.float32)
+        v = rne(tl.fma(one_minus_alpha * g, g, v), DTYPE)
         store(v_ptr, offs, v, mask, MASKED, ALIGNED)
         d = v.to(tl.float32)
         if CENTERED:
@@ -113,21 +114,21 @@ def _rmsprop_chunk(
                 ga = tl.fma(lerp_w, g - ga, ga)
             else:
                 ga = tl.fma(lerp_coeff, g - ga, g)
-            ga = ga.to(DTYPE)
+            ga = rne(ga, DTYPE)
             store(ga_ptr, offs, ga, mask, MASKED, ALIGNED)
             gaf = ga.to(tl.float32)
-            d = tl.fma(-gaf, gaf, d).to(DTYPE).to(tl.float32)
+            d = rne(tl.fma(-gaf, gaf, d), DTYPE).to(tl.float32)
         x = tl.sqrt_rn(d)
-        avg = (x.to(DTYPE).to(tl.float32) + eps).to(DTYPE).to(tl.float32)
+        avg = rne((rne(x, DTYPE).to(tl.float32) + eps), DTYPE).to(tl.float32)
         if MOMENTUM:
             buf = load(buf_ptr, offs, mask, MASKED, ALIGNED)
-            buf = (buf * momentum).to(DTYPE).to(tl.float32)
-            buf = (buf + tl.div_rn(g, avg)).to(DTYPE)
+            buf = rne(buf * momentum, DTYPE).to(tl.float32)
+            buf = rne((buf + tl.div_rn(g, avg)), DTYPE)
             store(buf_ptr, offs, buf, mask, MASKED, ALIGNED)
             p = tl.fma(buf.to(tl.float32), -lr, p)
         else:
             p = p + tl.div_rn(-lr * g, avg)
-        store(p_ptr, offs, p.to(DTYPE), mask, MASKED, ALIGNED)
+        store(p_ptr, offs, rne(p, DTYPE), mask, MASKED, ALIGNED)
         if HIST != 0:
             acc = hist_add(
                 acc,

@@ -293,3 +293,33 @@ def test_guard_accepts_the_compiled_kernels():
         compile_without_a_gpu(_COMPILE_SCRIPT, timeout=600)
     finally:
         os.chdir(cwd)
+
+
+# -- low-precision states round to nearest even, on the interpreter as on the GPU ---------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_states_round_to_nearest_even(dtype):
+    """A bf16/fp16 step computes in float32 and rounds each stored state once, to nearest
+    even (as the GPU's cvt.rn; the interpreter's own bf16 cast truncates, so the kernels
+    round explicitly there): the states equal the float32 kernel's, run on the same
+    (exactly upcast) inputs, rounded by torch."""
+    g = torch.Generator().manual_seed(9)
+    shapes = [(C.SHAPE.chunk + 3,), (300,), (5, 7)]
+    params = [torch.randn(s, generator=g).to(DEVICE, dtype) for s in shapes]
+    grads = [
+        torch.randn(s, generator=g).mul(10.0 ** torch.randint(-6, 2, s, generator=g)).to(DEVICE, dtype) for s in shapes
+    ]
+    m0 = [torch.randn(s, generator=g).mul(1e-2).to(DEVICE, dtype) for s in shapes]
+    v0 = [torch.rand(s, generator=g).mul(1e-3).to(DEVICE, dtype) for s in shapes]
+    vmax0 = [v.clone() for v in v0]
+    kw = dict(amsgrad=True, has_complex=False, beta1=0.9, beta2=0.999, lr=1e-3, weight_decay=0.1, eps=1e-6)
+    kw.update(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
+    kw.update(grad_scale=None, found_inf=None, decoupled_weight_decay=True)
+    low = [[t.clone() for t in lst] for lst in (params, grads, m0, v0, vmax0)]
+    wide = [[t.float() for t in lst] for lst in (params, grads, m0, v0, vmax0)]
+    KA.adam_hist(*low, [torch.tensor(0.0) for _ in shapes], hist=target(3), **kw)
+    KA.adam_hist(*wide, [torch.tensor(0.0) for _ in shapes], hist=target(3), **kw)
+    for name, k in (("exp_avg", 2), ("exp_avg_sq", 3), ("max_exp_avg_sq", 4)):
+        for i, (a, b) in enumerate(zip(low[k], wide[k], strict=True)):
+            assert same(a, b.to(dtype)), (
+                f"{name}[{i}]: {int((a != b.to(dtype)).sum())} elements not rounded to nearest even"
+            )
