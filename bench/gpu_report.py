@@ -343,12 +343,14 @@ def write_report(run: Run, rows: list[dict], skipped: list[dict], copy_gbps: flo
 
 
 # -- kernel launch shapes -----------------------------------------------------------------
-LAUNCH_SHAPES = [(1024, 4, 4), (1024, 8, 4), (2048, 4, 8), (2048, 8, 8), (4096, 2, 8), (512, 8, 4)]
+# (BLOCK, ITERS, NUM_WARPS); the default (1024, 16, 4) first. bench/sass_report.py predicts the
+# per-program histogram zero/read/flush weighs less as ITERS grows (fewer, longer programs).
+LAUNCH_SHAPES = [(1024, 16, 4), (1024, 8, 4), (1024, 32, 4), (2048, 8, 8), (2048, 16, 8), (512, 32, 4)]
 
 
 def sweep_launch_shapes(run: Run) -> int:
     """ms/step of fasthist_track (and torch_fused, the yardstick) per launch shape
-    (BLOCK, ITERS, NUM_WARPS) of ``fasthist.kernels.adam``."""
+    (BLOCK, ITERS, NUM_WARPS) of every fused kernel (``fasthist.kernels.configure``)."""
     from fasthist.kernels import adam as kernel
 
     args, device = run.args, run.device

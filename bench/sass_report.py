@@ -176,7 +176,7 @@ def measure(ck, block: int, iters: int, num_warps: int) -> dict:
         "shared_bytes": int(ck.metadata.shared),
         "barriers": per_elem(r"BAR\b"),
         "shared_atomics": per_elem(r"ATOMS\b"),
-        "global_atomics": per_elem(r"(RED|ATOMG|ATOM)\b"),
+        "global_atomics": per_elem(r"(REDG?|ATOMG|ATOM)\b"),
         "instructions": len(instrs),
     }
 
@@ -260,6 +260,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(paths: list[Path]) -> str:
+    """One markdown table of committed reports: per kernel and dtype, the sm_90 hot-loop and
+    whole-kernel ratios (tracked / untracked) on each Triton version."""
+    reports = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: [int(x) for x in r["triton"].split(".")])
+    versions = [r["triton"] for r in reports]
+    cells: dict[tuple[str, str], list[str]] = {}
+    for r in reports:
+        for row in r["archs"]["sm_90"]:
+            t = row["tracked"]
+            mark = " **miss**" if row["misses"] else ""
+            cells.setdefault((row["kernel"], row["dtype"]), []).append(
+                f"{row['hot_ratio']:.2f} / {row['whole_ratio']:.2f} ({t['registers']} reg){mark}"
+            )
+    head = "| kernel | dtype | " + " | ".join(f"Triton {v}" for v in versions) + " |"
+    rule = "|---|---|" + "---|" * len(versions)
+    body = [f"| {k} | {d} | " + " | ".join(v) + " |" for (k, d), v in cells.items()]
+    return "\n".join([head, rule, *body])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, action="append", help="SM architecture(s), default 90 and 80")
@@ -268,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fallback", action="store_true", help="skip measuring the tl.histogram fallback")
     ap.add_argument("--out", type=Path, help="JSON path (default bench/results/sass-triton-<version>.json)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a sm_90 target is missed")
+    ap.add_argument("--markdown", nargs="+", type=Path, metavar="JSON", help="print a table of these reports and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(args.markdown))
+        return 0
     archs = args.arch or [90, 80]
     result = {
         "triton": triton.__version__,
