@@ -13,9 +13,9 @@ form plus ``hist`` (a :class:`fasthist.target.HistTarget` or None):
 - :mod:`.adam`: Adam/AdamW (:func:`fasthist.kernels.adam.adam_hist`);
 - :mod:`.rmsprop`, :mod:`.adagrad`, :mod:`.adabelief`: the other optimizers.
 
-Everything they share lives in :mod:`._common`: the histogram device code (a private
-shared-memory histogram per program on the GPU, ``tl.histogram`` on the interpreter and as
-the fallback), the launch shape (:func:`configure`, for every kernel), the multi-tensor
+Everything they share lives in :mod:`._common`: the histogram (:mod:`._histogram`: a private
+shared-memory histogram per program on the GPU, its twin on the interpreter, ``tl.histogram``
+as the fallback), the launch shape (:func:`configure`, for every kernel), the multi-tensor
 tables, and :func:`kernel_supports`, the one place that decides kernel or reference.
 """
 
