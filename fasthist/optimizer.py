@@ -6,19 +6,14 @@ each optimizer supplies :meth:`HistogramMixin._gather`, the lists and keyword ar
 its functional form in :mod:`fasthist.functional`.
 
 Storage: each tracked parameter's state holds ``hist_step`` and ``hist_total``, int64
-``[num_bins]`` rows of two packed ``[R, num_bins]`` buffers per device, so a backend
-updates all of a group's histograms in one call and a query reads all rows at once.
-The rows are ordinary state tensors: ``state_dict()`` saves them, and
-``load_state_dict()`` restores them with their dtype (torch would cast them to the
-parameter's dtype; they bypass that cast).
+rows of packed per-device buffers (:mod:`fasthist.store`).
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from itertools import chain
 from typing import Any, NamedTuple
 
@@ -29,7 +24,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from .bins import LogBins
 from .eps import EpsRange, eps_range_from_counts
 from .histogram import Histogram, as_quantiles, batched_quantile
-from .target import DeviceTargets, HistTarget
+from .store import HIST_KEYS, HistogramStore, split_saved_counts
 
 __all__ = ["HistogramMixin", "HistogramRows", "TRACKING_ARGS_DOC", "drop_in_doc"]
 
@@ -80,36 +75,6 @@ class HistogramRows(NamedTuple):
     names: list[str]
     params: list[Tensor | None]
     counts: Tensor | None
-
-
-_HIST_KEYS = ("hist_step", "hist_total")
-_MAX_TARGETS = 8
-_WINDOWS = ("step", "total")
-
-
-class _Store:
-    """Packed per-device buffers and the param -> row map, rebuilt when the set of
-    tracked parameters (or their state tensors, after a load) changes. Rows are ordered
-    device by device, so ``cat`` of the buffers lines up with ``params``/``names``."""
-
-    def __init__(self, bins: LogBins) -> None:
-        self.bins = bins
-        self.params: list[Tensor] = []
-        self.names: list[str] = []
-        self.row: dict[Tensor, tuple[torch.device, int]] = {}
-        self.views: dict[Tensor, Tensor] = {}  # the exact tensor object put in state["hist_step"]
-        self.buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
-        # per set of parameters stepped together (usually one per group); bounded, since
-        # each holds workspace and the set can change every step (experts, frozen branches)
-        self.targets: OrderedDict[tuple, dict] = OrderedDict()
-
-    def valid_for(self, state: Any, params: Iterable[Tensor]) -> bool:
-        views = self.views
-        for p in params:
-            v = views.get(p)
-            if v is None or state[p].get("hist_step") is not v:
-                return False
-        return True
 
 
 class HistogramMixin:
@@ -170,7 +135,7 @@ class HistogramMixin:
             params = lists[0]
             if not params:
                 continue
-            targets = self._hist_targets(group, params) if group["track"] else None
+            targets = self._hist_store().targets_for(self.state, self._tracked, params) if group["track"] else None
             self._functional(*lists, hist=targets, **kwargs)
 
         return loss
@@ -232,11 +197,10 @@ class HistogramMixin:
         return state
 
     # -- storage -------------------------------------------------------------------------
-    def _hist_store(self) -> _Store:
+    def _hist_store(self) -> HistogramStore:
         store = self.__dict__.get("_fh_store")
         if store is None:
-            store = _Store(self._bins)
-            self.__dict__["_fh_store"] = store
+            store = self.__dict__["_fh_store"] = HistogramStore(self._bins)
         return store
 
     def _tracked(self) -> list[tuple[str, Tensor]]:
@@ -250,62 +214,13 @@ class HistogramMixin:
                     out.append((names[pi] if names is not None else f"{gi}.{pi}", p))
         return out
 
-    def _rebuild(self) -> _Store:
-        # Called when a parameter got its state (lazy init in step) or after a load: every
-        # parameter with state in a tracked group gets a row, keeping the counts it has.
-        store = _Store(self._bins)
-        tracked = self._tracked()
-        nb = self._bins.num_bins
-        per_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
-        for name, p in tracked:
-            per_device.setdefault(p.device, []).append((name, p))
-        for device, items in per_device.items():
-            bufs = [torch.zeros(len(items), nb, dtype=torch.int64, device=device) for _ in _HIST_KEYS]
-            for r, (name, p) in enumerate(items):
-                st = self.state[p]
-                for buf, key in zip(bufs, _HIST_KEYS, strict=True):
-                    old = st.get(key)
-                    if isinstance(old, Tensor) and old.shape == (nb,):
-                        buf[r].copy_(old)
-                    st[key] = buf[r]
-                store.views[p] = st["hist_step"]
-                store.row[p] = (device, r)
-                store.params.append(p)
-                store.names.append(name)
-            store.buffers[device] = (bufs[0], bufs[1])
-        self.__dict__["_fh_store"] = store
-        return store
-
-    def _hist_targets(self, group: dict[str, Any], params: list[Tensor]) -> DeviceTargets:
-        """For the params of one step call: per device, (their indices, the target)."""
-        store = self._hist_store()
-        if not store.valid_for(self.state, params):
-            store = self._rebuild()
-        key = tuple(map(id, params))
-        cached = store.targets.get(key)
-        if cached is not None:
-            store.targets.move_to_end(key)
-            return cached
-        by_device: dict[torch.device, list[int]] = {}
-        for i, p in enumerate(params):
-            by_device.setdefault(p.device, []).append(i)
-        out = {}
-        for device, idx in by_device.items():
-            step, total = store.buffers[device]
-            rows = torch.tensor([store.row[params[i]][1] for i in idx], dtype=torch.int64, device=device)
-            out[device] = (idx, HistTarget(self._bins, step, total, rows))
-        store.targets[key] = out
-        if len(store.targets) > _MAX_TARGETS:
-            store.targets.popitem(last=False)
-        return out
-
     def histogram_rows(
         self, window: str = "step", *, process_group: Any = None, sharded: bool | None = None
     ) -> HistogramRows:
         """All histograms of ``window`` ("step" or "total") as one ``[R, num_bins]`` int64
         matrix with the tensors' names, without copying them off the device; with
         ``process_group``, merged across its ranks (see :meth:`histograms`)."""
-        names, params, counts = self._local_rows(window)
+        names, params, counts = self._hist_store().rows(self.state, self._tracked(), window)
         if process_group is None:
             return HistogramRows(list(names), list(params), counts)
         from .distributed import global_rows  # torch.distributed only when asked for
@@ -315,20 +230,6 @@ class HistogramMixin:
             return HistogramRows([], [], None)
         local = dict(zip(names, params, strict=True))
         return HistogramRows(merged_names, [local.get(n) for n in merged_names], merged)
-
-    def _local_rows(self, window: str) -> tuple[list[str], list[Tensor], Tensor | None]:
-        if window not in _WINDOWS:
-            raise ValueError(f"Invalid window: {window!r}; expected 'step' or 'total'")
-        store = self._hist_store()
-        tracked = [p for _, p in self._tracked()]
-        if set(tracked) != set(store.params) or not store.valid_for(self.state, store.params):
-            store = self._rebuild()
-        i = _WINDOWS.index(window)
-        mats = [bufs[i] for bufs in store.buffers.values()]
-        if not mats:
-            return [], [], None
-        counts = torch.cat([m.to(mats[0].device) for m in mats]) if len(mats) > 1 else mats[0]
-        return store.names, store.params, counts
 
     # -- public queries ------------------------------------------------------------------
     @property
@@ -421,7 +322,7 @@ class HistogramMixin:
     def reset_histograms(self) -> None:
         """Zero both windows of every tracked tensor."""
         for _, p in self._tracked():
-            for key in _HIST_KEYS:
+            for key in HIST_KEYS:
                 if key in self.state[p]:  # rows of the packed buffers, or loaded tensors
                     self.state[p][key].zero_()
 
@@ -431,14 +332,7 @@ class HistogramMixin:
         # lift the histogram counts out first and put them back as int64 afterwards.
         state_dict = dict(state_dict)
         saved_state = state_dict["state"]
-        hists: dict[Any, dict[str, Tensor]] = {}
-        stripped = {}
-        for k, v in saved_state.items():
-            if isinstance(v, dict) and any(h in v for h in _HIST_KEYS):
-                hists[k] = {h: v[h] for h in _HIST_KEYS if h in v}
-                v = {kk: vv for kk, vv in v.items() if kk not in _HIST_KEYS}
-            stripped[k] = v
-        state_dict["state"] = stripped
+        state_dict["state"], hists = split_saved_counts(saved_state)
         spec = None
         for g in state_dict.get("param_groups", []):
             spec = g.get("hist_bins", spec)
