@@ -12,7 +12,6 @@ rows of packed per-device buffers (:mod:`fasthist.store`).
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from itertools import chain
 from typing import Any, NamedTuple
@@ -23,8 +22,8 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from .bins import LogBins
 from .eps import EpsRange, eps_range_from_counts
-from .histogram import Histogram, as_quantiles, batched_quantile
-from .store import HIST_KEYS, HistogramStore, split_saved_counts
+from .histogram import Histogram, as_quantiles, batched_quantile, invalid_rows
+from .store import HIST_KEYS, HistogramStore, loadable_counts, split_saved_counts
 
 __all__ = ["HistogramMixin", "HistogramRows", "TRACKING_ARGS_DOC", "drop_in_doc"]
 
@@ -165,6 +164,36 @@ class HistogramMixin:
         track = param_group.get("track", True)
         if not isinstance(track, bool):
             raise ValueError(f"Invalid track value: {track}; expected a bool")
+        gi = len(self.param_groups)
+        seen: dict[int, int] = {}
+        for i, p in enumerate(params):
+            j = seen.setdefault(id(p[1] if isinstance(p, tuple) else p), i)
+            if j != i:  # torch.optim warns, and steps the tensor twice
+                raise ValueError(
+                    f"param group {gi} holds the same tensor twice (parameters {j} and {i}); "
+                    "a tensor has one state and one histogram"
+                )
+        if params and all(isinstance(p, tuple) for p in params):
+            self._check_unique_names([*(g.get("param_names") for g in self.param_groups), [p[0] for p in params]])
+
+    def _check_unique_names(self, names: list[list[str] | None]) -> None:
+        """Refuse a name given to two tensors: ``names[g]`` are group ``g``'s parameter
+        names (None: the group is unnamed; its tensors are named ``"{group}.{index}"``)."""
+        owner: dict[str, tuple[int, int]] = {}
+        for gi, group_names in enumerate(names):
+            if group_names is None:
+                group_names = [f"{gi}.{pi}" for pi in range(len(self.param_groups[gi]["params"]))]
+            for pi, name in enumerate(group_names):
+                gj, pj = owner.setdefault(name, (gi, pi))
+                if (gj, pj) == (gi, pi):
+                    continue
+                if gj == gi:
+                    detail = f"parameters {pj} and {pi}"
+                else:
+                    detail = f"parameter {pi}; param group {gj} already names its parameter {pj} so"
+                raise ValueError(
+                    f"duplicate parameter name {name!r} in param group {gi} ({detail}); a name must identify one tensor"
+                )
 
     def _init_tracking(self, track: bool, bins: LogBins | None) -> None:
         """Validate ``track``/``bins``; call before ``torch.optim.Optimizer.__init__``."""
@@ -231,6 +260,21 @@ class HistogramMixin:
         local = dict(zip(names, params, strict=True))
         return HistogramRows(merged_names, [local.get(n) for n in merged_names], merged)
 
+    def _checked_rows(
+        self, window: str, process_group: Any, sharded: bool | None
+    ) -> tuple[list[str], list[Tensor | None], Tensor | None]:
+        """:meth:`histogram_rows`, refusing rows whose counts wrapped past int64."""
+        names, params, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        if counts is not None:
+            bad = invalid_rows(counts)
+            if bool(bad.any()):
+                which = [n for n, b in zip(names, bad.tolist(), strict=True) if b]
+                raise RuntimeError(
+                    f"histogram counts of {', '.join(map(repr, which[:5]))}{'...' if len(which) > 5 else ''} "
+                    f"({window!r} window) overflowed int64; call reset_histograms()"
+                )
+        return names, params, counts
+
     # -- public queries ------------------------------------------------------------------
     @property
     def bins(self) -> LogBins:
@@ -251,10 +295,11 @@ class HistogramMixin:
         once, shards (DTensor/FSDP2) add up to the whole tensor; ``sharded`` overrides the
         per-tensor default. See :mod:`fasthist.distributed`. None (default): this rank only.
         """
-        names, _, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        names, _, counts = self._checked_rows(window, process_group, sharded)
         if counts is None:
             return {}
-        return {n: Histogram(c, self._bins) for n, c in zip(names, counts.clone().unbind(0), strict=True)}
+        rows = counts.clone().unbind(0)
+        return {n: Histogram(c, self._bins, validate=False) for n, c in zip(names, rows, strict=True)}
 
     def histogram(
         self,
@@ -265,26 +310,40 @@ class HistogramMixin:
         sharded: bool | None = None,
     ) -> Histogram:
         """Histogram of one tracked tensor (by tensor or name), or of all merged (None)."""
-        names, order, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        names, order, counts = self._checked_rows(window, process_group, sharded)
         if param is None:
             if counts is None:
                 return Histogram.empty(self._bins)
-            return Histogram(counts.sum(dim=0), self._bins)
+            merged = counts.sum(dim=0)
+            if bool(invalid_rows(merged.unsqueeze(0))[0]):
+                raise RuntimeError(f"the {window!r} histograms of all tracked tensors together overflow int64")
+            return Histogram(merged, self._bins, validate=False)
         if isinstance(param, str):
             if param not in names:
-                raise KeyError(
-                    f"no tracked parameter named {param!r}; tracked: {names[:5]}{'...' if len(names) > 5 else ''}"
-                )
+                raise KeyError(f"no tracked parameter named {param!r}; {self._why_untracked(param, names)}")
             r = names.index(param)
         elif isinstance(param, Tensor):
             matches = [i for i, p in enumerate(order) if p is param]
             if not matches:
-                raise KeyError("parameter is not tracked (not in a group with track=True, or no step taken yet)")
+                raise KeyError(f"parameter is not tracked: {self._why_untracked(param, names)}")
             r = matches[0]
         else:
             raise TypeError(f"param must be a Tensor, a str or None, but got {type(param).__name__}")
         assert counts is not None
-        return Histogram(counts[r].clone(), self._bins)
+        return Histogram(counts[r].clone(), self._bins, validate=False)
+
+    def _why_untracked(self, param: Tensor | str, tracked: list[str]) -> str:
+        """What is the case for a parameter (tensor or name) with no histogram."""
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                name = names[pi] if names is not None else f"{gi}.{pi}"
+                if p is param or name == param:
+                    if not group["track"]:
+                        return f"it is in param group {gi}, which has track=False"
+                    return "it has no state yet (no step taken, or it never had a gradient)"
+        what = "it is not a parameter of this optimizer" if isinstance(param, Tensor) else "no parameter has that name"
+        return f"{what}; tracked: {tracked[:5]}{'...' if len(tracked) > 5 else ''}"
 
     def quantiles(
         self,
@@ -299,7 +358,7 @@ class HistogramMixin:
         on the histograms' device, computed in one batched operation (rule and guarantee
         of :class:`Histogram`)."""
         qt, _ = as_quantiles(qs)
-        names, _, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        names, _, counts = self._checked_rows(window, process_group, sharded)
         if counts is None:
             return [], torch.empty(0, qt.numel(), dtype=torch.float64)
         return names, batched_quantile(counts, qt, self._bins, exclude_zeros=exclude_zeros)
@@ -314,17 +373,24 @@ class HistogramMixin:
         sharded: bool | None = None,
     ) -> EpsRange:
         """The paper's ε-range rule (:mod:`fasthist.eps`) on the latest step's histograms."""
-        names, _, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        names, _, counts = self._checked_rows(window, process_group, sharded)
         if counts is None:
-            raise RuntimeError("eps_range: nothing tracked yet; take an optimizer step first")
+            if not any(group["track"] for group in self.param_groups):
+                raise RuntimeError("eps_range: no param group has track=True, so nothing is recorded")
+            raise RuntimeError(
+                "eps_range: no tracked parameter has been stepped yet (no step taken, or none of them had a "
+                "gradient); take an optimizer step first"
+            )
         return eps_range_from_counts(names, counts, self._bins, low=low, high=high)
 
     def reset_histograms(self) -> None:
-        """Zero both windows of every tracked tensor."""
-        for _, p in self._tracked():
-            for key in HIST_KEYS:
-                if key in self.state[p]:  # rows of the packed buffers, or loaded tensors
-                    self.state[p][key].zero_()
+        """Zero both windows of every tensor, in every group (tracked now or not)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                for key in HIST_KEYS:
+                    if key in st:  # rows of the packed buffers, or loaded tensors
+                        st[key].zero_()
 
     # -- state dict ----------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -341,6 +407,11 @@ class HistogramMixin:
                 f"loaded state dict has histograms recorded with LogBins{tuple(spec)}, "
                 f"but this optimizer uses {self._bins}"
             )
+        hists = loadable_counts(hists, self._bins.num_bins)  # raises before anything changes
+        saved_groups = state_dict.get("param_groups", [])
+        self._check_unique_names(
+            [s.get("param_names", g.get("param_names")) for g, s in zip(self.param_groups, saved_groups, strict=False)]
+        )
         track = [g.get("track") for g in self.param_groups]
         super().load_state_dict(state_dict)  # type: ignore[misc]
         for group, saved, was in zip(self.param_groups, state_dict["param_groups"], track, strict=False):
@@ -357,21 +428,10 @@ class HistogramMixin:
             p = id_map.get(k)
             if p is None:
                 continue
-            self._load_hists(k, p, hists.get(k, {}))
+            for key, counts in hists.get(k, {}).items():
+                self.state[p][key] = counts.to(device=p.device, copy=True)
             self._load_param_state(p, saved)
         self.__dict__.pop("_fh_store", None)
-
-    def _load_hists(self, k: Any, p: Tensor, hists: dict[str, Tensor]) -> None:
-        nb = self._bins.num_bins
-        for key, t in hists.items():
-            if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.shape != (nb,):
-                warnings.warn(
-                    f"fasthist: dropping saved {key} of parameter {k}: expected int64 [{nb}], got "
-                    f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}",
-                    stacklevel=3,
-                )
-                continue
-            self.state[p][key] = t.to(device=p.device, copy=True)
 
     def _load_param_state(self, p: Tensor, saved: dict[str, Any]) -> None:
         """Hook: fix up ``p``'s state after torch's ``load_state_dict`` from its ``saved``

@@ -13,6 +13,7 @@ on unpickling) and is rebuilt from the state on next use.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,9 +22,10 @@ import torch
 from torch import Tensor
 
 from .bins import LogBins
+from .histogram import invalid_rows
 from .target import DeviceTargets, HistTarget
 
-__all__ = ["HIST_KEYS", "WINDOWS", "HistogramStore", "split_saved_counts"]
+__all__ = ["HIST_KEYS", "WINDOWS", "HistogramStore", "loadable_counts", "split_saved_counts"]
 
 HIST_KEYS = ("hist_step", "hist_total")
 """The state keys of the two windows, in the order of :data:`WINDOWS`."""
@@ -133,3 +135,58 @@ def split_saved_counts(saved_state: dict[Any, Any]) -> tuple[dict[Any, Any], dic
             v = {kk: vv for kk, vv in v.items() if kk not in HIST_KEYS}
         stripped[k] = v
     return stripped, hists
+
+
+def loadable_counts(hists: dict[Any, dict[str, Tensor]], num_bins: int) -> dict[Any, dict[str, Tensor]]:
+    """The saved rows of :func:`split_saved_counts` as int64 counts, to load.
+
+    int64 rows load as they are, and must be counts: a negative count, or a total past
+    int64, raises ``ValueError`` (before anything is loaded). Rows of another real dtype
+    (``torch.optim`` casts a state dict's tensors to the parameter's dtype, so a fasthist
+    checkpoint that went through ``torch.optim.Adam`` comes back as float32) are brought
+    back as int64 where they hold whole numbers ``>= 0``; the others, and rows of the wrong
+    shape, are dropped, with one warning for all of them. Whole numbers past the float
+    type's exact integers (2**24 for float32) may have been rounded by the cast: one
+    warning says so.
+    """
+    out: dict[Any, dict[str, Tensor]] = {}
+    dropped: list[str] = []
+    rounded: list[str] = []
+    for k, rows in hists.items():
+        for key, t in rows.items():
+            where = f"{key} of parameter {k}"
+            if not isinstance(t, Tensor) or t.shape != (num_bins,) or t.is_complex() or t.dtype == torch.bool:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                dropped.append(f"{where} ({got})")
+                continue
+            if t.dtype == torch.int64:
+                counts = t
+            elif t.is_floating_point():
+                x = t.detach().to(torch.float64)
+                if not bool((torch.isfinite(x) & (x >= 0) & (x == x.floor()) & (x < 2.0**63)).all()):
+                    dropped.append(f"{where} ({t.dtype})")
+                    continue
+                if bool((x > 2.0 / torch.finfo(t.dtype).eps).any()):
+                    rounded.append(f"{where} ({t.dtype})")
+                counts = x.to(torch.int64)
+            else:  # other integer types hold their counts exactly
+                counts = t.to(torch.int64)
+            if bool(invalid_rows(counts.unsqueeze(0))[0]):
+                problem = "negative counts" if bool((counts < 0).any()) else "counts whose total overflows int64"
+                raise ValueError(f"loaded {where} is not a histogram: it holds {problem}")
+            out.setdefault(k, {})[key] = counts
+    if dropped:
+        more = "..." if len(dropped) > 4 else ""
+        warnings.warn(
+            f"fasthist: dropping {len(dropped)} saved histograms that are not counts (not whole numbers "
+            f">= 0, or not [{num_bins}] rows): {', '.join(dropped[:4])}{more}",
+            stacklevel=3,
+        )
+    if rounded:
+        more = "..." if len(rounded) > 4 else ""
+        warnings.warn(
+            f"fasthist: {len(rounded)} saved histograms were cast to a float type and hold counts past its "
+            f"exact integers; loaded as they are, possibly rounded: {', '.join(rounded[:4])}{more}",
+            stacklevel=3,
+        )
+    return out
