@@ -23,6 +23,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from .bins import LogBins
 from .eps import EpsRange, eps_range_from_counts
 from .histogram import Histogram, as_quantiles, batched_quantile, invalid_rows
+from .names import check_distinct_tensors, check_unique_names, tracked, why_untracked
 from .store import HIST_KEYS, HistogramStore, loadable_counts, split_saved_counts
 
 __all__ = ["HistogramMixin", "HistogramRows", "TRACKING_ARGS_DOC", "drop_in_doc"]
@@ -164,36 +165,11 @@ class HistogramMixin:
         track = param_group.get("track", True)
         if not isinstance(track, bool):
             raise ValueError(f"Invalid track value: {track}; expected a bool")
-        gi = len(self.param_groups)
-        seen: dict[int, int] = {}
-        for i, p in enumerate(params):
-            j = seen.setdefault(id(p[1] if isinstance(p, tuple) else p), i)
-            if j != i:  # torch.optim warns, and steps the tensor twice
-                raise ValueError(
-                    f"param group {gi} holds the same tensor twice (parameters {j} and {i}); "
-                    "a tensor has one state and one histogram"
-                )
+        check_distinct_tensors(params, len(self.param_groups))
         if params and all(isinstance(p, tuple) for p in params):
-            self._check_unique_names([*(g.get("param_names") for g in self.param_groups), [p[0] for p in params]])
-
-    def _check_unique_names(self, names: list[list[str] | None]) -> None:
-        """Refuse a name given to two tensors: ``names[g]`` are group ``g``'s parameter
-        names (None: the group is unnamed; its tensors are named ``"{group}.{index}"``)."""
-        owner: dict[str, tuple[int, int]] = {}
-        for gi, group_names in enumerate(names):
-            if group_names is None:
-                group_names = [f"{gi}.{pi}" for pi in range(len(self.param_groups[gi]["params"]))]
-            for pi, name in enumerate(group_names):
-                gj, pj = owner.setdefault(name, (gi, pi))
-                if (gj, pj) == (gi, pi):
-                    continue
-                if gj == gi:
-                    detail = f"parameters {pj} and {pi}"
-                else:
-                    detail = f"parameter {pi}; param group {gj} already names its parameter {pj} so"
-                raise ValueError(
-                    f"duplicate parameter name {name!r} in param group {gi} ({detail}); a name must identify one tensor"
-                )
+            groups = self.param_groups
+            names = [*(g.get("param_names") for g in groups), [p[0] for p in params]]
+            check_unique_names(names, [len(g["params"]) for g in groups] + [len(params)])
 
     def _init_tracking(self, track: bool, bins: LogBins | None) -> None:
         """Validate ``track``/``bins``; call before ``torch.optim.Optimizer.__init__``."""
@@ -233,15 +209,7 @@ class HistogramMixin:
         return store
 
     def _tracked(self) -> list[tuple[str, Tensor]]:
-        out = []
-        for gi, group in enumerate(self.param_groups):
-            if not group.get("track", True):
-                continue
-            names = group.get("param_names")
-            for pi, p in enumerate(group["params"]):
-                if len(self.state.get(p, {})) != 0:
-                    out.append((names[pi] if names is not None else f"{gi}.{pi}", p))
-        return out
+        return tracked(self.param_groups, self.state)
 
     def histogram_rows(
         self, window: str = "step", *, process_group: Any = None, sharded: bool | None = None
@@ -320,30 +288,19 @@ class HistogramMixin:
             return Histogram(merged, self._bins, validate=False)
         if isinstance(param, str):
             if param not in names:
-                raise KeyError(f"no tracked parameter named {param!r}; {self._why_untracked(param, names)}")
+                raise KeyError(
+                    f"no tracked parameter named {param!r}; {why_untracked(self.param_groups, param, names)}"
+                )
             r = names.index(param)
         elif isinstance(param, Tensor):
             matches = [i for i, p in enumerate(order) if p is param]
             if not matches:
-                raise KeyError(f"parameter is not tracked: {self._why_untracked(param, names)}")
+                raise KeyError(f"parameter is not tracked: {why_untracked(self.param_groups, param, names)}")
             r = matches[0]
         else:
             raise TypeError(f"param must be a Tensor, a str or None, but got {type(param).__name__}")
         assert counts is not None
         return Histogram(counts[r].clone(), self._bins, validate=False)
-
-    def _why_untracked(self, param: Tensor | str, tracked: list[str]) -> str:
-        """What is the case for a parameter (tensor or name) with no histogram."""
-        for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names")
-            for pi, p in enumerate(group["params"]):
-                name = names[pi] if names is not None else f"{gi}.{pi}"
-                if p is param or name == param:
-                    if not group["track"]:
-                        return f"it is in param group {gi}, which has track=False"
-                    return "it has no state yet (no step taken, or it never had a gradient)"
-        what = "it is not a parameter of this optimizer" if isinstance(param, Tensor) else "no parameter has that name"
-        return f"{what}; tracked: {tracked[:5]}{'...' if len(tracked) > 5 else ''}"
 
     def quantiles(
         self,
@@ -409,8 +366,9 @@ class HistogramMixin:
             )
         hists = loadable_counts(hists, self._bins.num_bins)  # raises before anything changes
         saved_groups = state_dict.get("param_groups", [])
-        self._check_unique_names(
-            [s.get("param_names", g.get("param_names")) for g, s in zip(self.param_groups, saved_groups, strict=False)]
+        pairs = list(zip(self.param_groups, saved_groups, strict=False))
+        check_unique_names(
+            [s.get("param_names", g.get("param_names")) for g, s in pairs], [len(g["params"]) for g, _ in pairs]
         )
         track = [g.get("track") for g in self.param_groups]
         super().load_state_dict(state_dict)  # type: ignore[misc]
