@@ -7,6 +7,11 @@ statistic, so whenever ``low <= a[k] < high`` the result ``r`` satisfies
 ``|r - a[k]| <= relative_accuracy * a[k]``. Outside the range it returns: ``0.0`` for
 an exact zero, ``low`` for ``0 < a[k] < low``, ``high`` for ``a[k] >= high`` (finite),
 NaN for a non-finite ``a[k]``, and NaN for an empty histogram.
+
+The rank is computed in integers: ``q * (n - 1)`` rounded once to float64 (what float64
+arithmetic gives whenever ``n <= 2**53 + 1``), then floored, never past ``n - 1``, for
+any ``n`` up to ``2**63 - 1``. Counts are nonnegative and their total fits int64:
+:class:`Histogram` checks both, and a merge that would overflow is refused.
 """
 
 from __future__ import annotations
