@@ -306,3 +306,18 @@ def test_histogram_of_an_untracked_parameter_says_why(info):
     if info.name != "adagrad":  # torch's Adagrad creates state when the group is added
         with pytest.raises(KeyError, match=r"no state yet \(no step taken, or it never had a gradient\)"):
             opt.histogram(c)
+
+
+def test_counts_rounded_by_a_narrow_float_cast_load_with_one_warning():
+    # torch.optim.Adam casts the rows to a bf16 parameter's dtype: counts past 2**8 round
+    p = torch.zeros(300, dtype=torch.bfloat16, requires_grad=True)
+    opt = fasthist.Adam([p])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    theirs = torch.optim.Adam([p.detach().clone().requires_grad_()])
+    theirs.load_state_dict(copy.deepcopy(opt.state_dict()))
+    back = fasthist.Adam([p.detach().clone().requires_grad_()])
+    with pytest.warns(UserWarning, match=r"2 saved histograms were cast to a float type .*possibly rounded") as rec:
+        back.load_state_dict(theirs.state_dict())
+    assert len(rec) == 1
+    assert back.histogram(back.param_groups[0]["params"][0]).counts.dtype == torch.int64
