@@ -39,6 +39,8 @@ _FLOAT32_MAX_EXPONENT = 128  # 2**128 is the first value past float32's largest 
 _MAX_MANTISSA_BITS = 10  # 1024 bins per binade; finer buys nothing a sketch needs
 _ABS_MASK = 0x7FFFFFFF
 _INF_BITS = 0x7F800000
+_ABS_MASK64 = 0x7FFFFFFFFFFFFFFF
+_INF_BITS64 = 0x7FF0000000000000
 
 
 @dataclass(frozen=True)
@@ -209,27 +211,31 @@ class LogBins:
 
     # Binning ----------------------------------------------------------------------------
     def index(self, x: Tensor) -> Tensor:
-        """Bin index (int64) of every element of ``x``, by the bits of ``float32(|x|)``.
+        """Bin index (int64) of every element of ``|x|``.
 
-        Non-float32 inputs are converted to float32 first (exact for bf16/fp16). float64
-        magnitudes beyond float32's range keep their side: nonzero values that underflow
-        go to the below-range bin, finite ones that overflow to the above-range bin.
+        float32 is binned by its bits, bf16/fp16 by the bits of their exact float32 value,
+        float64 by its own bits (the same layout: ``bits >> (52 - mantissa_bits)`` minus a
+        constant), never rounded to float32 first: a nonzero float64 never lands in the
+        zero bin, a finite one never in the non-finite bin, and no rounding moves a value
+        across a bin edge.
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"LogBins.index expects a Tensor, but got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"LogBins.index expects a floating point tensor, but got {x.dtype}")
-        x32 = x.detach().to(torch.float32).contiguous()
-        bits = x32.view(torch.int32) & _ABS_MASK
-        key = bits >> self.shift
-        idx = (key.long() - self.low_key + self.FIRST_LOG).clamp_(self.BELOW, self.above)
-        idx = torch.where(bits >= _INF_BITS, self.nonfinite, idx)
-        idx = torch.where(bits == 0, self.ZERO, idx)
         if x.dtype == torch.float64:
-            x = x.detach().reshape(x32.shape)
-            idx = torch.where((x != 0) & (x32 == 0), self.BELOW, idx)
-            idx = torch.where(torch.isfinite(x) & torch.isinf(x32), self.above, idx)
-        return idx
+            bits = x.detach().contiguous().view(torch.int64) & _ABS_MASK64
+            key = bits >> (52 - self.mantissa_bits)
+            low_key = ((self.min_exponent + 1023) << 52) >> (52 - self.mantissa_bits)
+            inf_bits = _INF_BITS64
+        else:
+            bits = (x.detach().to(torch.float32).contiguous().view(torch.int32) & _ABS_MASK).long()
+            key = bits >> self.shift
+            low_key = self.low_key
+            inf_bits = _INF_BITS
+        idx = (key - low_key + self.FIRST_LOG).clamp_(self.BELOW, self.above)
+        idx = torch.where(bits >= inf_bits, self.nonfinite, idx)
+        return torch.where(bits == 0, self.ZERO, idx)
 
     def count(self, x: Tensor) -> Tensor:
         """Histogram (int64 counts, length ``num_bins``) of all elements of ``x``."""

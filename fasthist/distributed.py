@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .bins import LogBins
 from .dtensor import is_dtensor
-from .histogram import Histogram
+from .histogram import Histogram, invalid_rows
 
 __all__ = ["all_reduce", "global_rows", "is_sharded"]
 
@@ -69,7 +69,7 @@ def all_reduce(hist: Histogram, group: Any = None) -> Histogram:
     :class:`LogBins` (checked first, ``ValueError`` on every rank otherwise). This is the
     sharded merge: for replicated values (every rank holding the same tensor) it counts
     them world-size times; the optimizer queries with ``process_group=`` choose per
-    tensor. ``hist`` is not modified.
+    tensor. ``hist`` is not modified. A sum past int64 raises ``ValueError`` on every rank.
     """
     if not isinstance(hist, Histogram):
         raise TypeError(f"all_reduce expects a fasthist.Histogram, but got {type(hist).__name__}")
@@ -77,7 +77,9 @@ def all_reduce(hist: Histogram, group: Any = None) -> Histogram:
     _check_same_bins(hist.bins, group, device)
     counts = hist.counts.to(device=device, copy=True)
     dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-    return Histogram(counts.to(hist.counts.device), hist.bins)
+    if bool(invalid_rows(counts.unsqueeze(0))[0]):  # every rank's counts are valid: the sum wrapped
+        raise ValueError("all_reduce: the histograms of the ranks together overflow int64")
+    return Histogram(counts.to(hist.counts.device), hist.bins, validate=False)
 
 
 def _dtensor_placements(t: Tensor) -> tuple[Any, Any] | None:

@@ -7,10 +7,17 @@ statistic, so whenever ``low <= a[k] < high`` the result ``r`` satisfies
 ``|r - a[k]| <= relative_accuracy * a[k]``. Outside the range it returns: ``0.0`` for
 an exact zero, ``low`` for ``0 < a[k] < low``, ``high`` for ``a[k] >= high`` (finite),
 NaN for a non-finite ``a[k]``, and NaN for an empty histogram.
+
+The rank is computed in integers: ``q * (n - 1)`` rounded once to float64 (what float64
+arithmetic gives whenever ``n <= 2**53 + 1``), then floored, never past ``n - 1``, for
+any ``n`` up to ``2**63 - 1``. Counts are nonnegative and their total fits int64:
+:class:`Histogram` checks both, and a merge that would overflow is refused.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import overload
 
@@ -20,30 +27,129 @@ from torch import Tensor
 
 from .bins import LogBins
 
-__all__ = ["Histogram", "as_quantiles", "batched_quantile", "batched_fraction_above"]
+__all__ = ["Histogram", "as_quantiles", "batched_quantile", "batched_fraction_above", "invalid_rows", "real_scalar"]
+
+
+def _is_bool(x: object) -> bool:
+    return isinstance(x, (bool, np.bool_)) or (
+        isinstance(x, (Tensor, np.ndarray)) and x.dtype in (torch.bool, np.bool_)
+    )
+
+
+def real_scalar(x: object, what: str) -> float:
+    """``x`` as a float if it is a real number (Python or NumPy, not a bool, not NaN);
+    ``what`` names the argument in the error, e.g. ``"fraction_above() x"``."""
+    if _is_bool(x) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{what} must be a real number, but got {type(x).__name__}")
+    value = float(x)
+    if math.isnan(value):
+        raise ValueError(f"{what} must not be NaN")
+    return value
 
 
 def as_quantiles(q: float | Sequence[float] | Tensor) -> tuple[Tensor, bool]:
-    """``q`` as a float64 CPU vector, checked to lie in [0, 1], and whether it was a scalar."""
-    scalar = isinstance(q, (int, float)) and not isinstance(q, bool)
+    """``q`` as a float64 CPU vector, checked to lie in [0, 1], and whether it was a scalar.
+
+    One rule: a real number (Python or NumPy: ``0.5``, ``1``, ``np.float32(0.5)``) is a
+    scalar; a sequence, array or tensor (of any shape, flattened) is a vector. Bools are
+    refused, alone or inside."""
+    if _is_bool(q) or (isinstance(q, (list, tuple)) and any(_is_bool(x) for x in q)):
+        raise TypeError("quantile() q must be a real number or a sequence of them, but got bool")
+    scalar = isinstance(q, numbers.Real)
     qt = torch.as_tensor(q, dtype=torch.float64).reshape(-1).cpu()
     if qt.numel() == 0 or not bool(((qt >= 0) & (qt <= 1)).all()):
         raise ValueError(f"quantile() q values must be in the range [0, 1], but got {q}")
     return qt, scalar
 
 
+_LIMB = 21  # bits per limb: a product of two limbs, times three, fits int64
+_LIMB_MASK = (1 << _LIMB) - 1
+_NUM_LIMBS = 6  # of a product below 2**126
+
+
+def _limbs(x: Tensor) -> list[Tensor]:
+    """Three 21-bit limbs, least significant first, of nonnegative int64 values below 2**63."""
+    return [(x >> (_LIMB * i)) & _LIMB_MASK for i in range(3)]
+
+
+def _shifted(limbs: list[Tensor], x: Tensor) -> Tensor:
+    """``P >> x`` of the number ``P`` the limbs hold (the limbs hold disjoint bits, so
+    each lands where it belongs); the result must be below 2**63."""
+    out = torch.zeros_like(limbs[0])
+    for k, limb in enumerate(limbs):
+        d = _LIMB * k - x
+        out += (limb >> (-d).clamp(0, 62)) << d.clamp(0, 62)
+    return out
+
+
+def _any_below(limbs: list[Tensor], x: Tensor) -> Tensor:
+    """Whether ``P mod 2**x`` is nonzero."""
+    out = torch.zeros_like(limbs[0], dtype=torch.bool)
+    for k, limb in enumerate(limbs):
+        keep = (x - _LIMB * k).clamp(0, _LIMB)
+        out |= (limb & ((1 << keep) - 1)) != 0
+    return out
+
+
+def _floor_mul(m: Tensor, q: Tensor) -> Tensor:
+    """``min(floor(q ⊗ m), m)`` for int64 ``m`` in [0, 2**63) ([R]) and float64 ``q`` in
+    [0, 1] ([Q], on the host), where ``⊗`` is the float64 product rounded once to nearest
+    (ties to even): int64 [R, Q], computed exactly in integers.
+
+    For ``m <= 2**53`` that is float64 arithmetic's ``floor(q * m)`` (numpy's and torch's
+    convention), bit for bit; beyond, ``m`` itself is not rounded first. ``q = num / 2**s``
+    (``num < 2**53``, ``s <= 115`` once ``q >= 2**-63``; smaller ``q`` give 0 for every
+    ``m``). ``P = num * m < 2**116`` is formed in 21-bit limbs and rounded to 53
+    significant bits before the shift by ``s``."""
+    nums, shifts = [], []
+    for x in q.tolist():
+        num, den = x.as_integer_ratio() if x >= 2.0**-63 else (0, 1)
+        nums.append(num)
+        shifts.append(den.bit_length() - 1)
+    device = m.device
+    a = _limbs(torch.tensor(nums, dtype=torch.int64, device=device))  # [Q] each
+    b = _limbs(m.unsqueeze(-1))  # [R, 1] each
+    s = torch.tensor(shifts, dtype=torch.int64, device=device)
+    zero = torch.zeros(m.shape[0], len(nums), dtype=torch.int64, device=device)
+    limbs, carry = [], zero
+    for k in range(_NUM_LIMBS):
+        column = carry + sum((a[i] * b[k - i] for i in range(max(0, k - 2), min(k, 2) + 1)), zero)
+        limbs.append(column & _LIMB_MASK)
+        carry = column >> _LIMB
+    # bit length of P, from its top nonzero limb (frexp is exact below 2**53)
+    length = zero.clone()
+    for k, limb in enumerate(limbs):
+        length = torch.where(limb != 0, _LIMB * k + torch.frexp(limb.double()).exponent.long(), length)
+    t = (length - 53).clamp(min=0)  # low bits of P that float64 cannot keep
+    top = _shifted(limbs, t)  # P rounded down to 53 significant bits, shifted by t
+    half = _shifted(limbs, (t - 1).clamp(min=0)) & 1
+    up = (t > 0) & (half == 1) & (_any_below(limbs, (t - 1).clamp(min=0)) | ((top & 1) == 1))
+    d = t - s  # floor(RN(P) / 2**s) = floor((top + up) * 2**d)
+    mm = m.unsqueeze(-1)
+    down = (top >> (-d).clamp(0, 62)) << d.clamp(0, 62)  # <= P / 2**s <= m: no overflow
+    step = torch.ones_like(d) << d.clamp(0, 62)  # what rounding up adds where d >= 0
+    raised = torch.where(d >= 0, torch.minimum(down, mm - step) + step, (top + 1) >> (-d).clamp(0, 62))
+    return torch.minimum(torch.where(up, raised, down), mm)
+
+
 def _ranks(n: Tensor, q: Tensor, rule: str) -> Tensor:
-    """Order-statistic index per (row, q): ``floor(q*(n-1))`` ("n-1", this class's rule)
-    or ``min(floor(q*n), n-1)`` ("n", the ε-range rule of the paper), in float64."""
-    nf = n.to(torch.float64).unsqueeze(-1)
-    q = q.to(n.device)
+    """Order-statistic index per (row, q), in integers (see :func:`_floor_mul`):
+    ``floor(q*(n-1))`` ("n-1", this class's rule) or ``min(floor(q*n), n-1)`` ("n", the
+    ε-range rule of the paper), never past the last element."""
     if rule == "n-1":
-        k = torch.floor(q * (nf - 1))
+        k = _floor_mul((n - 1).clamp(min=0), q)
     elif rule == "n":
-        k = torch.minimum(torch.floor(q * nf), nf - 1)
+        k = torch.minimum(_floor_mul(n, q), (n - 1).unsqueeze(-1))
     else:
         raise ValueError(f"unknown rank rule {rule!r}")
-    return k.clamp_(min=0).to(torch.int64)
+    return k.clamp_(min=0)
+
+
+def invalid_rows(counts: Tensor) -> Tensor:
+    """bool ``[R]`` for ``counts`` ``[R, num_bins]``: rows that are not counts, with a
+    negative bin or a total that does not fit int64 (its running sum wrapped: with
+    nonnegative bins, the first wrap makes the running sum negative)."""
+    return (counts < 0).any(dim=-1) | (counts.cumsum(dim=-1) < 0).any(dim=-1)
 
 
 def batched_quantile(
@@ -81,22 +187,35 @@ class Histogram:
     r"""Counts of values over a :class:`LogBins` layout: a mergeable quantile sketch.
 
     Args:
-        counts (Tensor): int64 counts, shape ``[bins.num_bins]``, on any device.
+        counts (Tensor): int64 counts, shape ``[bins.num_bins]``, on any device: nonnegative,
+            with a total below ``2**63``.
         bins (LogBins): the layout the counts were recorded with.
+        validate (bool): check that the counts are nonnegative and their total fits int64
+            (default: True; it reads the device). False for counts already checked.
 
     ``h1 + h2`` merges two histograms (the histogram of the concatenated values); both
-    must have equal bins. Quantiles carry the guarantee of the module docstring:
+    must have equal bins, and a merge whose total would overflow int64 is refused. Quantiles carry the guarantee of the module docstring:
     relative error at most :attr:`relative_accuracy` inside ``[bins.low, bins.high)``.
     """
 
     __slots__ = ("counts", "bins")
 
-    def __init__(self, counts: Tensor, bins: LogBins) -> None:
+    def __init__(self, counts: Tensor, bins: LogBins, *, validate: bool = True) -> None:
         if not isinstance(bins, LogBins):
             raise TypeError(f"bins must be a fasthist.LogBins, but got {type(bins).__name__}")
         if not isinstance(counts, Tensor) or counts.dtype != torch.int64 or counts.shape != (bins.num_bins,):
-            shape = tuple(counts.shape) if isinstance(counts, Tensor) else type(counts).__name__
-            raise ValueError(f"Histogram counts must be an int64 tensor of shape ({bins.num_bins},), but got {shape}")
+            got = (
+                f"a {str(counts.dtype).removeprefix('torch.')} tensor of shape {tuple(counts.shape)}"
+                if isinstance(counts, Tensor)
+                else f"a {type(counts).__name__}"
+            )
+            raise ValueError(f"Histogram counts must be an int64 tensor of shape ({bins.num_bins},), but got {got}")
+        if validate and bool(invalid_rows(counts.unsqueeze(0))[0]):
+            negative = (counts < 0).nonzero()
+            if negative.numel():
+                i = int(negative[0, 0])
+                raise ValueError(f"Histogram counts must be nonnegative, but bin {i} holds {int(counts[i])}")
+            raise ValueError("Histogram counts must sum to less than 2**63 (int64), but their sum overflows")
         self.counts = counts
         self.bins = bins
 
@@ -148,7 +267,8 @@ class Histogram:
     def quantile(self, q, *, exclude_zeros: bool = False):
         """Approximate ``a[floor(q*(n-1))]`` of the sorted values (see module docstring).
 
-        Returns a float for a scalar ``q``, else a float64 CPU tensor of ``len(q)`` values.
+        Returns a float for a scalar ``q`` (a Python or NumPy real number), else a float64
+        CPU tensor of ``len(q)`` values (for a sequence, array or tensor). Bools are refused.
         ``exclude_zeros=True`` drops the exact-zero bin first (dead units, unused rows).
         """
         qt, scalar = as_quantiles(q)
@@ -163,11 +283,10 @@ class Histogram:
         can be misclassified. Outside the range the below/above-range bins count as the
         range bound: for ``x < low`` every below-range element counts as above, for
         ``x >= high`` no above-range element does. Non-finite values are never above;
-        an empty histogram gives NaN.
+        an empty histogram gives NaN. ``x`` is a real number, not NaN.
         """
-        return float(
-            batched_fraction_above(self.counts.unsqueeze(0), float(x), self.bins, exclude_zeros=exclude_zeros)[0]
-        )
+        x = real_scalar(x, "fraction_above() x")
+        return float(batched_fraction_above(self.counts.unsqueeze(0), x, self.bins, exclude_zeros=exclude_zeros)[0])
 
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
         """``(counts, edges)`` of the log bins, as ``numpy.histogram`` returns them.
@@ -179,14 +298,19 @@ class Histogram:
         return c[self.bins.FIRST_LOG : self.bins.above].copy(), self.bins.edges.numpy()
 
     def to(self, device: torch.device | str) -> Histogram:
-        return Histogram(self.counts.to(device), self.bins)
+        return Histogram(self.counts.to(device), self.bins, validate=False)
 
     def __add__(self, other: Histogram) -> Histogram:
         if not isinstance(other, Histogram):
             return NotImplemented
         if other.bins != self.bins:
             raise ValueError(f"cannot merge histograms with different bins: {self.bins} and {other.bins}")
-        return Histogram(self.counts + other.counts.to(self.counts.device), self.bins)
+        counts = self.counts + other.counts.to(self.counts.device)
+        if bool(invalid_rows(counts.unsqueeze(0))[0]):  # both sides are valid: it wrapped
+            raise ValueError(
+                f"cannot merge histograms: the merged counts overflow int64 ({self.count} + {other.count} >= 2**63)"
+            )
+        return Histogram(counts, self.bins, validate=False)
 
     def __radd__(self, other: object) -> Histogram:
         if isinstance(other, int) and other == 0:  # so that sum(histograms) works

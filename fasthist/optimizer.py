@@ -6,19 +6,13 @@ each optimizer supplies :meth:`HistogramMixin._gather`, the lists and keyword ar
 its functional form in :mod:`fasthist.functional`.
 
 Storage: each tracked parameter's state holds ``hist_step`` and ``hist_total``, int64
-``[num_bins]`` rows of two packed ``[R, num_bins]`` buffers per device, so a backend
-updates all of a group's histograms in one call and a query reads all rows at once.
-The rows are ordinary state tensors: ``state_dict()`` saves them, and
-``load_state_dict()`` restores them with their dtype (torch would cast them to the
-parameter's dtype; they bypass that cast).
+rows of packed per-device buffers (:mod:`fasthist.store`).
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from itertools import chain
 from typing import Any, NamedTuple
 
@@ -28,8 +22,9 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from .bins import LogBins
 from .eps import EpsRange, eps_range_from_counts
-from .histogram import Histogram, as_quantiles, batched_quantile
-from .target import DeviceTargets, HistTarget
+from .histogram import Histogram, as_quantiles, batched_quantile, invalid_rows
+from .names import check_distinct_tensors, check_unique_names, tracked, why_untracked
+from .store import HIST_KEYS, HistogramStore, loadable_counts, split_saved_counts
 
 __all__ = ["HistogramMixin", "HistogramRows", "TRACKING_ARGS_DOC", "drop_in_doc"]
 
@@ -80,36 +75,6 @@ class HistogramRows(NamedTuple):
     names: list[str]
     params: list[Tensor | None]
     counts: Tensor | None
-
-
-_HIST_KEYS = ("hist_step", "hist_total")
-_MAX_TARGETS = 8
-_WINDOWS = ("step", "total")
-
-
-class _Store:
-    """Packed per-device buffers and the param -> row map, rebuilt when the set of
-    tracked parameters (or their state tensors, after a load) changes. Rows are ordered
-    device by device, so ``cat`` of the buffers lines up with ``params``/``names``."""
-
-    def __init__(self, bins: LogBins) -> None:
-        self.bins = bins
-        self.params: list[Tensor] = []
-        self.names: list[str] = []
-        self.row: dict[Tensor, tuple[torch.device, int]] = {}
-        self.views: dict[Tensor, Tensor] = {}  # the exact tensor object put in state["hist_step"]
-        self.buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
-        # per set of parameters stepped together (usually one per group); bounded, since
-        # each holds workspace and the set can change every step (experts, frozen branches)
-        self.targets: OrderedDict[tuple, dict] = OrderedDict()
-
-    def valid_for(self, state: Any, params: Iterable[Tensor]) -> bool:
-        views = self.views
-        for p in params:
-            v = views.get(p)
-            if v is None or state[p].get("hist_step") is not v:
-                return False
-        return True
 
 
 class HistogramMixin:
@@ -170,7 +135,7 @@ class HistogramMixin:
             params = lists[0]
             if not params:
                 continue
-            targets = self._hist_targets(group, params) if group["track"] else None
+            targets = self._hist_store().targets_for(self.state, self._tracked, params) if group["track"] else None
             self._functional(*lists, hist=targets, **kwargs)
 
         return loss
@@ -200,6 +165,11 @@ class HistogramMixin:
         track = param_group.get("track", True)
         if not isinstance(track, bool):
             raise ValueError(f"Invalid track value: {track}; expected a bool")
+        check_distinct_tensors(params, len(self.param_groups))
+        if params and all(isinstance(p, tuple) for p in params):
+            groups = self.param_groups
+            names = [*(g.get("param_names") for g in groups), [p[0] for p in params]]
+            check_unique_names(names, [len(g["params"]) for g in groups] + [len(params)])
 
     def _init_tracking(self, track: bool, bins: LogBins | None) -> None:
         """Validate ``track``/``bins``; call before ``torch.optim.Optimizer.__init__``."""
@@ -232,72 +202,14 @@ class HistogramMixin:
         return state
 
     # -- storage -------------------------------------------------------------------------
-    def _hist_store(self) -> _Store:
+    def _hist_store(self) -> HistogramStore:
         store = self.__dict__.get("_fh_store")
         if store is None:
-            store = _Store(self._bins)
-            self.__dict__["_fh_store"] = store
+            store = self.__dict__["_fh_store"] = HistogramStore(self._bins)
         return store
 
     def _tracked(self) -> list[tuple[str, Tensor]]:
-        out = []
-        for gi, group in enumerate(self.param_groups):
-            if not group.get("track", True):
-                continue
-            names = group.get("param_names")
-            for pi, p in enumerate(group["params"]):
-                if len(self.state.get(p, {})) != 0:
-                    out.append((names[pi] if names is not None else f"{gi}.{pi}", p))
-        return out
-
-    def _rebuild(self) -> _Store:
-        # Called when a parameter got its state (lazy init in step) or after a load: every
-        # parameter with state in a tracked group gets a row, keeping the counts it has.
-        store = _Store(self._bins)
-        tracked = self._tracked()
-        nb = self._bins.num_bins
-        per_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
-        for name, p in tracked:
-            per_device.setdefault(p.device, []).append((name, p))
-        for device, items in per_device.items():
-            bufs = [torch.zeros(len(items), nb, dtype=torch.int64, device=device) for _ in _HIST_KEYS]
-            for r, (name, p) in enumerate(items):
-                st = self.state[p]
-                for buf, key in zip(bufs, _HIST_KEYS, strict=True):
-                    old = st.get(key)
-                    if isinstance(old, Tensor) and old.shape == (nb,):
-                        buf[r].copy_(old)
-                    st[key] = buf[r]
-                store.views[p] = st["hist_step"]
-                store.row[p] = (device, r)
-                store.params.append(p)
-                store.names.append(name)
-            store.buffers[device] = (bufs[0], bufs[1])
-        self.__dict__["_fh_store"] = store
-        return store
-
-    def _hist_targets(self, group: dict[str, Any], params: list[Tensor]) -> DeviceTargets:
-        """For the params of one step call: per device, (their indices, the target)."""
-        store = self._hist_store()
-        if not store.valid_for(self.state, params):
-            store = self._rebuild()
-        key = tuple(map(id, params))
-        cached = store.targets.get(key)
-        if cached is not None:
-            store.targets.move_to_end(key)
-            return cached
-        by_device: dict[torch.device, list[int]] = {}
-        for i, p in enumerate(params):
-            by_device.setdefault(p.device, []).append(i)
-        out = {}
-        for device, idx in by_device.items():
-            step, total = store.buffers[device]
-            rows = torch.tensor([store.row[params[i]][1] for i in idx], dtype=torch.int64, device=device)
-            out[device] = (idx, HistTarget(self._bins, step, total, rows))
-        store.targets[key] = out
-        if len(store.targets) > _MAX_TARGETS:
-            store.targets.popitem(last=False)
-        return out
+        return tracked(self.param_groups, self.state)
 
     def histogram_rows(
         self, window: str = "step", *, process_group: Any = None, sharded: bool | None = None
@@ -305,7 +217,7 @@ class HistogramMixin:
         """All histograms of ``window`` ("step" or "total") as one ``[R, num_bins]`` int64
         matrix with the tensors' names, without copying them off the device; with
         ``process_group``, merged across its ranks (see :meth:`histograms`)."""
-        names, params, counts = self._local_rows(window)
+        names, params, counts = self._hist_store().rows(self.state, self._tracked(), window)
         if process_group is None:
             return HistogramRows(list(names), list(params), counts)
         from .distributed import global_rows  # torch.distributed only when asked for
@@ -316,19 +228,20 @@ class HistogramMixin:
         local = dict(zip(names, params, strict=True))
         return HistogramRows(merged_names, [local.get(n) for n in merged_names], merged)
 
-    def _local_rows(self, window: str) -> tuple[list[str], list[Tensor], Tensor | None]:
-        if window not in _WINDOWS:
-            raise ValueError(f"Invalid window: {window!r}; expected 'step' or 'total'")
-        store = self._hist_store()
-        tracked = [p for _, p in self._tracked()]
-        if set(tracked) != set(store.params) or not store.valid_for(self.state, store.params):
-            store = self._rebuild()
-        i = _WINDOWS.index(window)
-        mats = [bufs[i] for bufs in store.buffers.values()]
-        if not mats:
-            return [], [], None
-        counts = torch.cat([m.to(mats[0].device) for m in mats]) if len(mats) > 1 else mats[0]
-        return store.names, store.params, counts
+    def _checked_rows(
+        self, window: str, process_group: Any, sharded: bool | None
+    ) -> tuple[list[str], list[Tensor | None], Tensor | None]:
+        """:meth:`histogram_rows`, refusing rows whose counts wrapped past int64."""
+        names, params, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        if counts is not None:
+            bad = invalid_rows(counts)
+            if bool(bad.any()):
+                which = [n for n, b in zip(names, bad.tolist(), strict=True) if b]
+                raise RuntimeError(
+                    f"histogram counts of {', '.join(map(repr, which[:5]))}{'...' if len(which) > 5 else ''} "
+                    f"({window!r} window) overflowed int64; call reset_histograms()"
+                )
+        return names, params, counts
 
     # -- public queries ------------------------------------------------------------------
     @property
@@ -350,10 +263,11 @@ class HistogramMixin:
         once, shards (DTensor/FSDP2) add up to the whole tensor; ``sharded`` overrides the
         per-tensor default. See :mod:`fasthist.distributed`. None (default): this rank only.
         """
-        names, _, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        names, _, counts = self._checked_rows(window, process_group, sharded)
         if counts is None:
             return {}
-        return {n: Histogram(c, self._bins) for n, c in zip(names, counts.clone().unbind(0), strict=True)}
+        rows = counts.clone().unbind(0)
+        return {n: Histogram(c, self._bins, validate=False) for n, c in zip(names, rows, strict=True)}
 
     def histogram(
         self,
@@ -364,26 +278,29 @@ class HistogramMixin:
         sharded: bool | None = None,
     ) -> Histogram:
         """Histogram of one tracked tensor (by tensor or name), or of all merged (None)."""
-        names, order, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        names, order, counts = self._checked_rows(window, process_group, sharded)
         if param is None:
             if counts is None:
                 return Histogram.empty(self._bins)
-            return Histogram(counts.sum(dim=0), self._bins)
+            merged = counts.sum(dim=0)
+            if bool(invalid_rows(merged.unsqueeze(0))[0]):
+                raise RuntimeError(f"the {window!r} histograms of all tracked tensors together overflow int64")
+            return Histogram(merged, self._bins, validate=False)
         if isinstance(param, str):
             if param not in names:
                 raise KeyError(
-                    f"no tracked parameter named {param!r}; tracked: {names[:5]}{'...' if len(names) > 5 else ''}"
+                    f"no tracked parameter named {param!r}; {why_untracked(self.param_groups, param, names)}"
                 )
             r = names.index(param)
         elif isinstance(param, Tensor):
             matches = [i for i, p in enumerate(order) if p is param]
             if not matches:
-                raise KeyError("parameter is not tracked (not in a group with track=True, or no step taken yet)")
+                raise KeyError(f"parameter is not tracked: {why_untracked(self.param_groups, param, names)}")
             r = matches[0]
         else:
             raise TypeError(f"param must be a Tensor, a str or None, but got {type(param).__name__}")
         assert counts is not None
-        return Histogram(counts[r].clone(), self._bins)
+        return Histogram(counts[r].clone(), self._bins, validate=False)
 
     def quantiles(
         self,
@@ -398,7 +315,7 @@ class HistogramMixin:
         on the histograms' device, computed in one batched operation (rule and guarantee
         of :class:`Histogram`)."""
         qt, _ = as_quantiles(qs)
-        names, _, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        names, _, counts = self._checked_rows(window, process_group, sharded)
         if counts is None:
             return [], torch.empty(0, qt.numel(), dtype=torch.float64)
         return names, batched_quantile(counts, qt, self._bins, exclude_zeros=exclude_zeros)
@@ -413,17 +330,24 @@ class HistogramMixin:
         sharded: bool | None = None,
     ) -> EpsRange:
         """The paper's ε-range rule (:mod:`fasthist.eps`) on the latest step's histograms."""
-        names, _, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        names, _, counts = self._checked_rows(window, process_group, sharded)
         if counts is None:
-            raise RuntimeError("eps_range: nothing tracked yet; take an optimizer step first")
+            if not any(group["track"] for group in self.param_groups):
+                raise RuntimeError("eps_range: no param group has track=True, so nothing is recorded")
+            raise RuntimeError(
+                "eps_range: no tracked parameter has been stepped yet (no step taken, or none of them had a "
+                "gradient); take an optimizer step first"
+            )
         return eps_range_from_counts(names, counts, self._bins, low=low, high=high)
 
     def reset_histograms(self) -> None:
-        """Zero both windows of every tracked tensor."""
-        for _, p in self._tracked():
-            for key in _HIST_KEYS:
-                if key in self.state[p]:  # rows of the packed buffers, or loaded tensors
-                    self.state[p][key].zero_()
+        """Zero both windows of every tensor, in every group (tracked now or not)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                for key in HIST_KEYS:
+                    if key in st:  # rows of the packed buffers, or loaded tensors
+                        st[key].zero_()
 
     # -- state dict ----------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -431,14 +355,7 @@ class HistogramMixin:
         # lift the histogram counts out first and put them back as int64 afterwards.
         state_dict = dict(state_dict)
         saved_state = state_dict["state"]
-        hists: dict[Any, dict[str, Tensor]] = {}
-        stripped = {}
-        for k, v in saved_state.items():
-            if isinstance(v, dict) and any(h in v for h in _HIST_KEYS):
-                hists[k] = {h: v[h] for h in _HIST_KEYS if h in v}
-                v = {kk: vv for kk, vv in v.items() if kk not in _HIST_KEYS}
-            stripped[k] = v
-        state_dict["state"] = stripped
+        state_dict["state"], hists = split_saved_counts(saved_state)
         spec = None
         for g in state_dict.get("param_groups", []):
             spec = g.get("hist_bins", spec)
@@ -447,6 +364,12 @@ class HistogramMixin:
                 f"loaded state dict has histograms recorded with LogBins{tuple(spec)}, "
                 f"but this optimizer uses {self._bins}"
             )
+        hists = loadable_counts(hists, self._bins.num_bins)  # raises before anything changes
+        saved_groups = state_dict.get("param_groups", [])
+        pairs = list(zip(self.param_groups, saved_groups, strict=False))
+        check_unique_names(
+            [s.get("param_names", g.get("param_names")) for g, s in pairs], [len(g["params"]) for g, _ in pairs]
+        )
         track = [g.get("track") for g in self.param_groups]
         super().load_state_dict(state_dict)  # type: ignore[misc]
         for group, saved, was in zip(self.param_groups, state_dict["param_groups"], track, strict=False):
@@ -463,21 +386,10 @@ class HistogramMixin:
             p = id_map.get(k)
             if p is None:
                 continue
-            self._load_hists(k, p, hists.get(k, {}))
+            for key, counts in hists.get(k, {}).items():
+                self.state[p][key] = counts.to(device=p.device, copy=True)
             self._load_param_state(p, saved)
         self.__dict__.pop("_fh_store", None)
-
-    def _load_hists(self, k: Any, p: Tensor, hists: dict[str, Tensor]) -> None:
-        nb = self._bins.num_bins
-        for key, t in hists.items():
-            if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.shape != (nb,):
-                warnings.warn(
-                    f"fasthist: dropping saved {key} of parameter {k}: expected int64 [{nb}], got "
-                    f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}",
-                    stacklevel=3,
-                )
-                continue
-            self.state[p][key] = t.to(device=p.device, copy=True)
 
     def _load_param_state(self, p: Tensor, saved: dict[str, Any]) -> None:
         """Hook: fix up ``p``'s state after torch's ``load_state_dict`` from its ``saved``

@@ -1,7 +1,7 @@
 """Where a backend call writes its histograms, shared by every backend.
 
 A :class:`HistTarget` names rows of the optimizer's packed ``[R, num_bins]`` int64
-buffers (see :mod:`fasthist.optimizer`): ``rows[i]`` is the row of the i-th tensor of the
+buffers (see :mod:`fasthist.store`): ``rows[i]`` is the row of the i-th tensor of the
 call, ``step`` and ``total`` are the two windows. A backend writes ``step[rows[i]]`` and
 adds to ``total[rows[i]]``; what it needs between calls (workspace, scratch) it keeps in
 the target with :meth:`HistTarget.buffer`, so a target lives as long as the set of

@@ -190,6 +190,12 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         all_reduce(fasthist.Histogram.from_values(torch.ones(3), fasthist.LogBins(mantissa_bits=4 + rank)))
     except ValueError as e:
         out["bins_error"] = str(e)
+    big = torch.zeros(h.bins.num_bins, dtype=torch.int64)
+    big[100] = 2**62 + 1  # valid on each rank; the sum over two ranks wraps
+    try:
+        all_reduce(fasthist.Histogram(big, h.bins), world)
+    except ValueError as e:
+        out["overflow_error"] = str(e)
     mismatched = fasthist.Adam([torch.zeros(2, requires_grad=True)], bins=fasthist.LogBins(mantissa_bits=4 + rank))
     mismatched.param_groups[0]["params"][0].grad = torch.ones(2)
     mismatched.step()
@@ -306,6 +312,11 @@ def test_all_reduce_sums_and_checks_bins(ranks):
         assert int(r["all_reduce"].sum()) == 30
         assert "different bins" in r["bins_error"] and "rank 1" in r["bins_error"]
         assert "different bins" in r["query_bins_error"]
+
+
+def test_all_reduce_detects_overflow(ranks):
+    for r in ranks:
+        assert "all_reduce: the histograms of the ranks together overflow int64" in r.get("overflow_error", "")
 
 
 def test_all_reduce_rejects_non_histograms():

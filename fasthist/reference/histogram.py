@@ -5,7 +5,12 @@ For tensor ``i`` of a call with per-tensor scale ``c_i``::
     x = float32(sqrt_rn(float32(v_i))) / float32(c_i)      # IEEE division, round to nearest
     bin = LogBins layout of bits(|x|)                       # see fasthist.bins
 
-(``sqrt=False`` bins ``float32(v_i) / float32(c_i)`` instead.) Fast path: with the square
+(``sqrt=False`` bins ``float32(v_i) / float32(c_i)`` instead.) An element with ``v == 0``
+is counted as zero; one whose quotient underflows to 0 (``sqrt=False`` divides by
+``c >= 1``) is not zero, and is counted below range. float64 (and complex128) tensors are
+computed in float64, ``x = sqrt_rn(v_i) / c_i``, and binned from their own bits
+(:meth:`LogBins.index`): a cast to float32 would turn tiny values into zeros and huge
+ones into infinities. Fast path: with the square
 root and host scales ``0 < c_i <= 1``, ``x`` is either 0 or at least
 ``sqrt_rn(2**-149) ~ 3.7e-23``, a normal float, so the shifted key 0 can only hold exact
 zeros and the zero test costs nothing.
@@ -59,8 +64,8 @@ def _sqrt_rn_(t: Tensor) -> None:
         t.sqrt_()
 
 
-def _scaled_into_(flat: Tensor, views: list[Tensor], sizes: tuple[int, ...], scale, sqrt: bool) -> None:
-    """``flat[segment i] = sqrt(views[i]) / scale[i]`` (float32), one pass where possible."""
+def _values_into_(flat: Tensor, views: list[Tensor], sizes: tuple[int, ...], sqrt: bool) -> list[Tensor]:
+    """``flat[segment i] = sqrt(views[i])`` (float32), one pass where possible; the segments."""
     parts = list(flat.split(sizes))
     if sqrt and len(views) <= 64 and all(v.dtype == torch.float32 for v in views):
         for v, part in zip(views, parts, strict=True):  # few big tensors: sqrt straight into place
@@ -73,10 +78,56 @@ def _scaled_into_(flat: Tensor, views: list[Tensor], sizes: tuple[int, ...], sca
             torch.cat(views, out=flat)
         if sqrt:
             _sqrt_rn_(flat)
+    return parts
+
+
+def _divide_(parts: list[Tensor], scale) -> None:
     if isinstance(scale, Tensor):
         torch._foreach_div_(parts, list(scale.to(torch.float32).unbind()))
     elif any(c != 1.0 for c in scale):
         torch._foreach_div_(parts, scale)
+
+
+def _narrow_counts(target: HistTarget, views: list[Tensor], scale, sqrt: bool) -> Tensor:
+    """[len(views), num_bins] counts of float32 (or narrower) ``views``, binned in float32."""
+    device, bins = target.step.device, target.bins
+    sizes = tuple(v.numel() for v in views)
+    flat, keys, zero, seg = _workspace(target, sizes)
+    parts = _values_into_(flat, views, sizes, sqrt)
+    key0_is_zero = sqrt and not isinstance(scale, Tensor) and all(0.0 < c <= 1.0 for c in scale)
+    if not key0_is_zero:  # zero before the division: a quotient that underflows is below range
+        torch.eq(flat, 0, out=zero)
+    _divide_(parts, scale)
+    bits = flat.view(torch.int32).bitwise_and_(0x7FFFFFFF)
+    bits.bitwise_right_shift_(bins.shift)
+    table = bins.key_table_on(device, key0_is_zero=key0_is_zero)
+    torch.index_select(table if keys.dtype == torch.int32 else table.long(), 0, bits, out=keys)
+    if not key0_is_zero:
+        keys.masked_fill_(zero, bins.ZERO)
+    keys.add_(seg)
+    nbins = len(sizes) * bins.num_bins
+    if device.type == "cpu":
+        delta = torch.bincount(keys, minlength=nbins)
+    else:  # CUDA's bincount reads min/max back to the host; a scatter-add does not
+        delta = torch.zeros(nbins, dtype=torch.int64, device=device)
+        delta.index_add_(0, keys, torch.ones((), dtype=torch.int64, device=device).expand(keys.numel()))
+    return delta.view(len(sizes), bins.num_bins)
+
+
+def _wide_counts(target: HistTarget, views: list[Tensor], scale, sqrt: bool) -> Tensor:
+    """[len(views), num_bins] counts of float64 ``views``, computed and binned in float64."""
+    rows = []
+    for i, v in enumerate(views):
+        x = v.detach().clone()
+        if sqrt:
+            _sqrt_rn_(x)
+        c = scale[i].to(torch.float64) if isinstance(scale, Tensor) else scale[i]
+        zero = x == 0
+        x = x / c
+        x[zero] = 0.0  # zero before the division, as for float32: an underflow is below range
+        x[(x == 0) & ~zero] = torch.finfo(torch.float64).tiny * 0.5  # any subnormal: below range
+        rows.append(target.bins.count(x))
+    return torch.stack(rows)
 
 
 def accumulate_(
@@ -91,7 +142,8 @@ def accumulate_(
 
     ``scale`` is a list of floats (host) or a float tensor of ``len(values)`` on the device.
     A DTensor is histogrammed by its local shard (merged across ranks by
-    :mod:`fasthist.distributed`).
+    :mod:`fasthist.distributed`). float64 values (and complex128) are computed and binned
+    in float64; a nonzero value whose quotient underflows is counted below range.
     """
     device = target.step.device
     values = [local_tensor(v) for v in values]
@@ -100,28 +152,21 @@ def accumulate_(
             raise RuntimeError(
                 f"fasthist: all tensors of one backend call must be on {device}, but got one on {v.device}"
             )
-    bins = target.bins
     flat_views = [torch.view_as_real(v).reshape(-1) if v.is_complex() else v.reshape(-1) for v in values]
-    sizes = tuple(v.numel() for v in flat_views)
-    flat, keys, zero, seg = _workspace(target, sizes)
-    _scaled_into_(flat, flat_views, sizes, scale, sqrt)
-    key0_is_zero = sqrt and not isinstance(scale, Tensor) and all(0.0 < c <= 1.0 for c in scale)
-    bits = flat.view(torch.int32).bitwise_and_(0x7FFFFFFF)
-    if not key0_is_zero:
-        torch.eq(bits, 0, out=zero)
-    bits.bitwise_right_shift_(bins.shift)
-    table = bins.key_table_on(device, key0_is_zero=key0_is_zero)
-    torch.index_select(table if keys.dtype == torch.int32 else table.long(), 0, bits, out=keys)
-    if not key0_is_zero:
-        keys.masked_fill_(zero, bins.ZERO)
-    keys.add_(seg)
-    nbins = len(sizes) * bins.num_bins
-    if device.type == "cpu":
-        delta = torch.bincount(keys, minlength=nbins)
-    else:  # CUDA's bincount reads min/max back to the host; a scatter-add does not
-        delta = torch.zeros(nbins, dtype=torch.int64, device=device)
-        delta.index_add_(0, keys, torch.ones((), dtype=torch.int64, device=device).expand(keys.numel()))
-    delta = delta.view(len(sizes), bins.num_bins)
+    wide = [i for i, v in enumerate(flat_views) if v.dtype == torch.float64]
+    if not wide:
+        delta = _narrow_counts(target, flat_views, scale, sqrt)
+    else:
+        narrow = [i for i in range(len(flat_views)) if flat_views[i].dtype != torch.float64]
+        delta = torch.empty(len(flat_views), target.bins.num_bins, dtype=torch.int64, device=device)
+        for idx, counts in ((narrow, _narrow_counts), (wide, _wide_counts)):
+            if idx:
+                sub_scale = (
+                    scale[torch.tensor(idx, device=scale.device)]
+                    if isinstance(scale, Tensor)
+                    else [scale[i] for i in idx]
+                )
+                delta[idx] = counts(target, [flat_views[i] for i in idx], sub_scale, sqrt)
     rows = target.rows
     if found_inf is None:
         target.step.index_copy_(0, rows, delta)

@@ -1,0 +1,192 @@
+"""Packed histogram storage in an optimizer's state.
+
+Each tracked parameter's state holds ``hist_step`` and ``hist_total``: int64
+``[num_bins]`` rows of two packed ``[R, num_bins]`` buffers per device (the "step" and
+"total" windows), so a backend updates all of a group's histograms in one call and a
+query reads all rows at once. The rows are ordinary state tensors: ``state_dict()`` saves
+them, and the optimizer's ``load_state_dict()`` puts loaded ones back (see
+:func:`split_saved_counts`); the next query or step packs them again, keeping their counts.
+
+A :class:`HistogramStore` is derived data: it can be dropped at any time (after a load,
+on unpickling) and is rebuilt from the state on next use.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .bins import LogBins
+from .histogram import invalid_rows
+from .target import DeviceTargets, HistTarget
+
+__all__ = ["HIST_KEYS", "WINDOWS", "HistogramStore", "loadable_counts", "split_saved_counts"]
+
+HIST_KEYS = ("hist_step", "hist_total")
+"""The state keys of the two windows, in the order of :data:`WINDOWS`."""
+WINDOWS = ("step", "total")
+_MAX_TARGETS = 8
+
+Tracked = list[tuple[str, Tensor]]
+"""Every tracked parameter with state, with its name, in the optimizer's order."""
+
+
+class HistogramStore:
+    """Packed per-device buffers and the param -> row map, rebuilt when the set of
+    tracked parameters (or their state tensors, after a load) changes. Rows are ordered
+    device by device, so ``cat`` of the buffers lines up with ``params``/``names``."""
+
+    def __init__(self, bins: LogBins) -> None:
+        self.bins = bins
+        self._clear()
+
+    def _clear(self) -> None:
+        self.params: list[Tensor] = []
+        self.names: list[str] = []
+        self.row: dict[Tensor, tuple[torch.device, int]] = {}
+        self.views: dict[Tensor, Tensor] = {}  # the exact tensor object put in state["hist_step"]
+        self.buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        # per set of parameters stepped together (usually one per group); bounded, since
+        # each holds workspace and the set can change every step (experts, frozen branches)
+        self.targets: OrderedDict[tuple, DeviceTargets] = OrderedDict()
+
+    def _valid_for(self, state: Any, params: Iterable[Tensor]) -> bool:
+        views = self.views
+        for p in params:
+            v = views.get(p)
+            if v is None or state[p].get("hist_step") is not v:
+                return False
+        return True
+
+    def _rebuild(self, state: Any, tracked: Tracked) -> None:
+        # Every parameter with state in a tracked group gets a row, keeping the counts it has.
+        self._clear()
+        nb = self.bins.num_bins
+        per_device: dict[torch.device, Tracked] = {}
+        for name, p in tracked:
+            per_device.setdefault(p.device, []).append((name, p))
+        for device, items in per_device.items():
+            bufs = [torch.zeros(len(items), nb, dtype=torch.int64, device=device) for _ in HIST_KEYS]
+            for r, (name, p) in enumerate(items):
+                st = state[p]
+                for buf, key in zip(bufs, HIST_KEYS, strict=True):
+                    old = st.get(key)
+                    if isinstance(old, Tensor) and old.shape == (nb,):
+                        buf[r].copy_(old)
+                    st[key] = buf[r]
+                self.views[p] = st["hist_step"]
+                self.row[p] = (device, r)
+                self.params.append(p)
+                self.names.append(name)
+            self.buffers[device] = (bufs[0], bufs[1])
+
+    def targets_for(self, state: Any, tracked: Callable[[], Tracked], params: list[Tensor]) -> DeviceTargets:
+        """Where one step call over ``params`` (all with state, in tracked groups) writes:
+        per device, (their indices, the target). ``tracked()`` is read only to rebuild."""
+        if not self._valid_for(state, params):
+            self._rebuild(state, tracked())
+        key = tuple(map(id, params))
+        cached = self.targets.get(key)
+        if cached is not None:
+            self.targets.move_to_end(key)
+            return cached
+        by_device: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(params):
+            by_device.setdefault(p.device, []).append(i)
+        out = {}
+        for device, idx in by_device.items():
+            step, total = self.buffers[device]
+            rows = torch.tensor([self.row[params[i]][1] for i in idx], dtype=torch.int64, device=device)
+            out[device] = (idx, HistTarget(self.bins, step, total, rows))
+        self.targets[key] = out
+        if len(self.targets) > _MAX_TARGETS:
+            self.targets.popitem(last=False)
+        return out
+
+    def rows(self, state: Any, tracked: Tracked, window: str) -> tuple[list[str], list[Tensor], Tensor | None]:
+        """``(names, params, counts)``: every tracked row of ``window`` ("step" or "total")
+        as one ``[R, num_bins]`` matrix (None when nothing is tracked), a view where one
+        device holds them all."""
+        if window not in WINDOWS:
+            raise ValueError(f"Invalid window: {window!r}; expected 'step' or 'total'")
+        if {p for _, p in tracked} != set(self.params) or not self._valid_for(state, self.params):
+            self._rebuild(state, tracked)
+        i = WINDOWS.index(window)
+        mats = [bufs[i] for bufs in self.buffers.values()]
+        if not mats:
+            return [], [], None
+        counts = torch.cat([m.to(mats[0].device) for m in mats]) if len(mats) > 1 else mats[0]
+        return self.names, self.params, counts
+
+
+def split_saved_counts(saved_state: dict[Any, Any]) -> tuple[dict[Any, Any], dict[Any, dict[str, Tensor]]]:
+    """A saved optimizer ``state`` without the histogram rows, and the rows by parameter
+    key: torch's ``load_state_dict`` would cast them to the parameter's dtype."""
+    hists: dict[Any, dict[str, Tensor]] = {}
+    stripped = {}
+    for k, v in saved_state.items():
+        if isinstance(v, dict) and any(h in v for h in HIST_KEYS):
+            hists[k] = {h: v[h] for h in HIST_KEYS if h in v}
+            v = {kk: vv for kk, vv in v.items() if kk not in HIST_KEYS}
+        stripped[k] = v
+    return stripped, hists
+
+
+def loadable_counts(hists: dict[Any, dict[str, Tensor]], num_bins: int) -> dict[Any, dict[str, Tensor]]:
+    """The saved rows of :func:`split_saved_counts` as int64 counts, to load.
+
+    int64 rows load as they are, and must be counts: a negative count, or a total past
+    int64, raises ``ValueError`` (before anything is loaded). Rows of another real dtype
+    (``torch.optim`` casts a state dict's tensors to the parameter's dtype, so a fasthist
+    checkpoint that went through ``torch.optim.Adam`` comes back as float32) are brought
+    back as int64 where they hold whole numbers ``>= 0``; the others, and rows of the wrong
+    shape, are dropped, with one warning for all of them. Whole numbers past the float
+    type's exact integers (2**24 for float32) may have been rounded by the cast: one
+    warning says so.
+    """
+    out: dict[Any, dict[str, Tensor]] = {}
+    dropped: list[str] = []
+    rounded: list[str] = []
+    for k, rows in hists.items():
+        for key, t in rows.items():
+            where = f"{key} of parameter {k}"
+            if not isinstance(t, Tensor) or t.shape != (num_bins,) or t.is_complex() or t.dtype == torch.bool:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                dropped.append(f"{where} ({got})")
+                continue
+            if t.dtype == torch.int64:
+                counts = t
+            elif t.is_floating_point():
+                x = t.detach().to(torch.float64)
+                if not bool((torch.isfinite(x) & (x >= 0) & (x == x.floor()) & (x < 2.0**63)).all()):
+                    dropped.append(f"{where} ({t.dtype})")
+                    continue
+                if bool((x > 2.0 / torch.finfo(t.dtype).eps).any()):
+                    rounded.append(f"{where} ({t.dtype})")
+                counts = x.to(torch.int64)
+            else:  # other integer types hold their counts exactly
+                counts = t.to(torch.int64)
+            if bool(invalid_rows(counts.unsqueeze(0))[0]):
+                problem = "negative counts" if bool((counts < 0).any()) else "counts whose total overflows int64"
+                raise ValueError(f"loaded {where} is not a histogram: it holds {problem}")
+            out.setdefault(k, {})[key] = counts
+    if dropped:
+        more = "..." if len(dropped) > 4 else ""
+        warnings.warn(
+            f"fasthist: dropping {len(dropped)} saved histograms that are not counts (not whole numbers "
+            f">= 0, or not [{num_bins}] rows): {', '.join(dropped[:4])}{more}",
+            stacklevel=3,
+        )
+    if rounded:
+        more = "..." if len(rounded) > 4 else ""
+        warnings.warn(
+            f"fasthist: {len(rounded)} saved histograms were cast to a float type and hold counts past its "
+            f"exact integers; loaded as they are, possibly rounded: {', '.join(rounded[:4])}{more}",
+            stacklevel=3,
+        )
+    return out

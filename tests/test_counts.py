@@ -1,0 +1,323 @@
+"""Nothing lost, nothing silently wrong (issue 9, items 1-6 and 17): every tensor has one
+name and one histogram, counts are exact integers that never wrap or go negative, a
+non-zero value never lands in the zero bin, a finite one never in the non-finite bin,
+and histograms survive a detour through ``torch.optim``. Errors name the argument, the
+value received and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from _optim_db import OPTIMS, grads_at, make_params
+
+import fasthist
+from fasthist import Histogram, LogBins
+from fasthist.histogram import batched_quantile
+
+by_optim = pytest.mark.parametrize("info", OPTIMS, ids=lambda info: info.name)
+BINS = LogBins()
+NB = BINS.num_bins
+
+
+def step_all(opt, params, step=0):
+    for p, g in zip(params, grads_at(step, params), strict=True):
+        p.grad = g
+    opt.step()
+
+
+# -- item 1: a name identifies one tensor, a tensor has one name -------------------------------
+@by_optim
+def test_duplicate_names_refused(info):
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"duplicate parameter name 'w'.*param group 0.*parameters 0 and 1"):
+        info.cls([("w", a), ("w", b)])
+    opt = info.cls([("w", a)])
+    with pytest.raises(ValueError, match=r"duplicate parameter name 'w'.*param group 1.*already names"):
+        opt.add_param_group({"params": [("w", b)]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [("v", b)]})  # a fresh name is fine
+    assert [g["param_names"] for g in opt.param_groups] == [["w"], ["v"]]
+
+
+@by_optim
+def test_same_tensor_twice_in_a_group_refused(info):
+    # torch only warns, and steps the tensor twice; a tensor has one histogram
+    a = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"param group 0 holds the same tensor twice \(parameters 0 and 2\)"):
+        info.cls([a, torch.zeros(2, requires_grad=True), a])
+
+
+@by_optim
+def test_load_state_dict_with_duplicate_names_refused(info):
+    params = make_params()
+    named = [(f"p{i}", p) for i, p in enumerate(params)]
+    opt = info.cls(named)
+    step_all(opt, params)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["param_names"][1] = "p0"
+    before = {n: h.counts.clone() for n, h in opt.histograms().items()}
+    with pytest.raises(ValueError, match=r"duplicate parameter name 'p0'"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["param_names"] == ["p0", "p1", "p2", "p3"]
+    assert {n: h.counts for n, h in opt.histograms().items()}.keys() == before.keys()
+
+
+# -- item 2: reset_histograms resets every group -----------------------------------------------
+@by_optim
+def test_reset_covers_untracked_groups(info):
+    params = make_params()
+    opt = info.cls([{"params": params[:2]}, {"params": params[2:]}])
+    for step in range(3):
+        step_all(opt, params, step)
+    opt.param_groups[1]["track"] = False
+    opt.reset_histograms()
+    opt.param_groups[1]["track"] = True
+    step_all(opt, params, 3)
+    for p in params:  # the total window covers the steps since the reset: one
+        assert opt.histogram(p, window="total") == opt.histogram(p, window="step")
+
+
+# -- item 3: ranks computed exactly -------------------------------------------------------------
+def _two_bins(c0: int, c1: int, i: int = 1000, j: int = 1500) -> Histogram:
+    counts = torch.zeros(NB, dtype=torch.int64)
+    counts[i], counts[j] = c0, c1
+    return Histogram(counts, BINS)
+
+
+def test_quantile_rank_beyond_2_53():
+    h = _two_bins(2**53 + 2, 1)  # n = 2**53 + 3: float64(n - 1) rounds up past the last element
+    reps = BINS.representatives
+    assert h.quantile(1.0) == float(reps[1500])
+    assert h.quantile(0.0) == float(reps[1000])
+    q = batched_quantile(h.counts.unsqueeze(0), torch.tensor([1.0], dtype=torch.float64), BINS, rule="n")
+    assert float(q[0, 0]) == float(reps[1500])
+
+
+def _rank(q: float, m: int) -> int:
+    """min(floor(q * m), m) with the product rounded once to float64: Python's int / int is
+    correctly rounded."""
+    num, den = q.as_integer_ratio()
+    return min(math.floor((num * m) / den), m)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("huge", [False, True], ids=["n<=2**53", "n>2**53"])
+def test_ranks_are_the_once_rounded_product(seed, huge):
+    """Random n and q (q down to 2**-70): the returned bin is the one holding the order
+    statistic of the rank computed with Python's exact integers, under both rank rules.
+    For n <= 2**53 that is plain float64 arithmetic (numpy's and torch's convention)."""
+    g = np.random.default_rng(seed)
+    qs = [float(x) for x in g.random(40)] + [0.0, 1.0, 2.0**-70, 1 - 2.0**-53, 0.5, 0.98, 0.02, 2.0**-63]
+    top = 2**62 if huge else 2**52
+    for _ in range(20):
+        c0 = int(g.integers(1, top))
+        c1 = int(g.integers(1, top))
+        h = _two_bins(c0, c1)
+        n = c0 + c1
+        for rule in ("n-1", "n"):
+            got = batched_quantile(h.counts.unsqueeze(0), torch.tensor(qs, dtype=torch.float64), BINS, rule=rule)[0]
+            for q, r in zip(qs, got.tolist(), strict=True):
+                k = _rank(q, n - 1) if rule == "n-1" else min(_rank(q, n), n - 1)
+                if not huge:
+                    assert k == (math.floor(q * (n - 1)) if rule == "n-1" else min(math.floor(q * n), n - 1))
+                want = BINS.representatives[1000 if k < c0 else 1500]
+                assert r == float(want), (rule, q, c0, c1)
+
+
+def test_rank_rounding_up_to_2_63_stays_in_range():
+    # n - 1 = 2**63 - 2 rounds up to 2**63 in float64: the rank is n - 1, no int64 overflow
+    h = _two_bins(2**63 - 2, 1)
+    assert h.quantile(1.0) == float(BINS.representatives[1500])
+    assert h.quantile(1 - 2.0**-53) == float(BINS.representatives[1000])  # rank 2**63 - 1024
+    assert h.quantile(0.999999) == float(BINS.representatives[1000])
+
+
+# -- item 4: impossible counts refused, overflow detected -------------------------------------
+def test_negative_counts_refused():
+    counts = torch.zeros(NB, dtype=torch.int64)
+    counts[7] = -1
+    with pytest.raises(ValueError, match=r"Histogram counts must be nonnegative, but bin 7 holds -1"):
+        Histogram(counts, BINS)
+
+
+def test_counts_whose_sum_overflows_refused():
+    counts = torch.zeros(NB, dtype=torch.int64)
+    counts[10] = counts[20] = 2**62 + 1
+    with pytest.raises(ValueError, match=r"Histogram counts must sum to less than 2\*\*63"):
+        Histogram(counts, BINS)
+
+
+def test_merge_overflow_detected():
+    a = _two_bins(2**62, 1)
+    b = _two_bins(2**62, 1)
+    with pytest.raises(ValueError, match=r"cannot merge histograms: the merged counts overflow int64"):
+        a + b
+    with pytest.raises(ValueError, match=r"overflow int64"):
+        sum([a, b])
+    assert (a + _two_bins(1, 1)).count == 2**62 + 3
+
+
+@by_optim
+def test_negative_loaded_counts_refused(info):
+    params = make_params()
+    opt = info.cls(params)
+    step_all(opt, params)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["hist_total"][3] = -5
+    params2 = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = info.cls(params2)
+    with pytest.raises(ValueError, match=r"hist_total of parameter 1 .*negative"):
+        opt2.load_state_dict(sd)
+    assert all(len(s) == 0 or "hist_total" not in s for s in opt2.state.values())  # nothing loaded
+
+
+@by_optim
+def test_total_window_overflow_detected(info):
+    params = make_params()
+    opt = info.cls(params)
+    step_all(opt, params)
+    sd = copy.deepcopy(opt.state_dict())
+    row = sd["state"][0]["hist_total"]
+    row.zero_()
+    row[0] = 2**63 - 10  # loads: a valid count, but the next steps wrap it
+    opt.load_state_dict(sd)
+    step_all(opt, params, 1)
+    for query in (
+        lambda: opt.histograms(window="total"),
+        lambda: opt.histogram(params[0], window="total"),
+        lambda: opt.quantiles(0.5, window="total"),
+        lambda: opt.eps_range(window="total"),
+    ):
+        with pytest.raises(RuntimeError, match=r"'0\.0' .*overflowed int64.*reset_histograms"):
+            query()
+    assert set(opt.histograms()) == {"0.0", "0.1", "0.2", "0.3"}  # the step window is fine
+    opt.reset_histograms()
+    opt.histograms(window="total")
+
+
+# -- item 6: histograms survive a detour through torch.optim ----------------------------------
+@pytest.mark.parametrize("info", [i for i in OPTIMS if i.name != "adabelief"], ids=repr)
+def test_histograms_survive_torch_optim(info):
+    params = make_params()
+    opt = info.cls(params, **info.backend_config)
+    for step in range(3):
+        step_all(opt, params, step)
+    theirs = info.reference([p.detach().clone().requires_grad_() for p in params], **info.backend_config)
+    theirs.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert theirs.state[theirs.param_groups[0]["params"][0]]["hist_total"].dtype == torch.float32  # torch's cast
+    back = info.cls([p.detach().clone().requires_grad_() for p in params], **info.backend_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back.load_state_dict(theirs.state_dict())
+    for window in ("step", "total"):
+        assert back.histograms(window=window) == opt.histograms(window=window)
+    assert back.state[back.param_groups[0]["params"][0]]["hist_total"].dtype == torch.int64
+
+
+def test_non_integral_float_counts_dropped_with_one_warning():
+    params = make_params()
+    opt = fasthist.Adam(params)
+    step_all(opt, params)
+    sd = copy.deepcopy(opt.state_dict())
+    for s in sd["state"].values():
+        for key in ("hist_step", "hist_total"):
+            s[key] = s[key].float() + 0.5
+    sd["state"][0]["hist_total"] = sd["state"][0]["hist_total"].floor()  # integral: loads
+    back = fasthist.Adam([p.detach().clone().requires_grad_() for p in params])
+    with pytest.warns(UserWarning, match=r"dropping 7 saved histograms .*not whole numbers") as record:
+        back.load_state_dict(sd)
+    assert len(record) == 1
+    h = back.histogram(back.param_groups[0]["params"][0], window="total")
+    assert h == opt.histogram(params[0], window="total")
+    assert back.histogram(back.param_groups[0]["params"][1], window="total").count == 0
+
+
+# -- item 17: messages and types -------------------------------------------------------------
+def test_wrong_dtype_named():
+    with pytest.raises(
+        ValueError, match=r"int64 tensor of shape \(2596,\), but got a float32 tensor of shape \(2596,\)"
+    ):
+        Histogram(torch.zeros(NB), BINS)
+    with pytest.raises(ValueError, match=r"but got a list"):
+        Histogram([0] * NB, BINS)
+
+
+def test_fraction_above_refuses_nan():
+    h = Histogram.from_values(torch.rand(10))
+    with pytest.raises(ValueError, match=r"fraction_above\(\) x must not be NaN"):
+        h.fraction_above(math.nan)
+    with pytest.raises(TypeError, match=r"fraction_above\(\) x must be a real number, but got str"):
+        h.fraction_above("1e-8")
+    with pytest.raises(TypeError, match=r"x must be a real number, but got bool"):
+        h.fraction_above(True)
+    assert h.fraction_above(math.inf) == 0.0
+    assert h.fraction_above(np.float32(-1.0)) == 1.0
+
+
+@pytest.mark.parametrize("q", [0.5, np.float64(0.5), np.float32(0.5), np.float16(0.5), 1, np.int64(0)])
+def test_scalar_quantile_is_a_float(q):
+    h = Histogram.from_values(torch.rand(100))
+    assert type(h.quantile(q)) is float
+
+
+def test_quantile_refuses_bools():
+    h = Histogram.from_values(torch.rand(100))
+    for q in (True, np.bool_(False), [0.5, True], torch.tensor([True])):
+        with pytest.raises(
+            TypeError, match=r"quantile\(\) q must be a real number or a sequence of them, but got bool"
+        ):
+            h.quantile(q)
+
+
+@by_optim
+def test_eps_range_says_why_nothing_is_tracked(info):
+    p = torch.zeros(3, requires_grad=True)
+    opt = info.cls([p], track=False)
+    p.grad = torch.ones(3)
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"eps_range: no param group has track=True"):
+        opt.eps_range()
+    opt2 = info.cls([torch.zeros(3, requires_grad=True)])
+    if info.name != "adagrad":  # torch's Adagrad creates its state at construction
+        with pytest.raises(RuntimeError, match=r"eps_range: no tracked parameter has been stepped yet"):
+            opt2.eps_range()
+
+
+@by_optim
+def test_histogram_of_an_untracked_parameter_says_why(info):
+    a, b, c = (torch.zeros(3, requires_grad=True) for _ in range(3))
+    opt = info.cls([{"params": [a]}, {"params": [b], "track": False}])
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    with pytest.raises(KeyError, match=r"param group 1, which has track=False"):
+        opt.histogram(b)
+    with pytest.raises(KeyError, match=r"no tracked parameter named '1\.0'; it is in param group 1, which has track"):
+        opt.histogram("1.0")
+    with pytest.raises(KeyError, match=r"not a parameter of this optimizer; tracked: \['0\.0'\]"):
+        opt.histogram(c)
+    with pytest.raises(KeyError, match=r"no parameter has that name"):
+        opt.histogram("w")
+    opt.add_param_group({"params": [c]})
+    if info.name != "adagrad":  # torch's Adagrad creates state when the group is added
+        with pytest.raises(KeyError, match=r"no state yet \(no step taken, or it never had a gradient\)"):
+            opt.histogram(c)
+
+
+def test_counts_rounded_by_a_narrow_float_cast_load_with_one_warning():
+    # torch.optim.Adam casts the rows to a bf16 parameter's dtype: counts past 2**8 round
+    p = torch.zeros(300, dtype=torch.bfloat16, requires_grad=True)
+    opt = fasthist.Adam([p])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    theirs = torch.optim.Adam([p.detach().clone().requires_grad_()])
+    theirs.load_state_dict(copy.deepcopy(opt.state_dict()))
+    back = fasthist.Adam([p.detach().clone().requires_grad_()])
+    with pytest.warns(UserWarning, match=r"2 saved histograms were cast to a float type .*possibly rounded") as rec:
+        back.load_state_dict(theirs.state_dict())
+    assert len(rec) == 1
+    assert back.histogram(back.param_groups[0]["params"][0]).counts.dtype == torch.int64
