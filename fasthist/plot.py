@@ -36,6 +36,12 @@ __all__ = ["histograms", "adaptability", "quantiles", "sweep"]
 
 _EPS_COLOR = "#d62728"
 _RANGE_COLOR = "#2ca02c"
+_PCT_LABEL = "the tensor's 2% and 98% points (zeros dropped)"
+
+
+def _check_eps(eps: float | None) -> None:
+    if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"Invalid eps: {eps!r}; expected a positive finite number or None")
 
 
 def _figure(nrows: int = 1, ncols: int = 1, *, width: float = 4.0, height: float = 3.0) -> tuple[Figure, Any]:
@@ -88,6 +94,17 @@ def _mark(ax: Axes, eps: float | None, eps_range: EpsRange | None, *, label: boo
         ax.axvline(eps, color=_EPS_COLOR, ls="--", lw=1.2, label=f"ε = {eps:.0e}" if label else None)
 
 
+def _figure_legend(fig: Figure, axes: Any, ncols: int = 3) -> None:
+    """One legend for the whole figure, below the panels (never over a panel's data), with
+    each label once."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=ncols, fontsize=7)
+
+
 def _log_part(h: Histogram, per_binade: int) -> tuple[np.ndarray, np.ndarray]:
     """Counts and edges of the log bins, adjacent bins merged to ``per_binade`` per
     binade (merging whole bins: each count still belongs to the bin it was recorded in)."""
@@ -120,6 +137,7 @@ def histograms(
     ``source``: a fasthist optimizer (its ``histograms(window=...)``), a dict of
     :class:`~fasthist.Histogram` by name, or one Histogram.
     """
+    _check_eps(eps)
     hists = _as_hists(source, window)
     chosen = _select(hists, names, max_tensors)
     if not chosen:
@@ -144,9 +162,9 @@ def histograms(
                 exclude_zeros=True,
                 rule="n",
             )[0]
-            for v in q.tolist():
-                ax.axvline(v, color="#555555", ls=":", lw=1.0)
-        _mark(ax, eps, eps_range, label=ax is axes.flat[0])
+            for k, v in enumerate(q.tolist()):
+                ax.axvline(v, color="#555555", ls=":", lw=1.0, label=_PCT_LABEL if k == 0 else None)
+        _mark(ax, eps, eps_range, label=True)
         ax.set_xscale("log")
         zero = h.zero_count / n
         above = f", {100 * h.fraction_above(eps):.0f}% > ε" if eps is not None else ""
@@ -164,8 +182,7 @@ def histograms(
         ax.set_xlabel("√v̂", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("share of elements", fontsize=8)
-    if axes.flat[0].get_legend_handles_labels()[0]:
-        axes.flat[0].legend(fontsize=7, loc="upper left")
+    _figure_legend(fig, axes.flat[: len(chosen)])
     fig.suptitle(title or "Gradient magnitude histograms (√v̂ per tensor)", fontsize=10)
     return _save(fig, path)
 
@@ -197,6 +214,7 @@ def adaptability(
     """Adaptability per tensor: the share of its sqrt(v_hat) above ε, for every ε (log x).
     Where a curve is near 1 Adam is fully adaptive for that tensor; near 0 it is SGD with
     momentum at learning rate ``lr/ε``. Exact at the bin edges, where it is evaluated."""
+    _check_eps(eps)
     hists = _as_hists(source, window)
     chosen = _select(hists, names, max_tensors)
     if not chosen:
@@ -219,7 +237,10 @@ def adaptability(
     ax.set_xlabel("ε")
     ax.set_ylabel("share of √v̂ above ε (adaptive)")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left", ncol=2 if len(chosen) > 8 else 1)
+    # beside the panel, never over the curves or the ε line
+    fig.legend(
+        *ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7, ncols=2 if len(chosen) > 16 else 1
+    )
     ax.set_title(title or "Adaptability: how much of each tensor Adam normalises", fontsize=10)
     return _save(fig, path)
 
@@ -237,6 +258,7 @@ def quantiles(
     """Per-tensor quantile trajectories over steps, one panel per tensor (shared log y):
     the middle quantile as a line, the band between the lowest and highest recorded
     quantiles shaded, ``eps`` dashed."""
+    _check_eps(eps)
     if hasattr(trace, "trace"):
         trace = trace.trace()  # type: ignore[union-attr]
     all_names = list(trace.names)  # type: ignore[union-attr]
@@ -313,7 +335,7 @@ def sweep(result: Mapping[str, Any], *, title: str | None = None, path: str | No
     if result.get("metric") == "perplexity":
         ax.set_yscale("log")
     ax.set_ylabel(result.get("metric", "metric"))
-    ax.legend(fontsize=7)
+    _figure_legend(fig, [ax], ncols=2)
     share = np.array([np.nan if r.get("adaptive_share") is None else r["adaptive_share"] for r in runs], dtype=float)
     ax2.plot(x, share, "s-", color="#9467bd")
     ax2.set_ylim(-0.02, 1.02)

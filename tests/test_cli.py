@@ -155,13 +155,15 @@ def test_cuda_without_gpu(cmd, tmp_path, capsys):
     assert len(lines) == 1 and "no CUDA GPU" in lines[0]
 
 
-def test_runtime_failure_is_one_line(tmp_path, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    rc, out, err = run(["eps-range", "--steps", "1", "--quiet", "--out", str(blocker / "sub")], capsys)
+def test_runtime_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    def fails(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr("fasthist.estimate.eps_pass", fails)
+    rc, out, err = run(["eps-range", "--steps", "1", "--quiet", "--out", str(tmp_path)], capsys)
     assert rc == 1
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fasthist eps-range: error:") and "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("fasthist eps-range: error: disk on fire") and "Traceback" not in err
 
 
 def test_python_dash_m():

@@ -123,3 +123,78 @@ def test_import_fasthist_needs_no_demo_dependency():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- legends: every mark explained, never over the data (issue 9, item 16) --------------------
+def legends_clear_of_data(fig) -> None:
+    """Every legend of ``fig`` lies outside every visible data panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # the constrained layout places the legends
+    renderer = canvas.get_renderer()
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    assert legends, "no legend"
+    for leg in legends:
+        box = leg.get_window_extent(renderer)
+        for ax in fig.axes:
+            if ax.get_visible():
+                assert not box.overlaps(ax.get_window_extent(renderer)), (ax.get_title(), box, ax.bbox)
+
+
+def legend_texts(fig) -> list[str]:
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    return [t.get_text() for leg in legends for t in leg.get_texts()]
+
+
+def many_tensors() -> dict[str, fasthist.Histogram]:
+    """Twelve tensors with long names spread over ten decades (as charlm's, whose embedding
+    curve and ε line the old legend covered)."""
+    bins = fasthist.LogBins()
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for i in range(12):
+        x = torch.exp(torch.randn(500, generator=g) * 2.0 - 2.0 * i)
+        out[f"layer{i}.some_long_parameter_name.weight"] = fasthist.Histogram.from_values(x, bins)
+    return out
+
+
+def test_histograms_legend_explains_the_dotted_lines_and_covers_nothing(run):
+    opt, _ = run
+    fig = plot.histograms(opt, eps=1e-8, eps_range=opt.eps_range())
+    texts = legend_texts(fig)
+    assert any("2%" in t and "98%" in t for t in texts), texts
+    assert any(t.startswith("ε =") for t in texts) and any(t.startswith("range") for t in texts)
+    legends_clear_of_data(fig)
+
+
+def test_adaptability_legend_covers_nothing():
+    hists = many_tensors()
+    fig = plot.adaptability(hists, eps=1e-8)
+    assert len([t for t in legend_texts(fig) if "layer" in t]) == 12
+    legends_clear_of_data(fig)
+
+
+def test_sweep_legend_covers_nothing():
+    result = {
+        "task": "digits",
+        "metric": "accuracy",
+        "eps_range": {"low": 1e-6, "high": 1e-1},
+        "best_eps": 1e-3,
+        "best_inside": True,
+        "runs": [
+            {"eps": 10.0**e, "metric": 90 + e, "metric_min": 89 + e, "metric_max": 91 + e, "adaptive_share": 0.5}
+            for e in range(-8, 0)
+        ],
+    }
+    legends_clear_of_data(plot.sweep(result))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1e-8])
+def test_eps_must_be_a_positive_finite_number(run, bad):
+    opt, _ = run
+    for fn in (plot.histograms, plot.adaptability):
+        with pytest.raises(ValueError, match="eps"):
+            fn(opt, eps=bad)
+    with pytest.raises(ValueError, match="eps"):
+        plot.quantiles(run[1], eps=bad)

@@ -13,9 +13,12 @@ import torch
 
 from ..eps import EpsRange
 from .args import nonneg_float, positive_float, positive_int, resolve_device
-from .output import decades, draw_figures, report_written, sci, table, write_result
+from .output import Outputs, decades, draw_figures, out_folder, prepare_out, report_written, sci, table
 
-__all__ = ["ADAPTIVE_SHARE_EPS", "add_parser", "run", "tensor_rows"]
+__all__ = ["ADAPTIVE_SHARE_EPS", "FILES", "add_parser", "run", "tensor_rows"]
+
+#: Every file the command writes (a run replaces all of them, see :class:`.output.Outputs`).
+FILES = ("eps_range.json", "histograms.png", "adaptability.png")
 
 #: The ε of the table's "share above ε" column (Adam's default).
 ADAPTIVE_SHARE_EPS = 1e-8
@@ -29,7 +32,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
         help="estimate ε's search range on a task (trains nothing)",
         description="Run the paper's ε-range rule: one epoch of gradients at the initial weights, "
-        "per-tensor 2%%/98%% points of sqrt(v_hat) (zeros dropped), envelope, decade rounding.",
+        "per-tensor 2%/98% points of sqrt(v_hat) (zeros dropped), envelope, decade rounding.",
     )
     p.add_argument("--optimizer", default="adam", choices=eps_optimizers(), help="default: adam")
     p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="as in training (default: 0)")
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks import get_task
 
     device = resolve_device(args.device)
+    folder = prepare_out(out_folder(args))
     t0 = time.perf_counter()
     task = get_task(args.task, seed=args.seed, device=device)
     model = task.model()
@@ -92,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"optimizer {args.optimizer}, seed {args.seed}, {n} batches at the initial weights, {device}")
     print()
     _print_summary(rows, rng, grid, inside)
+    print(f"ε range computed in {seconds:.2f} s (task, pass and rule; `seconds` in eps_range.json)")
     fields = {
         "task": args.task,
         "description": task.describe(),
@@ -101,16 +106,21 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "device": device,
         "batches": n,
-        "seconds": seconds,
+        "seconds": seconds,  # loading the task, the pass and the rule; not the figures
         "adaptive_share_eps": ADAPTIVE_SHARE_EPS,
         "conventional_grid": grid,
         "grid_inside": inside,
         "eps_range": rng.to_dict(),
         "tensors": rows,
     }
-    write_result(args.out, "eps_range.json", "eps-range", fields)
-    figures = draw_figures(args.out, _figures(opt, rng, args.task), args.no_figures)
-    report_written(args.out, ["eps_range.json", *figures], t0)
+    outputs = Outputs(folder, FILES)
+    try:
+        outputs.write_result("eps_range.json", "eps-range", fields)
+        figures = draw_figures(outputs, _figures(opt, rng, args.task), args.no_figures)
+        outputs.commit()
+    finally:
+        outputs.discard()
+    report_written(folder, ["eps_range.json", *figures], t0)
     return 0
 
 

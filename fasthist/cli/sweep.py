@@ -16,9 +16,12 @@ from typing import Any
 from ..eps import EpsRange
 from ..progress import progress_bar
 from .args import eps_list, positive_float, positive_int, resolve_device
-from .output import decades, draw_figures, report_written, table, write_result
+from .output import Outputs, decades, draw_figures, out_folder, prepare_out, report_written, table
 
-__all__ = ["EpsRuns", "SweepVerdict", "add_parser", "run", "summarize_runs", "sweep_verdict"]
+__all__ = ["FILES", "EpsRuns", "SweepVerdict", "add_parser", "run", "summarize_runs", "sweep_verdict"]
+
+#: Every file the command writes (a run replaces all of them, see :class:`.output.Outputs`).
+FILES = ("sweep.json", "sweep.png", "quantiles.png")
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks import get_task
 
     device = resolve_device(args.device)
+    folder = prepare_out(out_folder(args))
     t_start = time.perf_counter()
     tasks = [get_task(args.task, seed=args.seed + i, device=device) for i in range(args.seeds)]
     task = tasks[0]
@@ -169,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - t_start
     _print_results(runs, verdict, task, len(tasks), rng, grid, inside)
+    print(f"sweep computed in {seconds:.1f} s (range and training; `seconds` in sweep.json)")
 
     fields = {
         "task": args.task,
@@ -187,11 +192,16 @@ def run(args: argparse.Namespace) -> int:
         "narrowing": verdict.narrowing,  # len(grid) / number of candidate decades
         "runs": [asdict(r) for r in runs],
         **verdict.best_fields(),
-        "seconds": seconds,
+        "seconds": seconds,  # the range and the training runs; not the figures
     }
-    payload = write_result(args.out, "sweep.json", "sweep", fields)
-    figures = draw_figures(args.out, _figures(payload, traces, verdict, grid, args.task), args.no_figures)
-    report_written(args.out, ["sweep.json", *figures], t_start)
+    outputs = Outputs(folder, FILES)
+    try:
+        payload = outputs.write_result("sweep.json", "sweep", fields)
+        figures = draw_figures(outputs, _figures(payload, traces, verdict, grid, args.task), args.no_figures)
+        outputs.commit()
+    finally:
+        outputs.discard()
+    report_written(folder, ["sweep.json", *figures], t_start)
     return 0
 
 
