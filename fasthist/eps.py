@@ -95,7 +95,16 @@ def eps_range_from_counts(
     lows = [r.low for r in rows if r.nonzero > 0]
     highs = [r.high for r in rows if r.nonzero > 0]
     if not lows:
-        raise RuntimeError("eps_range: no tracked tensor has a nonzero value yet; take an optimizer step first")
+        total = sum(r.numel for r in rows)
+        if total == 0:
+            raise RuntimeError(
+                f"eps_range: the histograms of all {len(rows)} tracked tensors are empty (nothing recorded since "
+                "they were created or reset)"
+            )
+        raise RuntimeError(
+            f"eps_range: all {total:,} values of the {len(rows)} tracked tensors are exactly 0 (every gradient so "
+            "far was zero); the rule drops zeros, so there is no range"
+        )
     bad = [r.name for r in rows if r.nonzero > 0 and not (math.isfinite(r.low) and math.isfinite(r.high))]
     if bad:
         raise RuntimeError(f"eps_range: non-finite percentiles (NaN/inf values) in {', '.join(bad[:5])}")
