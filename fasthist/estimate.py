@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .adam import Adam, AdamW
 from .bins import LogBins
-from .eps import EpsRange
+from .eps import EpsRange, Exclude, eps_range_from_counts, excluded_names
 from .progress import progress_bar
 
 __all__ = [
@@ -344,6 +344,8 @@ def estimate_eps_range(
     high: float = 0.98,
     progress: bool = True,
     bins: LogBins | None = None,
+    exclude: Exclude = None,
+    drop_dead: bool = False,
 ) -> EpsRange:
     r"""The paper's ε search range for ``model`` at its current weights.
 
@@ -362,12 +364,20 @@ def estimate_eps_range(
         low, high: the percentiles (default 2% and 98%, as in the paper).
         progress: a tqdm progress bar when tqdm is installed.
         bins: the histograms' :class:`~fasthist.LogBins` (default ``LogBins()``).
+        exclude: tensors to leave out: a name or glob pattern, a list of them, or a
+            predicate ``name -> bool`` (checked against the model's names before the pass).
+        drop_dead: leave out the numerically dead values (rounding noise many decades below
+            the model's bulk, :data:`fasthist.eps.DEAD_RATIO`); by default they are flagged
+            (``rows[i].dead``, ``dead``) and counted, as in the paper.
 
     Returns:
         :class:`fasthist.EpsRange`: ``low``/``high`` (decade-rounded), ``low_raw``/``high_raw``,
-        ``candidates`` (the decades to search), per-tensor ``rows``, ``ambiguous``, ``to_dict()``.
+        ``candidates`` (the decades to search), ``low_tensor``/``high_tensor`` (which tensor
+        sets each bound), per-tensor ``rows``, ``dead``, ``paper``/``without_dead`` (both
+        ranges), ``ambiguous``, ``to_dict()``.
     """
     _check_args(optimizer, betas, weight_decay, clip_grad_norm, steps, (low, high))
+    excluded_names([n for n, p in model.named_parameters() if p.requires_grad], exclude)
     opt = eps_pass(
         model,
         batches,
@@ -380,7 +390,8 @@ def estimate_eps_range(
         progress=progress,
         bins=bins,
     )
-    return opt.eps_range(low, high)  # type: ignore[attr-defined]
+    names, _, counts = opt.histogram_rows("step")  # type: ignore[attr-defined]
+    return eps_range_from_counts(names, counts, opt.bins, low=low, high=high, exclude=exclude, drop_dead=drop_dead)  # type: ignore[attr-defined]
 
 
 def grid_inside(grid: Iterable[float], rng: EpsRange) -> list[float]:
