@@ -37,6 +37,8 @@ __all__ = ["histograms", "adaptability", "quantiles", "sweep"]
 _EPS_COLOR = "#d62728"
 _RANGE_COLOR = "#2ca02c"
 _PCT_LABEL = "the tensor's 2% and 98% points (zeros dropped)"
+_DEAD_COLOR = "#ff7f0e"
+_DEAD_LABEL = "numerically dead (rounding noise)"
 
 
 def _check_eps(eps: float | None) -> None:
@@ -132,7 +134,8 @@ def histograms(
     """Per-tensor histograms of sqrt(v_hat) (share of the tensor's elements per bin, log
     x axis), with ``eps`` as a red dashed line and ``eps_range`` shaded green; dotted
     lines mark the tensor's own 2% and 98% points (zeros excluded). Each title gives the
-    tensor's size, its share of exact zeros and its share above ``eps``.
+    tensor's size, its share of exact zeros and its share above ``eps``. Values that
+    ``eps_range`` flags as numerically dead are drawn in orange, with the title.
 
     ``source``: a fasthist optimizer (its ``histograms(window=...)``), a dict of
     :class:`~fasthist.Histogram` by name, or one Histogram.
@@ -145,12 +148,19 @@ def histograms(
     ncols = max(1, min(ncols, len(chosen)))
     nrows = math.ceil(len(chosen) / ncols)
     fig, axes = _figure(nrows, ncols, width=3.6, height=2.6)
+    dead_rows = {r.name: r.dead for r in eps_range.rows} if eps_range is not None else {}
     lo_all, hi_all = math.inf, 0.0
     for ax, name in zip(axes.flat, chosen, strict=False):
         h = hists[name]
         counts, edges = _log_part(h, per_binade)
         n = max(h.count, 1)
         nz = np.nonzero(counts)[0]
+        dead = dead_rows.get(name, 0)
+        if dead:
+            # the numerically dead part (bins wholly below the floor) in its own colour
+            below = edges[1:] <= eps_range.dead_floor  # type: ignore[union-attr]
+            ax.stairs(np.where(below, counts, 0) / n, edges, fill=True, color=_DEAD_COLOR, alpha=0.9, label=_DEAD_LABEL)
+            counts = np.where(below, 0, counts)
         ax.stairs(counts / n, edges, fill=True, color="#1f77b4", alpha=0.8)
         if len(nz):
             lo_all = min(lo_all, edges[nz[0]])
@@ -168,7 +178,10 @@ def histograms(
         ax.set_xscale("log")
         zero = h.zero_count / n
         above = f", {100 * h.fraction_above(eps):.0f}% > ε" if eps is not None else ""
-        ax.set_title(f"{name} ({h.count:,}; {100 * zero:.0f}% zero{above})", fontsize=8)
+        flag = f", {100 * dead / max(h.count - h.zero_count, 1):.0f}% dead" if dead else ""
+        ax.set_title(f"{name} ({h.count:,}; {100 * zero:.0f}% zero{flag}{above})", fontsize=8)
+        if dead:
+            ax.title.set_color(_DEAD_COLOR)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(chosen) :]:
         ax.set_visible(False)

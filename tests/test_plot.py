@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import fasthist
 
@@ -198,3 +199,20 @@ def test_eps_must_be_a_positive_finite_number(run, bad):
             fn(opt, eps=bad)
     with pytest.raises(ValueError, match="eps"):
         plot.quantiles(run[1], eps=bad)
+
+
+def test_histograms_draw_numerically_dead_values_in_their_own_colour():
+    # a bias right before BatchNorm: its gradient is rounding noise (issue 11)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 10, generator=g), torch.randint(0, 3, (32,), generator=g)) for _ in range(5)]
+    opt = fasthist.estimate.eps_pass(model, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]), progress=False)
+    rng = opt.eps_range()
+    assert rng.dead == ["0.bias"]
+    fig = plot.histograms(opt, eps_range=rng)
+    panels = {ax.get_title().split(" ")[0]: ax for ax in fig.axes if ax.get_visible()}
+    assert "100% dead" in panels["0.bias"].get_title() and "dead" not in panels["0.weight"].get_title()
+    dead_patches = [p for p in panels["0.bias"].patches if p.get_label() == "numerically dead (rounding noise)"]
+    assert dead_patches and not [p for p in panels["0.weight"].patches if "dead" in p.get_label()]
+    assert any("numerically dead" in t for t in legend_texts(fig))
