@@ -321,8 +321,9 @@ def quantiles(
 
 def sweep(result: Mapping[str, Any], *, title: str | None = None, path: str | None = None) -> Figure:
     """The grid search of ``fasthist sweep`` (its ``sweep.json`` as a dict): the validation
-    metric per ε (mean and spread over seeds), the estimated range shaded, the best ε
-    starred; below, the share of sqrt(v_hat) above ε at the end of each run."""
+    metric per ε (mean and spread over seeds), the estimated range shaded, every tied best
+    ε starred; below, the share of sqrt(v_hat) above ε at the end of each run. The title is
+    the sweep's ``verdict``, the line it printed."""
     runs = list(result["runs"])
     if not runs:
         raise ValueError("nothing to plot: the sweep has no runs")
@@ -341,10 +342,12 @@ def sweep(result: Mapping[str, Any], *, title: str | None = None, path: str | No
     ax.plot(x, y, "o-", color="#1f77b4", label=f"{result.get('metric', 'metric')} (mean)")
     if np.isfinite(lo).any():
         ax.fill_between(x, lo, hi, color="#1f77b4", alpha=0.15, lw=0, label="min–max over seeds")
-    best = result.get("best_eps")
-    if best is not None:
-        j = int(np.argmin(np.abs(np.log(x) - math.log(best))))
-        ax.plot([x[j]], [y[j]], "*", ms=14, color=_EPS_COLOR, label=f"best ε = {best:.0e}")
+    # every tied best ε is starred, inside the range or not: a figure never settles a tie
+    best = list(result.get("best_tied") or ([result["best_eps"]] if result.get("best_eps") is not None else []))
+    if best:
+        js = [int(np.argmin(np.abs(np.log(x) - math.log(b)))) for b in best]
+        label = f"best ε = {best[0]:.0e}" if len(best) == 1 else f"best ε (tie): {' '.join(f'{b:.0e}' for b in best)}"
+        ax.plot(x[js], y[js], "*", ms=14, color=_EPS_COLOR, ls="none", label=label)
     if result.get("metric") == "perplexity":
         ax.set_yscale("log")
     ax.set_ylabel(result.get("metric", "metric"))
@@ -354,7 +357,8 @@ def sweep(result: Mapping[str, Any], *, title: str | None = None, path: str | No
     ax2.set_ylim(-0.02, 1.02)
     ax2.set_ylabel("share √v̂ > ε\n(end of training)", fontsize=8)
     ax2.set_xlabel("ε")
-    inside = result.get("best_inside")
-    verdict = "" if inside is None else (" — best ε inside the range" if inside else " — best ε OUTSIDE the range")
-    ax.set_title(title or f"ε sweep on {result.get('task', '?')}{verdict}", fontsize=10)
+    # the verdict's own words (fasthist sweep writes them with the function that prints them)
+    verdict = result.get("verdict")
+    head = f"ε sweep on {result.get('task', '?')}"
+    fig.suptitle(title or (f"{head}\n{verdict}" if verdict else head), fontsize=9, wrap=True)
     return _save(fig, path)

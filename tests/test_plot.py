@@ -101,7 +101,7 @@ def test_sweep(tmp_path):
     }
     fig = plot.sweep(result, path=str(tmp_path / "s.png"))
     assert isinstance(fig, Figure) and png(tmp_path / "s.png")
-    assert "inside" in fig.axes[0].get_title()
+    assert fig.get_suptitle() == "ε sweep on digits"  # no verdict given: no claim made
     with pytest.raises(ValueError):
         plot.sweep({**result, "runs": []})
 
@@ -216,3 +216,26 @@ def test_histograms_draw_numerically_dead_values_in_their_own_colour():
     dead_patches = [p for p in panels["0.bias"].patches if p.get_label() == "numerically dead (rounding noise)"]
     assert dead_patches and not [p for p in panels["0.weight"].patches if "dead" in p.get_label()]
     assert any("numerically dead" in t for t in legend_texts(fig))
+
+
+def test_sweep_figure_states_a_tie_as_the_printout_does():
+    # issue 11: a tie between 1e-08 (outside) and 1e-05 (inside) must not be drawn as "best ε inside"
+    verdict = "best ε: a tie between 1e-08 1e-05 (accuracy 97.00%); inside the estimated range [1e-06, 1e-01]: 1e-05"
+    result = {
+        "task": "digits",
+        "metric": "accuracy",
+        "eps_range": {"low": 1e-6, "high": 1e-1},
+        "best_eps": 1e-5,
+        "best_inside": True,
+        "best_tied": [1e-8, 1e-5],
+        "verdict": verdict,
+        "runs": [
+            {"eps": e, "metric": m, "metric_min": m, "metric_max": m, "adaptive_share": 0.5}
+            for e, m in [(1e-8, 97.0), (1e-7, 96.0), (1e-5, 97.0), (1e-3, 90.0)]
+        ],
+    }
+    fig = plot.sweep(result)
+    assert verdict in fig.get_suptitle() and "inside the range" not in fig.get_suptitle().replace(verdict, "")
+    stars = [line for line in fig.axes[0].get_lines() if line.get_marker() == "*"]
+    assert len(stars) == 1 and list(stars[0].get_xdata()) == [1e-8, 1e-5]
+    assert "tie" in stars[0].get_label()

@@ -18,7 +18,7 @@ from ..progress import progress_bar
 from .args import eps_list, positive_float, positive_int, resolve_device
 from .output import Outputs, decades, draw_figures, out_folder, prepare_out, report_written, table
 
-__all__ = ["FILES", "EpsRuns", "SweepVerdict", "add_parser", "run", "summarize_runs", "sweep_verdict"]
+__all__ = ["FILES", "EpsRuns", "SweepVerdict", "add_parser", "run", "summarize_runs", "sweep_verdict", "verdict_text"]
 
 #: Every file the command writes (a run replaces all of them, see :class:`.output.Outputs`).
 FILES = ("sweep.json", "sweep.png", "quantiles.png")
@@ -118,6 +118,33 @@ def sweep_verdict(
     )
 
 
+def verdict_text(verdict: SweepVerdict, rng: EpsRange, metric: str, unit: str = "") -> str:
+    """The sweep's verdict in one line, the same on the console and as ``sweep.png``'s title:
+    every tied best ε, and which of them lie inside the range (and inside the range without
+    numerically dead values, when that differs)."""
+    best = verdict.best
+    if best is None:
+        return "best ε: none (every run diverged)"
+    bounds = f"[{rng.low:.0e}, {rng.high:.0e}]"
+    live = rng.without_dead
+    tied = [r.eps for r in verdict.tied]
+
+    def inside(b: Any, values: list[float]) -> list[float]:
+        return [e for e in values if b.low * (1 - 1e-9) <= e <= b.high * (1 + 1e-9)]
+
+    if len(tied) == 1:
+        where = "inside" if best.in_range else "OUTSIDE"
+        text = f"best ε: {best.eps:.0e} ({metric} {best.metric:.2f}{unit}), {where} the estimated range {bounds}"
+    else:
+        text = (
+            f"best ε: a tie between {decades(tied)} ({metric} {best.metric:.2f}{unit}); inside the estimated range "
+            f"{bounds}: {decades([r.eps for r in verdict.tied_inside]) or 'none'}"
+        )
+    if live is not None and (live.low, live.high) != (rng.low, rng.high):
+        text += f"; inside the range without dead values [{live.low:.0e}, {live.high:.0e}]: {decades(inside(live, tied)) or 'none'}"
+    return text
+
+
 def _overlaps(r: EpsRuns, best: EpsRuns, higher: bool) -> bool:
     """Whether run ``r``'s best seed reaches the best run's worst seed."""
     if higher:
@@ -192,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         "narrowing": verdict.narrowing,  # len(grid) / number of candidate decades
         "runs": [asdict(r) for r in runs],
         **verdict.best_fields(),
+        "verdict": verdict_text(verdict, rng, task.metric, "%" if task.metric == "accuracy" else ""),
         "seconds": seconds,  # the range and the training runs; not the figures
     }
     outputs = Outputs(folder, FILES)
@@ -284,17 +312,7 @@ def _print_results(
     print(table(headers, cells, "lrrrll"))
     print()
     best = verdict.best
-    bounds = f"[{rng.low:.0e}, {rng.high:.0e}]"
-    if best is None:
-        print("best ε: none (every run diverged)")
-    elif len(verdict.tied) == 1:
-        where = "inside" if best.in_range else "OUTSIDE"
-        print(f"best ε: {best.eps:.0e} ({task.metric} {best.metric:.2f}{unit}), {where} the estimated range {bounds}")
-    else:
-        print(
-            f"best ε: a tie between {decades([r.eps for r in verdict.tied])} ({task.metric} {best.metric:.2f}{unit}); "
-            f"inside the estimated range {bounds}: {decades([r.eps for r in verdict.tied_inside]) or 'none'}"
-        )
+    print(verdict_text(verdict, rng, task.metric, unit))
     if best is not None:
         print(f"ε values whose seed range overlaps the best's: {decades(verdict.within_noise)}")
     print(
