@@ -20,9 +20,10 @@ with ``lr=0`` (and ``eps=1``, which never enters the moments or the histogrammed
 quantity but keeps ``m / (sqrt(v_hat) + eps)`` finite), so every update adds
 ``-0.0 * finite`` (a signed zero) to each weight, which leaves its bits as they were,
 except that ``-0.0 + +0.0`` is ``+0.0``: weights that are negative zeros are found before
-the pass and set back to ``-0.0`` after every step. Gradients are checked to be finite
-at each step. Buffers (BatchNorm running statistics, ...) are restored after the pass,
-and each parameter's ``.grad`` is put back as it was.
+the pass and set back to ``-0.0`` after every step. Arguments are checked before the first
+batch (finite numbers only), gradients at each step. Parameters and buffers (BatchNorm
+running statistics, ...) are restored by name after the pass, whatever ended it, and each
+parameter's ``.grad`` is put back as it was.
 
 Other optimizers plug in through :func:`register_eps_optimizer`: a factory that builds a
 fasthist optimizer with the same moment update and a zero step. Each histograms what its ε
@@ -44,11 +45,12 @@ from torch import Tensor, nn
 
 from .adam import Adam, AdamW
 from .bins import LogBins
-from .eps import EpsRange
+from .eps import EpsRange, Exclude, eps_range_from_counts, excluded_names
 from .progress import progress_bar
 
 __all__ = [
     "EpsOptimizer",
+    "ModelSnapshot",
     "estimate_eps_range",
     "eps_pass",
     "eps_optimizers",
@@ -143,21 +145,101 @@ register_eps_optimizer("adagrad", _adagrad, quantity="sqrt(sum g^2)")
 register_eps_optimizer("adabelief", _adabelief, quantity="(1-beta2)*s_hat")
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None (bools, strings and non-finite numbers are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
 def _check_args(
-    optimizer: str, betas: tuple[float, float], weight_decay: float, clip_grad_norm: float | None, steps: int | None
+    optimizer: str,
+    betas: tuple[float, float],
+    weight_decay: float,
+    clip_grad_norm: float | None,
+    steps: int | None,
+    percentiles: tuple[float, float] = (0.02, 0.98),
 ) -> EpsOptimizer:
+    """Every argument, before any batch is drawn: a bad one must not cost a pass (or leave
+    NaN in the weights, as ``weight_decay=inf`` did through ``0 * inf``)."""
     spec = _REGISTRY.get(optimizer) if isinstance(optimizer, str) else None
     if spec is None:
         raise ValueError(f"Invalid optimizer: {optimizer!r}; expected one of {', '.join(eps_optimizers())}")
-    if len(tuple(betas)) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-        raise ValueError(f"Invalid betas: {betas}; expected two values in [0, 1)")
-    if not 0.0 <= float(weight_decay):
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if clip_grad_norm is not None and not float(clip_grad_norm) > 0.0:
-        raise ValueError(f"Invalid clip_grad_norm: {clip_grad_norm}; expected a positive float or None")
+    try:
+        b = [_finite(x) for x in betas]
+    except TypeError:
+        b = []
+    if len(b) != 2 or not all(x is not None and 0.0 <= x < 1.0 for x in b):
+        raise ValueError(f"Invalid betas: {betas}; expected two finite values in [0, 1)")
+    wd = _finite(weight_decay)
+    if wd is None or wd < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay!r}; expected a finite number >= 0")
+    if clip_grad_norm is not None and not (_finite(clip_grad_norm) or 0.0) > 0.0:
+        raise ValueError(f"Invalid clip_grad_norm: {clip_grad_norm!r}; expected a positive finite number or None")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"Invalid steps: {steps!r}; expected a positive int or None")
+    lo, hi = (_finite(q) for q in percentiles)
+    if lo is None or hi is None or not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(
+            f"Invalid percentiles: low={percentiles[0]!r}, high={percentiles[1]!r}; need 0 <= low <= high <= 1"
+        )
     return spec
+
+
+class ModelSnapshot:
+    """Every parameter and buffer of a module, by name: the tensor object and a copy of its
+    values (on the CPU, so a model that fills its GPU can still be snapshotted).
+
+    :meth:`restore` puts back, under each name, the very tensor the name held (a module that
+    reassigns ``self.buf = self.buf + x`` in ``forward`` gets its original buffer back, not
+    the new one with old values) and its saved values; it returns the names of parameters
+    whose object or bits had changed.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.entries: list[tuple[bool, str, nn.Module, str, Tensor]] = []
+        self.copies: dict[int, Tensor] = {}  # by id: tied tensors are copied once
+        named = [(True, n, t) for n, t in model.named_parameters(remove_duplicate=False)]
+        named += [(False, n, t) for n, t in model.named_buffers(remove_duplicate=False)]
+        for is_param, name, t in named:
+            owner_name, _, attr = name.rpartition(".")
+            self.entries.append((is_param, name, model.get_submodule(owner_name), attr, t))
+            if id(t) not in self.copies:
+                self.copies[id(t)] = t.detach().to("cpu", copy=True)
+
+    def restore(self) -> list[str]:
+        changed = []
+        with torch.no_grad():
+            for is_param, name, owner, attr, t in self.entries:
+                saved = self.copies[id(t)]
+                replaced = getattr(owner, attr, None) is not t
+                if replaced:
+                    setattr(owner, attr, t)
+                if is_param and (replaced or not _same_bits(t.detach(), saved)):
+                    changed.append(name)
+                t.detach().copy_(saved)
+        return changed
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equality (NaN equals itself, -0.0 differs from +0.0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.reshape(-1).contiguous(), b.to(a.device).reshape(-1).contiguous()
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype != torch.bool else torch.equal(a, b)
+
+
+def _length(batches: Iterable[Any], steps: int | None) -> int | None:
+    """The number of batches the pass will take, or None when unknown: a DataLoader over an
+    IterableDataset has ``__len__`` but raises TypeError from it."""
+    try:
+        n = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return steps
+    return n if steps is None else min(steps, n)
 
 
 def eps_pass(
@@ -175,7 +257,13 @@ def eps_pass(
 ) -> torch.optim.Optimizer:
     """The pass of :func:`estimate_eps_range`, returning the fasthist optimizer whose
     moments and histograms it filled: query it with ``eps_range()``, ``histograms()``,
-    ``quantiles()``, or plot it with :mod:`fasthist.plot`."""
+    ``quantiles()``, or plot it with :mod:`fasthist.plot`.
+
+    Whatever happens (an error in ``loss_fn``, a non-finite gradient, Ctrl-C), the model's
+    parameters and buffers are put back by name, objects and bits, as they were. If a
+    parameter changed during a pass that otherwise succeeded (a weight decay that
+    overflows, a module that edits its weights), the gradients were not all taken at the
+    initial weights: RuntimeError."""
     spec = _check_args(optimizer, betas, weight_decay, clip_grad_norm, steps)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
@@ -191,13 +279,10 @@ def eps_pass(
             mask = (r == 0) & torch.signbit(r)
             if bool(mask.any()):
                 negative_zeros.append((r, mask))
-    saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    total = steps
-    if hasattr(batches, "__len__"):
-        n_batches = len(batches)  # type: ignore[arg-type]
-        total = n_batches if steps is None else min(steps, n_batches)
-    bar = progress_bar(total, f"eps-range ({optimizer})", enabled=progress, unit="batch")
+    snapshot = ModelSnapshot(model)
+    bar = progress_bar(_length(batches, steps), f"eps-range ({optimizer})", enabled=progress, unit="batch")
     done = 0
+    failed = True
     try:
         for batch in batches:
             for p in params:
@@ -206,13 +291,7 @@ def eps_pass(
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise TypeError(f"loss_fn must return a one-element Tensor, but got {type(loss).__name__}")
             loss.backward()
-            grads = [p.grad for p in params if p.grad is not None]
-            if clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(params, float(clip_grad_norm))
-            if grads:
-                peak = torch.stack([g.detach().abs().amax().to(torch.float32) for g in grads]).amax()
-                if not bool(torch.isfinite(peak)):
-                    raise RuntimeError(f"non-finite gradient at batch {done}; the ε-range rule needs finite gradients")
+            _check_grads(params, clip_grad_norm, done)
             opt.step()
             with torch.no_grad():
                 for r, mask in negative_zeros:
@@ -222,17 +301,33 @@ def eps_pass(
                 bar.update(1)
             if steps is not None and done >= steps:
                 break  # before fetching another batch
+        failed = False
     finally:
         if bar is not None:
             bar.close()
         for p, g in zip(params, saved_grads, strict=True):
             p.grad = g
-        with torch.no_grad():
-            for b, v in saved_buffers:
-                b.copy_(v)
+        changed = snapshot.restore()
+    if changed and not failed:
+        raise RuntimeError(
+            f"eps-range: parameter(s) {', '.join(changed[:5])} changed during the pass (an overflowing "
+            "weight_decay, or a module that modifies its parameters), so the gradients were not all taken at "
+            "the initial weights; the model has been restored"
+        )
     if done == 0:
         raise ValueError("batches yielded no batch")
     return opt
+
+
+def _check_grads(params: list[Tensor], clip_grad_norm: float | None, done: int) -> None:
+    """Clips (when asked) and checks that every gradient is finite."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if clip_grad_norm is not None:
+        nn.utils.clip_grad_norm_(params, float(clip_grad_norm))
+    if grads:
+        peak = torch.stack([g.detach().abs().amax().to(torch.float32) for g in grads]).amax()
+        if not bool(torch.isfinite(peak)):
+            raise RuntimeError(f"non-finite gradient at batch {done}; the ε-range rule needs finite gradients")
 
 
 def estimate_eps_range(
@@ -249,6 +344,8 @@ def estimate_eps_range(
     high: float = 0.98,
     progress: bool = True,
     bins: LogBins | None = None,
+    exclude: Exclude = None,
+    drop_dead: bool = False,
 ) -> EpsRange:
     r"""The paper's ε search range for ``model`` at its current weights.
 
@@ -267,11 +364,20 @@ def estimate_eps_range(
         low, high: the percentiles (default 2% and 98%, as in the paper).
         progress: a tqdm progress bar when tqdm is installed.
         bins: the histograms' :class:`~fasthist.LogBins` (default ``LogBins()``).
+        exclude: tensors to leave out: a name or glob pattern, a list of them, or a
+            predicate ``name -> bool`` (checked against the model's names before the pass).
+        drop_dead: leave out the numerically dead values (rounding noise many decades below
+            the model's bulk, :data:`fasthist.eps.DEAD_RATIO`); by default they are flagged
+            (``rows[i].dead``, ``dead``) and counted, as in the paper.
 
     Returns:
         :class:`fasthist.EpsRange`: ``low``/``high`` (decade-rounded), ``low_raw``/``high_raw``,
-        ``candidates`` (the decades to search), per-tensor ``rows``, ``ambiguous``, ``to_dict()``.
+        ``candidates`` (the decades to search), ``low_tensor``/``high_tensor`` (which tensor
+        sets each bound), per-tensor ``rows``, ``dead``, ``paper``/``without_dead`` (both
+        ranges), ``ambiguous``, ``to_dict()``.
     """
+    _check_args(optimizer, betas, weight_decay, clip_grad_norm, steps, (low, high))
+    excluded_names([n for n, p in model.named_parameters() if p.requires_grad], exclude)
     opt = eps_pass(
         model,
         batches,
@@ -284,7 +390,8 @@ def estimate_eps_range(
         progress=progress,
         bins=bins,
     )
-    return opt.eps_range(low, high)  # type: ignore[attr-defined]
+    names, _, counts = opt.histogram_rows("step")  # type: ignore[attr-defined]
+    return eps_range_from_counts(names, counts, opt.bins, low=low, high=high, exclude=exclude, drop_dead=drop_dead)  # type: ignore[attr-defined]
 
 
 def grid_inside(grid: Iterable[float], rng: EpsRange) -> list[float]:

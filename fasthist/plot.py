@@ -36,6 +36,14 @@ __all__ = ["histograms", "adaptability", "quantiles", "sweep"]
 
 _EPS_COLOR = "#d62728"
 _RANGE_COLOR = "#2ca02c"
+_PCT_LABEL = "the tensor's 2% and 98% points (zeros dropped)"
+_DEAD_COLOR = "#ff7f0e"
+_DEAD_LABEL = "numerically dead (rounding noise)"
+
+
+def _check_eps(eps: float | None) -> None:
+    if eps is not None and not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"Invalid eps: {eps!r}; expected a positive finite number or None")
 
 
 def _figure(nrows: int = 1, ncols: int = 1, *, width: float = 4.0, height: float = 3.0) -> tuple[Figure, Any]:
@@ -88,6 +96,17 @@ def _mark(ax: Axes, eps: float | None, eps_range: EpsRange | None, *, label: boo
         ax.axvline(eps, color=_EPS_COLOR, ls="--", lw=1.2, label=f"ε = {eps:.0e}" if label else None)
 
 
+def _figure_legend(fig: Figure, axes: Any, ncols: int = 3) -> None:
+    """One legend for the whole figure, below the panels (never over a panel's data), with
+    each label once."""
+    seen: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=ncols, fontsize=7)
+
+
 def _log_part(h: Histogram, per_binade: int) -> tuple[np.ndarray, np.ndarray]:
     """Counts and edges of the log bins, adjacent bins merged to ``per_binade`` per
     binade (merging whole bins: each count still belongs to the bin it was recorded in)."""
@@ -115,11 +134,13 @@ def histograms(
     """Per-tensor histograms of sqrt(v_hat) (share of the tensor's elements per bin, log
     x axis), with ``eps`` as a red dashed line and ``eps_range`` shaded green; dotted
     lines mark the tensor's own 2% and 98% points (zeros excluded). Each title gives the
-    tensor's size, its share of exact zeros and its share above ``eps``.
+    tensor's size, its share of exact zeros and its share above ``eps``. Values that
+    ``eps_range`` flags as numerically dead are drawn in orange, with the title.
 
     ``source``: a fasthist optimizer (its ``histograms(window=...)``), a dict of
     :class:`~fasthist.Histogram` by name, or one Histogram.
     """
+    _check_eps(eps)
     hists = _as_hists(source, window)
     chosen = _select(hists, names, max_tensors)
     if not chosen:
@@ -127,12 +148,19 @@ def histograms(
     ncols = max(1, min(ncols, len(chosen)))
     nrows = math.ceil(len(chosen) / ncols)
     fig, axes = _figure(nrows, ncols, width=3.6, height=2.6)
+    dead_rows = {r.name: r.dead for r in eps_range.rows} if eps_range is not None else {}
     lo_all, hi_all = math.inf, 0.0
     for ax, name in zip(axes.flat, chosen, strict=False):
         h = hists[name]
         counts, edges = _log_part(h, per_binade)
         n = max(h.count, 1)
         nz = np.nonzero(counts)[0]
+        dead = dead_rows.get(name, 0)
+        if dead:
+            # the numerically dead part (bins wholly below the floor) in its own colour
+            below = edges[1:] <= eps_range.dead_floor  # type: ignore[union-attr]
+            ax.stairs(np.where(below, counts, 0) / n, edges, fill=True, color=_DEAD_COLOR, alpha=0.9, label=_DEAD_LABEL)
+            counts = np.where(below, 0, counts)
         ax.stairs(counts / n, edges, fill=True, color="#1f77b4", alpha=0.8)
         if len(nz):
             lo_all = min(lo_all, edges[nz[0]])
@@ -144,13 +172,16 @@ def histograms(
                 exclude_zeros=True,
                 rule="n",
             )[0]
-            for v in q.tolist():
-                ax.axvline(v, color="#555555", ls=":", lw=1.0)
-        _mark(ax, eps, eps_range, label=ax is axes.flat[0])
+            for k, v in enumerate(q.tolist()):
+                ax.axvline(v, color="#555555", ls=":", lw=1.0, label=_PCT_LABEL if k == 0 else None)
+        _mark(ax, eps, eps_range, label=True)
         ax.set_xscale("log")
         zero = h.zero_count / n
         above = f", {100 * h.fraction_above(eps):.0f}% > ε" if eps is not None else ""
-        ax.set_title(f"{name} ({h.count:,}; {100 * zero:.0f}% zero{above})", fontsize=8)
+        flag = f", {100 * dead / max(h.count - h.zero_count, 1):.0f}% dead" if dead else ""
+        ax.set_title(f"{name} ({h.count:,}; {100 * zero:.0f}% zero{flag}{above})", fontsize=8)
+        if dead:
+            ax.title.set_color(_DEAD_COLOR)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(chosen) :]:
         ax.set_visible(False)
@@ -164,8 +195,7 @@ def histograms(
         ax.set_xlabel("√v̂", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("share of elements", fontsize=8)
-    if axes.flat[0].get_legend_handles_labels()[0]:
-        axes.flat[0].legend(fontsize=7, loc="upper left")
+    _figure_legend(fig, axes.flat[: len(chosen)])
     fig.suptitle(title or "Gradient magnitude histograms (√v̂ per tensor)", fontsize=10)
     return _save(fig, path)
 
@@ -197,6 +227,7 @@ def adaptability(
     """Adaptability per tensor: the share of its sqrt(v_hat) above ε, for every ε (log x).
     Where a curve is near 1 Adam is fully adaptive for that tensor; near 0 it is SGD with
     momentum at learning rate ``lr/ε``. Exact at the bin edges, where it is evaluated."""
+    _check_eps(eps)
     hists = _as_hists(source, window)
     chosen = _select(hists, names, max_tensors)
     if not chosen:
@@ -219,7 +250,10 @@ def adaptability(
     ax.set_xlabel("ε")
     ax.set_ylabel("share of √v̂ above ε (adaptive)")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left", ncol=2 if len(chosen) > 8 else 1)
+    # beside the panel, never over the curves or the ε line
+    fig.legend(
+        *ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7, ncols=2 if len(chosen) > 16 else 1
+    )
     ax.set_title(title or "Adaptability: how much of each tensor Adam normalises", fontsize=10)
     return _save(fig, path)
 
@@ -237,6 +271,7 @@ def quantiles(
     """Per-tensor quantile trajectories over steps, one panel per tensor (shared log y):
     the middle quantile as a line, the band between the lowest and highest recorded
     quantiles shaded, ``eps`` dashed."""
+    _check_eps(eps)
     if hasattr(trace, "trace"):
         trace = trace.trace()  # type: ignore[union-attr]
     all_names = list(trace.names)  # type: ignore[union-attr]
@@ -286,8 +321,9 @@ def quantiles(
 
 def sweep(result: Mapping[str, Any], *, title: str | None = None, path: str | None = None) -> Figure:
     """The grid search of ``fasthist sweep`` (its ``sweep.json`` as a dict): the validation
-    metric per ε (mean and spread over seeds), the estimated range shaded, the best ε
-    starred; below, the share of sqrt(v_hat) above ε at the end of each run."""
+    metric per ε (mean and spread over seeds), the estimated range shaded, every tied best
+    ε starred; below, the share of sqrt(v_hat) above ε at the end of each run. The title is
+    the sweep's ``verdict``, the line it printed."""
     runs = list(result["runs"])
     if not runs:
         raise ValueError("nothing to plot: the sweep has no runs")
@@ -306,20 +342,23 @@ def sweep(result: Mapping[str, Any], *, title: str | None = None, path: str | No
     ax.plot(x, y, "o-", color="#1f77b4", label=f"{result.get('metric', 'metric')} (mean)")
     if np.isfinite(lo).any():
         ax.fill_between(x, lo, hi, color="#1f77b4", alpha=0.15, lw=0, label="min–max over seeds")
-    best = result.get("best_eps")
-    if best is not None:
-        j = int(np.argmin(np.abs(np.log(x) - math.log(best))))
-        ax.plot([x[j]], [y[j]], "*", ms=14, color=_EPS_COLOR, label=f"best ε = {best:.0e}")
+    # every tied best ε is starred, inside the range or not: a figure never settles a tie
+    best = list(result.get("best_tied") or ([result["best_eps"]] if result.get("best_eps") is not None else []))
+    if best:
+        js = [int(np.argmin(np.abs(np.log(x) - math.log(b)))) for b in best]
+        label = f"best ε = {best[0]:.0e}" if len(best) == 1 else f"best ε (tie): {' '.join(f'{b:.0e}' for b in best)}"
+        ax.plot(x[js], y[js], "*", ms=14, color=_EPS_COLOR, ls="none", label=label)
     if result.get("metric") == "perplexity":
         ax.set_yscale("log")
     ax.set_ylabel(result.get("metric", "metric"))
-    ax.legend(fontsize=7)
+    _figure_legend(fig, [ax], ncols=2)
     share = np.array([np.nan if r.get("adaptive_share") is None else r["adaptive_share"] for r in runs], dtype=float)
     ax2.plot(x, share, "s-", color="#9467bd")
     ax2.set_ylim(-0.02, 1.02)
     ax2.set_ylabel("share √v̂ > ε\n(end of training)", fontsize=8)
     ax2.set_xlabel("ε")
-    inside = result.get("best_inside")
-    verdict = "" if inside is None else (" — best ε inside the range" if inside else " — best ε OUTSIDE the range")
-    ax.set_title(title or f"ε sweep on {result.get('task', '?')}{verdict}", fontsize=10)
+    # the verdict's own words (fasthist sweep writes them with the function that prints them)
+    verdict = result.get("verdict")
+    head = f"ε sweep on {result.get('task', '?')}"
+    fig.suptitle(title or (f"{head}\n{verdict}" if verdict else head), fontsize=9, wrap=True)
     return _save(fig, path)

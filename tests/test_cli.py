@@ -32,7 +32,7 @@ def is_png(path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG and path.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("task", ["digits", "charlm"])
+@pytest.mark.parametrize("task", ["digits", "charlm", "gpt"])
 def test_eps_range(task, tmp_path, capsys):
     figures = [] if task == "digits" else ["--no-figures"]  # figures take seconds: draw them once
     rc, out, err = run(
@@ -100,6 +100,7 @@ def test_sweep(tmp_path, capsys):
     assert data["saved"] == len(data["grid"]) - len(data["grid_inside"])
     assert data["narrowing"] == len(data["grid"]) / len(data["eps_range"]["candidates"])
     assert is_png(tmp_path / "sweep.png") and is_png(tmp_path / "quantiles.png")
+    assert data["verdict"].startswith("best ε") and data["verdict"] in out.splitlines()  # one wording
 
 
 def test_sweep_charlm_metric_is_perplexity(tmp_path, capsys):
@@ -155,13 +156,15 @@ def test_cuda_without_gpu(cmd, tmp_path, capsys):
     assert len(lines) == 1 and "no CUDA GPU" in lines[0]
 
 
-def test_runtime_failure_is_one_line(tmp_path, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    rc, out, err = run(["eps-range", "--steps", "1", "--quiet", "--out", str(blocker / "sub")], capsys)
+def test_runtime_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    def fails(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr("fasthist.estimate.eps_pass", fails)
+    rc, out, err = run(["eps-range", "--steps", "1", "--quiet", "--out", str(tmp_path)], capsys)
     assert rc == 1
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fasthist eps-range: error:") and "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("fasthist eps-range: error: disk on fire") and "Traceback" not in err
 
 
 def test_python_dash_m():
@@ -171,3 +174,49 @@ def test_python_dash_m():
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and "'oops' is not a number" in lines[0]
+
+
+def test_eps_range_gpt_flags_the_key_biases_and_states_both_ranges(tmp_path, capsys):
+    rc, out, err = run(["eps-range", "--task", "gpt", "--steps", "4", "--quiet", "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "eps_range.json").read_text())
+    rng = data["eps_range"]
+    assert sorted(rng["dead"]) == ["blocks.0.qkv.bias", "blocks.1.qkv.bias"]
+    for t in data["tensors"]:
+        if t["name"].endswith("qkv.bias"):
+            assert t["dead"] == 32 and abs(t["dead_share"] - 1 / 3) < 1e-9  # the key third
+    assert rng["low_tensor"].endswith("qkv.bias") and rng["low"] <= 1e-10
+    assert rng["without_dead"]["low"] >= 1e-6 and not rng["without_dead"]["low_tensor"].endswith("qkv.bias")
+    assert "numerically dead" in out and "without the numerically dead values" in out
+    assert is_png(tmp_path / "histograms.png")
+    rc, out, err = run(
+        [
+            "eps-range",
+            "--task",
+            "gpt",
+            "--steps",
+            "4",
+            "--quiet",
+            "--no-figures",
+            "--drop-dead",
+            "--out",
+            str(tmp_path),
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    dropped = json.loads((tmp_path / "eps_range.json").read_text())["eps_range"]
+    assert (dropped["low"], dropped["high"]) == (rng["without_dead"]["low"], rng["without_dead"]["high"])
+    assert "the paper's rule over every tensor" in out
+
+
+def test_eps_range_exclude(tmp_path, capsys):
+    argv = ["eps-range", "--steps", "2", "--quiet", "--no-figures", "--out", str(tmp_path)]
+    rc, out, err = run([*argv, "--exclude", "8.*", "--exclude", "0.bias"], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "eps_range.json").read_text())
+    assert data["exclude"] == ["8.*", "0.bias"]
+    assert data["eps_range"]["excluded"] == ["0.bias", "8.weight", "8.bias"]
+    assert "(excluded)" in out
+    rc, out, err = run([*argv, "--exclude", "nope.*"], capsys)
+    assert rc == 2 and "matches no tensor" in err and len(err.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fasthist.cli.sweep import summarize_runs, sweep_verdict
+from fasthist.cli.sweep import summarize_runs, sweep_verdict, verdict_text
 from fasthist.progress import progress_bar
 from fasthist.tasks import Task, TrainResult
 
@@ -126,3 +126,24 @@ def test_cli_imports_no_private_name():
     root = Path(__file__).resolve().parents[1] / "fasthist"
     files = [*sorted((root / "cli").glob("*.py")), root / "progress.py", root / "estimate.py"]
     assert [b for f in files for b in private_imports(f)] == []
+
+
+class Rng:
+    """An EpsRange stand-in: the bounds verdict_text reads."""
+
+    def __init__(self, low, high, without_dead=None):
+        self.low, self.high, self.without_dead = low, high, without_dead
+
+
+def test_verdict_text_names_every_tied_eps():
+    runs = runs_of((1e-8, [90.0, 90.0], False), (1e-6, [90.0, 90.0], True), (1e-4, [10.0, 10.0], True))
+    text = verdict_text(verdict(runs), Rng(1e-6, 1e-1), "accuracy", "%")
+    assert (
+        text == "best ε: a tie between 1e-08 1e-06 (accuracy 90.00%); inside the estimated range [1e-06, 1e-01]: 1e-06"
+    )
+    live = Rng(1e-5, 1e-1)
+    text = verdict_text(verdict(runs), Rng(1e-8, 1e-1, without_dead=live), "accuracy", "%")
+    assert text.endswith("inside the range without dead values [1e-05, 1e-01]: none")
+    assert verdict_text(verdict(runs_of((1e-8, [nan], True))), Rng(1e-8, 1e-8), "accuracy") == (
+        "best ε: none (every run diverged)"
+    )

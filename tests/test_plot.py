@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import fasthist
 
@@ -100,7 +101,7 @@ def test_sweep(tmp_path):
     }
     fig = plot.sweep(result, path=str(tmp_path / "s.png"))
     assert isinstance(fig, Figure) and png(tmp_path / "s.png")
-    assert "inside" in fig.axes[0].get_title()
+    assert fig.get_suptitle() == "ε sweep on digits"  # no verdict given: no claim made
     with pytest.raises(ValueError):
         plot.sweep({**result, "runs": []})
 
@@ -123,3 +124,118 @@ def test_import_fasthist_needs_no_demo_dependency():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- legends: every mark explained, never over the data (issue 9, item 16) --------------------
+def legends_clear_of_data(fig) -> None:
+    """Every legend of ``fig`` lies outside every visible data panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # the constrained layout places the legends
+    renderer = canvas.get_renderer()
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    assert legends, "no legend"
+    for leg in legends:
+        box = leg.get_window_extent(renderer)
+        for ax in fig.axes:
+            if ax.get_visible():
+                assert not box.overlaps(ax.get_window_extent(renderer)), (ax.get_title(), box, ax.bbox)
+
+
+def legend_texts(fig) -> list[str]:
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    return [t.get_text() for leg in legends for t in leg.get_texts()]
+
+
+def many_tensors() -> dict[str, fasthist.Histogram]:
+    """Twelve tensors with long names spread over ten decades (as charlm's, whose embedding
+    curve and ε line the old legend covered)."""
+    bins = fasthist.LogBins()
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for i in range(12):
+        x = torch.exp(torch.randn(500, generator=g) * 2.0 - 2.0 * i)
+        out[f"layer{i}.some_long_parameter_name.weight"] = fasthist.Histogram.from_values(x, bins)
+    return out
+
+
+def test_histograms_legend_explains_the_dotted_lines_and_covers_nothing(run):
+    opt, _ = run
+    fig = plot.histograms(opt, eps=1e-8, eps_range=opt.eps_range())
+    texts = legend_texts(fig)
+    assert any("2%" in t and "98%" in t for t in texts), texts
+    assert any(t.startswith("ε =") for t in texts) and any(t.startswith("range") for t in texts)
+    legends_clear_of_data(fig)
+
+
+def test_adaptability_legend_covers_nothing():
+    hists = many_tensors()
+    fig = plot.adaptability(hists, eps=1e-8)
+    assert len([t for t in legend_texts(fig) if "layer" in t]) == 12
+    legends_clear_of_data(fig)
+
+
+def test_sweep_legend_covers_nothing():
+    result = {
+        "task": "digits",
+        "metric": "accuracy",
+        "eps_range": {"low": 1e-6, "high": 1e-1},
+        "best_eps": 1e-3,
+        "best_inside": True,
+        "runs": [
+            {"eps": 10.0**e, "metric": 90 + e, "metric_min": 89 + e, "metric_max": 91 + e, "adaptive_share": 0.5}
+            for e in range(-8, 0)
+        ],
+    }
+    legends_clear_of_data(plot.sweep(result))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1e-8])
+def test_eps_must_be_a_positive_finite_number(run, bad):
+    opt, _ = run
+    for fn in (plot.histograms, plot.adaptability):
+        with pytest.raises(ValueError, match="eps"):
+            fn(opt, eps=bad)
+    with pytest.raises(ValueError, match="eps"):
+        plot.quantiles(run[1], eps=bad)
+
+
+def test_histograms_draw_numerically_dead_values_in_their_own_colour():
+    # a bias right before BatchNorm: its gradient is rounding noise (issue 11)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 10, generator=g), torch.randint(0, 3, (32,), generator=g)) for _ in range(5)]
+    opt = fasthist.estimate.eps_pass(model, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]), progress=False)
+    rng = opt.eps_range()
+    assert rng.dead == ["0.bias"]
+    fig = plot.histograms(opt, eps_range=rng)
+    panels = {ax.get_title().split(" ")[0]: ax for ax in fig.axes if ax.get_visible()}
+    assert "100% dead" in panels["0.bias"].get_title() and "dead" not in panels["0.weight"].get_title()
+    dead_patches = [p for p in panels["0.bias"].patches if p.get_label() == "numerically dead (rounding noise)"]
+    assert dead_patches and not [p for p in panels["0.weight"].patches if "dead" in p.get_label()]
+    assert any("numerically dead" in t for t in legend_texts(fig))
+
+
+def test_sweep_figure_states_a_tie_as_the_printout_does():
+    # issue 11: a tie between 1e-08 (outside) and 1e-05 (inside) must not be drawn as "best ε inside"
+    verdict = "best ε: a tie between 1e-08 1e-05 (accuracy 97.00%); inside the estimated range [1e-06, 1e-01]: 1e-05"
+    result = {
+        "task": "digits",
+        "metric": "accuracy",
+        "eps_range": {"low": 1e-6, "high": 1e-1},
+        "best_eps": 1e-5,
+        "best_inside": True,
+        "best_tied": [1e-8, 1e-5],
+        "verdict": verdict,
+        "runs": [
+            {"eps": e, "metric": m, "metric_min": m, "metric_max": m, "adaptive_share": 0.5}
+            for e, m in [(1e-8, 97.0), (1e-7, 96.0), (1e-5, 97.0), (1e-3, 90.0)]
+        ],
+    }
+    fig = plot.sweep(result)
+    assert verdict in fig.get_suptitle() and "inside the range" not in fig.get_suptitle().replace(verdict, "")
+    stars = [line for line in fig.axes[0].get_lines() if line.get_marker() == "*"]
+    assert len(stars) == 1 and list(stars[0].get_xdata()) == [1e-8, 1e-5]
+    assert "tie" in stars[0].get_label()

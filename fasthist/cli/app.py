@@ -1,23 +1,37 @@
 """The ``fasthist`` parser and entry point: common options, one subparser per command,
-exit statuses and one-line errors."""
+exit statuses and one-line errors.
+
+Nothing heavy is imported at the top of this module (nor by ``import fasthist``): torch,
+the tasks and matplotlib are imported inside :func:`main`, so that Ctrl-C at any moment
+after the interpreter has started ends the same way, ``fasthist: interrupted`` and status
+130, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
-
-import torch
+from types import ModuleType
 
 from .. import __version__
-from . import bench, eps_range, sweep
 from .args import Parser, UsageError, nonneg_int, positive_int
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "command", "main"]
 
-#: Subcommand name -> its module (``add_parser(sub, parents)``, ``run(args) -> int``).
-COMMANDS = {"eps-range": eps_range, "sweep": sweep, "bench": bench}
+#: Subcommand name -> its module in this package (``add_parser(sub, parents)``, ``run(args) -> int``).
+COMMANDS = {"eps-range": "eps_range", "sweep": "sweep", "bench": "bench"}
+
+#: Exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
+INTERRUPTED = 130
+
+
+def command(name: str) -> ModuleType:
+    """The module of subcommand ``name``."""
+    return importlib.import_module(f".{COMMANDS[name]}", __package__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,35 +50,61 @@ def build_parser() -> argparse.ArgumentParser:
     task = Parser(add_help=False)
     task.add_argument("--task", default="digits", choices=TASKS, help="embedded task (default: digits)")
     task.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default: 0)")
-    task.add_argument("--out", default="fasthist-out", help="output folder (default: ./fasthist-out)")
-    task.add_argument("--no-figures", action="store_true", help="write the JSON only, no PNG figures")
+    task.add_argument(
+        "--out",
+        default=None,
+        help="output folder, created if missing (default: ./fasthist-out/TASK, one folder per task); the run's "
+        "files replace a previous run's there all at once, at the end",
+    )
+    task.add_argument(
+        "--no-figures", action="store_true", help="write the JSON only, no PNG figures (removes a previous run's)"
+    )
 
     parser = Parser(prog="fasthist", description="Adam's ε from histograms of sqrt(v_hat) (Silva & Rodriguez, 2024).")
     parser.add_argument("--version", action="version", version=f"fasthist {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{eps-range,sweep,bench}")
     sub.required = True
-    eps_range.add_parser(sub, [task, common])
-    sweep.add_parser(sub, [task, common])
-    bench.add_parser(sub, [common])
+    command("eps-range").add_parser(sub, [task, common])
+    command("sweep").add_parser(sub, [task, common])
+    command("bench").add_parser(sub, [common])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``fasthist`` with ``argv`` (default: ``sys.argv[1:]``) and returns the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        _ignore_further_interrupts()
+        print("fasthist: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _ignore_further_interrupts() -> None:
+    # We are on our way out: a second Ctrl-C while the message is printed or the interpreter
+    # shuts down must not turn the clean exit into a traceback.
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: no handlers to change
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import torch
+
     previous_threads = torch.get_num_threads()
     # With more threads than free cores, every small op waits for a descheduled thread:
     # on a busy 2-core machine 2 threads made LSTM steps 80x and `bench` 16x slower than 1.
     torch.set_num_threads(args.threads)
     try:
-        return COMMANDS[args.command].run(args)
+        return command(args.command).run(args)
     except UsageError as e:
         print(f"fasthist {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fasthist: interrupted", file=sys.stderr)
-        return 130
+        raise
     except Exception as e:
         if os.environ.get("FASTHIST_DEBUG"):
             raise

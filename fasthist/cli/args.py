@@ -7,8 +7,6 @@ import math
 from collections.abc import Callable
 from typing import NoReturn
 
-import torch
-
 __all__ = [
     "Parser",
     "UsageError",
@@ -82,6 +80,8 @@ def nonneg_float(text: str) -> float:
 
 def resolve_device(name: str) -> str:
     """``--device``: ``cpu``, or ``cuda``/``cuda:N`` when a GPU is available (else :class:`UsageError`)."""
+    import torch  # here, not at the top: the command must catch Ctrl-C during this import
+
     if name == "cpu":
         return "cpu"
     if name == "cuda" or name.startswith("cuda:"):

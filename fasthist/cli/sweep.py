@@ -16,9 +16,12 @@ from typing import Any
 from ..eps import EpsRange
 from ..progress import progress_bar
 from .args import eps_list, positive_float, positive_int, resolve_device
-from .output import decades, draw_figures, report_written, table, write_result
+from .output import Outputs, decades, draw_figures, out_folder, prepare_out, report_written, table
 
-__all__ = ["EpsRuns", "SweepVerdict", "add_parser", "run", "summarize_runs", "sweep_verdict"]
+__all__ = ["FILES", "EpsRuns", "SweepVerdict", "add_parser", "run", "summarize_runs", "sweep_verdict", "verdict_text"]
+
+#: Every file the command writes (a run replaces all of them, see :class:`.output.Outputs`).
+FILES = ("sweep.json", "sweep.png", "quantiles.png")
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,6 +118,33 @@ def sweep_verdict(
     )
 
 
+def verdict_text(verdict: SweepVerdict, rng: EpsRange, metric: str, unit: str = "") -> str:
+    """The sweep's verdict in one line, the same on the console and as ``sweep.png``'s title:
+    every tied best ε, and which of them lie inside the range (and inside the range without
+    numerically dead values, when that differs)."""
+    best = verdict.best
+    if best is None:
+        return "best ε: none (every run diverged)"
+    bounds = f"[{rng.low:.0e}, {rng.high:.0e}]"
+    live = rng.without_dead
+    tied = [r.eps for r in verdict.tied]
+
+    def inside(b: Any, values: list[float]) -> list[float]:
+        return [e for e in values if b.low * (1 - 1e-9) <= e <= b.high * (1 + 1e-9)]
+
+    if len(tied) == 1:
+        where = "inside" if best.in_range else "OUTSIDE"
+        text = f"best ε: {best.eps:.0e} ({metric} {best.metric:.2f}{unit}), {where} the estimated range {bounds}"
+    else:
+        text = (
+            f"best ε: a tie between {decades(tied)} ({metric} {best.metric:.2f}{unit}); inside the estimated range "
+            f"{bounds}: {decades([r.eps for r in verdict.tied_inside]) or 'none'}"
+        )
+    if live is not None and (live.low, live.high) != (rng.low, rng.high):
+        text += f"; inside the range without dead values [{live.low:.0e}, {live.high:.0e}]: {decades(inside(live, tied)) or 'none'}"
+    return text
+
+
 def _overlaps(r: EpsRuns, best: EpsRuns, higher: bool) -> bool:
     """Whether run ``r``'s best seed reaches the best run's worst seed."""
     if higher:
@@ -142,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks import get_task
 
     device = resolve_device(args.device)
+    folder = prepare_out(out_folder(args))
     t_start = time.perf_counter()
     tasks = [get_task(args.task, seed=args.seed + i, device=device) for i in range(args.seeds)]
     task = tasks[0]
@@ -169,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - t_start
     _print_results(runs, verdict, task, len(tasks), rng, grid, inside)
+    print(f"sweep computed in {seconds:.1f} s (range and training; `seconds` in sweep.json)")
 
     fields = {
         "task": args.task,
@@ -187,11 +219,17 @@ def run(args: argparse.Namespace) -> int:
         "narrowing": verdict.narrowing,  # len(grid) / number of candidate decades
         "runs": [asdict(r) for r in runs],
         **verdict.best_fields(),
-        "seconds": seconds,
+        "verdict": verdict_text(verdict, rng, task.metric, "%" if task.metric == "accuracy" else ""),
+        "seconds": seconds,  # the range and the training runs; not the figures
     }
-    payload = write_result(args.out, "sweep.json", "sweep", fields)
-    figures = draw_figures(args.out, _figures(payload, traces, verdict, grid, args.task), args.no_figures)
-    report_written(args.out, ["sweep.json", *figures], t_start)
+    outputs = Outputs(folder, FILES)
+    try:
+        payload = outputs.write_result("sweep.json", "sweep", fields)
+        figures = draw_figures(outputs, _figures(payload, traces, verdict, grid, args.task), args.no_figures)
+        outputs.commit()
+    finally:
+        outputs.discard()
+    report_written(folder, ["sweep.json", *figures], t_start)
     return 0
 
 
@@ -274,17 +312,7 @@ def _print_results(
     print(table(headers, cells, "lrrrll"))
     print()
     best = verdict.best
-    bounds = f"[{rng.low:.0e}, {rng.high:.0e}]"
-    if best is None:
-        print("best ε: none (every run diverged)")
-    elif len(verdict.tied) == 1:
-        where = "inside" if best.in_range else "OUTSIDE"
-        print(f"best ε: {best.eps:.0e} ({task.metric} {best.metric:.2f}{unit}), {where} the estimated range {bounds}")
-    else:
-        print(
-            f"best ε: a tie between {decades([r.eps for r in verdict.tied])} ({task.metric} {best.metric:.2f}{unit}); "
-            f"inside the estimated range {bounds}: {decades([r.eps for r in verdict.tied_inside]) or 'none'}"
-        )
+    print(verdict_text(verdict, rng, task.metric, unit))
     if best is not None:
         print(f"ε values whose seed range overlaps the best's: {decades(verdict.within_noise)}")
     print(
