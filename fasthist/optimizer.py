@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from .bins import LogBins
-from .eps import EpsRange, eps_range_from_counts
+from .eps import EpsRange, Exclude, eps_range_from_counts
 from .histogram import Histogram, as_quantiles, batched_quantile, invalid_rows
 from .names import check_distinct_tensors, check_unique_names, tracked, why_untracked
 from .store import HIST_KEYS, HistogramStore, loadable_counts, split_saved_counts
@@ -328,8 +328,12 @@ class HistogramMixin:
         window: str = "step",
         process_group: Any = None,
         sharded: bool | None = None,
+        exclude: Exclude = None,
+        drop_dead: bool = False,
     ) -> EpsRange:
-        """The paper's ε-range rule (:mod:`fasthist.eps`) on the latest step's histograms."""
+        """The paper's ε-range rule (:mod:`fasthist.eps`) on the latest step's histograms;
+        ``exclude`` (names, glob patterns or a predicate) leaves tensors out, ``drop_dead``
+        the numerically dead values (:data:`fasthist.eps.DEAD_RATIO`)."""
         names, _, counts = self._checked_rows(window, process_group, sharded)
         if counts is None:
             if not any(group["track"] for group in self.param_groups):
@@ -338,7 +342,9 @@ class HistogramMixin:
                 "eps_range: no tracked parameter has been stepped yet (no step taken, or none of them had a "
                 "gradient); take an optimizer step first"
             )
-        return eps_range_from_counts(names, counts, self._bins, low=low, high=high)
+        return eps_range_from_counts(
+            names, counts, self._bins, low=low, high=high, exclude=exclude, drop_dead=drop_dead
+        )
 
     def reset_histograms(self) -> None:
         """Zero both windows of every tensor, in every group (tracked now or not)."""

@@ -126,7 +126,9 @@ def _adabelief_chunk(
             store(smax_ptr, offs, rne(smax, DTYPE), mask, MASKED, ALIGNED)
             if not RECTIFY:
                 v = smax
+        # v == 0 is zero; a nonzero v whose quotient underflows is below range (as the reference)
         x = tl.div_rn(v, c)
+        x = tl.where(x == 0.0, tl.minimum(v, 1.401298464324817e-45), x)
         # the update: one of four modes per tensor (scalar), all lanes alike
         unrect = rne(
             (rne(tl.div_rn(rne(tl.sqrt_rn(v), DTYPE).to(tl.float32), sqrt_bc2), DTYPE).to(tl.float32) + eps), DTYPE

@@ -144,3 +144,21 @@ def test_to_dict_is_json_and_carries_attribution():
     assert d["low_tensor"] == "fc.bias" and d["dead"] == ["fc.bias"]
     assert d["paper"]["low_tensor"] == "fc.bias" and d["without_dead"]["low_tensor"] != "fc.bias"
     assert next(r for r in d["rows"] if r["name"] == "fc.bias")["dead_share"] == 1.0
+
+
+def test_optimizer_eps_range_takes_exclude_and_drop_dead():
+    """opt.eps_range() gives the same ranges as estimate_eps_range for the same counts."""
+    model, batches, loss = bn_case()
+    opt = fasthist.Adam(model.parameters(), lr=0.0)
+    for b in batches:
+        opt.zero_grad()
+        loss(model, b).backward()
+        opt.step()
+    paper = opt.eps_range(window="total")
+    assert paper.dead and paper.without_dead is not None
+    dropped = opt.eps_range(window="total", drop_dead=True)
+    assert (dropped.low, dropped.high) == (paper.without_dead.low, paper.without_dead.high)
+    excluded = opt.eps_range(window="total", exclude=paper.dead)
+    assert excluded.excluded == paper.dead and (excluded.low, excluded.high) == (dropped.low, dropped.high)
+    with pytest.raises(ValueError):
+        opt.eps_range(exclude="no.such.tensor*")

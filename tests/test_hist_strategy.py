@@ -350,3 +350,31 @@ def test_gpu_shared_strategy_runs_and_matches_the_fallback():
         finally:
             C.configure()
     assert torch.equal(results["auto"], results["tl"])
+
+
+def test_adabelief_quotient_underflow_is_below_range_as_in_the_reference():
+    """(1 - beta2) * s_hat = v / c with c up to 1 / (1 - beta2): a subnormal nonzero v can
+    divide to 0; like the reference, the kernel counts it below range, not as zero."""
+    from fasthist.kernels import adabelief as KB
+
+    from fasthist.reference.adabelief import adabelief_reference
+
+    n = 64
+    s0 = torch.full((n,), 1e-44, device=DEVICE)
+    s0[:8] = 0.0  # true zeros stay zeros
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=0.0, weight_decay=0.0, amsgrad=False)
+    kw.update(weight_decouple=True, fixed_decay=False, rectify=False, degenerated_to_sgd=True)
+    hists = []
+    for fn in (KB.adabelief_hist, adabelief_reference):
+        p, g, m, s = (
+            torch.ones(n, device=DEVICE),
+            torch.zeros(n, device=DEVICE),
+            torch.zeros(n, device=DEVICE),
+            s0.clone(),
+        )
+        h = target(1)
+        fn([p], [g], [m], [s], [], [torch.tensor(200.0)], hist=h, **kw)
+        hists.append(h.step[0])
+    bins = LAYOUTS["default"]
+    assert int(hists[1][bins.ZERO]) == 8 and int(hists[1][bins.BELOW]) == n - 8  # the reference's rule
+    assert torch.equal(hists[0], hists[1])
