@@ -128,7 +128,9 @@ def _adabelief_chunk(
                 v = smax
         # v == 0 is zero; a nonzero v whose quotient underflows is below range (as the reference)
         x = tl.div_rn(v, c)
-        x = tl.where(x == 0.0, tl.minimum(v, 1.401298464324817e-45), x)
+        # (x >= 0 or NaN; min(v, 2**-149) is 0 for v == 0, else 2**-149, below every range)
+        tiny = tl.full(v.shape, 1, tl.int32).to(tl.float32, bitcast=True)
+        x = tl.maximum(x, tl.minimum(v, tiny), propagate_nan=tl.PropagateNan.ALL)
         # the update: one of four modes per tensor (scalar), all lanes alike
         unrect = rne(
             (rne(tl.div_rn(rne(tl.sqrt_rn(v), DTYPE).to(tl.float32), sqrt_bc2), DTYPE).to(tl.float32) + eps), DTYPE
