@@ -3,10 +3,14 @@
     python -m pytest bench/bench_step.py                        # measure (CPU or GPU)
     python -m pytest bench/bench_step.py --benchmark-disable     # smoke run (CI)
 
-Providers (``providers.ADAM_PROVIDERS``): torch.optim.Adam foreach / fused, fasthist.Adam
-with track=False / True (``fused=True``, so on the reference backend the update is torch's
-fused kernel and the difference is the histogram), and ``torch_fused+hist`` (torch's fused
-Adam followed by the leanest per-tensor torch-op histogram, see ``providers.py``). Sets
+On a GPU, ``test_step`` times the Adam providers (``providers.ADAM_PROVIDERS``):
+torch.optim.Adam foreach / fused, fasthist.Adam with track=False / True (``fused=True``),
+and ``torch_fused+hist`` (torch's fused Adam followed by the leanest per-tensor torch-op
+histogram, see ``providers.py``). On the CPU, ``test_cpu_step`` times every optimizer
+against its torch (or adabelief-pytorch) counterpart in two groups, ``default`` (both as
+``Cls(params)`` builds them) and ``fused`` (``fused=True`` on both, where torch has a fused
+CPU step): the baseline, fasthist track=False and tracked; pytest-benchmark prints each
+time's ratio to the fastest of its group in parentheses. Sets
 (``harness.param_shapes``): (a) 12.6M parameters in 20 tensors, (b) 1,000 tensors of
 1k-10k elements; with CUDA also the GPU sets ``gpu_a`` (1.1B in 201 tensors), ``gpu_b``
 (GPT-2 small), ``gpu_c`` (2,000 tensors, 20M). Compare ratios within one run, not absolute
@@ -18,19 +22,36 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import make_params, param_shapes, sync
-from providers import ADAM_PROVIDERS
+from providers import ADAM_PROVIDERS, cpu_comparisons
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PSETS = ["a", "b"] + (["gpu_a", "gpu_b", "gpu_c"] if DEVICE.type == "cuda" else [])
 
 
+CPU_CASES = [(group, provider) for group, providers in cpu_comparisons().items() for provider in providers]
+gpu_only = pytest.mark.skipif(DEVICE.type != "cuda", reason="the CPU runs test_cpu_step")
+cpu_only = pytest.mark.skipif(DEVICE.type == "cuda", reason="a GPU runs test_step")
+
+
+@gpu_only
 @pytest.mark.parametrize("provider", list(ADAM_PROVIDERS))
 @pytest.mark.parametrize("pset", PSETS)
 def test_step(benchmark, provider, pset):
+    _time(benchmark, ADAM_PROVIDERS[provider], pset, f"set {pset}")
+
+
+@cpu_only
+@pytest.mark.parametrize(("group", "provider"), CPU_CASES, ids=[f"{g.replace(' ', '_')}-{p}" for g, p in CPU_CASES])
+@pytest.mark.parametrize("pset", PSETS)
+def test_cpu_step(benchmark, group, provider, pset):
+    _time(benchmark, cpu_comparisons()[group][provider], pset, f"set {pset}: {group}")
+
+
+def _time(benchmark, factory, pset, group):
     ps = make_params(param_shapes(pset), torch.float32, DEVICE)
-    opt = ADAM_PROVIDERS[provider](ps)
-    opt.step()  # lazy state init outside the timing
-    benchmark.group = f"set {pset}"
+    opt = factory(ps)
+    opt.step()  # lazy state init (and the CPU kernel's first-use build) outside the timing
+    benchmark.group = group
 
     def step():
         opt.step()
