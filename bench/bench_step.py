@@ -2,6 +2,7 @@
 
     python -m pytest bench/bench_step.py                        # measure (CPU or GPU)
     python -m pytest bench/bench_step.py --benchmark-disable     # smoke run (CI)
+    python bench/bench_step.py [a b] [--steps 15]                # CPU: interleaved ratios
 
 On a GPU, ``test_step`` times the Adam providers (``providers.ADAM_PROVIDERS``):
 torch.optim.Adam foreach / fused, fasthist.Adam with track=False / True (``fused=True``),
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import make_params, param_shapes, sync
+from harness import interleaved, make_params, param_shapes, sync
 from providers import ADAM_PROVIDERS, cpu_comparisons
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,3 +60,30 @@ def _time(benchmark, factory, pset, group):
 
     benchmark.pedantic(step, rounds=15, iterations=1, warmup_rounds=2)
     assert all(torch.isfinite(p).all() for p in ps[:3])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The CPU comparisons with every group's steps interleaved (pytest-benchmark times one
+    provider after another, which a shared machine's load skews): median ms and the ratio
+    to the group's baseline (torch's, or adabelief-pytorch's, optimizer)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("sets", nargs="*", default=["a", "b"])
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--groups", default="", help="comma-separated groups (default: all), e.g. 'adam fused'")
+    args = parser.parse_args(argv)
+    wanted = [g.strip() for g in args.groups.split(",") if g.strip()]
+    print(f"{torch.get_num_threads()} threads; median of {args.steps} interleaved steps per provider")
+    print(f"{'set':<4} {'group':<18} {'provider':<18} {'ms':>9} {'ratio':>6}")
+    for pset in args.sets:
+        for group, factories in cpu_comparisons().items():
+            if wanted and group not in wanted:
+                continue
+            med = interleaved(factories, param_shapes(pset), args.steps, 2, DEVICE)
+            for name, ms in med.items():
+                print(f"{pset:<4} {group:<18} {name:<18} {ms:9.2f} {ms / med['baseline']:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
