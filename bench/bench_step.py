@@ -67,20 +67,24 @@ def main(argv: list[str] | None = None) -> None:
     provider after another, which a shared machine's load skews): median ms and the ratio
     to the group's baseline (torch's, or adabelief-pytorch's, optimizer)."""
     import argparse
+    import time
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("sets", nargs="*", default=["a", "b"])
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--cpu-time", action="store_true", help="CPU time of all threads instead of wall time")
     parser.add_argument("--groups", default="", help="comma-separated groups (default: all), e.g. 'adam fused'")
     args = parser.parse_args(argv)
     wanted = [g.strip() for g in args.groups.split(",") if g.strip()]
-    print(f"{torch.get_num_threads()} threads; median of {args.steps} interleaved steps per provider")
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    what = "CPU time" if args.cpu_time else "wall time"
+    print(f"{torch.get_num_threads()} threads; {what}, median of {args.steps} interleaved steps per provider")
     print(f"{'set':<4} {'group':<18} {'provider':<18} {'ms':>9} {'ratio':>6}")
     for pset in args.sets:
         for group, factories in cpu_comparisons().items():
             if wanted and group not in wanted:
                 continue
-            med = interleaved(factories, param_shapes(pset), args.steps, 2, DEVICE)
+            med = interleaved(factories, param_shapes(pset), args.steps, 2, DEVICE, clock)
             for name, ms in med.items():
                 print(f"{pset:<4} {group:<18} {name:<18} {ms:9.2f} {ms / med['baseline']:6.2f}", flush=True)
 
