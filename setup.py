@@ -1,8 +1,39 @@
+import importlib.util
+import os
+
 from setuptools import find_packages, setup
 
 # ``kernels/`` is installed as ``fasthist.kernels``: a top-level ``kernels`` package would
 # clash with an existing PyPI name.
 packages = find_packages(include=["fasthist", "fasthist.*"]) + ["fasthist.kernels"]
+
+
+def cpu_kernel() -> tuple[list, dict]:
+    """The compiled CPU histogram (fasthist/csrc), built here only where torch imports in the
+    build environment (``pip install --no-build-isolation``); elsewhere fasthist compiles it
+    on first use into a cache. Optional: without a compiler the install still succeeds."""
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return [], {}
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fasthist", "csrc", "build.py")
+    spec = importlib.util.spec_from_file_location("fasthist_csrc_build", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    sources = [os.path.relpath(s) for s in build.SOURCES]
+    ext = CppExtension(f"fasthist.{build.NAME}", sources, extra_compile_args=build.CXX_FLAGS, optional=True)
+
+    class OptionalBuildExtension(BuildExtension.with_options(use_ninja=False)):
+        def build_extensions(self) -> None:
+            try:  # torch's checks of the compiler raise before setuptools' `optional` applies
+                super().build_extensions()
+            except Exception as e:
+                print(f"fasthist: the CPU kernel was not built ({type(e).__name__}: {e}); it builds on first use")
+
+    return [ext], {"build_ext": OptionalBuildExtension}
+
+
+ext_modules, cmdclass = cpu_kernel()
 
 setup(
     name="fasthist",
@@ -13,7 +44,9 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"fasthist": "fasthist", "fasthist.kernels": "kernels"},
-    package_data={"fasthist": ["py.typed"]},
+    package_data={"fasthist": ["py.typed"], "fasthist.csrc": ["*.cpp"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],

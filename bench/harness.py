@@ -23,6 +23,7 @@ __all__ = [
     "dry_run_shapes",
     "free_memory",
     "gpu_param_shapes",
+    "interleaved",
     "make_params",
     "measure",
     "param_shapes",
@@ -195,3 +196,32 @@ def measure(
     del opt, step
     free_memory(device)
     return ms
+
+
+def interleaved(
+    factories: dict[str, Callable[[list[torch.Tensor]], object]],
+    shapes: list[tuple[int, ...]],
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median ms of one step of each optimizer ``factories[name](params)`` builds, each on
+    its own copy of the parameters, their steps interleaved (one step of each in turn): on
+    a shared machine a slow spell then falls on all of them alike, and their ratios hold.
+    ``clock=time.process_time`` counts the CPU time of all the process's threads instead
+    (on the CPU: the work, whatever else the machine runs; not the wall time)."""
+    opts = {name: make(make_params(shapes, torch.float32, device)) for name, make in factories.items()}
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    for i in range(warmup + steps):
+        for name, opt in opts.items():
+            sync(device)
+            t0 = clock()
+            opt.step()
+            sync(device)
+            ms = (clock() - t0) * 1e3
+            if i >= warmup:
+                times[name].append(ms)
+    del opts
+    free_memory(device)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -1,5 +1,6 @@
 """The optimizers the benchmarks time: the Adam providers shared by ``bench_step.py`` and
-``gpu_report.py``, the ``torch_fused+hist`` baseline and the optional ``adabelief_pytorch``.
+``gpu_report.py``, the ``torch_fused+hist`` baseline, the optional ``adabelief_pytorch``, and
+the CPU comparisons of every optimizer (:func:`cpu_comparisons`).
 
 ``torch_fused+hist`` is the honest alternative to fasthist: ``torch.optim.Adam(fused=True)``
 followed, per tensor, by the leanest histogram of sqrt(v_hat) one can write with torch ops
@@ -15,7 +16,7 @@ import torch
 
 import fasthist
 
-__all__ = ["ADAM_PROVIDERS", "TorchFusedPlusHist", "adabelief_package"]
+__all__ = ["ADAM_PROVIDERS", "TorchFusedPlusHist", "adabelief_package", "cpu_comparisons"]
 
 
 def adabelief_package() -> tuple[type | None, str]:
@@ -72,3 +73,39 @@ ADAM_PROVIDERS: dict[str, Callable[[list[torch.Tensor]], object]] = {
     "fasthist_track": lambda ps: fasthist.Adam(ps, fused=True, track=True),
     "torch_fused+hist": lambda ps: TorchFusedPlusHist(ps),
 }
+
+
+def _adabelief_baseline(ps: list[torch.Tensor]) -> object:
+    pkg, why = adabelief_package()
+    if pkg is None:
+        raise RuntimeError(f"adabelief_pytorch is not importable: {why}")
+    return pkg(ps, print_change_log=False)
+
+
+#: (torch's optimizer or the package's, fasthist's, whether both have a fused CPU step)
+_PAIRS: dict[str, tuple[Callable[..., object], type, bool]] = {
+    "adam": (torch.optim.Adam, fasthist.Adam, True),
+    "adamw": (torch.optim.AdamW, fasthist.AdamW, True),
+    "rmsprop": (torch.optim.RMSprop, fasthist.RMSprop, False),
+    "adagrad": (torch.optim.Adagrad, fasthist.Adagrad, True),
+    "adabelief": (lambda ps, **kw: _adabelief_baseline(ps), fasthist.AdaBelief, False),
+}
+
+
+def cpu_comparisons() -> dict[str, dict[str, Callable[[list[torch.Tensor]], object]]]:
+    """The issue-13 comparisons on the CPU, by group: ``"<optimizer> default"`` (the
+    optimizer as ``Cls(params)`` builds it: torch's own update, then the histogram) and
+    ``"<optimizer> fused"`` (``fused=True`` on both sides), each with the baseline first,
+    then fasthist with ``track=False`` and tracked. Adam's fused group also has
+    ``torch_fused+hist``."""
+    out: dict[str, dict[str, Callable[[list[torch.Tensor]], object]]] = {}
+    for name, (base, cls, fused) in _PAIRS.items():
+        modes = [("default", {})] + ([("fused", {"fused": True})] if fused else [])
+        for mode, kw in modes:
+            out[f"{name} {mode}"] = {
+                "baseline": lambda ps, base=base, kw=kw: base(ps, **kw),
+                "fasthist_notrack": lambda ps, cls=cls, kw=kw: cls(ps, track=False, **kw),
+                "fasthist_track": lambda ps, cls=cls, kw=kw: cls(ps, track=True, **kw),
+            }
+    out["adam fused"]["torch_fused+hist"] = lambda ps: TorchFusedPlusHist(ps)
+    return out

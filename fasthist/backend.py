@@ -8,6 +8,9 @@
 - ``triton``: the kernels everywhere; on CPU tensors they run under Triton's interpreter
   (``TRITON_INTERPRET=1``, set here before Triton compiles anything), which is how CI
   tests them without a GPU.
+
+On CPU tensors the reference's histogram pass is compiled C++ where it builds
+(:mod:`fasthist.csrc`; ``FASTHIST_CPU_KERNEL=0`` turns it off): the same bins, one sweep.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def test_bench(capsys):
     for name in ("torch.optim.Adam", "fasthist.Adam", "fasthist.Adam (track=False)", "opt.eps_range()"):
         assert name in out
     ratios = [float(line.split()[-3]) for line in out.splitlines() if line.startswith("fasthist.Adam")]
-    assert len(ratios) == 3 and all(math.isfinite(r) and r > 0 for r in ratios)
+    assert len(ratios) == 4 and all(math.isfinite(r) and r > 0 for r in ratios)
 
 
 @pytest.mark.parametrize(

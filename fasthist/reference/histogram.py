@@ -19,6 +19,9 @@ zeros and the zero test costs nothing.
 ``total[rows[i]] += delta[i]`` unless the step was skipped (``found_inf`` nonzero), in
 which case both windows stay as they were. No value leaves the device and nothing
 synchronises the host.
+
+On CPU tensors the compiled pass of :mod:`fasthist.csrc` does all of this when it is
+available (the same bins, exactly); the torch ops below run otherwise, and stay the oracle.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import csrc
 from ..dtensor import local_tensor
 from ..target import HistTarget
 
@@ -152,6 +156,8 @@ def accumulate_(
             raise RuntimeError(
                 f"fasthist: all tensors of one backend call must be on {device}, but got one on {v.device}"
             )
+    if device.type == "cpu" and csrc.accumulate_(target, values, scale, found_inf, sqrt=sqrt):
+        return  # the compiled pass (fasthist/csrc): the same bins, one parallel sweep
     flat_views = [torch.view_as_real(v).reshape(-1) if v.is_complex() else v.reshape(-1) for v in values]
     wide = [i for i, v in enumerate(flat_views) if v.dtype == torch.float64]
     if not wide:

@@ -1,0 +1,128 @@
+"""The compiled CPU histogram pass (``histogram.cpp``): what the reference's
+:func:`fasthist.reference.histogram.accumulate_` runs on CPU tensors when it is available.
+
+It bins exactly what the torch-op path bins (IEEE square root and division, the LogBins
+bit layout) in one parallel sweep, and writes both windows itself. The library is, in
+order: the one a ``setup.py`` build put beside the package (installed with torch in the
+build environment, ``pip install --no-build-isolation``), else one compiled on first use
+into a cache (``$FASTHIST_CACHE``, default ``~/.cache/fasthist``; one compiler call, about
+10 s). Where neither works, the torch-op path runs, with one warning saying why.
+``FASTHIST_CPU_KERNEL=0`` turns it off (the torch-op path is then the histogram, as it is
+the oracle in the tests).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..target import HistTarget
+from . import build as _build
+
+__all__ = ["accumulate_", "available", "enabled", "library_path"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_lock = threading.Lock()
+_op: Any = None
+_path: str | None = None
+_error: str | None = None
+
+
+def enabled() -> bool:
+    """False when ``FASTHIST_CPU_KERNEL`` is ``0`` (read at every step, so tests can flip it)."""
+    return os.environ.get("FASTHIST_CPU_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _installed() -> str | None:
+    """The library a setup.py build put beside the package, if any."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = sorted(glob.glob(os.path.join(package, f"{_build.NAME}.*so")))
+    return found[0] if found else None
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("FASTHIST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fasthist"
+    )
+    return os.path.join(root, "cpu")
+
+
+def _load() -> Any:
+    """``torch.ops.fasthist.histogram_``, loading (or building) the library once per
+    process; None, with one warning, when that fails."""
+    global _op, _path, _error
+    if _op is not None or _error is not None:
+        return _op
+    with _lock:
+        if _op is None and _error is None:
+            try:
+                path = _installed() or _build.build(_cache_dir())
+                torch.ops.load_library(path)
+                _op, _path = torch.ops.fasthist.histogram_, path
+            except Exception as e:  # no compiler, a failed build, a library that does not load
+                _error = f"{type(e).__name__}: {e}"
+                warnings.warn(
+                    "fasthist: the compiled CPU histogram is unavailable, so CPU steps histogram with "
+                    f"torch ops (slower; set FASTHIST_CPU_KERNEL=0 to silence this). Reason: {_error}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _op
+
+
+def available() -> bool:
+    """Whether the compiled kernel is loaded (building it on first call if needed)."""
+    return _load() is not None
+
+
+def library_path() -> str | None:
+    """Path of the loaded library, or None."""
+    _load()
+    return _path
+
+
+def accumulate_(
+    target: HistTarget,
+    values: list[Tensor],
+    scale: list[float] | Tensor,
+    found_inf: Tensor | None = None,
+    *,
+    sqrt: bool = True,
+) -> bool:
+    """:func:`fasthist.reference.histogram.accumulate_` on CPU tensors, if this kernel can
+    take the call: returns False (having done nothing) when it is off or unavailable, or for
+    tensors it does not bin (float64: the torch-op path rounds those)."""
+    if not enabled() or target.step.device.type != "cpu":
+        return False
+    flat = [torch.view_as_real(v) if v.is_complex() else v for v in values]
+    if any(v.dtype not in _DTYPES or v.device.type != "cpu" for v in flat):
+        return False
+    if not all(w.dtype == torch.int64 and w.dim() == 2 and w.stride(1) == 1 for w in (target.step, target.total)):
+        return False
+    op = _load()
+    if op is None:
+        return False
+    if found_inf is not None and bool(found_inf):  # a skipped step leaves both windows as they were
+        return True
+    if isinstance(scale, Tensor):
+        scale = scale.to(torch.float32).tolist()  # float32 values, as the reference divides by them
+    bins = target.bins
+    with torch.no_grad():
+        op(
+            [v.detach().contiguous() for v in flat],
+            [float(c) for c in scale],
+            sqrt,
+            bins.shift,
+            bins.low_key,
+            bins.num_log_bins,
+            target.rows,
+            target.step,
+            target.total,
+        )
+    return True
