@@ -227,59 +227,19 @@ def eps_range_from_counts(
     """Apply the rule to per-tensor histograms ``counts`` ([R, num_bins], int64); with
     ``exclude`` (names, glob patterns or a predicate) without those tensors, with
     ``drop_dead`` without the numerically dead values (see :data:`DEAD_RATIO`)."""
-    if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and 0.0 <= low <= high <= 1.0):
-        raise ValueError(f"Invalid percentiles: low={low}, high={high}; need 0 <= low <= high <= 1")
-    if counts.ndim != 2 or counts.shape[0] != len(names):
-        raise ValueError(f"counts must be [{len(names)}, num_bins], but got {tuple(counts.shape)}")
+    _check_inputs(names, counts, low, high)
     out = excluded_names(names, exclude)
     counts = counts.cpu()
     q = torch.tensor([low, high], dtype=torch.float64)
-    values = batched_quantile(counts, q, bins, exclude_zeros=True, rule="n")
-    numel = counts.sum(dim=1)
-    nonzero = numel - counts[:, bins.ZERO]
-    _check_nonempty(names, numel.tolist(), nonzero.tolist())
-    bad = [
-        n
-        for n, nz, v in zip(names, nonzero.tolist(), values.tolist(), strict=True)
-        if nz and not all(map(math.isfinite, v))
-    ]
-    if bad:
-        raise RuntimeError(f"eps_range: non-finite percentiles (NaN/inf values) in {', '.join(bad[:5])}")
-    floor = _log_median([v[1] for nz, v in zip(nonzero.tolist(), values.tolist(), strict=True) if nz]) * DEAD_RATIO
-    mask = dead_bins(bins, floor)
-    # only where the tensor's own low percentile is dead: a live tensor's far tail is not a dead part
-    dead = counts[:, mask].sum(dim=1) * (values[:, 0] < floor)
-    live_counts = counts.clone()
-    live_counts[(dead > 0).nonzero()[:, 0].unsqueeze(1), mask.nonzero()[:, 0]] = 0
-    live = batched_quantile(live_counts, q, bins, exclude_zeros=True, rule="n")
+    values, numel, nonzero = _percentiles(names, counts, q, bins)
+    floor, dead, live = _dead_values(counts, values, nonzero, q, bins)
     rows = [
         EpsRow(str(nm), int(n), int(nz), float(v[0]), float(v[1]), int(d), bool(x))
         for nm, n, nz, v, d, x in zip(names, numel.tolist(), nonzero.tolist(), values, dead.tolist(), out, strict=True)
     ]
     rel = bins.relative_accuracy
-    paper = _bounds([(r.name, r.low, r.high) for r in rows if r.nonzero], rel)
-    kept_live = [
-        (r.name, float(v[0]), float(v[1]))
-        for r, v in zip(rows, live, strict=True)
-        if not r.excluded and r.nonzero > r.dead
-    ]
-    without_dead = _bounds(kept_live, rel) if kept_live and any(r.dead for r in rows if not r.excluded) else None
-    if drop_dead:
-        chosen_rows = kept_live
-    else:
-        chosen_rows = [(r.name, r.low, r.high) for r in rows if r.nonzero and not r.excluded]
-    if not chosen_rows:
-        raise ValueError("eps_range: exclude= and drop_dead leave no tensor with a nonzero value")
-    chosen = _bounds(chosen_rows, rel)
-    clamped = chosen.low_raw <= bins.low or chosen.high_raw >= bins.high
-    if clamped:
-        # the bound lies in the below/above-range bin: only known to be < low or >= high
-        warnings.warn(
-            f"eps_range: a percentile lies outside the histogram range [{bins.low:.3g}, {bins.high:.3g}) "
-            f"(low={chosen.low_raw:.3g}, high={chosen.high_raw:.3g} are range bounds, not values); "
-            "use LogBins with a wider range; the result is marked ambiguous",
-            stacklevel=2,
-        )
+    paper, without_dead, chosen = _apply_rule(rows, live, rel, drop_dead)
+    clamped = _warn_if_clamped(chosen, bins)
     return EpsRange(
         low=chosen.low,
         high=chosen.high,
@@ -301,6 +261,85 @@ def eps_range_from_counts(
         paper=paper,
         without_dead=without_dead,
     )
+
+
+def _check_inputs(names: Sequence[str], counts: Tensor, low: float, high: float) -> None:
+    if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and 0.0 <= low <= high <= 1.0):
+        raise ValueError(f"Invalid percentiles: low={low}, high={high}; need 0 <= low <= high <= 1")
+    if counts.ndim != 2 or counts.shape[0] != len(names):
+        raise ValueError(f"counts must be [{len(names)}, num_bins], but got {tuple(counts.shape)}")
+
+
+def _percentiles(names: Sequence[str], counts: Tensor, q: Tensor, bins: LogBins) -> tuple[Tensor, Tensor, Tensor]:
+    """Per tensor: its percentiles ``q`` of the nonzero values ([R, 2], float64, NaN where
+    none), its element count and its nonzero count. Raises when every value is zero (or none
+    was recorded) and when a tensor with nonzero values has a non-finite percentile."""
+    values = batched_quantile(counts, q, bins, exclude_zeros=True, rule="n")
+    numel = counts.sum(dim=1)
+    nonzero = numel - counts[:, bins.ZERO]
+    _check_nonempty(names, numel.tolist(), nonzero.tolist())
+    bad = [
+        n
+        for n, nz, v in zip(names, nonzero.tolist(), values.tolist(), strict=True)
+        if nz and not all(map(math.isfinite, v))
+    ]
+    if bad:
+        raise RuntimeError(f"eps_range: non-finite percentiles (NaN/inf values) in {', '.join(bad[:5])}")
+    return values, numel, nonzero
+
+
+def _dead_values(
+    counts: Tensor, values: Tensor, nonzero: Tensor, q: Tensor, bins: LogBins
+) -> tuple[float, Tensor, Tensor]:
+    """``(floor, dead, live)``: the dead floor, :data:`DEAD_RATIO` times the log-scale median
+    over tensors with a nonzero value of their high percentile; per tensor the count of its
+    values in bins wholly below the floor, only where its own low percentile lies below the
+    floor (else 0); and the percentiles ``q`` of each tensor without those dead values."""
+    floor = _log_median([v[1] for nz, v in zip(nonzero.tolist(), values.tolist(), strict=True) if nz]) * DEAD_RATIO
+    mask = dead_bins(bins, floor)
+    # only where the tensor's own low percentile is dead: a live tensor's far tail is not a dead part
+    dead = counts[:, mask].sum(dim=1) * (values[:, 0] < floor)
+    live_counts = counts.clone()
+    live_counts[(dead > 0).nonzero()[:, 0].unsqueeze(1), mask.nonzero()[:, 0]] = 0
+    live = batched_quantile(live_counts, q, bins, exclude_zeros=True, rule="n")
+    return floor, dead, live
+
+
+def _apply_rule(
+    rows: Sequence[EpsRow], live: Tensor, rel: float, drop_dead: bool
+) -> tuple[EpsBounds, EpsBounds | None, EpsBounds]:
+    """``(paper, without_dead, chosen)``: the rule over every tensor with a nonzero value;
+    over the tensors not excluded, without their dead values (None when none of them has
+    any); and the one asked for (``drop_dead``: the latter, else the rule over the tensors
+    not excluded, dead values counted)."""
+    paper = _bounds([(r.name, r.low, r.high) for r in rows if r.nonzero], rel)
+    kept_live = [
+        (r.name, float(v[0]), float(v[1]))
+        for r, v in zip(rows, live, strict=True)
+        if not r.excluded and r.nonzero > r.dead
+    ]
+    without_dead = _bounds(kept_live, rel) if kept_live and any(r.dead for r in rows if not r.excluded) else None
+    if drop_dead:
+        chosen_rows = kept_live
+    else:
+        chosen_rows = [(r.name, r.low, r.high) for r in rows if r.nonzero and not r.excluded]
+    if not chosen_rows:
+        raise ValueError("eps_range: exclude= and drop_dead leave no tensor with a nonzero value")
+    return paper, without_dead, _bounds(chosen_rows, rel)
+
+
+def _warn_if_clamped(chosen: EpsBounds, bins: LogBins) -> bool:
+    """Whether a chosen bound lies in the below/above-range bin, where it is only known to be
+    ``< bins.low`` or ``>= bins.high``; warns (at the caller of eps_range_from_counts) if so."""
+    clamped = chosen.low_raw <= bins.low or chosen.high_raw >= bins.high
+    if clamped:
+        warnings.warn(
+            f"eps_range: a percentile lies outside the histogram range [{bins.low:.3g}, {bins.high:.3g}) "
+            f"(low={chosen.low_raw:.3g}, high={chosen.high_raw:.3g} are range bounds, not values); "
+            "use LogBins with a wider range; the result is marked ambiguous",
+            stacklevel=3,
+        )
+    return clamped
 
 
 def _check_nonempty(names: Sequence[str], numel: list[int], nonzero: list[int]) -> None:

@@ -160,9 +160,12 @@ def _check_args(
     clip_grad_norm: float | None,
     steps: int | None,
     percentiles: tuple[float, float] = (0.02, 0.98),
+    model: nn.Module | None = None,
+    exclude: Exclude = None,
 ) -> EpsOptimizer:
     """Every argument, before any batch is drawn: a bad one must not cost a pass (or leave
-    NaN in the weights, as ``weight_decay=inf`` did through ``0 * inf``)."""
+    NaN in the weights, as ``weight_decay=inf`` did through ``0 * inf``); with ``model``,
+    ``exclude`` against the names of its parameters that require grad."""
     spec = _REGISTRY.get(optimizer) if isinstance(optimizer, str) else None
     if spec is None:
         raise ValueError(f"Invalid optimizer: {optimizer!r}; expected one of {', '.join(eps_optimizers())}")
@@ -184,6 +187,8 @@ def _check_args(
         raise ValueError(
             f"Invalid percentiles: low={percentiles[0]!r}, high={percentiles[1]!r}; need 0 <= low <= high <= 1"
         )
+    if model is not None:
+        excluded_names([n for n, p in model.named_parameters() if p.requires_grad], exclude)
     return spec
 
 
@@ -272,30 +277,14 @@ def eps_pass(
     opt = spec.factory(named, betas=tuple(float(b) for b in betas), weight_decay=float(weight_decay), bins=bins)
 
     saved_grads = [p.grad for p in params]
-    negative_zeros = []  # (param, mask), only for the rare params that hold a -0.0
-    with torch.no_grad():
-        for p in params:
-            r = torch.view_as_real(p.detach()) if p.is_complex() else p.detach()
-            mask = (r == 0) & torch.signbit(r)
-            if bool(mask.any()):
-                negative_zeros.append((r, mask))
+    negative_zeros = _negative_zeros(params)
     snapshot = ModelSnapshot(model)
     bar = progress_bar(_length(batches, steps), f"eps-range ({optimizer})", enabled=progress, unit="batch")
     done = 0
     failed = True
     try:
         for batch in batches:
-            for p in params:
-                p.grad = None
-            loss = loss_fn(model, batch)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise TypeError(f"loss_fn must return a one-element Tensor, but got {type(loss).__name__}")
-            loss.backward()
-            _check_grads(params, clip_grad_norm, done)
-            opt.step()
-            with torch.no_grad():
-                for r, mask in negative_zeros:
-                    r.masked_fill_(mask, -0.0)
+            _pass_step(model, batch, loss_fn, opt, params, negative_zeros, clip_grad_norm, done)
             done += 1
             if bar is not None:
                 bar.update(1)
@@ -317,6 +306,46 @@ def eps_pass(
     if done == 0:
         raise ValueError("batches yielded no batch")
     return opt
+
+
+def _negative_zeros(params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """``(values, mask)`` for the rare parameters that hold a -0.0 (real view of a complex
+    one): the pass's ``lr=0`` step adds ``-0.0``, which turns ``-0.0`` into ``+0.0``, so
+    these are set back after every step."""
+    negative_zeros = []
+    with torch.no_grad():
+        for p in params:
+            r = torch.view_as_real(p.detach()) if p.is_complex() else p.detach()
+            mask = (r == 0) & torch.signbit(r)
+            if bool(mask.any()):
+                negative_zeros.append((r, mask))
+    return negative_zeros
+
+
+def _pass_step(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    opt: torch.optim.Optimizer,
+    params: list[Tensor],
+    negative_zeros: list[tuple[Tensor, Tensor]],
+    clip_grad_norm: float | None,
+    done: int,
+) -> None:
+    """One batch of the pass: the gradient of ``loss_fn(model, batch)`` at the unchanged
+    weights, clipped and checked, then the optimizer's zero step (moments and histograms
+    only), and the negative zeros put back."""
+    for p in params:
+        p.grad = None
+    loss = loss_fn(model, batch)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(f"loss_fn must return a one-element Tensor, but got {type(loss).__name__}")
+    loss.backward()
+    _check_grads(params, clip_grad_norm, done)
+    opt.step()
+    with torch.no_grad():
+        for r, mask in negative_zeros:
+            r.masked_fill_(mask, -0.0)
 
 
 def _check_grads(params: list[Tensor], clip_grad_norm: float | None, done: int) -> None:
@@ -376,8 +405,7 @@ def estimate_eps_range(
         sets each bound), per-tensor ``rows``, ``dead``, ``paper``/``without_dead`` (both
         ranges), ``ambiguous``, ``to_dict()``.
     """
-    _check_args(optimizer, betas, weight_decay, clip_grad_norm, steps, (low, high))
-    excluded_names([n for n, p in model.named_parameters() if p.requires_grad], exclude)
+    _check_args(optimizer, betas, weight_decay, clip_grad_norm, steps, (low, high), model, exclude)
     opt = eps_pass(
         model,
         batches,
@@ -390,6 +418,13 @@ def estimate_eps_range(
         progress=progress,
         bins=bins,
     )
+    return _rule_on_last_step(opt, low, high, exclude, drop_dead)
+
+
+def _rule_on_last_step(
+    opt: torch.optim.Optimizer, low: float, high: float, exclude: Exclude, drop_dead: bool
+) -> EpsRange:
+    """The rule of :mod:`fasthist.eps` on the histograms of the pass's last step."""
     names, _, counts = opt.histogram_rows("step")  # type: ignore[attr-defined]
     return eps_range_from_counts(names, counts, opt.bins, low=low, high=high, exclude=exclude, drop_dead=drop_dead)  # type: ignore[attr-defined]
 

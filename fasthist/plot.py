@@ -118,6 +118,52 @@ def _log_part(h: Histogram, per_binade: int) -> tuple[np.ndarray, np.ndarray]:
     return counts, edges
 
 
+def _padded_xlim(lo: float, hi: float, eps: float | None, eps_range: EpsRange | None) -> tuple[float, float]:
+    """x limits that show the data ``[lo, hi]``, ``eps`` and the range, with a factor 3 margin."""
+    marks = [v for v in (eps, eps_range.low if eps_range else None, eps_range.high if eps_range else None) if v]
+    return min([lo, *marks]) / 3, max([hi, *marks]) * 3
+
+
+def _draw_histogram(
+    ax: Axes, name: str, h: Histogram, eps: float | None, eps_range: EpsRange | None, dead: int, per_binade: int
+) -> tuple[float, float] | None:
+    """One panel of :func:`histograms`: the log bins as shares of the tensor's elements (its
+    ``dead`` values, bins wholly below ``eps_range.dead_floor``, in orange), its 2% and 98%
+    points, ``eps`` and the range, and the title. Returns the extent of the nonzero bins
+    (lower edge of the first, upper edge of the last), None when all are empty."""
+    counts, edges = _log_part(h, per_binade)
+    n = max(h.count, 1)
+    nz = np.nonzero(counts)[0]
+    if dead:
+        # the numerically dead part (bins wholly below the floor) in its own colour
+        below = edges[1:] <= eps_range.dead_floor  # type: ignore[union-attr]
+        ax.stairs(np.where(below, counts, 0) / n, edges, fill=True, color=_DEAD_COLOR, alpha=0.9, label=_DEAD_LABEL)
+        counts = np.where(below, 0, counts)
+    ax.stairs(counts / n, edges, fill=True, color="#1f77b4", alpha=0.8)
+    extent = None
+    if len(nz):
+        extent = (edges[nz[0]], edges[nz[-1] + 1])
+        q = batched_quantile(
+            h.counts.unsqueeze(0).cpu(),
+            torch.tensor([0.02, 0.98], dtype=torch.float64),
+            h.bins,
+            exclude_zeros=True,
+            rule="n",
+        )[0]
+        for k, v in enumerate(q.tolist()):
+            ax.axvline(v, color="#555555", ls=":", lw=1.0, label=_PCT_LABEL if k == 0 else None)
+    _mark(ax, eps, eps_range, label=True)
+    ax.set_xscale("log")
+    zero = h.zero_count / n
+    above = f", {100 * h.fraction_above(eps):.0f}% > ε" if eps is not None else ""
+    flag = f", {100 * dead / max(h.count - h.zero_count, 1):.0f}% dead" if dead else ""
+    ax.set_title(f"{name} ({h.count:,}; {100 * zero:.0f}% zero{flag}{above})", fontsize=8)
+    if dead:
+        ax.title.set_color(_DEAD_COLOR)
+    ax.tick_params(labelsize=7)
+    return extent
+
+
 def histograms(
     source: Any,
     *,
@@ -151,46 +197,15 @@ def histograms(
     dead_rows = {r.name: r.dead for r in eps_range.rows} if eps_range is not None else {}
     lo_all, hi_all = math.inf, 0.0
     for ax, name in zip(axes.flat, chosen, strict=False):
-        h = hists[name]
-        counts, edges = _log_part(h, per_binade)
-        n = max(h.count, 1)
-        nz = np.nonzero(counts)[0]
-        dead = dead_rows.get(name, 0)
-        if dead:
-            # the numerically dead part (bins wholly below the floor) in its own colour
-            below = edges[1:] <= eps_range.dead_floor  # type: ignore[union-attr]
-            ax.stairs(np.where(below, counts, 0) / n, edges, fill=True, color=_DEAD_COLOR, alpha=0.9, label=_DEAD_LABEL)
-            counts = np.where(below, 0, counts)
-        ax.stairs(counts / n, edges, fill=True, color="#1f77b4", alpha=0.8)
-        if len(nz):
-            lo_all = min(lo_all, edges[nz[0]])
-            hi_all = max(hi_all, edges[nz[-1] + 1])
-            q = batched_quantile(
-                h.counts.unsqueeze(0).cpu(),
-                torch.tensor([0.02, 0.98], dtype=torch.float64),
-                h.bins,
-                exclude_zeros=True,
-                rule="n",
-            )[0]
-            for k, v in enumerate(q.tolist()):
-                ax.axvline(v, color="#555555", ls=":", lw=1.0, label=_PCT_LABEL if k == 0 else None)
-        _mark(ax, eps, eps_range, label=True)
-        ax.set_xscale("log")
-        zero = h.zero_count / n
-        above = f", {100 * h.fraction_above(eps):.0f}% > ε" if eps is not None else ""
-        flag = f", {100 * dead / max(h.count - h.zero_count, 1):.0f}% dead" if dead else ""
-        ax.set_title(f"{name} ({h.count:,}; {100 * zero:.0f}% zero{flag}{above})", fontsize=8)
-        if dead:
-            ax.title.set_color(_DEAD_COLOR)
-        ax.tick_params(labelsize=7)
+        extent = _draw_histogram(ax, name, hists[name], eps, eps_range, dead_rows.get(name, 0), per_binade)
+        if extent is not None:
+            lo_all, hi_all = min(lo_all, extent[0]), max(hi_all, extent[1])
     for ax in list(axes.flat)[len(chosen) :]:
         ax.set_visible(False)
     if math.isfinite(lo_all):
-        marks = [v for v in (eps, eps_range.low if eps_range else None, eps_range.high if eps_range else None) if v]
-        lo = min([lo_all, *marks]) / 3
-        hi = max([hi_all, *marks]) * 3
+        xlim = _padded_xlim(lo_all, hi_all, eps, eps_range)
         for ax in axes.flat:
-            ax.set_xlim(lo, hi)
+            ax.set_xlim(*xlim)
     for ax in axes[-1]:
         ax.set_xlabel("√v̂", fontsize=8)
     for ax in axes[:, 0]:
@@ -244,8 +259,7 @@ def adaptability(
     _mark(ax, eps, eps_range, label=True)
     ax.set_xscale("log")
     if math.isfinite(lo_all):
-        marks = [v for v in (eps, eps_range.low if eps_range else None, eps_range.high if eps_range else None) if v]
-        ax.set_xlim(min([lo_all, *marks]) / 3, max([hi_all, *marks]) * 3)
+        ax.set_xlim(*_padded_xlim(lo_all, hi_all, eps, eps_range))
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("ε")
     ax.set_ylabel("share of √v̂ above ε (adaptive)")

@@ -90,10 +90,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     task = get_task(args.task, seed=args.seed, device=device)
     model = task.model()
-    try:
-        excluded_names([n for n, p in model.named_parameters() if p.requires_grad], args.exclude)
-    except ValueError as e:
-        raise UsageError(f"--exclude: {e}") from None
+    _check_exclude(model, args.exclude)
     batches = task.batches(0)
     n = len(batches) if args.steps is None else min(args.steps, len(batches))
     opt = eps_pass(
@@ -136,15 +133,20 @@ def run(args: argparse.Namespace) -> int:
         "eps_range": rng.to_dict(),
         "tensors": rows,
     }
-    outputs = Outputs(folder, FILES)
-    try:
+    with Outputs(folder, FILES) as outputs:
         outputs.write_result("eps_range.json", "eps-range", fields)
         figures = draw_figures(outputs, _figures(opt, rng, args.task), args.no_figures)
-        outputs.commit()
-    finally:
-        outputs.discard()
     report_written(folder, ["eps_range.json", *figures], t0)
     return 0
+
+
+def _check_exclude(model: torch.nn.Module, patterns: list[str] | None) -> None:
+    """``--exclude`` against the model's trainable tensors, before the pass: a pattern that
+    matches none is a usage error."""
+    try:
+        excluded_names([n for n, p in model.named_parameters() if p.requires_grad], patterns)
+    except ValueError as e:
+        raise UsageError(f"--exclude: {e}") from None
 
 
 def _print_summary(rows: list[dict], rng: EpsRange, grid: list[float], inside: list[float]) -> None:

@@ -99,6 +99,9 @@ class Outputs:
     under ``--no-figures``) are removed at the commit, so the folder never mixes two runs.
     Other files in ``folder`` are not touched. The renames run with Ctrl-C held back; only a
     crash of the machine or a SIGKILL during them (microseconds) can leave a mix.
+
+    As a context manager (``with Outputs(folder, names) as outputs:``) it commits when the
+    block ends normally and discards the staging folder however it ends.
     """
 
     def __init__(self, folder: Path, names: Sequence[str]) -> None:
@@ -133,6 +136,17 @@ class Outputs:
 
     def discard(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """Commits when the block ends normally; the staging folder goes in every case."""
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
+            self.discard()
 
 
 def draw_figures(outputs: Outputs, draw: Sequence[tuple[str, Callable[[str], Any]]], skip: bool = False) -> list[str]:

@@ -168,7 +168,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..estimate import estimate_eps_range, grid_inside
+    from ..estimate import grid_inside
     from ..tasks import get_task
 
     device = resolve_device(args.device)
@@ -183,14 +183,7 @@ def run(args: argparse.Namespace) -> int:
         f"Adam lr {lr:g}, {epochs} epoch(s) ({per_run} steps) per run, seeds {args.seed}..{args.seed + args.seeds - 1}, "
         f"ε grid {decades(grid)}, {device}"
     )
-    rng = estimate_eps_range(
-        task.model(),
-        task.batches(0),
-        task.loss,
-        steps=args.steps,
-        clip_grad_norm=task.clip_grad_norm,
-        progress=not args.quiet,
-    )
+    rng = _initial_range(task, args)
     inside = grid_inside(grid, rng)
     print(f"estimated ε range at the initial weights (seed {args.seed}): [{rng.low:.0e}, {rng.high:.0e}]")
 
@@ -222,15 +215,26 @@ def run(args: argparse.Namespace) -> int:
         "verdict": verdict_text(verdict, rng, task.metric, "%" if task.metric == "accuracy" else ""),
         "seconds": seconds,  # the range and the training runs; not the figures
     }
-    outputs = Outputs(folder, FILES)
-    try:
+    with Outputs(folder, FILES) as outputs:
         payload = outputs.write_result("sweep.json", "sweep", fields)
         figures = draw_figures(outputs, _figures(payload, traces, verdict, grid, args.task), args.no_figures)
-        outputs.commit()
-    finally:
-        outputs.discard()
     report_written(folder, ["sweep.json", *figures], t_start)
     return 0
+
+
+def _initial_range(task: Any, args: argparse.Namespace) -> EpsRange:
+    """The range the sweep checks: the rule at the first seed's initial weights, over one
+    epoch of its data (at most ``--steps`` batches), clipped as the task trains."""
+    from ..estimate import estimate_eps_range
+
+    return estimate_eps_range(
+        task.model(),
+        task.batches(0),
+        task.loss,
+        steps=args.steps,
+        clip_grad_norm=task.clip_grad_norm,
+        progress=not args.quiet,
+    )
 
 
 def _settings(args: argparse.Namespace, task: Any) -> tuple[list[float], int, float, int]:

@@ -68,6 +68,35 @@ def _buckets(c: np.ndarray, bins: Any, scale: str) -> tuple[list[float], list[fl
     return limits[a:b].tolist(), counts[a:b].astype(np.float64).tolist(), float(lefts[a]), float(limits[b - 1])
 
 
+def _bin_values(bins: Any, scale: str) -> np.ndarray:
+    """Each bin's value on the axis of ``scale``, for ``sum`` and ``sum_squares``: its
+    representative (``"linear"``), or that value's log10 (``"log10"``), with zeros and
+    below-range values at ``log10(bins.low) - 0.5``; non-finite ones count as 0."""
+    reps = bins.representatives.numpy()
+    if scale == "linear":
+        return np.where(np.isfinite(reps), reps, 0.0)
+    vals = np.where(reps > 0, np.log10(np.where(reps > 0, reps, 1.0)), math.log10(bins.low) - 0.5)
+    return np.where(np.isfinite(vals), vals, 0.0)
+
+
+def _add_histogram(writer: Any, tag: str, c: np.ndarray, bins: Any, scale: str, vals: np.ndarray, step: int) -> None:
+    """One tensor's counts ``c`` as a raw TensorBoard histogram (nothing when all are empty)."""
+    limits, bucket_counts, lo, hi = _buckets(c, bins, scale)
+    if not limits:
+        return
+    writer.add_histogram_raw(
+        tag,
+        min=lo,
+        max=hi,
+        num=int(c.sum()),
+        sum=float((c * vals).sum()),
+        sum_squares=float((c * vals * vals).sum()),
+        bucket_limits=limits,
+        bucket_counts=bucket_counts,
+        global_step=step,
+    )
+
+
 def log_histograms(
     writer: Any,
     opt: Any,
@@ -105,30 +134,13 @@ def log_histograms(
     host = counts.cpu().numpy()  # the one device-to-host copy: counts only
     qv = q.cpu().numpy()
     reps = bins.representatives.numpy()
-    finite_reps = np.where(np.isfinite(reps), reps, 0.0)
+    vals = _bin_values(bins, scale)
     eps = _group_eps(opt, params)
     out: dict[str, dict[str, float]] = {}
     for i, name in enumerate(names):
         c = host[i]
         n = int(c.sum())
-        limits, bucket_counts, lo, hi = _buckets(c, bins, scale)
-        if limits:
-            if scale == "linear":
-                vals = finite_reps
-            else:
-                vals = np.where(reps > 0, np.log10(np.where(reps > 0, reps, 1.0)), math.log10(bins.low) - 0.5)
-                vals = np.where(np.isfinite(vals), vals, 0.0)
-            writer.add_histogram_raw(
-                f"{prefix}/{name}",
-                min=lo,
-                max=hi,
-                num=n,
-                sum=float((c * vals).sum()),
-                sum_squares=float((c * vals * vals).sum()),
-                bucket_limits=limits,
-                bucket_counts=bucket_counts,
-                global_step=step,
-            )
+        _add_histogram(writer, f"{prefix}/{name}", c, bins, scale, vals, step)
         row = {k: float(v) for k, v in zip(_QNAMES, qv[i], strict=True)}
         row["adaptive"] = float(c[reps > eps[i]].sum() / n) if n and math.isfinite(eps[i]) else math.nan
         out[name] = row

@@ -64,6 +64,70 @@ def adabelief_scale(step: int, beta2: float) -> float:
     return (1 - beta2**step) / (1 - beta2)
 
 
+def _weight_decay(
+    p: Tensor, grad: Tensor, lr: float, weight_decay: float, weight_decouple: bool, fixed_decay: bool
+) -> Tensor:
+    """The weight decay: ``p *= 1 - lr*wd`` (weight_decouple), ``p *= 1 - wd`` (weight_decouple
+    and fixed_decay), else ``g + wd*p``; returns the gradient the moments see."""
+    if weight_decouple:
+        p.mul_(1.0 - (weight_decay if fixed_decay else lr * weight_decay))
+    elif weight_decay != 0:
+        grad = grad.add(p, alpha=weight_decay)  # the package adds in place into p.grad
+    return grad
+
+
+def _moments_(
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_var: Tensor,
+    max_exp_avg_var: Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """``m = beta1*m + (1-beta1)*g``; ``s = beta2*s + (1-beta2)*(g-m)**2 + eps`` (eps enters
+    the state); ``s_max = max(s_max, s)`` when ``max_exp_avg_var`` is given (amsgrad)."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    grad_residual = grad - exp_avg
+    exp_avg_var.mul_(beta2).addcmul_(grad_residual, grad_residual, value=1 - beta2)
+    exp_avg_var.add_(eps)
+    if max_exp_avg_var is not None:
+        torch.max(max_exp_avg_var, exp_avg_var, out=max_exp_avg_var)
+
+
+def _update_(
+    p: Tensor,
+    exp_avg: Tensor,
+    exp_avg_var: Tensor,
+    var: Tensor,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    rectify: bool,
+    degenerated_to_sgd: bool,
+) -> None:
+    """The parameter update of step ``step`` (the kernel's modes): none when ``lr == 0``;
+    ``p -= lr/(1-beta1**t) * m / (sqrt(var)/sqrt(1-beta2**t) + eps)`` unrectified (``var``:
+    s, or s_max with amsgrad); rectified, ``p -= lr*step_size * m / (sqrt(s) + eps)`` when
+    RAdam's ``N_sma >= 5``, else SGD with momentum (degenerated_to_sgd) or nothing."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    if lr == 0:
+        pass  # the update would be 0 * (m / denom): skipped, so eps=0 cannot make 0/0 a NaN
+    elif not rectify:
+        denom = (var.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    else:
+        n_sma, step_size = adabelief_step_size(step, beta1, beta2, degenerated_to_sgd)
+        if n_sma >= 5:
+            denom = exp_avg_var.sqrt().add_(eps)
+            p.addcdiv_(exp_avg, denom, value=-step_size * lr)
+        elif step_size > 0:
+            p.add_(exp_avg, alpha=-step_size * lr)
+
+
 def adabelief_reference(
     params: list[Tensor],
     grads: list[Tensor],
@@ -99,40 +163,12 @@ def adabelief_reference(
         if half:
             grad = grad.float()
         exp_avg, exp_avg_var = exp_avgs[i], exp_avg_vars[i]
-
-        if weight_decouple:
-            p.mul_(1.0 - (weight_decay if fixed_decay else lr * weight_decay))
-        elif weight_decay != 0:
-            grad = grad.add(p, alpha=weight_decay)  # the package adds in place into p.grad
-
+        grad = _weight_decay(p, grad, lr, weight_decay, weight_decouple, fixed_decay)
         state_steps[i] += 1
         step = int(state_steps[i].item())
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        grad_residual = grad - exp_avg
-        exp_avg_var.mul_(beta2).addcmul_(grad_residual, grad_residual, value=1 - beta2)
-        exp_avg_var.add_(eps)
-
-        if amsgrad:
-            max_exp_avg_var = max_exp_avg_vars[i]
-            torch.max(max_exp_avg_var, exp_avg_var, out=max_exp_avg_var)
-
-        if lr == 0:
-            pass  # the update would be 0 * (m / denom): skipped, so eps=0 cannot make 0/0 a NaN
-        elif not rectify:
-            var = max_exp_avg_vars[i] if amsgrad else exp_avg_var
-            denom = (var.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-            p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-        else:
-            n_sma, step_size = adabelief_step_size(step, beta1, beta2, degenerated_to_sgd)
-            if n_sma >= 5:
-                denom = exp_avg_var.sqrt().add_(eps)
-                p.addcdiv_(exp_avg, denom, value=-step_size * lr)
-            elif step_size > 0:
-                p.add_(exp_avg, alpha=-step_size * lr)
-
+        _moments_(grad, exp_avg, exp_avg_var, max_exp_avg_vars[i] if amsgrad else None, beta1, beta2, eps)
+        var = max_exp_avg_vars[i] if amsgrad else exp_avg_var
+        _update_(p, exp_avg, exp_avg_var, var, step, lr, beta1, beta2, eps, rectify, degenerated_to_sgd)
         if half:
             param.copy_(p)
         scales.append(adabelief_scale(step, beta2))
