@@ -76,9 +76,10 @@ __all__ = [
     "smem_word",
 ]
 
-#: Largest ``LogBins.num_bins`` the fused kernels take (the default bins pad to 4096): the
-#: shared histogram holds ``next_power_of_2(num_bins + 1)`` words (16 KB for the default,
-#: 32 KB at this limit). Finer bins run on the reference backend, with a warning.
+#: Largest ``LogBins.num_bins`` the fused kernels take: the shared histogram is at most
+#: :data:`MAX_WINDOW` words (32 KB; the default bins' window of 6,274 words pads to it, one
+#: word per bin at this limit needs 4,097). Finer bins run on the reference backend, with a
+#: warning.
 MAX_BINS = 4096
 
 
