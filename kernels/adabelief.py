@@ -11,14 +11,15 @@ float32), ``p, g, m, s[, s_max]`` loaded once and written once::
     s      = fma((1 - beta2) * r, r, s * beta2)      # exp_avg_var.mul_(beta2).addcmul_(r, r, 1 - beta2)
     s      = s + eps                                 # eps enters the state every step
     s_max  = maximum(s_max, s)                       # amsgrad
-    x      = v / c                                   # v = s_max (amsgrad, not rectify) or s;
-                                                     # c = (1 - beta2**t) / (1 - beta2): histogrammed
+    x      = v * c_inv                               # v = s_max (amsgrad, not rectify) or s;
+                                                     # c_inv = float32(1) / float32((1 - beta2**t) / (1 - beta2)):
+                                                     # histogrammed ((1-beta2)*s_hat within 1.5 ulp)
     mode 3 (rectify=False):  p = p + (scale * m) / (sqrt_rn(v) / sqrt(1 - beta2**t) + eps)
     mode 2 (rectified):      p = p + (scale * m) / (sqrt_rn(s) + eps)
     mode 1 (SGD warm-up):    p = fma(m, scale, p)
     mode 0 (no update, or lr == 0)
 
-``scale``, ``c``, ``decay`` and the mode are per tensor, computed on the host in float64 from
+``scale``, ``c_inv``, ``decay`` and the mode are per tensor, computed on the host in float64 from
 the step count as the reference does (AdaBelief's step counts live on the CPU). The FMAs are
 the ones torch's CPU kernels make, so ``m``, ``s``, ``s_max`` and the histograms match the
 reference backend bit for bit, and ``p`` within three ulp of the update (torch's CPU sqrt is
@@ -34,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fasthist.reference.adabelief import adabelief_reference, adabelief_scale, adabelief_step_size
+from fasthist.reference.adabelief import adabelief_reference, adabelief_scale_inv, adabelief_step_size
 from fasthist.target import HistTarget
 
 from ._common import (
@@ -68,7 +69,7 @@ def _adabelief_chunk(
     decay,
     scale,
     sqrt_bc2,
-    c,
+    c_inv,
     mode,
     beta1,
     one_minus_beta1,
@@ -127,7 +128,7 @@ def _adabelief_chunk(
             if not RECTIFY:
                 v = smax
         # v == 0 is zero; a nonzero v whose quotient underflows is below range (as the reference)
-        x = tl.div_rn(v, c)
+        x = v * c_inv
         # (x >= 0 or NaN; min(v, 2**-149) is 0 for v == 0, else 2**-149, below every range)
         tiny = tl.full(v.shape, 1, tl.int32).to(tl.float32, bitcast=True)
         x = tl.maximum(x, tl.minimum(v, tiny), propagate_nan=tl.PropagateNan.ALL)
@@ -167,7 +168,7 @@ def _adabelief_hist_kernel(
     table_ptr,  # int64 [n, 7]: param, grad, exp_avg, exp_avg_var, max_exp_avg_var, numel, slot
     chunk_ptr,  # int64 [num_chunks, 2]: table row, first element
     scratch_ptr,  # int64 [num_slots, NUM_BINS]
-    coef_ptr,  # float32 [num_slots, 5]: decay, scale, sqrt(1 - beta2**t), c, mode
+    coef_ptr,  # float32 [num_slots, 5]: decay, scale, sqrt(1 - beta2**t), float32(1/c), mode
     beta1,
     one_minus_beta1,
     beta2,
@@ -206,9 +207,9 @@ def _adabelief_hist_kernel(
     decay = tl.load(coef)
     scale = tl.load(coef + 1)
     sqrt_bc2 = tl.load(coef + 2)
-    c = tl.load(coef + 3)
+    c_inv = tl.load(coef + 3)
     mode = tl.load(coef + 4)
-    args = (p_ptr, g_ptr, m_ptr, s_ptr, smax_ptr, numel, decay, scale, sqrt_bc2, c, mode, beta1, one_minus_beta1)
+    args = (p_ptr, g_ptr, m_ptr, s_ptr, smax_ptr, numel, decay, scale, sqrt_bc2, c_inv, mode, beta1, one_minus_beta1)
     if numel == BLOCK * ITERS:  # a full chunk: no masks
         acc = _adabelief_chunk(
             acc, *args, beta2, one_minus_beta2, eps, weight_decay, DTYPE, BLOCK, ITERS, False, ALIGNED, AMSGRAD,
@@ -254,7 +255,7 @@ def _coefficients(
                 mode, scale = 1.0, -step_size * lr
             else:
                 mode, scale = 0.0, 0.0
-        rows.append([decay, scale, bias_correction2**0.5, adabelief_scale(t, beta2), mode])
+        rows.append([decay, scale, bias_correction2**0.5, adabelief_scale_inv(t, beta2), mode])
     return torch.tensor(rows, dtype=torch.float32).reshape(len(steps), 5).to(device, non_blocking=True)
 
 

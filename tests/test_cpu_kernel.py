@@ -55,7 +55,7 @@ def special_values(n: int, seed: int) -> torch.Tensor:
     return x
 
 
-def run_both(monkeypatch, bins, values, scale, found_inf=None, sqrt=True, rows=None):
+def run_both(monkeypatch, bins, values, scale, found_inf=None, sqrt=True, rows=None, reciprocal=False):
     """(step, total) after one call, kernel on and off, from the same starting windows."""
     n = len(values)
     rows = torch.randperm(n + 3)[:n] if rows is None else rows
@@ -64,7 +64,7 @@ def run_both(monkeypatch, bins, values, scale, found_inf=None, sqrt=True, rows=N
     for flag in ("1", "0"):
         monkeypatch.setenv("FASTHIST_CPU_KERNEL", flag)
         target = HistTarget(bins, start[0].clone(), start[1].clone(), rows)
-        accumulate_(target, values, scale, found_inf, sqrt=sqrt)
+        accumulate_(target, values, scale, found_inf, sqrt=sqrt, reciprocal=reciprocal)
         out.append((target.step, target.total))
     return out
 
@@ -173,3 +173,21 @@ def test_optimizers_match_torch_ops(monkeypatch, info, config):
     assert torch.equal(step1, step0)
     assert torch.equal(total1, total0)
     assert int(step1.sum()) == sum(p.numel() for p in p1)
+
+
+@pytest.mark.parametrize("sqrt", [True, False])
+@pytest.mark.parametrize("scale_kind", ["below_one", "tiny", "tensor"])
+def test_reciprocal_scales_match_torch_ops(monkeypatch, sqrt, scale_kind):
+    """``reciprocal=True`` (AdaBelief's multiplier): one IEEE multiply on both paths, and a
+    nonzero value whose product underflows counted below range on both."""
+    sizes = SIZE_SETS["mixed"]
+    values = [special_values(n, seed=i) for i, n in enumerate(sizes)]
+    g = torch.Generator().manual_seed(8)
+    scale = {
+        "below_one": (torch.rand(len(sizes), generator=g, dtype=torch.float64) * 0.99 + 0.01).tolist(),
+        "tiny": [2.0**-100] * len(sizes),  # products of small values underflow
+        "tensor": torch.rand(len(sizes), generator=g) + 0.5,
+    }[scale_kind]
+    (s1, t1), (s0, t0) = run_both(monkeypatch, LogBins(), values, scale, sqrt=sqrt, reciprocal=True)
+    assert torch.equal(s1, s0)
+    assert torch.equal(t1, t0)

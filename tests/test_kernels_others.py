@@ -31,7 +31,7 @@ from torch import Tensor
 
 pytest.importorskip("triton")
 
-from fasthist.reference.adabelief import adabelief_reference  # noqa: E402
+from fasthist.reference.adabelief import adabelief_reference, adabelief_scale_inv  # noqa: E402
 from fasthist.reference.adagrad import adagrad_reference  # noqa: E402
 from fasthist.reference.rmsprop import rmsprop_reference  # noqa: E402
 
@@ -184,7 +184,7 @@ def adabelief_oracle(kw):
         out = []
         for i, t in enumerate(steps):
             v = state["max_exp_avg_vars"][i] if use_max else state["exp_avg_vars"][i]
-            out.append(v.float() / torch.tensor((1 - beta2**t) / (1 - beta2), dtype=torch.float32))
+            out.append(v.float() * torch.tensor(adabelief_scale_inv(int(t), beta2), dtype=torch.float32))
         return out
 
     return values

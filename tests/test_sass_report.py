@@ -6,11 +6,10 @@ shared-memory one, hot loop <= 1.25x the untracked kernel's, whole kernel <= 1.3
 <= 128 registers. The committed reports for Triton 3.6, 3.7, 3.8 and 3.9 are in
 ``bench/results/sass-triton-*.json``.
 
-The known misses are marked strict xfail (they must fail; if one starts passing, its mark
-goes): AdaBelief histograms ``(1 - beta2) * s_hat = v / c``, an IEEE division per element that
-the update does not share (about 14 instructions per element), plus the rule that a nonzero
-``v`` whose quotient underflows is counted below range (2 more): 1.37x (float32) and 1.27x
-(bfloat16) in the hot loop.
+A known miss, if one is ever accepted, is marked strict xfail with its reason (it must
+fail; if it starts passing, the mark goes). None at present: AdaBelief, whose histogram of
+``(1 - beta2) * s_hat`` once cost an IEEE division per element, now multiplies by the
+host-rounded reciprocal on every backend.
 """
 
 from __future__ import annotations
@@ -31,10 +30,7 @@ except ImportError as e:
     pytest.skip(f"no NVIDIA backend in this Triton: {e}", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
-KNOWN_MISSES = {
-    ("adabelief", "float32"): "an IEEE division per element for the histogram only",
-    ("adabelief", "bfloat16"): "the same division; 1.27x against 1.25x",
-}
+KNOWN_MISSES: dict[tuple[str, str], str] = {}  # (kernel, dtype): why; none at present
 ROWS = [
     (k, d)
     for k in ("adam", "adamw", "rmsprop", "adagrad", "adabelief")

@@ -94,6 +94,7 @@ def accumulate_(
     found_inf: Tensor | None = None,
     *,
     sqrt: bool = True,
+    reciprocal: bool = False,
 ) -> bool:
     """:func:`fasthist.reference.histogram.accumulate_` on CPU tensors, if this kernel can
     take the call: returns False (having done nothing) when it is off or unavailable, or for
@@ -118,6 +119,7 @@ def accumulate_(
             [v.detach().contiguous() for v in flat],
             [float(c) for c in scale],
             sqrt,
+            reciprocal,
             bins.shift,
             bins.low_key,
             bins.num_log_bins,

@@ -52,7 +52,7 @@ inline float load(c10::BFloat16 v) {
 inline float load(c10::Half v) { return c10::detail::fp16_ieee_to_fp32_value(v.x); }
 
 // Bins of n (<= BLOCK) elements into out; returns the span [lo, hi] they touch.
-template <typename T, bool SQRT, bool DIV>
+template <typename T, bool SQRT, bool DIV, bool MUL>
 inline __attribute__((always_inline)) void bins_impl(const T* __restrict v, int64_t n, float c, Layout L,
                                                      int32_t* __restrict out, int32_t* lo, int32_t* hi) {
   int32_t mn = L.num_bins, mx = -1;
@@ -64,6 +64,7 @@ inline __attribute__((always_inline)) void bins_impl(const T* __restrict v, int6
                                                 // value whose quotient underflows is below range
     if (SQRT) x = __builtin_sqrtf(x);
     if (DIV) x = x / c;
+    if (MUL) x = x * c;  // reciprocal scales: one IEEE multiply
     uint32_t bits;
     std::memcpy(&bits, &x, 4);
     bits &= ABS_MASK;
@@ -89,30 +90,34 @@ inline __attribute__((always_inline)) void bins_impl(const T* __restrict v, int6
 #endif
 
 #define FASTHIST_BINS(NAME, T)                                                                                 \
-  FASTHIST_CLONES void NAME(const T* v, int64_t n, float c, bool sq, bool dv, Layout L, int32_t* out,        \
+  FASTHIST_CLONES void NAME(const T* v, int64_t n, float c, bool sq, bool dv, bool mu, Layout L, int32_t* out, \
                             int32_t* lo, int32_t* hi) {                                                      \
     if (sq && dv)                                                                                            \
-      bins_impl<T, true, true>(v, n, c, L, out, lo, hi);                                                     \
+      bins_impl<T, true, true, false>(v, n, c, L, out, lo, hi);                                              \
+    else if (sq && mu)                                                                                       \
+      bins_impl<T, true, false, true>(v, n, c, L, out, lo, hi);                                              \
     else if (sq)                                                                                             \
-      bins_impl<T, true, false>(v, n, c, L, out, lo, hi);                                                    \
+      bins_impl<T, true, false, false>(v, n, c, L, out, lo, hi);                                             \
     else if (dv)                                                                                             \
-      bins_impl<T, false, true>(v, n, c, L, out, lo, hi);                                                    \
+      bins_impl<T, false, true, false>(v, n, c, L, out, lo, hi);                                             \
+    else if (mu)                                                                                             \
+      bins_impl<T, false, false, true>(v, n, c, L, out, lo, hi);                                             \
     else                                                                                                     \
-      bins_impl<T, false, false>(v, n, c, L, out, lo, hi);                                                   \
+      bins_impl<T, false, false, false>(v, n, c, L, out, lo, hi);                                            \
   }
 FASTHIST_BINS(bins_f32, float)
 FASTHIST_BINS(bins_bf16, c10::BFloat16)
 FASTHIST_BINS(bins_f16, c10::Half)
 
-void bins_block(const at::Tensor& t, int64_t begin, int64_t n, float c, bool sq, bool dv, const Layout& L,
+void bins_block(const at::Tensor& t, int64_t begin, int64_t n, float c, bool sq, bool dv, bool mu, const Layout& L,
                 int32_t* out, int32_t* lo, int32_t* hi) {
   switch (t.scalar_type()) {
     case at::kFloat:
-      return bins_f32(t.const_data_ptr<float>() + begin, n, c, sq, dv, L, out, lo, hi);
+      return bins_f32(t.const_data_ptr<float>() + begin, n, c, sq, dv, mu, L, out, lo, hi);
     case at::kBFloat16:
-      return bins_bf16(t.const_data_ptr<c10::BFloat16>() + begin, n, c, sq, dv, L, out, lo, hi);
+      return bins_bf16(t.const_data_ptr<c10::BFloat16>() + begin, n, c, sq, dv, mu, L, out, lo, hi);
     default:
-      return bins_f16(t.const_data_ptr<c10::Half>() + begin, n, c, sq, dv, L, out, lo, hi);
+      return bins_f16(t.const_data_ptr<c10::Half>() + begin, n, c, sq, dv, mu, L, out, lo, hi);
   }
 }
 
@@ -124,7 +129,7 @@ struct Range {
 };
 
 // Elements [a, b) of tensor t into dst (int64, num_bins); returns the span of bins touched.
-void count_segment(const at::Tensor& t, int64_t a, int64_t b, float c, bool sq, bool dv, const Layout& L,
+void count_segment(const at::Tensor& t, int64_t a, int64_t b, float c, bool sq, bool dv, bool mu, const Layout& L,
                    uint32_t* hist, int32_t* idx, int64_t* dst, int32_t* span_lo, int32_t* span_hi) {
   const int64_t nb = L.num_bins;
   for (int64_t f0 = a; f0 < b; f0 += FLUSH) {
@@ -133,7 +138,7 @@ void count_segment(const at::Tensor& t, int64_t a, int64_t b, float c, bool sq, 
     for (int64_t j0 = f0; j0 < f1; j0 += BLOCK) {
       const int64_t n = std::min(BLOCK, f1 - j0);
       int32_t blo, bhi;
-      bins_block(t, j0, n, c, sq, dv, L, idx, &blo, &bhi);
+      bins_block(t, j0, n, c, sq, dv, mu, L, idx, &blo, &bhi);
       lo = std::min(lo, blo);
       hi = std::max(hi, bhi);
       int64_t j = 0;
@@ -154,7 +159,7 @@ void count_segment(const at::Tensor& t, int64_t a, int64_t b, float c, bool sq, 
   }
 }
 
-void histogram_(at::TensorList values, at::ArrayRef<double> scale, bool sqrt, int64_t shift, int64_t low_key,
+void histogram_(at::TensorList values, at::ArrayRef<double> scale, bool sqrt, bool reciprocal, int64_t shift, int64_t low_key,
                 int64_t num_log_bins, const at::Tensor& rows, const at::Tensor& step, const at::Tensor& total) {
   const int64_t nt = int64_t(values.size());
   const Layout L{int32_t(shift), int32_t(low_key), int32_t(2 + num_log_bins), int32_t(3 + num_log_bins),
@@ -185,7 +190,7 @@ void histogram_(at::TensorList values, at::ArrayRef<double> scale, bool sqrt, in
   std::vector<float> c32(nt);
   bool div = false;
   for (int64_t i = 0; i < nt; ++i) {
-    c32[i] = float(scale[i]);  // float32(c): round to nearest, as the reference divides
+    c32[i] = float(scale[i]);  // float32(c): round to nearest, as the reference divides (or multiplies)
     div = div || c32[i] != 1.0f;
   }
 
@@ -222,7 +227,7 @@ void histogram_(at::TensorList values, at::ArrayRef<double> scale, bool sqrt, in
           ++ncut;
         }
         int32_t lo = L.num_bins, hi = -1;
-        count_segment(values[i], a, b, c32[i], sqrt, div && c32[i] != 1.0f, L, hist.data(), idx.data(), dst, &lo,
+        count_segment(values[i], a, b, c32[i], sqrt, !reciprocal && div && c32[i] != 1.0f, reciprocal && c32[i] != 1.0f, L, hist.data(), idx.data(), dst, &lo,
                       &hi);
         if (whole) {
           int64_t* tot = total_p + row[i] * total_rs;
@@ -261,7 +266,7 @@ void histogram_(at::TensorList values, at::ArrayRef<double> scale, bool sqrt, in
 
 TORCH_LIBRARY(fasthist, m) {
   m.def(
-      "histogram_(Tensor[] values, float[] scale, bool sqrt, int shift, int low_key, int num_log_bins, "
+      "histogram_(Tensor[] values, float[] scale, bool sqrt, bool reciprocal, int shift, int low_key, int num_log_bins, "
       "Tensor rows, Tensor(a!) step, Tensor(b!) total) -> ()");
 }
 

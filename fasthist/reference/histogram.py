@@ -85,23 +85,28 @@ def _values_into_(flat: Tensor, views: list[Tensor], sizes: tuple[int, ...], sqr
     return parts
 
 
-def _divide_(parts: list[Tensor], scale) -> None:
+def _divide_(parts: list[Tensor], scale, reciprocal: bool = False) -> None:
+    """``parts[i] /= scale[i]`` (``*=`` with ``reciprocal``), in float32."""
+    op = torch._foreach_mul_ if reciprocal else torch._foreach_div_
     if isinstance(scale, Tensor):
-        torch._foreach_div_(parts, list(scale.to(torch.float32).unbind()))
+        op(parts, list(scale.to(torch.float32).unbind()))
     elif any(c != 1.0 for c in scale):
-        torch._foreach_div_(parts, scale)
+        op(parts, scale)
 
 
-def _narrow_counts(target: HistTarget, views: list[Tensor], scale, sqrt: bool) -> Tensor:
+def _narrow_counts(target: HistTarget, views: list[Tensor], scale, sqrt: bool, reciprocal: bool = False) -> Tensor:
     """[len(views), num_bins] counts of float32 (or narrower) ``views``, binned in float32."""
     device, bins = target.step.device, target.bins
     sizes = tuple(v.numel() for v in views)
     flat, keys, zero, seg = _workspace(target, sizes)
     parts = _values_into_(flat, views, sizes, sqrt)
-    key0_is_zero = sqrt and not isinstance(scale, Tensor) and all(0.0 < c <= 1.0 for c in scale)
+    # sqrt(v) >= 3.7e-23 for v > 0: divided by c <= 1 (multiplied by c >= 1) it cannot underflow
+    key0_is_zero = (
+        sqrt and not isinstance(scale, Tensor) and all((c >= 1.0) if reciprocal else (0.0 < c <= 1.0) for c in scale)
+    )
     if not key0_is_zero:  # zero before the division: a quotient that underflows is below range
         torch.eq(flat, 0, out=zero)
-    _divide_(parts, scale)
+    _divide_(parts, scale, reciprocal)
     bits = flat.view(torch.int32).bitwise_and_(0x7FFFFFFF)
     bits.bitwise_right_shift_(bins.shift)
     table = bins.key_table_on(device, key0_is_zero=key0_is_zero)
@@ -118,7 +123,7 @@ def _narrow_counts(target: HistTarget, views: list[Tensor], scale, sqrt: bool) -
     return delta.view(len(sizes), bins.num_bins)
 
 
-def _wide_counts(target: HistTarget, views: list[Tensor], scale, sqrt: bool) -> Tensor:
+def _wide_counts(target: HistTarget, views: list[Tensor], scale, sqrt: bool, reciprocal: bool = False) -> Tensor:
     """[len(views), num_bins] counts of float64 ``views``, computed and binned in float64."""
     rows = []
     for i, v in enumerate(views):
@@ -127,7 +132,7 @@ def _wide_counts(target: HistTarget, views: list[Tensor], scale, sqrt: bool) -> 
             _sqrt_rn_(x)
         c = scale[i].to(torch.float64) if isinstance(scale, Tensor) else scale[i]
         zero = x == 0
-        x = x / c
+        x = x * c if reciprocal else x / c
         x[zero] = 0.0  # zero before the division, as for float32: an underflow is below range
         x[(x == 0) & ~zero] = torch.finfo(torch.float64).tiny * 0.5  # any subnormal: below range
         rows.append(target.bins.count(x))
@@ -141,8 +146,10 @@ def accumulate_(
     found_inf: Tensor | None = None,
     *,
     sqrt: bool = True,
+    reciprocal: bool = False,
 ) -> None:
-    """Histogram ``sqrt(values[i]) / scale[i]`` of every tensor into its row of ``target``.
+    """Histogram ``sqrt(values[i]) / scale[i]`` of every tensor into its row of ``target``
+    (``sqrt(values[i]) * scale[i]`` with ``reciprocal``: one IEEE multiply, no division).
 
     ``scale`` is a list of floats (host) or a float tensor of ``len(values)`` on the device.
     A DTensor is histogrammed by its local shard (merged across ranks by
@@ -156,12 +163,12 @@ def accumulate_(
             raise RuntimeError(
                 f"fasthist: all tensors of one backend call must be on {device}, but got one on {v.device}"
             )
-    if device.type == "cpu" and csrc.accumulate_(target, values, scale, found_inf, sqrt=sqrt):
+    if device.type == "cpu" and csrc.accumulate_(target, values, scale, found_inf, sqrt=sqrt, reciprocal=reciprocal):
         return  # the compiled pass (fasthist/csrc): the same bins, one parallel sweep
     flat_views = [torch.view_as_real(v).reshape(-1) if v.is_complex() else v.reshape(-1) for v in values]
     wide = [i for i, v in enumerate(flat_views) if v.dtype == torch.float64]
     if not wide:
-        delta = _narrow_counts(target, flat_views, scale, sqrt)
+        delta = _narrow_counts(target, flat_views, scale, sqrt, reciprocal)
     else:
         narrow = [i for i in range(len(flat_views)) if flat_views[i].dtype != torch.float64]
         delta = torch.empty(len(flat_views), target.bins.num_bins, dtype=torch.int64, device=device)
@@ -172,7 +179,7 @@ def accumulate_(
                     if isinstance(scale, Tensor)
                     else [scale[i] for i in idx]
                 )
-                delta[idx] = counts(target, [flat_views[i] for i in idx], sub_scale, sqrt)
+                delta[idx] = counts(target, [flat_views[i] for i in idx], sub_scale, sqrt, reciprocal)
     rows = target.rows
     if found_inf is None:
         target.step.index_copy_(0, rows, delta)
