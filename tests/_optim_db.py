@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 import fasthist
+from fasthist.reference.adabelief import adabelief_scale_inv
 
 STEPS = 60
 # A matrix, a vector, an odd 3-d shape (no tensor is a multiple of a block), a 0-d scalar.
@@ -77,12 +78,11 @@ def adagrad_value(state: dict, group: dict) -> Tensor:
 
 
 def adabelief_value(state: dict, group: dict) -> Tensor:
-    """(1-beta2) * s_hat = s / ((1 - beta2**t) / (1 - beta2))."""
+    """(1-beta2) * s_hat = s * float32(1 / ((1 - beta2**t) / (1 - beta2))), one float32 multiply."""
     _, beta2 = group["betas"]
     t = int(state["step"])
     v = state["max_exp_avg_var"] if group["amsgrad"] and not group["rectify"] else state["exp_avg_var"]
-    c = torch.tensor((1 - beta2**t) / (1 - beta2), dtype=torch.float32)
-    return v.float() / c
+    return v.float() * torch.tensor(adabelief_scale_inv(t, beta2), dtype=torch.float32)
 
 
 def adabelief_package(params, **kw):

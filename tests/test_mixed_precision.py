@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import fasthist
+from fasthist.reference.adabelief import adabelief_scale_inv
 
 STEPS = 50
 TOL = {torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-5}, torch.float16: {"rtol": 1e-3, "atol": 1e-5}}
@@ -69,7 +70,7 @@ def adabelief_value(opt, p):
     st, group = opt.state[p], opt.param_groups[0]
     beta2, t = group["betas"][1], int(st["step"])
     v = st["max_exp_avg_var"] if group["amsgrad"] and not group["rectify"] else st["exp_avg_var"]
-    return v.float() / torch.tensor((1 - beta2**t) / (1 - beta2), dtype=torch.float32)
+    return v.float() * torch.tensor(adabelief_scale_inv(t, beta2), dtype=torch.float32)
 
 
 def adabelief_package(params, **kw):
