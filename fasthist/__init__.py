@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .histogram import Histogram
     from .recorder import QuantileRecorder, QuantileTrace
     from .rmsprop import RMSprop
+    from .wrapped import unwrap
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
@@ -40,10 +41,11 @@ _EXPORTS = {
     "QuantileRecorder": "recorder",
     "QuantileTrace": "recorder",
     "RMSprop": "rmsprop",
+    "unwrap": "wrapped",
 }
 
 __all__ = ["Adam", "AdamW", "RMSprop", "Adagrad", "AdaBelief", "LogBins", "Histogram", "EpsRange", "EpsRow"]
-__all__ += ["estimate_eps_range", "QuantileRecorder", "QuantileTrace"]
+__all__ += ["estimate_eps_range", "QuantileRecorder", "QuantileTrace", "unwrap"]
 __version__ = "0.1.0"
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .histogram import as_quantiles, batched_quantile
+from .wrapped import unwrap
 
 __all__ = ["QuantileRecorder", "QuantileTrace"]
 
@@ -77,8 +78,7 @@ class QuantileRecorder:
         window: str = "step",
         exclude_zeros: bool = True,
     ) -> None:
-        if not hasattr(opt, "histogram_rows") or not hasattr(opt, "bins"):
-            raise TypeError(f"opt must be a fasthist optimizer, but got {type(opt).__name__}")
+        opt = unwrap(opt)  # a framework's wrapper (Accelerate, Lightning, ...) is fine too
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"Invalid every: {every!r}; expected a positive int")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:

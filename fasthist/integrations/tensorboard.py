@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..histogram import batched_quantile
+from ..wrapped import unwrap
 
 __all__ = ["log_histograms"]
 
@@ -112,7 +113,7 @@ def log_histograms(
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (anything with
             ``add_histogram_raw`` and ``add_scalar``).
-        opt: a fasthist optimizer.
+        opt: a fasthist optimizer, or a framework's wrapper of one (:func:`fasthist.unwrap`).
         step: the global step to log at.
         window: ``"step"`` (the latest update) or ``"total"`` (summed since construction
             or ``reset_histograms()``).
@@ -124,8 +125,7 @@ def log_histograms(
     """
     if scale not in ("linear", "log10"):
         raise ValueError(f"Invalid scale: {scale!r}; expected 'linear' or 'log10'")
-    if not hasattr(opt, "histogram_rows"):
-        raise TypeError(f"opt must be a fasthist optimizer, but got {type(opt).__name__}")
+    opt = unwrap(opt)  # a framework's wrapper (Accelerate, Lightning, ...) is fine too
     names, params, counts = opt.histogram_rows(window)
     if counts is None:
         return {}
