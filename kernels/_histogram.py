@@ -451,7 +451,9 @@ def histogram_strategy(
     if device.type != "cuda":
         return HIST_WORDS
     aligned = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, Tensor))
-    key = (kernel, device, aligned, tuple(sorted(kwargs.items())))
+    # runs every step on the GPU: no sort (a call site builds its kwargs in one order; another
+    # order would only cost one more cache entry, checked once)
+    key = (kernel, device, aligned, tuple(kwargs.items()))
     choice = _STRATEGY.get(key)
     if choice is None:
         try:
