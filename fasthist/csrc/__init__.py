@@ -64,6 +64,7 @@ def _load() -> Any:
             try:
                 path = _installed() or _build.build(_cache_dir())
                 torch.ops.load_library(path)
+                _register_fake()
                 _op, _path = torch.ops.fasthist.histogram_, path
             except Exception as e:  # no compiler, a failed build, a library that does not load
                 _error = f"{type(e).__name__}: {e}"
@@ -74,6 +75,17 @@ def _load() -> Any:
                     stacklevel=3,
                 )
     return _op
+
+
+def _register_fake() -> None:
+    """A fake (meta) kernel, so torch.compile can trace a step that calls the op: it only
+    writes its two int64 windows in place, and returns nothing."""
+    if getattr(torch.library, "register_fake", None) is None:  # torch < 2.4: no compile support
+        return
+
+    @torch.library.register_fake("fasthist::histogram_")
+    def _fake(values, scale, found_inf, sqrt, reciprocal, shift, low_key, num_log_bins, rows, step, total):
+        return None
 
 
 def available() -> bool:
@@ -109,8 +121,30 @@ def accumulate_(
     op = _load()
     if op is None:
         return False
-    if found_inf is not None and bool(found_inf):  # a skipped step leaves both windows as they were
-        return True
+    # one float32 scale per tensor (float32(c), rounded to nearest as the reference divides by
+    # it), and found_inf, go in as CPU tensors: no host value, so torch.compile traces one graph
+    if isinstance(scale, Tensor):
+        scale = scale.to(device="cpu", dtype=torch.float32).reshape(-1).contiguous()
+    else:
+        scale = torch.tensor([float(c) for c in scale], dtype=torch.float32)
+    if found_inf is not None:
+        found_inf = found_inf.to("cpu").reshape(())
+    bins = target.bins
+    with torch.no_grad():
+        op(
+            [v.detach().contiguous() for v in flat],
+            scale,
+            found_inf,
+            sqrt,
+            reciprocal,
+            bins.shift,
+            bins.low_key,
+            bins.num_log_bins,
+            target.rows,
+            target.step,
+            target.total,
+        )
+    return True
     if isinstance(scale, Tensor):
         scale = scale.to(torch.float32).tolist()  # float32 values, as the reference divides by them
     bins = target.bins

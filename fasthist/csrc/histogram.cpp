@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -159,13 +160,23 @@ void count_segment(const at::Tensor& t, int64_t a, int64_t b, float c, bool sq, 
   }
 }
 
-void histogram_(at::TensorList values, at::ArrayRef<double> scale, bool sqrt, bool reciprocal, int64_t shift, int64_t low_key,
-                int64_t num_log_bins, const at::Tensor& rows, const at::Tensor& step, const at::Tensor& total) {
+void histogram_(at::TensorList values, const at::Tensor& scale, const std::optional<at::Tensor>& found_inf, bool sqrt,
+                bool reciprocal, int64_t shift, int64_t low_key, int64_t num_log_bins, const at::Tensor& rows,
+                const at::Tensor& step, const at::Tensor& total) {
   const int64_t nt = int64_t(values.size());
   const Layout L{int32_t(shift), int32_t(low_key), int32_t(2 + num_log_bins), int32_t(3 + num_log_bins),
                  int32_t(4 + num_log_bins)};
   const int64_t nb = L.num_bins;
-  TORCH_CHECK(int64_t(scale.size()) == nt, "fasthist histogram_: ", nt, " tensors but ", scale.size(), " scales");
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() == nt,
+              "fasthist histogram_: scale must be ", nt, " contiguous CPU float32 values, got ", scale.numel(), " ",
+              scale.scalar_type(), " on ", scale.device());
+  if (found_inf.has_value() && found_inf->defined()) {
+    TORCH_CHECK(found_inf->device().is_cpu() && found_inf->numel() == 1,
+                "fasthist histogram_: found_inf must be one CPU value, got ", found_inf->numel(), " on ",
+                found_inf->device());
+    if (found_inf->to(at::kFloat).item<float>() != 0.0f) return;  // a skipped step leaves both windows as they were
+  }
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == nt,
               "fasthist histogram_: rows must be ", nt, " contiguous int64");
   for (const at::Tensor* w : {&step, &total}) {
@@ -187,12 +198,9 @@ void histogram_(at::TensorList values, at::ArrayRef<double> scale, bool sqrt, bo
   int64_t* step_p = step.data_ptr<int64_t>();
   int64_t* total_p = total.data_ptr<int64_t>();
   const int64_t step_rs = step.stride(0), total_rs = total.stride(0);
-  std::vector<float> c32(nt);
+  const float* c32 = scale.const_data_ptr<float>();  // float32(c), as the reference divides (or multiplies)
   bool div = false;
-  for (int64_t i = 0; i < nt; ++i) {
-    c32[i] = float(scale[i]);  // float32(c): round to nearest, as the reference divides (or multiplies)
-    div = div || c32[i] != 1.0f;
-  }
+  for (int64_t i = 0; i < nt; ++i) div = div || c32[i] != 1.0f;
 
   const int64_t n_all = offset[nt];
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_all / 65536));
@@ -266,7 +274,7 @@ void histogram_(at::TensorList values, at::ArrayRef<double> scale, bool sqrt, bo
 
 TORCH_LIBRARY(fasthist, m) {
   m.def(
-      "histogram_(Tensor[] values, float[] scale, bool sqrt, bool reciprocal, int shift, int low_key, int num_log_bins, "
+      "histogram_(Tensor[] values, Tensor scale, Tensor? found_inf, bool sqrt, bool reciprocal, int shift, int low_key, int num_log_bins, "
       "Tensor rows, Tensor(a!) step, Tensor(b!) total) -> ()");
 }
 
