@@ -145,20 +145,3 @@ def accumulate_(
             target.total,
         )
     return True
-    if isinstance(scale, Tensor):
-        scale = scale.to(torch.float32).tolist()  # float32 values, as the reference divides by them
-    bins = target.bins
-    with torch.no_grad():
-        op(
-            [v.detach().contiguous() for v in flat],
-            [float(c) for c in scale],
-            sqrt,
-            reciprocal,
-            bins.shift,
-            bins.low_key,
-            bins.num_log_bins,
-            target.rows,
-            target.step,
-            target.total,
-        )
-    return True
