@@ -127,7 +127,10 @@ class HistogramMixin:
     def _prepare_tracking(self, params: list[Tensor]) -> None:
         """Build (or find) the packed rows and targets of ``params`` and load the compiled
         CPU histogram where one of them is on the CPU. Idempotent, cheap when nothing changed."""
-        self._hist_store().targets_for(self.state, self._tracked, params)
+        for _, target in self._hist_store().targets_for(self.state, self._tracked, params).values():
+            if target.step.device.type == "cuda":  # CUDA graphs (reduce-overhead) write them in place
+                for t in (target.step, target.total, target.rows):
+                    torch._dynamo.mark_static_address(t)
         if any(p.device.type == "cpu" for p in params):
             from . import csrc  # its first call builds or loads the library, outside any trace
 
