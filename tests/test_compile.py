@@ -98,7 +98,9 @@ def test_float_lr_scheduler_recompiles_no_more_than_torch(name):
     float becomes a graph input), and so does fasthist; never once per value."""
     cls = BY_NAME[name].cls
     _, _, counter = _run(cls, {"lr": 1e-2}, "eager", steps=35)
-    torch_count = 2 if name == "adabelief" else _run(BY_NAME[name].reference, {"lr": 1e-2}, "eager", steps=35)[2].frame_count
+    torch_count = (
+        2 if name == "adabelief" else _run(BY_NAME[name].reference, {"lr": 1e-2}, "eager", steps=35)[2].frame_count
+    )
     assert counter.frame_count <= torch_count <= 2, (counter.frame_count, torch_count)
 
 

@@ -32,7 +32,7 @@ CASES = {
 }
 
 
-def _run(name: str, compile_kwargs: dict | None, steps: int, device: torch.device = torch.device("cpu")):
+def _run(name: str, compile_kwargs: dict | None, steps: int, device: str = "cpu"):
     torch._dynamo.reset()
     params = [p.detach().to(device).requires_grad_() for p in make_params(4)]
     kwargs = {k: v.clone().to(device) if isinstance(v, torch.Tensor) else v for k, v in CASES[name].items()}
@@ -77,7 +77,7 @@ def test_reduce_overhead_cuda_graphs(monkeypatch, name):
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("FASTHIST_BACKEND", "triton")
-    cuda = torch.device("cuda")
+    cuda = "cuda"
     p_eager, h_eager, _ = _run(name, None, 12, cuda)
     counters.clear()
     p_comp, h_comp, counter = _run(name, {"mode": "reduce-overhead"}, 12, cuda)
