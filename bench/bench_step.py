@@ -3,6 +3,7 @@
     python -m pytest bench/bench_step.py                        # measure (CPU or GPU)
     python -m pytest bench/bench_step.py --benchmark-disable     # smoke run (CI)
     python bench/bench_step.py [a b] [--steps 15]                # CPU: interleaved ratios
+    python bench/bench_step.py a b --compiled --cpu-time         # compiled steps (issue 10)
 
 On a GPU, ``test_step`` times the Adam providers (``providers.ADAM_PROVIDERS``):
 torch.optim.Adam foreach / fused, fasthist.Adam with track=False / True (``fused=True``),
@@ -23,7 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import interleaved, make_params, param_shapes, sync
-from providers import ADAM_PROVIDERS, cpu_comparisons
+from providers import ADAM_PROVIDERS, compiled_comparisons, cpu_comparisons
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PSETS = ["a", "b"] + (["gpu_a", "gpu_b", "gpu_c"] if DEVICE.type == "cuda" else [])
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--cpu-time", action="store_true", help="CPU time of all threads instead of wall time")
     parser.add_argument("--groups", default="", help="comma-separated groups (default: all), e.g. 'adam fused'")
+    parser.add_argument("--compiled", action="store_true", help="the torch.compile groups (issue 10) instead")
     args = parser.parse_args(argv)
     wanted = [g.strip() for g in args.groups.split(",") if g.strip()]
     clock = time.process_time if args.cpu_time else time.perf_counter
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{torch.get_num_threads()} threads; {what}, median of {args.steps} interleaved steps per provider")
     print(f"{'set':<4} {'group':<18} {'provider':<18} {'ms':>9} {'ratio':>6}")
     for pset in args.sets:
-        for group, factories in cpu_comparisons().items():
+        for group, factories in (compiled_comparisons() if args.compiled else cpu_comparisons()).items():
             if wanted and group not in wanted:
                 continue
             med = interleaved(factories, param_shapes(pset), args.steps, 2, DEVICE, clock)

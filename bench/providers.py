@@ -16,7 +16,7 @@ import torch
 
 import fasthist
 
-__all__ = ["ADAM_PROVIDERS", "TorchFusedPlusHist", "adabelief_package", "cpu_comparisons"]
+__all__ = ["ADAM_PROVIDERS", "Compiled", "TorchFusedPlusHist", "adabelief_package", "compiled_comparisons", "cpu_comparisons"]
 
 
 def adabelief_package() -> tuple[type | None, str]:
@@ -108,4 +108,36 @@ def cpu_comparisons() -> dict[str, dict[str, Callable[[list[torch.Tensor]], obje
                 "fasthist_track": lambda ps, cls=cls, kw=kw: cls(ps, track=True, **kw),
             }
     out["adam fused"]["torch_fused+hist"] = lambda ps: TorchFusedPlusHist(ps)
+    return out
+
+
+class Compiled:
+    """``opt`` whose ``step()`` runs ``torch.compile(lambda: opt.step(), **options)``: a
+    training loop that compiles its optimizer step. The first step compiles (time it in
+    the warm-up)."""
+
+    def __init__(self, opt: object, **options) -> None:
+        self.opt = opt
+        self._step = torch.compile(lambda: opt.step(), **options)  # type: ignore[attr-defined]
+
+    def step(self) -> None:
+        self._step()
+
+
+def compiled_comparisons() -> dict[str, dict[str, Callable[[list[torch.Tensor]], object]]]:
+    """Issue 10's compiled rows, per optimizer as ``Cls(params)`` builds it: the eager
+    baseline first (torch's optimizer), torch's optimizer compiled (inductor), fasthist
+    tracked eager and compiled. ``bench_step.py --compiled``."""
+    out: dict[str, dict[str, Callable[[list[torch.Tensor]], object]]] = {}
+    for name in ("adam", "adabelief"):
+        base, cls, _ = _PAIRS[name]
+        group = {
+            "baseline": lambda ps, base=base: base(ps),
+            "baseline_compiled": lambda ps, base=base: Compiled(base(ps)),
+            "fasthist_track": lambda ps, cls=cls: cls(ps),
+            "fasthist_track_compiled": lambda ps, cls=cls: Compiled(cls(ps)),
+        }
+        if name == "adabelief":  # the package's Python loop: nothing of torch's to compile
+            del group["baseline_compiled"]
+        out[f"{name} compiled"] = group
     return out

@@ -162,6 +162,8 @@ class AdaBelief(HistogramMixin, Optimizer):
             if group["amsgrad"]:
                 max_exp_avg_vars.append(state["max_exp_avg_var"])
             state_steps.append(state["step"])
+        if group["track"] and params_with_grad:
+            self._prepare_tracking(params_with_grad)
 
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
         lists = params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps = self._lists(6)

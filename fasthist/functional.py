@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import compiled
 from .backend import kernels_module, select_backend
 from .dtensor import is_dtensor, local_tensor
 from .reference.adabelief import adabelief_reference
@@ -77,7 +78,11 @@ def _dispatch(
     whole = len(calls) == 1
     for device, idx, target in calls:
         sub = lists if whole else _split(lists, idx)
-        kernel = _kernel_op(op) if select_backend(device) == "triton" else None
+        triton = select_backend(device) == "triton"
+        if torch.compiler.is_compiling() and (triton or op in compiled.OPAQUE_REFERENCES):
+            compiled.functional_(op, triton, _locals(sub) if triton else sub, target, kwargs)  # one graph node
+            continue
+        kernel = _kernel_op(op) if triton else None
         if kernel is not None:  # it runs what it cannot take on the reference (kernels.kernel_supports)
             kernel(*_locals(sub), hist=target, **kwargs)
         else:

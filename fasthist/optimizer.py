@@ -112,6 +112,31 @@ class HistogramMixin:
     def _lists(n: int) -> list[list[Tensor]]:
         return [[] for _ in range(n)]
 
+    def _init_group(self, group: dict[str, Any], params: list[Tensor], *lists: list[Tensor]) -> Any:
+        """The parent's ``_init_group`` (lazy state), then :meth:`_prepare_tracking`.
+
+        ``torch.compile`` runs an optimizer's ``_init_group`` in Python instead of tracing it
+        (dynamo's ``OptimizerVariable``) and guards on the state it leaves; so everything a
+        step sets up once (state, packed histogram rows, targets, the CPU kernel's library)
+        happens here, and the traced step only reads it: no recompilation on the next step."""
+        ret = super()._init_group(group, params, *lists)  # type: ignore[misc]
+        if group["track"] and params:
+            self._prepare_tracking(params)
+        return ret
+
+    def _prepare_tracking(self, params: list[Tensor]) -> None:
+        """Build (or find) the packed rows and targets of ``params`` and load the compiled
+        CPU histogram where one of them is on the CPU. Idempotent, cheap when nothing changed."""
+        for _, target in self._hist_store().targets_for(self.state, self._tracked, params).values():
+            if target.step.device.type == "cuda":  # CUDA graphs (reduce-overhead) write them in place
+                for t in (target.step, target.total, target.rows):
+                    torch._dynamo.mark_static_address(t)
+        if any(p.device.type == "cpu" for p in params):
+            from . import csrc  # its first call builds or loads the library, outside any trace
+
+            if csrc.enabled():
+                csrc.available()
+
     @_torch_grad_mode
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform a single optimization step, recording the histograms.

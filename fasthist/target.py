@@ -10,6 +10,8 @@ parameters it was built for and allocates nothing after the first step.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -35,6 +37,16 @@ class HistTarget:
     rows: Tensor
     # the buffers of buffer(); read through buffer() (kernels/_common.py still reads it directly)
     _workspace: dict = field(default_factory=dict, repr=False)
+    # names this target inside a compiled graph (fasthist.compiled), where no object can go
+    key: int = field(default_factory=lambda: next(_KEYS), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _LIVE[self.key] = self
+
+    @staticmethod
+    def live(key: int) -> HistTarget | None:
+        """The target whose ``key`` this is, while it exists."""
+        return _LIVE.get(key)
 
     def buffer(self, key: Hashable, make: Callable[[], Tensor]) -> Tensor:
         """The tensor kept under ``key``, made by ``make()`` on first use. Keys are the
@@ -45,6 +57,9 @@ class HistTarget:
             buf = self._workspace[key] = make()
         return buf
 
+
+_KEYS = itertools.count()
+_LIVE: weakref.WeakValueDictionary[int, HistTarget] = weakref.WeakValueDictionary()
 
 DeviceTargets = dict[torch.device, tuple[list[int], HistTarget]]
 """What a step passes to a functional form as ``hist``: per device, (the indices of the

@@ -11,6 +11,10 @@ is torch's Adam bit for bit. Then, per tensor::
 
 ``c`` is computed as torch computes it: on the host in float64 when the step counts are
 on the CPU, else on the device in float32 (capturable/fused), so no host sync is needed.
+Under ``torch.compile`` the same code computes it, inside the opaque custom op
+``fasthist::bias_correction2_sqrt`` (no ``Tensor.item()`` in the graph, no guard on the
+step count, and nothing for the compiler to re-derive): compiled and eager steps divide by
+the same float32 ``c``, bit for bit.
 """
 
 from __future__ import annotations
@@ -27,15 +31,50 @@ from .histogram import accumulate_
 __all__ = ["adam_reference", "bias_correction2_sqrt"]
 
 
-def bias_correction2_sqrt(state_steps: list[Tensor], beta2: float | Tensor) -> list[float] | Tensor:
-    """``sqrt(1 - beta2**step)`` per tensor, after the step counter was incremented."""
-    if all(s.device.type == "cpu" for s in state_steps):
-        b2 = float(beta2)
-        return [(1 - b2 ** float(s)) ** 0.5 for s in state_steps]
+def _host_scales(state_steps: list[Tensor], beta2: float) -> list[float]:
+    """``(1 - beta2**step) ** 0.5`` in float64 (Python floats: C ``pow``), per tensor; one
+    power per distinct step count (usually one for the whole group)."""
+    steps = torch.stack([s.detach().reshape(()).to(torch.float64) for s in state_steps]).tolist()
+    memo: dict[float, float] = {}
+    return [memo[s] if s in memo else memo.setdefault(s, (1 - beta2**s) ** 0.5) for s in steps]
+
+
+def _device_scales(state_steps: list[Tensor], beta2: float | Tensor) -> Tensor:
+    """``sqrt(1 - beta2**step)`` in float32 on the steps' device (no host sync)."""
     steps = torch.stack([s.reshape(()) for s in state_steps]).to(torch.float32)
     if isinstance(beta2, Tensor):
         beta2 = beta2.to(device=steps.device, dtype=torch.float32)
     return (1 - torch.pow(beta2, steps)).sqrt()
+
+
+@torch.library.custom_op("fasthist::bias_correction2_sqrt", mutates_args=())
+def _bias_correction2_sqrt_op(state_steps: list[Tensor], beta2: float, beta2_tensor: Tensor | None) -> Tensor:
+    """:func:`bias_correction2_sqrt` as a float32 tensor, for compiled steps."""
+    b2: float | Tensor = beta2 if beta2_tensor is None else beta2_tensor
+    if all(s.device.type == "cpu" for s in state_steps):
+        return torch.tensor(_host_scales(state_steps, float(b2)), dtype=torch.float32)
+    return _device_scales(state_steps, b2).clone()
+
+
+@_bias_correction2_sqrt_op.register_fake
+def _(state_steps: list[Tensor], beta2: float, beta2_tensor: Tensor | None) -> Tensor:
+    device = "cpu" if all(s.device.type == "cpu" for s in state_steps) else state_steps[0].device
+    return torch.empty(len(state_steps), dtype=torch.float32, device=device)
+
+
+def bias_correction2_sqrt(state_steps: list[Tensor], beta2: float | Tensor) -> list[float] | Tensor:
+    """``sqrt(1 - beta2**step)`` per tensor, after the step counter was incremented: Python
+    floats (float64) when every step count is on the CPU, else a float32 device tensor.
+
+    Under ``torch.compile`` always a float32 tensor (on the CPU for host step counts), from
+    the custom op ``fasthist::bias_correction2_sqrt``, which runs this same code: its values
+    are the eager ones rounded to float32, which is what every backend divides by."""
+    if torch.compiler.is_compiling():
+        tensor = beta2 if isinstance(beta2, Tensor) else None
+        return _bias_correction2_sqrt_op(state_steps, 0.0 if tensor is not None else float(beta2), tensor)
+    if all(s.device.type == "cpu" for s in state_steps):
+        return _host_scales(state_steps, float(beta2))
+    return _device_scales(state_steps, beta2)
 
 
 def adam_reference(

@@ -1,0 +1,160 @@
+"""Backend calls that ``torch.compile`` runs as one opaque operator, ``fasthist::functional_``.
+
+Two backends cannot be traced into a graph that compiles once: the Triton kernels (their
+host code keeps launch tables, workspaces and strategy caches keyed on data pointers,
+which dynamo would guard on) and the AdaBelief reference (the package's update branches on
+the step count in Python: RAdam's ``N_sma >= 5``, ``lr == 0``). Under ``torch.compile``
+:func:`functional_` hands the whole per-device call to a custom operator whose
+implementation is the eager call itself, so:
+
+- the compiled step computes exactly what the eager step computes, bit for bit (it *is*
+  the eager code, run by the operator);
+- nothing in it is guarded on, so a new step count never recompiles (a float ``lr`` that
+  a scheduler changes recompiles once, as ``torch.optim`` does, then is passed as a
+  symbolic float; a Tensor ``lr`` never does);
+- the call declares what it writes (parameters, states, step counts, both histogram
+  windows), so the compiler orders it correctly against the traced ops, and it is one
+  node of the graph: no graph break, and CUDA graphs (``mode="reduce-overhead"``)
+  capture its launches like any other kernel's.
+
+Why an opaque operator rather than ``torch.library.triton_op``/``wrap_triton``: those
+trace the launcher's Python with dynamo, and this launcher's per-step Python (plan and
+table caches on data pointers, the histogram strategy lookup, the reference fallback for
+what the kernels refuse) is exactly what must not be guarded on; the kernels are already
+one fused launch per dtype, so inductor has nothing to fuse them with.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .backend import kernels_module
+from .target import HistTarget
+
+__all__ = ["OPAQUE_REFERENCES", "functional_"]
+
+OPAQUE_REFERENCES = frozenset({"adabelief"})
+"""Optimizers whose reference backend runs as one opaque operator under ``torch.compile``."""
+
+_REFERENCES = {
+    "adam": "fasthist.reference.adam:adam_reference",
+    "rmsprop": "fasthist.reference.rmsprop:rmsprop_reference",
+    "adagrad": "fasthist.reference.adagrad:adagrad_reference",
+    "adabelief": "fasthist.reference.adabelief:adabelief_reference",
+}
+
+
+def _backend_function(op: str, triton: bool) -> Any:
+    """``fasthist.kernels.<op>.<op>_hist`` (the reference when the kernels do not import),
+    or the reference."""
+    if triton:
+        mod = kernels_module()
+        if mod is not None:
+            try:
+                return getattr(importlib.import_module(f"{mod.__name__}.{op}"), f"{op}_hist")
+            except (ImportError, AttributeError):
+                pass
+    module, name = _REFERENCES[op].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_SCHEMA = (
+    "(str op, bool triton, Tensor(a!)[] written, Tensor[] grads, int[] sizes, Tensor(b!)[] windows, "
+    "Tensor? rows, int target_key, str[] tensor_names, Tensor[] tensors, str[] float_names, float[] floats, "
+    "str[] int_names, int[] ints, str[] none_names) -> ()"
+)
+
+
+@torch.library.custom_op("fasthist::functional_", mutates_args=("written", "windows"), schema=_SCHEMA)
+def _functional_op(
+    op: str,
+    triton: bool,
+    written: list[Tensor],
+    grads: list[Tensor],
+    sizes: list[int],
+    windows: list[Tensor],
+    rows: Tensor | None,
+    target_key: int,
+    tensor_names: list[str],
+    tensors: list[Tensor],
+    float_names: list[str],
+    floats: list[float],
+    int_names: list[str],
+    ints: list[int],
+    none_names: list[str],
+) -> None:
+    """Rebuild the call (lists, ``hist``, keyword arguments) and run it eagerly."""
+    it = iter(written)
+    lists = [grads if i == 1 else [next(it) for _ in range(n)] for i, n in enumerate(sizes)]
+    hist = None
+    if windows:
+        live = HistTarget.live(target_key)
+        assert rows is not None and live is not None, "fasthist::functional_: its HistTarget is gone"
+        hist = HistTarget(live.bins, windows[0], windows[1], rows, live._workspace)
+    kwargs: dict[str, Any] = {
+        k[len(_AS_TENSOR) :] if k.startswith(_AS_TENSOR) else k: float(t) if k.startswith(_AS_TENSOR) else t
+        for k, t in zip(tensor_names, tensors, strict=True)
+    }
+    kwargs.update(zip(float_names, floats, strict=True))
+    kwargs.update((k, bool(v) if k in _BOOLS else v) for k, v in zip(int_names, ints, strict=True))
+    kwargs.update(dict.fromkeys(none_names))
+    _backend_function(op, triton)(*lists, hist=hist, **kwargs)
+
+
+@_functional_op.register_fake
+def _(op, triton, written, grads, sizes, windows, rows, target_key, *args) -> None:
+    return None
+
+
+# the name prefix of a float keyword argument passed as a float64 CPU scalar tensor: a
+# custom op's float argument is always specialized (guarded on), a tensor is not
+_AS_TENSOR = "float:"
+
+# keyword arguments that are bools (passed as ints, bool being a subtype the schema lacks)
+_BOOLS = frozenset(
+    {
+        "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "has_complex",
+        "has_sparse_grad", "decoupled_weight_decay", "centered", "weight_decouple", "fixed_decay",
+        "rectify", "degenerated_to_sgd",
+    }
+)  # fmt: skip
+
+
+def functional_(op: str, triton: bool, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict) -> None:
+    """Run the per-device backend call ``op`` (``fasthist.kernels`` if ``triton``, else the
+    reference) as the opaque operator ``fasthist::functional_``: ``lists`` are the
+    functional form's positional lists (grads second), ``hist`` its target or None."""
+    written = [t for i, lst in enumerate(lists) if i != 1 for t in lst]
+    windows = [hist.step, hist.total] if hist is not None else []
+    groups: dict[str, tuple[list[str], list[Any]]] = {k: ([], []) for k in ("tensor", "float", "int", "none")}
+    for k, v in kwargs.items():
+        if isinstance(v, Tensor):
+            kind = "tensor"
+        elif v is None:
+            kind = "none"
+        elif isinstance(v, bool) or isinstance(v, int):
+            kind, v = "int", int(v)
+        elif triton:  # a constant of the graph: a new value recompiles (use a Tensor lr)
+            kind, v = "float", float(v)
+        else:  # a float64 CPU scalar: a float that changes (lr) becomes an input after one recompile
+            kind, k, v = "tensor", _AS_TENSOR + k, torch.tensor(v, dtype=torch.float64)
+        groups[kind][0].append(k)
+        groups[kind][1].append(v)
+    _functional_op(
+        op,
+        triton,
+        written,
+        lists[1],
+        [len(lst) for lst in lists],
+        windows,
+        hist.rows if hist is not None else None,
+        hist.key if hist is not None else -1,
+        *groups["tensor"],
+        *groups["float"],
+        *groups["int"],
+        groups["none"][0],
+    )

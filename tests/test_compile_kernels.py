@@ -1,0 +1,89 @@
+"""The Triton kernels inside a compiled step: one opaque operator, ``fasthist::functional_``
+(see :mod:`fasthist.compiled` for why not ``triton_op``).
+
+On a machine without CUDA they run under Triton's interpreter (``FASTHIST_BACKEND=triton``,
+``TRITON_INTERPRET=1``), on the ``aot_eager`` backend: the operator's declared writes go
+through functionalization, which is where a compiled step could lose an update. With a GPU,
+``test_reduce_overhead_cuda_graphs`` runs the step under ``mode="reduce-overhead"``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _kernel_helpers import INTERPRETING, ON_CPU
+from _optim_db import BY_NAME, grads_at, make_params
+from torch._dynamo.testing import CompileCounterWithBackend
+
+pytest.importorskip("triton")
+pytest.importorskip("fasthist.kernels.adam")
+
+if ON_CPU and not INTERPRETING:
+    pytest.skip("fasthist.kernels needs TRITON_INTERPRET=1 on a machine without CUDA", allow_module_level=True)
+
+pytestmark = pytest.mark.interpreter if ON_CPU else []
+
+# one flag set per kernel; Tensor lr, so a scheduler changes no constant of the graph
+CASES = {
+    "adam": {"lr": torch.tensor(1e-2), "amsgrad": True, "weight_decay": 0.1},
+    "rmsprop": {"lr": torch.tensor(1e-3), "centered": True, "momentum": 0.9},
+    "adagrad": {"lr": torch.tensor(1e-2), "lr_decay": 1e-2},
+    "adabelief": {"lr": torch.tensor(1e-2), "weight_decay": 1e-2},
+}
+
+
+def _run(name: str, compile_kwargs: dict | None, steps: int, device: str = "cpu"):
+    torch._dynamo.reset()
+    params = [p.detach().to(device).requires_grad_() for p in make_params(4)]
+    kwargs = {k: v.clone().to(device) if isinstance(v, torch.Tensor) else v for k, v in CASES[name].items()}
+    if name in ("adam", "rmsprop"):
+        # dynamo traces torch's optimizers with capturable=True (torch's compiled Adam is its
+        # capturable Adam), and so the kernels see it: the eager run that equals it bit for bit
+        kwargs["capturable"] = True
+    opt = BY_NAME[name].cls(params, **kwargs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 4, 0.5)
+    counter = None
+    fn = opt.step
+    if compile_kwargs is not None:
+        counter = CompileCounterWithBackend(compile_kwargs.pop("backend", "inductor"))
+        fn = torch.compile(lambda: opt.step(), backend=counter, **compile_kwargs)
+    grads = [[g.to(device) for g in grads_at(t, params)] for t in range(steps)]
+    for t in range(steps):
+        for p, g in zip(params, grads[t], strict=True):
+            p.grad = g  # the same tensors every step: copied into static places under CUDA graphs
+        fn()
+        sched.step()
+    rows = [opt.histogram_rows(w).counts.cpu() for w in ("step", "total")]
+    return [p.detach().cpu() for p in params], rows, counter
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernels_in_compiled_step(monkeypatch, name):
+    """Compiles once over 10 steps with a scheduler; parameters, states and both histogram
+    windows bit for bit those of the eager kernel step (the operator runs the eager launch)."""
+    monkeypatch.setenv("FASTHIST_BACKEND", "triton")
+    p_eager, h_eager, _ = _run(name, None, 10)
+    p_comp, h_comp, counter = _run(name, {"backend": "aot_eager"}, 10)
+    assert counter.frame_count == 1
+    for a, b in zip(h_comp + p_comp, h_eager + p_eager, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+def test_reduce_overhead_cuda_graphs(monkeypatch, name):
+    """``torch.compile(mode="reduce-overhead")`` on CUDA: one compilation, the step replayed
+    as a CUDA graph (no cudagraph skip), and the same parameters and histograms as eager."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("FASTHIST_BACKEND", "triton")
+    cuda = "cuda"
+    p_eager, h_eager, _ = _run(name, None, 12, cuda)
+    counters.clear()
+    p_comp, h_comp, counter = _run(name, {"mode": "reduce-overhead"}, 12, cuda)
+    assert counter.frame_count == 1
+    assert not counters["inductor"].get("cudagraph_skips"), dict(counters["inductor"])
+    for a, b in zip(h_comp, h_eager, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(p_comp, p_eager, strict=True):
+        assert torch.equal(a, b)
