@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Without CUDA the kernel tests run under Triton's interpreter, which Triton chooses when it is
+# first imported: set it here, before any test module (or torch.compile's inductor) imports
+# Triton, so the outcome does not depend on which test files run or in what order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
