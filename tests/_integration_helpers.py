@@ -4,6 +4,9 @@ callback logs, computed from the optimizer's own queries."""
 
 from __future__ import annotations
 
+import json
+import struct
+
 import torch
 from torch import nn
 
@@ -80,3 +83,33 @@ def record_expected(opt: fasthist.Adam) -> dict[int, dict[str, float]]:
     seen: dict[int, dict[str, float]] = {}
     opt.register_step_post_hook(lambda o, args, kwargs: seen.setdefault(len(seen) + 1, expected(o)))
     return seen
+
+
+def wandb_records(path):
+    """The records of a W&B transaction log (.wandb: LevelDB log framing of protobufs)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        buf, pos = buf + raw[pos + 7 : pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # full or last fragment
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            yield rec
+
+
+def wandb_history(run_dir):
+    """Every history record of the one W&B run under ``run_dir``, as {key: value}."""
+    (path,) = run_dir.rglob("*.wandb")
+    out = []
+    for rec in wandb_records(path):
+        if rec.WhichOneof("record_type") == "history":
+            out.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+    return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fasthist
-from tests._integration_helpers import Tiny, data, expected, optimizer, record_expected
+from tests._integration_helpers import Tiny, data, expected, optimizer, record_expected, wandb_history
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -100,6 +100,27 @@ def test_tensorboard_receives_scalars_and_histograms(tmp_path):
     assert [h.step for h in hist] == [2, 4, 6]
     assert hist[-1].histogram_value.num == opt.histograms()["net.0.weight"].count
     assert hist[-1].histogram_value.bucket[0] == opt.histograms()["net.0.weight"].zero_count
+
+
+def test_wandb_receives_scalars_and_histograms(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer, opt = train(tmp_path, HistogramCallback(histograms=True), report_to="wandb", max_steps=4)
+    want = record_expected(opt)
+    trainer.train()
+    import wandb
+
+    wandb.finish()
+    entries = wandb_history(tmp_path)
+    scalars = [e for e in entries if "train/fasthist/p50" in e]  # HF's WandbCallback prefixes train/
+    assert [e["train/global_step"] for e in scalars] == [2, 4]
+    for e in scalars:
+        assert e["train/fasthist/p50"] == want[e["train/global_step"]]["fasthist/p50"]
+    hists = [e for e in entries if "fasthist/net.0.weight/values" in e]
+    assert [e["train/global_step"] for e in hists] == [2, 4]
+    assert sum(hists[-1]["fasthist/net.0.weight/values"]) == opt.histograms()["net.0.weight"].count
 
 
 def test_a_non_fasthist_optimizer_is_refused_before_the_first_step(tmp_path):
