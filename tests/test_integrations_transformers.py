@@ -147,3 +147,12 @@ def test_unwraps_to_the_fasthist_optimizer(tmp_path):
     trainer.train()
     assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
     assert fasthist.unwrap(trainer.optimizer) is opt
+
+
+def test_one_callback_in_two_trainers(tmp_path):
+    callback = HistogramCallback()
+    for run in ("a", "b"):  # the second Trainer starts at step 0 again, and is the one logged to
+        trainer, opt = train(tmp_path / run, callback, max_steps=2)
+        trainer.train()
+        assert callback.trainer is trainer
+        assert fasthist_entries(trainer)[2]["fasthist/p98"] == expected(opt)["fasthist/p98"]

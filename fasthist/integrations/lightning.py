@@ -81,11 +81,12 @@ class HistogramCallback(Callback):
                 f"Invalid optimizer_index: {self.optimizer_index}; the trainer has {len(optimizers)} optimizer(s)"
             )
         self._opt = fasthist_optimizer(optimizers[self.optimizer_index], _OWNER)
+        self.core.last_step = trainer.global_step  # a resumed run logged that step already
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         every = self.core.every_n_steps or trainer.log_every_n_steps
-        if self._opt is None or step % every or not self.core.due(step, True):
+        if self._opt is None or not every or step % every or not self.core.due(step, True):
             return
         metrics = self.core.metrics(self._opt, step)
         # Lightning logs a batch's metrics at the number of optimizer steps before it

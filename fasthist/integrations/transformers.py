@@ -83,15 +83,16 @@ class HistogramCallback(TrainerCallback):
         trainer: Any = None,
     ) -> None:
         self.core = CallbackCore(_OWNER, every_n_steps, tensors, max_tensors, histograms, window, prefix)
-        self.trainer = trainer
+        self.trainer = self._given_trainer = trainer
         self._opt: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        if self.trainer is None:
-            self.trainer = _calling_trainer(self)
+        # found anew at each train(): the callback may be handed to another Trainer
+        self.trainer = self._given_trainer if self._given_trainer is not None else _calling_trainer(self)
         if self.trainer is None:
             raise RuntimeError(f"{_OWNER}: found no Trainer calling it; pass trainer=HistogramCallback's Trainer")
         self._opt = fasthist_optimizer(optimizer if optimizer is not None else self.trainer.optimizer, _OWNER)
+        self.core.last_step = state.global_step  # a resumed run logged that step already
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._maybe_log(state, control)
