@@ -38,7 +38,7 @@ class HistogramCallback(Callback):
     multiple of ``every_n_steps`` (default: ``trainer.log_every_n_steps``); once per step
     (with gradient accumulation, after the batch that stepped). Nothing is read from the
     device on the batches in between; a logging step copies the histogram counts to the
-    host once.
+    host once (once more per logger that gets full histograms).
 
     What (keys in :mod:`fasthist.integrations.callbacks`): over all tracked tensors
     p2/p50/p98 of √v̂, the share above each group's ε, and the ε range; per tensor

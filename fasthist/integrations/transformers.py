@@ -90,7 +90,9 @@ class HistogramCallback(TrainerCallback):
         # found anew at each train(): the callback may be handed to another Trainer
         self.trainer = self._given_trainer if self._given_trainer is not None else _calling_trainer(self)
         if self.trainer is None:
-            raise RuntimeError(f"{_OWNER}: found no Trainer calling it; pass trainer=HistogramCallback's Trainer")
+            raise RuntimeError(
+                f"{_OWNER}: found no Trainer whose callback_handler holds it up the call stack; pass HistogramCallback(trainer=...)"
+            )
         self._opt = fasthist_optimizer(optimizer if optimizer is not None else self.trainer.optimizer, _OWNER)
         self.core.last_step = state.global_step  # a resumed run logged that step already
 
