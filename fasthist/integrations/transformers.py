@@ -48,7 +48,7 @@ class HistogramCallback(TrainerCallback):
     ``logging_first_step``, ``logging_strategy``). Each such step logs one more
     ``Trainer.log`` entry, before the loss entry of the same step. Nothing is read from the
     device on the steps in between; a logging step copies the histogram counts to the host
-    once.
+    once (once more per logger that gets full histograms).
 
     What (keys in :mod:`fasthist.integrations.callbacks`; the reporting integrations add
     their own prefix, e.g. ``train/``): over all tracked tensors p2/p50/p98 of √v̂, the share
@@ -56,7 +56,7 @@ class HistogramCallback(TrainerCallback):
     tensors chosen by ``tensors`` (names, glob patterns or a predicate; default all) if they
     are at most ``max_tensors`` (default 64; None: no cap; 0: the summary only). Past the
     cap only the summary is logged, with one warning: 4 keys per tensor swamp a logger's
-    view of a large model, and the summary names the tensors that set the ε range.
+    view of a large model, and the summary still holds the ε range.
 
     With ``histograms=True``, also the full histograms, through
     :func:`fasthist.integrations.tensorboard.log_histograms` to the writer of an active
