@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import struct
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -97,6 +99,8 @@ def wandb_records(path):
             pos += block - pos % block
             continue
         _, n, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        if pos + 7 + n > len(raw):  # a record still being written
+            return
         buf, pos = buf + raw[pos + 7 : pos + 7 + n], pos + 7 + n
         if kind in (1, 4):  # full or last fragment
             rec = pb.Record()
@@ -105,11 +109,19 @@ def wandb_records(path):
             yield rec
 
 
-def wandb_history(run_dir):
-    """Every history record of the one W&B run under ``run_dir``, as {key: value}."""
-    (path,) = run_dir.rglob("*.wandb")
+def wandb_history(run_dir, timeout: float = 30.0):
+    """Every history record of the one W&B run under ``run_dir``, as {key: value}. Waits
+    (at most ``timeout`` seconds) for the run's exit record: ``wandb.finish()`` can return
+    before wandb-core has written the last records of an offline run."""
+    (path,) = Path(run_dir).rglob("*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in recs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     out = []
-    for rec in wandb_records(path):
+    for rec in recs:
         if rec.WhichOneof("record_type") == "history":
             out.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
     return out
