@@ -54,6 +54,12 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.9", "adabelief-pytorch"],
         "dev": ["ruff"],
         "demo": ["matplotlib", "tqdm", "scikit-learn", "tensorboard"],
+        # fasthist.integrations: each imported only when used; install torch first, or pin
+        # it on the same command line, so that none of these replaces it
+        "transformers": ["transformers>=4.40", "accelerate>=0.26"],
+        "lightning": ["lightning>=2.0"],
+        "wandb": ["wandb>=0.16"],
+        "integrations": ["transformers>=4.40", "accelerate>=0.26", "lightning>=2.0", "wandb>=0.16", "tensorboard"],
     },
     entry_points={"console_scripts": ["fasthist=fasthist.cli:main"]},
 )

@@ -28,24 +28,10 @@ import sys
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..histogram import batched_quantile
-from ..wrapped import unwrap
+from .metrics import snapshot, tensor_scalars
 
 __all__ = ["log_histograms"]
-
-_QS = (0.02, 0.5, 0.98)
-_QNAMES = ("p02", "p50", "p98")
-
-
-def _group_eps(opt: Any, params: list[torch.Tensor]) -> list[float]:
-    by_param = {}
-    for group in opt.param_groups:
-        eps = group.get("eps")
-        for p in group["params"]:
-            by_param[p] = math.nan if eps is None else float(eps)
-    return [by_param.get(p, math.nan) for p in params]
 
 
 def _buckets(c: np.ndarray, bins: Any, scale: str) -> tuple[list[float], list[float], float, float]:
@@ -125,27 +111,15 @@ def log_histograms(
     """
     if scale not in ("linear", "log10"):
         raise ValueError(f"Invalid scale: {scale!r}; expected 'linear' or 'log10'")
-    opt = unwrap(opt)  # a framework's wrapper (Accelerate, Lightning, ...) is fine too
-    names, params, counts = opt.histogram_rows(window)
-    if counts is None:
+    snap = snapshot(opt, window)  # a framework's wrapper (Accelerate, Lightning, ...) is fine too
+    if snap is None:
         return {}
-    bins = opt.bins
-    q = batched_quantile(counts, torch.tensor(_QS, dtype=torch.float64), bins, exclude_zeros=True, rule="n")
-    host = counts.cpu().numpy()  # the one device-to-host copy: counts only
-    qv = q.cpu().numpy()
-    reps = bins.representatives.numpy()
-    vals = _bin_values(bins, scale)
-    eps = _group_eps(opt, params)
-    out: dict[str, dict[str, float]] = {}
-    for i, name in enumerate(names):
-        c = host[i]
-        n = int(c.sum())
-        _add_histogram(writer, f"{prefix}/{name}", c, bins, scale, vals, step)
-        row = {k: float(v) for k, v in zip(_QNAMES, qv[i], strict=True)}
-        row["adaptive"] = float(c[reps > eps[i]].sum() / n) if n and math.isfinite(eps[i]) else math.nan
-        out[name] = row
+    vals = _bin_values(snap.bins, scale)
+    out = tensor_scalars(snap)
+    for i, name in enumerate(snap.names):
+        _add_histogram(writer, f"{prefix}/{name}", snap.counts[i], snap.bins, scale, vals, step)
         if scalars:
-            for k, v in row.items():
+            for k, v in out[name].items():
                 if math.isfinite(v):
                     writer.add_scalar(f"{prefix}.{k}/{name}", v, global_step=step)
     return out

@@ -1,0 +1,107 @@
+"""What the trainer callbacks (:mod:`.transformers`, :mod:`.lightning`) share, free of any
+framework: their options, when a step logs, and the metrics it logs.
+
+Keys (``prefix`` is ``"fasthist"`` by default):
+
+- ``{prefix}/p02``, ``{prefix}/p50``, ``{prefix}/p98``, ``{prefix}/adaptive``: over all
+  tracked tensors; ``{prefix}/eps_low``, ``{prefix}/eps_high`` (the ε range, in decades)
+  and ``{prefix}/eps_low_raw``, ``{prefix}/eps_high_raw`` (see
+  :func:`fasthist.integrations.metrics.summary_scalars`);
+- ``{prefix}.p02/{name}``, ``{prefix}.p50/{name}``, ``{prefix}.p98/{name}``,
+  ``{prefix}.adaptive/{name}`` per tensor, named as the optimizer names it (the names
+  given to it, else ``"{group}.{index}"``), the keys of
+  :func:`fasthist.integrations.tensorboard.log_histograms`.
+
+Values that are not finite (a tensor with no nonzero value yet) are left out.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+from ..wrapped import unwrap
+from .metrics import Selection, select, snapshot, summary_scalars, tensor_scalars
+
+__all__ = ["CallbackCore", "fasthist_optimizer"]
+
+
+def fasthist_optimizer(opt: Any, owner: str) -> Any:
+    """The fasthist optimizer in ``opt`` (unwrapped), or a ``TypeError`` saying ``owner``
+    needs one."""
+    try:
+        return unwrap(opt)
+    except TypeError as e:
+        raise TypeError(
+            f"{owner} needs a fasthist optimizer (fasthist.Adam, AdamW, RMSprop, Adagrad or AdaBelief) "
+            f"to read histograms from; the trainer's optimizer is not one: {e}"
+        ) from None
+
+
+class CallbackCore:
+    """Options and logic of a histogram callback; see the callbacks' docstrings."""
+
+    def __init__(
+        self,
+        owner: str,
+        every_n_steps: int | None,
+        tensors: Selection,
+        max_tensors: int | None,
+        histograms: bool,
+        window: str,
+        prefix: str,
+    ) -> None:
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"Invalid every_n_steps: {every_n_steps!r}; expected a positive int or None")
+        if max_tensors is not None and (not isinstance(max_tensors, int) or max_tensors < 0):
+            raise ValueError(f"Invalid max_tensors: {max_tensors!r}; expected an int >= 0 or None")
+        if window not in ("step", "total"):
+            raise ValueError(f"Invalid window: {window!r}; expected 'step' or 'total'")
+        if not isinstance(histograms, bool):
+            raise ValueError(f"Invalid histograms value: {histograms!r}; expected a bool")
+        self.owner = owner
+        self.every_n_steps = every_n_steps
+        self.tensors = tensors
+        self.max_tensors = max_tensors
+        self.histograms = histograms
+        self.window = window
+        self.prefix = prefix
+        self.last_step = 0
+        self._warned = False
+
+    def due(self, step: int, trainer_logs: bool) -> bool:
+        """Whether optimizer step ``step`` logs: every ``every_n_steps`` steps, or (None)
+        whenever the trainer logs (``trainer_logs``); once per step at most."""
+        if step <= self.last_step:
+            return False
+        return trainer_logs if self.every_n_steps is None else step % self.every_n_steps == 0
+
+    def metrics(self, opt: Any, step: int) -> dict[str, float]:
+        """The metrics of ``opt`` now, as a flat dict (see the module docstring); marks
+        ``step`` as logged. The one host synchronisation of a logging step."""
+        self.last_step = step
+        snap = snapshot(opt, self.window)
+        if snap is None:
+            return {}
+        out = {f"{self.prefix}/{k}": v for k, v in summary_scalars(snap).items()}
+        if self.max_tensors != 0:
+            chosen = select(snap.names, self.tensors, self.max_tensors)
+            if chosen is None:
+                self._warn_too_many(len(snap.names))
+            else:
+                rows = tensor_scalars(snap)
+                for name in chosen:
+                    out.update({f"{self.prefix}.{k}/{name}": v for k, v in rows[name].items()})
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    def _warn_too_many(self, n: int) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"{self.owner}: more than max_tensors={self.max_tensors} tensors are selected for per-tensor "
+            f"metrics ({n} tracked); logging the summary over all tensors only. Pass tensors=[...] (names or "
+            "glob patterns) to pick some, max_tensors=None for all, or max_tensors=0 to silence this",
+            stacklevel=4,
+        )

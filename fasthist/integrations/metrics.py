@@ -1,0 +1,150 @@
+"""The numbers every integration logs, computed from one host copy of the histograms.
+
+:func:`snapshot` reads every tracked tensor's histogram once (one device-to-host copy of
+the int64 counts, nothing else) with its per-tensor percentiles, computed on the device
+in one batched operation. From it:
+
+- :func:`tensor_scalars`, per tensor: ``p02``, ``p50``, ``p98`` of √v̂ with exact zeros
+  dropped and rank ``floor(q*n)`` (the percentiles the ε-range rule reads, each within
+  the bins' relative accuracy), and ``adaptive``: the share of *all* the tensor's
+  elements (zeros included) whose bin representative is above its param group's ε.
+- :func:`summary_scalars`, over all tracked tensors: the same four of the merged
+  histogram (``adaptive`` compares each element with its own group's ε), and the ε range
+  of the rule (:meth:`HistogramMixin.eps_range`): ``eps_low``/``eps_high`` (rounded to
+  decades, the rule's answer) and ``eps_low_raw``/``eps_high_raw``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..bins import LogBins
+from ..eps import eps_range_from_counts
+from ..histogram import batched_quantile
+from ..wrapped import unwrap
+
+__all__ = [
+    "QUANTILES",
+    "STATS",
+    "Selection",
+    "Snapshot",
+    "group_eps",
+    "select",
+    "snapshot",
+    "summary_scalars",
+    "tensor_scalars",
+]
+
+#: The percentiles logged, and their names.
+QUANTILES = (0.02, 0.5, 0.98)
+STATS = ("p02", "p50", "p98", "adaptive")
+
+#: Which tensors get per-tensor metrics: names, glob patterns, a predicate, or None (all).
+Selection = str | Iterable[str] | Callable[[str], bool] | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every tracked tensor's histogram at one moment, on the host: ``counts[i]`` (int64,
+    ``bins.num_bins``) belongs to ``names[i]``, whose param group has ε ``eps[i]`` (NaN
+    for an optimizer without ε); ``quantiles[i]`` are its :data:`QUANTILES`."""
+
+    names: list[str]
+    counts: np.ndarray
+    eps: np.ndarray
+    quantiles: np.ndarray
+    bins: LogBins
+
+
+def group_eps(opt: Any, params: list[torch.Tensor | None]) -> list[float]:
+    """The ε of each parameter's param group (NaN where the group has none)."""
+    by_param = {}
+    for group in opt.param_groups:
+        eps = group.get("eps")
+        for p in group["params"]:
+            by_param[p] = math.nan if eps is None else float(eps)
+    return [by_param.get(p, math.nan) for p in params]
+
+
+def snapshot(opt: Any, window: str = "step") -> Snapshot | None:
+    """The histograms of ``opt`` (a fasthist optimizer or a wrapper of one) for ``window``
+    ("step" or "total"), or None when no tensor has been stepped yet. Synchronises with
+    the device once (the copy of the counts)."""
+    opt = unwrap(opt)
+    names, params, counts = opt.histogram_rows(window)
+    if counts is None:
+        return None
+    bins = opt.bins
+    q = batched_quantile(counts, torch.tensor(QUANTILES, dtype=torch.float64), bins, exclude_zeros=True, rule="n")
+    host = counts.cpu().numpy()
+    eps = np.array(group_eps(opt, params), dtype=np.float64)
+    return Snapshot(list(names), host, eps, q.cpu().numpy(), bins)
+
+
+def _adaptive(counts: np.ndarray, eps: np.ndarray, bins: LogBins) -> np.ndarray:
+    """Per row, the share of elements whose bin representative is above that row's ε."""
+    reps = bins.representatives.numpy()
+    above = reps[None, :] > eps[:, None]  # NaN (non-finite bin, or no ε) is never above
+    n = counts.sum(axis=1)
+    share = (counts * above).sum(axis=1) / np.maximum(n, 1)
+    return np.where((n > 0) & np.isfinite(eps), share, math.nan)
+
+
+def tensor_scalars(snap: Snapshot) -> dict[str, dict[str, float]]:
+    """``{name: {"p02": ..., "p50": ..., "p98": ..., "adaptive": ...}}`` (NaN where a
+    tensor has no nonzero value, or its group no ε)."""
+    adaptive = _adaptive(snap.counts, snap.eps, snap.bins)
+    out = {}
+    for i, name in enumerate(snap.names):
+        row = {k: float(v) for k, v in zip(STATS[:3], snap.quantiles[i], strict=True)}
+        row["adaptive"] = float(adaptive[i])
+        out[name] = row
+    return out
+
+
+def summary_scalars(snap: Snapshot) -> dict[str, float]:
+    """Over all tensors: ``p02``/``p50``/``p98`` of the merged histogram, ``adaptive``,
+    and the ε range ``eps_low``/``eps_high`` (decades) and ``eps_low_raw``/``eps_high_raw``
+    (left out when the rule has no answer: every value so far exactly zero)."""
+    merged = torch.from_numpy(snap.counts.sum(axis=0, keepdims=True))
+    q = batched_quantile(merged, torch.tensor(QUANTILES, dtype=torch.float64), snap.bins, exclude_zeros=True, rule="n")
+    out = {k: float(v) for k, v in zip(STATS[:3], q[0].tolist(), strict=True)}
+    reps = snap.bins.representatives.numpy()
+    above = reps[None, :] > snap.eps[:, None]
+    n = int(snap.counts.sum())
+    out["adaptive"] = float((snap.counts * above).sum() / n) if n and np.isfinite(snap.eps).all() else math.nan
+    try:
+        rng = eps_range_from_counts(snap.names, torch.from_numpy(snap.counts), snap.bins)
+    except RuntimeError:  # nothing but exact zeros recorded: the rule has no range yet
+        return out
+    out.update(eps_low=rng.low, eps_high=rng.high, eps_low_raw=rng.low_raw, eps_high_raw=rng.high_raw)
+    return out
+
+
+def select(names: list[str], tensors: Selection, max_tensors: int | None) -> list[str] | None:
+    """The names among ``names`` that ``tensors`` picks (names, glob patterns or a predicate;
+    None: all), or None when they are more than ``max_tensors``. A pattern that matches no
+    name is an error (a typo must not silently log nothing)."""
+    if tensors is None:
+        chosen = list(names)
+    elif callable(tensors):
+        chosen = [n for n in names if tensors(n)]
+    else:
+        patterns = [tensors] if isinstance(tensors, str) else list(tensors)
+        bad = [p for p in patterns if not isinstance(p, str)]
+        if bad:
+            raise TypeError(f"tensors must be names, glob patterns or a predicate, but got {bad[0]!r}")
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise ValueError(
+                f"Invalid tensors: {unmatched[0]!r} matches no tracked tensor; tensors: {', '.join(names[:8])}"
+            )
+        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return None if max_tensors is not None and len(chosen) > max_tensors else chosen

@@ -1,0 +1,158 @@
+"""HistogramCallback in a real Hugging Face Trainer on the CPU: what reaches
+``state.log_history`` and TensorBoard's event files, against the optimizer's own queries
+at each logging step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fasthist
+from tests._integration_helpers import Tiny, data, expected, optimizer, record_expected, wandb_history
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from fasthist.integrations.transformers import HistogramCallback  # noqa: E402
+
+
+def train(tmp_path, callback, *, opt=None, max_steps=6, report_to="none", **args):
+    model = Tiny()
+    opt = optimizer(model) if opt is None else opt(model)
+    x, y = data()
+    ds = [{"x": a, "labels": b} for a, b in zip(x, y, strict=True)]
+    targs = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, report_to=report_to,
+        save_strategy="no", use_cpu=True, disable_tqdm=True, **{"logging_steps": 2, **args},
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=targs, train_dataset=ds, optimizers=(opt, None), callbacks=[callback])
+    return trainer, opt
+
+
+def fasthist_entries(trainer):
+    return {e["step"]: e for e in trainer.state.log_history if any(k.startswith("fasthist") for k in e)}
+
+
+def test_log_history_matches_the_optimizer(tmp_path):
+    trainer, opt = train(tmp_path, HistogramCallback())
+    want = record_expected(opt)
+    trainer.train()
+    got = fasthist_entries(trainer)
+    assert sorted(got) == [2, 4, 6]  # logging_steps=2
+    for step, entry in got.items():
+        ref = want[step]
+        assert set(ref) <= set(entry)  # every metric, per tensor and summary
+        for k, v in ref.items():
+            assert math.isclose(entry[k], v, rel_tol=1e-12), (step, k, entry[k], v)
+        assert entry["fasthist.adaptive/net.0.weight"] < 1.0  # the dead units' zeros
+    # the Trainer's own loss entries are still there, one per logging step
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [2, 4, 6]
+
+
+def test_every_n_steps_and_no_reads_in_between(tmp_path):
+    trainer, opt = train(tmp_path, HistogramCallback(3, max_tensors=0))
+    reads = []
+    rows = opt.histogram_rows
+
+    def counted(*a, **k):
+        reads.append(trainer.state.global_step)
+        return rows(*a, **k)
+
+    opt.histogram_rows = counted
+    trainer.train()
+    assert reads == [3, 6]  # the histograms are touched on logging steps only
+    got = fasthist_entries(trainer)
+    assert sorted(got) == [3, 6]
+    assert not any("/net." in k for k in got[6])  # max_tensors=0: the summary only
+    assert math.isclose(got[6]["fasthist/p98"], expected(opt)["fasthist/p98"], rel_tol=1e-12)
+
+
+def test_cap_and_selection(tmp_path):
+    with pytest.warns(UserWarning, match="more than max_tensors=3"):
+        trainer, _ = train(tmp_path / "a", HistogramCallback(max_tensors=3), max_steps=2)
+        trainer.train()
+    assert not any("/net." in k for k in fasthist_entries(trainer)[2])
+    trainer, _ = train(tmp_path / "b", HistogramCallback(tensors="*.weight", max_tensors=3), max_steps=2)
+    trainer.train()
+    keys = {k for k in fasthist_entries(trainer)[2] if "/net." in k}
+    assert keys == {f"fasthist.{s}/net.{i}.weight" for s in ("p02", "p50", "p98", "adaptive") for i in (0, 2)}
+
+
+def test_tensorboard_receives_scalars_and_histograms(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, opt = train(tmp_path, HistogramCallback(histograms=True), report_to="tensorboard")
+    want = record_expected(opt)
+    trainer.train()
+    (events_file,) = tmp_path.rglob("events.out.tfevents.*")
+    ea = EventAccumulator(str(events_file.parent), size_guidance={"histograms": 0, "scalars": 0})
+    ea.Reload()
+    for key in ("fasthist/eps_low_raw", "fasthist.p50/net.2.weight", "fasthist.adaptive/net.0.weight"):
+        events = ea.Scalars(f"train/{key}")  # HF's TensorBoardCallback prefixes train/
+        assert [e.step for e in events] == [2, 4, 6]
+        for e in events:
+            assert math.isclose(e.value, want[e.step][key], rel_tol=1e-6)  # float32 in the event file
+    hist = ea.Histograms("fasthist/net.0.weight")
+    assert [h.step for h in hist] == [2, 4, 6]
+    assert hist[-1].histogram_value.num == opt.histograms()["net.0.weight"].count
+    assert hist[-1].histogram_value.bucket[0] == opt.histograms()["net.0.weight"].zero_count
+
+
+def test_wandb_receives_scalars_and_histograms(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    trainer, opt = train(tmp_path, HistogramCallback(histograms=True), report_to="wandb", max_steps=4)
+    want = record_expected(opt)
+    trainer.train()
+    import wandb
+
+    wandb.finish()
+    entries = wandb_history(tmp_path)
+    scalars = [e for e in entries if "train/fasthist/p50" in e]  # HF's WandbCallback prefixes train/
+    assert [e["train/global_step"] for e in scalars] == [2, 4]
+    for e in scalars:
+        assert e["train/fasthist/p50"] == want[e["train/global_step"]]["fasthist/p50"]
+    hists = [e for e in entries if "fasthist/net.0.weight/values" in e]
+    assert [e["train/global_step"] for e in hists] == [2, 4]
+    assert sum(hists[-1]["fasthist/net.0.weight/values"]) == opt.histograms()["net.0.weight"].count
+
+
+def test_a_non_fasthist_optimizer_is_refused_before_the_first_step(tmp_path):
+    def plain(model):
+        return torch.optim.Adam(model.parameters())
+
+    trainer, opt = train(tmp_path, HistogramCallback(), opt=plain)
+    with pytest.raises(TypeError, match="needs a fasthist optimizer.*AcceleratedOptimizer -> Adam"):
+        trainer.train()
+    assert not opt.state  # no step was taken
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="Invalid every_n_steps: 0"):
+        HistogramCallback(0)
+    with pytest.raises(ValueError, match="Invalid max_tensors: -1"):
+        HistogramCallback(max_tensors=-1)
+    with pytest.raises(ValueError, match="Invalid window: 'epoch'"):
+        HistogramCallback(window="epoch")
+
+
+def test_unwraps_to_the_fasthist_optimizer(tmp_path):
+    trainer, opt = train(tmp_path, HistogramCallback(), max_steps=2)
+    trainer.train()
+    assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
+    assert fasthist.unwrap(trainer.optimizer) is opt
+
+
+def test_one_callback_in_two_trainers(tmp_path):
+    callback = HistogramCallback()
+    for run in ("a", "b"):  # the second Trainer starts at step 0 again, and is the one logged to
+        trainer, opt = train(tmp_path / run, callback, max_steps=2)
+        trainer.train()
+        assert callback.trainer is trainer
+        assert fasthist_entries(trainer)[2]["fasthist/p98"] == expected(opt)["fasthist/p98"]
