@@ -26,7 +26,7 @@ NAME = "_C_cpu"  # fasthist._C_cpu: the library a setup.py build puts beside the
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(HERE, name) for name in ("histogram.cpp", "fused_adam.cpp")]
 HEADERS = [os.path.join(HERE, "private_hist.h")]
-CXX_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-std=c++20", "-w"]
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-std=c++20", "-w"]
 
 
 def compile_command(output: str) -> list[str]:

@@ -39,54 +39,61 @@ namespace {
 
 using namespace fasthist;
 
+// Per-tensor coefficients, all float32. No bool: GCC 12 does not vectorise a loop that
+// selects on a bool loaded from memory, so the switches are derived by comparisons.
 struct AdamCoef {
-  float w, w_m1, b2, c2, eps, neg_step, wd, decay, gscale, cu, ch;
-  bool small, maximize, l2;
+  float w, w_m1, b2, c2, eps, neg_step, wd_l2, decay, gscale, cu, ch, sign;
 };
 
 // One block of n elements: the update in place, bins of x into out, span into lo/hi.
 // TAIL selects torch's scalar-tail contraction of v.
 template <typename T, bool AMS, bool SCALE, bool TAIL>
-inline __attribute__((always_inline)) void adam_impl(T* __restrict p, T* __restrict g, T* __restrict m,
-                                                     T* __restrict v, T* __restrict vm, int64_t n, const AdamCoef& k,
-                                                     bool count, Layout L, int32_t* __restrict out, int32_t* lo,
-                                                     int32_t* hi) {
+FASTHIST_INLINE void adam_impl(T* __restrict p, T* __restrict g, T* __restrict m, T* __restrict v, T* __restrict vm,
+                               int64_t n, const AdamCoef& k, Layout L, int32_t* __restrict out, int32_t* lo,
+                               int32_t* hi) {
+  // the coefficients in locals: no store below can change them
+  const float w = k.w, w_m1 = k.w_m1, b2 = k.b2, c2 = k.c2, eps = k.eps, neg_step = k.neg_step, wd = k.wd_l2;
+  const float decay = k.decay, gscale = k.gscale, cu = k.cu, ch = k.ch, sign = k.sign;
+  const bool small = (w < 0.5f) & (w > -0.5f);  // torch's lerp: |weight| < 0.5
+  const float coeff = small ? w : w_m1;
+  const uint32_t keep_m = small ? 0xFFFFFFFFu : 0u;  // the lerp's base, m or g, chosen by bits
+  const bool l2 = wd != 0.0f;
+  const bool reuse = std::is_same_v<T, float> && cu == ch;  // the update's x is the histogram's
   int32_t mn = L.num_bins, mx = -1;
-  const bool same_c = k.cu == k.ch;
   for (int64_t j = 0; j < n; ++j) {
     float pv = load(p[j]);
     float gv = load(g[j]);
     if (SCALE) {
-      gv = gv / k.gscale;
+      gv = gv / gscale;
       store(&g[j], gv);
     }
-    gv = k.maximize ? -gv : gv;
-    gv = k.l2 ? __builtin_fmaf(pv, k.wd, gv) : gv;
-    pv = pv * k.decay;  // AdamW: 1 - lr*wd (1 otherwise: exact)
+    gv = gv * sign;  // maximize: -1 (exact)
+    gv = l2 ? __builtin_fmaf(pv, wd, gv) : gv;
+    pv = pv * decay;  // AdamW: 1 - lr*wd (1 otherwise: exact)
     float mv = load(m[j]);
-    mv = k.small ? __builtin_fmaf(k.w, gv - mv, mv) : __builtin_fmaf(k.w_m1, gv - mv, gv);
+    const float base = float_of((bits_of(mv) & keep_m) | (bits_of(gv) & ~keep_m));
+    mv = __builtin_fmaf(coeff, gv - mv, base);
     float vv = load(v[j]);
-    vv = TAIL ? __builtin_fmaf(vv, k.b2, (k.c2 * gv) * gv) : __builtin_fmaf(k.c2 * gv, gv, vv * k.b2);
+    vv = TAIL ? __builtin_fmaf(vv, b2, (c2 * gv) * gv) : __builtin_fmaf(c2 * gv, gv, vv * b2);
     store(&m[j], mv);
     store(&v[j], vv);
     if (AMS) {
       const float old = load(vm[j]);
-      vv = old < vv || vv != vv ? vv : old;  // ATen's maximum: NaN propagates
+      const float hi = old > vv ? old : vv;  // ATen's maximum: a NaN in either propagates
+      vv = old != old ? old : hi;
       store(&vm[j], vv);
     }
-    const float x = __builtin_sqrtf(vv) / k.cu;
-    pv = pv + (k.neg_step * mv) / (x + k.eps);
+    const float x = __builtin_sqrtf(vv) / cu;
+    pv = pv + (neg_step * mv) / (x + eps);
     store(&p[j], pv);
-    if (count) {
-      // the reference bins the stored state: rounded for bfloat16/float16
-      const float vs = AMS ? load(vm[j]) : load(v[j]);
-      const bool zero = (bits_of(vs) & ABS_MASK) == 0;
-      const float xh = (std::is_same_v<T, float> && same_c) ? x : __builtin_sqrtf(vs) / k.ch;
-      const int32_t key = bin_key(xh, zero, L);
-      out[j] = key;
-      mn = key < mn ? key : mn;
-      mx = key > mx ? key : mx;
-    }
+    // the reference bins the stored state: rounded for bfloat16/float16
+    const float vs = AMS ? load(vm[j]) : load(v[j]);
+    const bool zero = (bits_of(vs) & ABS_MASK) == 0;
+    const float xh = reuse ? x : __builtin_sqrtf(vs) / ch;
+    const int32_t key = bin_key(xh, zero, L);
+    out[j] = key;
+    mn = key < mn ? key : mn;
+    mx = key > mx ? key : mx;
   }
   *lo = mn;
   *hi = mx;
@@ -94,20 +101,20 @@ inline __attribute__((always_inline)) void adam_impl(T* __restrict p, T* __restr
 
 #define FASTHIST_ADAM(NAME, T)                                                                                     \
   FASTHIST_CLONES void NAME(T* p, T* g, T* m, T* v, T* vm, int64_t n, const AdamCoef& k, bool ams, bool scale,     \
-                            bool tail, bool count, Layout L, int32_t* out, int32_t* lo, int32_t* hi) {             \
+                            bool tail, Layout L, int32_t* out, int32_t* lo, int32_t* hi) {             \
     if (tail) {                                                                                                    \
       if (ams)                                                                                                     \
-        scale ? adam_impl<T, true, true, true>(p, g, m, v, vm, n, k, count, L, out, lo, hi)                        \
-              : adam_impl<T, true, false, true>(p, g, m, v, vm, n, k, count, L, out, lo, hi);                      \
+        scale ? adam_impl<T, true, true, true>(p, g, m, v, vm, n, k, L, out, lo, hi)                        \
+              : adam_impl<T, true, false, true>(p, g, m, v, vm, n, k, L, out, lo, hi);                      \
       else                                                                                                         \
-        scale ? adam_impl<T, false, true, true>(p, g, m, v, vm, n, k, count, L, out, lo, hi)                       \
-              : adam_impl<T, false, false, true>(p, g, m, v, vm, n, k, count, L, out, lo, hi);                     \
+        scale ? adam_impl<T, false, true, true>(p, g, m, v, vm, n, k, L, out, lo, hi)                       \
+              : adam_impl<T, false, false, true>(p, g, m, v, vm, n, k, L, out, lo, hi);                     \
     } else if (ams) {                                                                                              \
-      scale ? adam_impl<T, true, true, false>(p, g, m, v, vm, n, k, count, L, out, lo, hi)                         \
-            : adam_impl<T, true, false, false>(p, g, m, v, vm, n, k, count, L, out, lo, hi);                       \
+      scale ? adam_impl<T, true, true, false>(p, g, m, v, vm, n, k, L, out, lo, hi)                         \
+            : adam_impl<T, true, false, false>(p, g, m, v, vm, n, k, L, out, lo, hi);                       \
     } else {                                                                                                       \
-      scale ? adam_impl<T, false, true, false>(p, g, m, v, vm, n, k, count, L, out, lo, hi)                        \
-            : adam_impl<T, false, false, false>(p, g, m, v, vm, n, k, count, L, out, lo, hi);                      \
+      scale ? adam_impl<T, false, true, false>(p, g, m, v, vm, n, k, L, out, lo, hi)                        \
+            : adam_impl<T, false, false, false>(p, g, m, v, vm, n, k, L, out, lo, hi);                      \
     }                                                                                                              \
   }
 FASTHIST_ADAM(adam_f32, float)
@@ -121,21 +128,20 @@ void adam_segment(const at::Tensor* t, int64_t a, int64_t b, const AdamCoef& k, 
   for (int s = 0; s < 5; ++s) ptr[s] = (s < 4 || ams) ? t[s].data_ptr<T>() : nullptr;
   const int64_t numel = t[0].numel();
   const int64_t body_end = tail_mod > 0 ? numel - numel % tail_mod : numel;  // torch's scalar tail starts here
-  int32_t scratch[1];
   for (int64_t j0 = a; j0 < b;) {
     const int64_t stop = j0 < body_end ? std::min(b, body_end) : b;
     const int64_t n = std::min(BLOCK, stop - j0);
     T* vm = ams ? ptr[4] + j0 : nullptr;
-    int32_t* out = count ? hist.idx() : scratch;
+    int32_t* out = hist.idx();  // binned even when not counted (found_inf in (0, 1)): no branch per element
     int32_t lo, hi;
     if constexpr (std::is_same_v<T, float>)
-      adam_f32(ptr[0] + j0, ptr[1] + j0, ptr[2] + j0, ptr[3] + j0, vm, n, k, ams, scale, j0 >= body_end, count, L, out,
+      adam_f32(ptr[0] + j0, ptr[1] + j0, ptr[2] + j0, ptr[3] + j0, vm, n, k, ams, scale, j0 >= body_end, L, out,
                &lo, &hi);
     else if constexpr (std::is_same_v<T, c10::BFloat16>)
-      adam_bf16(ptr[0] + j0, ptr[1] + j0, ptr[2] + j0, ptr[3] + j0, vm, n, k, ams, scale, j0 >= body_end, count, L,
+      adam_bf16(ptr[0] + j0, ptr[1] + j0, ptr[2] + j0, ptr[3] + j0, vm, n, k, ams, scale, j0 >= body_end, L,
                 out, &lo, &hi);
     else
-      adam_f16(ptr[0] + j0, ptr[1] + j0, ptr[2] + j0, ptr[3] + j0, vm, n, k, ams, scale, j0 >= body_end, count, L, out,
+      adam_f16(ptr[0] + j0, ptr[1] + j0, ptr[2] + j0, ptr[3] + j0, vm, n, k, ams, scale, j0 >= body_end, L, out,
                &lo, &hi);
     if (count) hist.add(n, lo, hi);
     j0 += n;
@@ -192,14 +198,12 @@ void fused_adam_hist_(at::TensorList params, at::TensorList grads, at::TensorLis
                        float(1 - beta2),
                        float(eps),
                        float(-(lr / bc1)),
-                       float(weight_decay),
+                       adamw ? 0.0f : float(weight_decay),
                        adamw && weight_decay != 0 ? float(1 - lr * weight_decay) : 1.0f,
                        gs ? *gs : 1.0f,
                        float(std::sqrt(bc2)),
                        float(std::pow(bc2, 0.5)),  // Python's (1 - beta2**step) ** 0.5: the reference's scale
-                       std::abs(w) < 0.5f,
-                       maximize,
-                       !adamw && weight_decay != 0};
+                       maximize ? -1.0f : 1.0f};
   }
   sweep(sizes, W, count, [&](int64_t i, int64_t a, int64_t b, PrivateHist& hist) {
     const at::Tensor t[5] = {params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],

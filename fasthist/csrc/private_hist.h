@@ -44,33 +44,50 @@ struct Layout {
   }
 };
 
-inline uint32_t bits_of(float x) {
+#define FASTHIST_INLINE inline __attribute__((always_inline))
+
+FASTHIST_INLINE uint32_t bits_of(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
   return u;
 }
-inline float float_of(uint32_t u) {
+FASTHIST_INLINE float float_of(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
 
 // float32 from each parameter dtype: exact (bf16 is the top half of a float32's bits).
-inline float load(float v) { return v; }
-inline float load(c10::BFloat16 v) { return float_of(uint32_t(v.x) << 16); }
-inline float load(c10::Half v) { return c10::detail::fp16_ieee_to_fp32_value(v.x); }
+FASTHIST_INLINE float load(float v) { return v; }
+FASTHIST_INLINE float load(c10::BFloat16 v) { return float_of(uint32_t(v.x) << 16); }
+#if defined(__FLT16_MAX__)  // the compiler's _Float16: IEEE conversions that vectorise (F16C, AVX512-FP16)
+FASTHIST_INLINE float load(c10::Half v) {
+  _Float16 h;
+  std::memcpy(&h, &v.x, 2);
+  return float(h);
+}
+#else
+FASTHIST_INLINE float load(c10::Half v) { return c10::detail::fp16_ieee_to_fp32_value(v.x); }
+#endif
 
 // float32 to each dtype, rounded to nearest even as c10 and ATen's vector conversions do.
-inline void store(float* p, float f) { *p = f; }
-inline void store(c10::BFloat16* p, float f) {
+FASTHIST_INLINE void store(float* p, float f) { *p = f; }
+FASTHIST_INLINE void store(c10::BFloat16* p, float f) {
   const uint32_t u = bits_of(f);
   const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   p->x = uint16_t((u & ABS_MASK) > INF_BITS ? 0x7FC0u : r);
 }
-inline void store(c10::Half* p, float f) { p->x = c10::detail::fp16_ieee_from_fp32_value(f); }
+#if defined(__FLT16_MAX__)
+FASTHIST_INLINE void store(c10::Half* p, float f) {
+  const _Float16 h = _Float16(f);
+  std::memcpy(&p->x, &h, 2);
+}
+#else
+FASTHIST_INLINE void store(c10::Half* p, float f) { p->x = c10::detail::fp16_ieee_from_fp32_value(f); }
+#endif
 
 // The LogBins key of x; `zero` says the value was exactly zero before any scaling.
-inline int32_t bin_key(float x, bool zero, const Layout& L) {
+FASTHIST_INLINE int32_t bin_key(float x, bool zero, const Layout& L) {
   const uint32_t bits = bits_of(x) & ABS_MASK;
   int32_t k = int32_t(bits >> L.shift) - L.low_key + 2;
   k = k < 1 ? 1 : k;  // below range, subnormals included
