@@ -14,6 +14,7 @@ import torch
 
 import fasthist
 from fasthist import csrc
+from fasthist.target import HistTarget
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 
@@ -124,21 +125,32 @@ def test_grad_scaler_and_found_inf(monkeypatch, skip_at):
 
 
 def test_takes_the_fused_path_and_turns_down_what_it_cannot(monkeypatch):
-    """The compiled step runs for fused=True (or this file would test the reference against
-    itself), and a non-contiguous state goes to the reference, not silently wrong."""
+    """The compiled step is asked for fused=True (or this file would test the reference
+    against itself), and a non-contiguous state is turned down (it goes to the reference),
+    never walked as if it were contiguous."""
     calls = []
-    real = torch.ops.fasthist.fused_adam_hist_ if csrc.available() else None
-    assert real is not None
-    monkeypatch.setattr(csrc.fused, "fused_supports", lambda *a: calls.append(csrc.fused.__dict__) or False)
-    p, o = run(fasthist.Adam, torch.float32, {}, [(5,)], steps=1)
-    assert calls  # the hook asks
-    monkeypatch.undo()
-    p = torch.randn(8, 6)[:, ::2].clone().requires_grad_()
-    opt = fasthist.Adam([p], fused=True)
-    p.grad = torch.randn(8, 6)[:, ::2]  # a non-contiguous gradient: torch's step copes, the kernel is not asked
-    lists = [[p], [p.grad], [torch.zeros(8, 3)], [torch.zeros(8, 6)[:, ::2]], [], [torch.tensor(1.0)]]
+    real = csrc.fused_step_
+    monkeypatch.setattr(csrc, "fused_step_", lambda *a: calls.append(real(*a)) or calls[-1])
+    run(fasthist.Adam, torch.float32, {}, [(5,)], steps=1)
+    assert calls == [True]
+    bins = fasthist.LogBins()
+    target = HistTarget(
+        bins,
+        torch.zeros(1, bins.num_bins, dtype=torch.int64),
+        torch.zeros(1, bins.num_bins, dtype=torch.int64),
+        torch.tensor([0]),
+    )
     kwargs = {"fused": True, "beta1": 0.9, "beta2": 0.999, "lr": 1e-3, "weight_decay": 0.0, "eps": 1e-8}
-    target = opt._targets_for_test() if hasattr(opt, "_targets_for_test") else None
-    assert not csrc.fused_supports("adam", lists, target, kwargs)
-    opt.step()
-    assert int(opt.histogram_rows("step").counts.sum()) == 24
+    contiguous = [[torch.zeros(8, 3)] for _ in range(4)] + [[], [torch.tensor(1.0)]]
+    assert csrc.fused_supports("adam", contiguous, target, kwargs)
+    strided = [
+        [torch.zeros(8, 3)],
+        [torch.zeros(8, 6)[:, ::2]],
+        [torch.zeros(8, 3)],
+        [torch.zeros(8, 3)],
+        [],
+        [torch.tensor(1.0)],
+    ]
+    assert not csrc.fused_supports("adam", strided, target, kwargs)
+    assert not csrc.fused_supports("adam", contiguous, target, {**kwargs, "fused": False})
+    assert not csrc.fused_supports("adam", contiguous, None, kwargs)

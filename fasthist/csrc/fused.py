@@ -32,8 +32,12 @@ def _tail_mod() -> int:
 
 def _plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
     return (
-        t.device.type == "cpu" and t.dtype == dtype and t.layout == torch.strided and t.is_contiguous()
-        and not is_dtensor(t) and not t.requires_grad
+        t.device.type == "cpu"
+        and t.dtype == dtype
+        and t.layout == torch.strided
+        and t.is_contiguous()
+        and not is_dtensor(t)
+        and not t.requires_grad
     )
 
 
@@ -62,7 +66,7 @@ def fused_supports(op: str, lists: list[list[Tensor]], hist: HistTarget | None, 
         return False
     dtype = params[0].dtype
     tensors = [t for lst in lists[:-1] for t in lst]
-    if not all(_plain_cpu(t, dtype) for t in [p.detach() for p in params] + tensors[len(params):]):
+    if not all(_plain_cpu(t, dtype) for t in [p.detach() for p in params] + tensors[len(params) :]):
         return False
     if not all(s.device.type == "cpu" and s.numel() == 1 for s in steps):
         return False
