@@ -44,7 +44,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"fasthist": "fasthist", "fasthist.kernels": "kernels"},
-    package_data={"fasthist": ["py.typed"], "fasthist.csrc": ["*.cpp"]},
+    package_data={"fasthist": ["py.typed"], "fasthist.csrc": ["*.cpp", "*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.6", "numpy"],

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import compiled
+from . import csrc
 from .backend import kernels_module, select_backend
 from .dtensor import is_dtensor, local_tensor
 from .reference.adabelief import adabelief_reference
@@ -64,7 +65,8 @@ def _dispatch(
     """Run ``op`` per device on the kernel backend (``fasthist.kernels.<op>.<op>_hist``)
     or the reference: the reference wherever the kernels do not run (no CUDA and no forced
     Triton, no Triton), and for what ``fasthist.kernels.kernel_supports`` turns down inside
-    the kernel op, so the optimizer works wherever torch does."""
+    the kernel op, so the optimizer works wherever torch does. A tracked ``fused=True``
+    call elsewhere runs the compiled fused CPU step where it can (``fasthist.csrc.fused_supports``)."""
     params = lists[0]
     if not params:
         return
@@ -85,7 +87,7 @@ def _dispatch(
         kernel = _kernel_op(op) if triton else None
         if kernel is not None:  # it runs what it cannot take on the reference (kernels.kernel_supports)
             kernel(*_locals(sub), hist=target, **kwargs)
-        else:
+        elif not csrc.fused_step_(op, sub, target, kwargs):  # fused=True on CPU: the compiled step, if it takes it
             reference(*sub, hist=target, **kwargs)
 
 

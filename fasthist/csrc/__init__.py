@@ -1,5 +1,7 @@
-"""The compiled CPU histogram pass (``histogram.cpp``): what the reference's
-:func:`fasthist.reference.histogram.accumulate_` runs on CPU tensors when it is available.
+"""The compiled CPU passes: the histogram pass (``histogram.cpp``), what the reference's
+:func:`fasthist.reference.histogram.accumulate_` runs on CPU tensors when it is available,
+and the fused tracked steps (``fused_adam.cpp``): what ``fused=True`` runs on CPU tensors
+(:func:`fused_step_`, decided by :func:`fused_supports`).
 
 It bins exactly what the torch-op path bins (IEEE square root and division, the LogBins
 bit layout) in one parallel sweep, and writes both windows itself. The library is, in
@@ -25,7 +27,7 @@ from torch import Tensor
 from ..target import HistTarget
 from . import build as _build
 
-__all__ = ["accumulate_", "available", "enabled", "library_path"]
+__all__ = ["accumulate_", "available", "enabled", "fused_step_", "fused_supports", "library_path"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _lock = threading.Lock()
@@ -87,6 +89,10 @@ def _register_fake() -> None:
     def _fake(values, scale, found_inf, sqrt, reciprocal, shift, low_key, num_log_bins, rows, step, total):
         return None
 
+    @torch.library.register_fake("fasthist::fused_adam_hist_")
+    def _fake_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs):
+        return None  # updates its tensors and windows in place
+
 
 def available() -> bool:
     """Whether the compiled kernel is loaded (building it on first call if needed)."""
@@ -145,3 +151,6 @@ def accumulate_(
             target.total,
         )
     return True
+
+
+from .fused import fused_step_, fused_supports  # noqa: E402 - needs _load and enabled above

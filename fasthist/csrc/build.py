@@ -20,12 +20,13 @@ import sys
 import sysconfig
 import tempfile
 
-__all__ = ["CXX_FLAGS", "NAME", "SOURCES", "build", "cache_key", "compile_command"]
+__all__ = ["CXX_FLAGS", "HEADERS", "NAME", "SOURCES", "build", "cache_key", "compile_command"]
 
 NAME = "_C_cpu"  # fasthist._C_cpu: the library a setup.py build puts beside the package
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(HERE, "histogram.cpp")]
-CXX_FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-std=c++20", "-w"]
+SOURCES = [os.path.join(HERE, name) for name in ("histogram.cpp", "fused_adam.cpp")]
+HEADERS = [os.path.join(HERE, "private_hist.h")]
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-std=c++20", "-w"]
 
 
 def compile_command(output: str) -> list[str]:
@@ -52,7 +53,7 @@ def cache_key() -> str:
     import torch
 
     h = hashlib.sha256()
-    for path in SOURCES:
+    for path in SOURCES + HEADERS:
         with open(path, "rb") as f:
             h.update(f.read())
     h.update(" ".join(CXX_FLAGS).encode())

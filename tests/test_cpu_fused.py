@@ -1,0 +1,156 @@
+"""The fused CPU step (fasthist/csrc/fused_adam.cpp) that ``fused=True`` runs on CPU tensors:
+states and parameters against torch's own fused CPU step (bit-identical where torch's
+kernels are AVX512/AVX2, else within the dtype tolerances), and histograms against the
+reference (torch's fused step, then the torch-op histogram: ``FASTHIST_CPU_KERNEL=0``),
+exactly.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import fasthist
+from fasthist import csrc
+from fasthist.target import HistTarget
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+
+EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
+TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+# Sizes: 8, 16 and 17 around torch's vector width and its 8-wide tail; 70,001 split between
+# threads mid-tensor; an empty tensor; a 2-d odd shape; many small ones in a separate case.
+SHAPES = [(8,), (16,), (17,), (70_001,), (0,), (37, 29)]
+CONFIGS = [
+    {},
+    {"amsgrad": True},
+    {"weight_decay": 0.1},
+    {"maximize": True},
+    {"betas": (0.3, 0.99)},  # torch's lerp switches formula at a weight of 0.5
+    {"lr": torch.tensor(3e-3)},
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def grads(shapes, step, dtype):
+    g = torch.Generator().manual_seed(100 + step)
+    out = []
+    for s in shapes:
+        mag = 10.0 ** (torch.rand(s, generator=g) * 8 - 7)
+        gr = torch.randn(s, generator=g) * mag
+        if len(s) == 2:
+            gr[0] = 0.0  # exact zeros in the state: the zero bin
+        out.append(gr.to(dtype))
+    return out
+
+
+def run(cls, dtype, config, shapes, steps=6, scaler_skip_at=None, flag="1", monkeypatch=None):
+    if monkeypatch is not None:
+        monkeypatch.setenv("FASTHIST_CPU_KERNEL", flag)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+    opt = cls(params, fused=True, **config)
+    for step in range(steps):
+        for p, gr in zip(params, grads(shapes, step, dtype), strict=True):
+            p.grad = gr
+        if scaler_skip_at is not None:  # what a GradScaler sets on a fused optimizer
+            opt.grad_scale = torch.tensor(2.0)
+            opt.found_inf = torch.tensor(1.0 if step == scaler_skip_at else 0.0)
+        opt.step()
+    return params, opt
+
+
+def assert_close(a, b, dtype):
+    if EXACT:
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(c) or "default")
+@pytest.mark.parametrize("cls", [fasthist.Adam, fasthist.AdamW], ids=lambda c: c.__name__)
+def test_states_match_torch_fused(monkeypatch, cls, dtype, config):
+    base = torch.optim.Adam if cls is fasthist.Adam else torch.optim.AdamW
+    p1, o1 = run(cls, dtype, config, SHAPES, monkeypatch=monkeypatch)
+    p0, o0 = run(base, dtype, config, SHAPES)
+    for a, b in zip(p1, p0, strict=True):
+        assert_close(a.detach(), b.detach(), dtype)
+        for key, value in o0.state[b].items():
+            assert_close(o1.state[a][key], value, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(c) or "default")
+@pytest.mark.parametrize("cls", [fasthist.Adam, fasthist.AdamW], ids=lambda c: c.__name__)
+def test_histograms_match_reference(monkeypatch, cls, dtype, config):
+    """Every count equal to the reference's (torch's fused step, torch-op histogram)."""
+    _, o1 = run(cls, dtype, config, SHAPES, flag="1", monkeypatch=monkeypatch)
+    _, o0 = run(cls, dtype, config, SHAPES, flag="0", monkeypatch=monkeypatch)
+    for window in ("step", "total"):
+        assert torch.equal(o1.histogram_rows(window).counts, o0.histogram_rows(window).counts)
+    assert int(o1.histogram_rows("step").counts.sum()) == sum(torch.Size(s).numel() for s in SHAPES)
+
+
+def test_many_small_tensors(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    shapes = [(int(n),) for n in torch.randint(1, 3000, (300,), generator=g)]
+    p1, o1 = run(fasthist.Adam, torch.float32, {}, shapes, steps=3, flag="1", monkeypatch=monkeypatch)
+    p0, o0 = run(fasthist.Adam, torch.float32, {}, shapes, steps=3, flag="0", monkeypatch=monkeypatch)
+    assert all(torch.equal(a, b) for a, b in zip(p1, p0, strict=True)) or not EXACT
+    assert torch.equal(o1.histogram_rows("total").counts, o0.histogram_rows("total").counts)
+
+
+@pytest.mark.parametrize("skip_at", [None, 2])
+def test_grad_scaler_and_found_inf(monkeypatch, skip_at):
+    """grad_scale divides (and writes the gradients back); found_inf = 1 skips the update,
+    the step count and both windows, as torch's fused step and the reference do."""
+    p1, o1 = run(fasthist.Adam, torch.float32, {}, SHAPES, scaler_skip_at=skip_at, flag="1", monkeypatch=monkeypatch)
+    p0, o0 = run(fasthist.Adam, torch.float32, {}, SHAPES, scaler_skip_at=skip_at, flag="0", monkeypatch=monkeypatch)
+    for a, b in zip(p1, p0, strict=True):
+        assert_close(a.detach(), b.detach(), torch.float32)
+        assert_close(a.grad, b.grad, torch.float32)
+        assert torch.equal(o1.state[a]["step"], o0.state[b]["step"])
+    for window in ("step", "total"):
+        assert torch.equal(o1.histogram_rows(window).counts, o0.histogram_rows(window).counts)
+
+
+def test_takes_the_fused_path_and_turns_down_what_it_cannot(monkeypatch):
+    """The compiled step is asked for fused=True (or this file would test the reference
+    against itself), and a non-contiguous state is turned down (it goes to the reference),
+    never walked as if it were contiguous."""
+    calls = []
+    real = csrc.fused_step_
+    monkeypatch.setattr(csrc, "fused_step_", lambda *a: calls.append(real(*a)) or calls[-1])
+    run(fasthist.Adam, torch.float32, {}, [(5,)], steps=1)
+    assert calls == [True]
+    bins = fasthist.LogBins()
+    target = HistTarget(
+        bins,
+        torch.zeros(1, bins.num_bins, dtype=torch.int64),
+        torch.zeros(1, bins.num_bins, dtype=torch.int64),
+        torch.tensor([0]),
+    )
+    kwargs = {"fused": True, "beta1": 0.9, "beta2": 0.999, "lr": 1e-3, "weight_decay": 0.0, "eps": 1e-8}
+    contiguous = [[torch.zeros(8, 3)] for _ in range(4)] + [[], [torch.tensor(1.0)]]
+    assert csrc.fused_supports("adam", contiguous, target, kwargs)
+    strided = [
+        [torch.zeros(8, 3)],
+        [torch.zeros(8, 6)[:, ::2]],
+        [torch.zeros(8, 3)],
+        [torch.zeros(8, 3)],
+        [],
+        [torch.tensor(1.0)],
+    ]
+    assert not csrc.fused_supports("adam", strided, target, kwargs)
+    assert not csrc.fused_supports("adam", contiguous, target, {**kwargs, "fused": False})
+    assert not csrc.fused_supports("adam", contiguous, None, kwargs)
