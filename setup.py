@@ -21,7 +21,14 @@ def cpu_kernel() -> tuple[list, dict]:
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     sources = [os.path.relpath(s) for s in build.SOURCES]
-    ext = CppExtension(f"fasthist.{build.NAME}", sources, extra_compile_args=build.CXX_FLAGS, optional=True)
+    omp = build.openmp_flags()
+    ext = CppExtension(
+        f"fasthist.{build.NAME}",
+        sources,
+        extra_compile_args=build.CXX_FLAGS + omp,
+        extra_link_args=omp,
+        optional=True,
+    )
 
     class OptionalBuildExtension(BuildExtension.with_options(use_ninja=False)):
         def build_extensions(self) -> None:

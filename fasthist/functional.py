@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import compiled
-from . import csrc
+from . import compiled, csrc
 from .backend import kernels_module, select_backend
 from .dtensor import is_dtensor, local_tensor
 from .reference.adabelief import adabelief_reference

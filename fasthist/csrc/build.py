@@ -20,13 +20,25 @@ import sys
 import sysconfig
 import tempfile
 
-__all__ = ["CXX_FLAGS", "HEADERS", "NAME", "SOURCES", "build", "cache_key", "compile_command"]
+__all__ = ["CXX_FLAGS", "HEADERS", "NAME", "SOURCES", "build", "cache_key", "compile_command", "openmp_flags"]
 
 NAME = "_C_cpu"  # fasthist._C_cpu: the library a setup.py build puts beside the package
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(HERE, name) for name in ("histogram.cpp", "fused_adam.cpp")]
 HEADERS = [os.path.join(HERE, "private_hist.h")]
 CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-std=c++20", "-w"]
+
+
+def openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch's own parallel backend is OpenMP (its Linux wheels): ATen's
+    ``at::parallel_for`` is an inline ``#pragma omp parallel``, so without the flag every
+    sweep runs on one thread. Linked against the ``libgomp.so.1`` torch ships (its lib
+    directory comes first in ``-L``), so the process keeps one OpenMP runtime and one pool."""
+    import torch
+
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
 
 
 def compile_command(output: str) -> list[str]:
@@ -38,7 +50,7 @@ def compile_command(output: str) -> list[str]:
     cxx = os.environ.get("CXX", "c++")
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
     return (
-        [cxx, "-shared", "-fPIC", *CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+        [cxx, "-shared", "-fPIC", *CXX_FLAGS, *openmp_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
         + [f"-I{p}" for p in include_paths()]
         + SOURCES
         + ["-o", output]
@@ -56,7 +68,7 @@ def cache_key() -> str:
     for path in SOURCES + HEADERS:
         with open(path, "rb") as f:
             h.update(f.read())
-    h.update(" ".join(CXX_FLAGS).encode())
+    h.update(" ".join(CXX_FLAGS + openmp_flags()).encode())
     h.update(f"{torch.__version__} {torch.version.git_version} {sys.version} {sysconfig.get_platform()}".encode())
     h.update(os.environ.get("CXX", "c++").encode())
     return h.hexdigest()[:16]
