@@ -30,6 +30,9 @@ from . import build as _build
 __all__ = ["accumulate_", "available", "enabled", "fused_step_", "fused_supports", "library_path"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TAKES = frozenset(_DTYPES + (torch.complex64, torch.complex32))  # complex: binned as (re, im) pairs
+_SPANS_KEY = ("fasthist.csrc.spans",)
+_STEP_VERSION = "fasthist.csrc.step_version"
 _lock = threading.Lock()
 _op: Any = None
 _path: str | None = None
@@ -86,7 +89,9 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake("fasthist::histogram_")
-    def _fake(values, scale, found_inf, sqrt, reciprocal, shift, low_key, num_log_bins, rows, step, total):
+    def _fake(
+        values, scale, found_inf, sqrt, reciprocal, shift, low_key, num_log_bins, rows, step, total, spans, spans_valid
+    ):
         return None
 
     @torch.library.register_fake("fasthist::fused_adam_hist_")
@@ -119,8 +124,7 @@ def accumulate_(
     tensors it does not bin (float64: the torch-op path rounds those)."""
     if not enabled() or target.step.device.type != "cpu":
         return False
-    flat = [torch.view_as_real(v) if v.is_complex() else v for v in values]
-    if any(v.dtype not in _DTYPES or v.device.type != "cpu" for v in flat):
+    if not all(v.dtype in _TAKES and v.is_cpu for v in values):
         return False
     if not all(w.dtype == torch.int64 and w.dim() == 2 and w.stride(1) == 1 for w in (target.step, target.total)):
         return False
@@ -135,10 +139,12 @@ def accumulate_(
         scale = torch.tensor([float(c) for c in scale], dtype=torch.float32)
     if found_inf is not None:
         found_inf = found_inf.to("cpu").reshape(())
+    spans, valid = _spans(target, len(values))
     bins = target.bins
     with torch.no_grad():
+        # values as they are: the op reads complex ones as (re, im) and copies non-contiguous ones
         op(
-            [v.detach().contiguous() for v in flat],
+            values,
             scale,
             found_inf,
             sqrt,
@@ -149,8 +155,26 @@ def accumulate_(
             target.rows,
             target.step,
             target.total,
+            spans,
+            valid,
         )
+    if spans is not None:
+        target.marks[_STEP_VERSION] = target.step._version
     return True
+
+
+def _spans(target: HistTarget, n: int) -> tuple[Tensor | None, bool]:
+    """The target's spans buffer (int32 [n, 2], see ``Windows`` in ``private_hist.h``) and
+    whether it can be trusted: the step buffer's version counter is the one recorded right
+    after this op last wrote it, so nothing wrote a step row since (every torch op on the
+    buffer or a view of it, and every op of this library, bumps the counter; writes through
+    ``.data``, numpy or raw pointers are not seen, and fasthist makes none on the CPU).
+    Under ``torch.compile`` none (a host read of a version would be guarded): every step
+    row is cleared in full, as without spans."""
+    if torch.compiler.is_compiling():
+        return None, False
+    spans = target.buffer(_SPANS_KEY + (n,), lambda: torch.empty(n, 2, dtype=torch.int32))
+    return spans, target.marks.get(_STEP_VERSION) == target.step._version
 
 
 from .fused import fused_step_, fused_supports  # noqa: E402 - needs _load and enabled above

@@ -4,6 +4,9 @@
 //     bin = LogBins layout of bits(|x|)                       (fasthist/bins.py)
 //
 // written into the two windows: step[rows[i]] = counts of tensor i, total[rows[i]] += them.
+// `spans` (optional, int32 [n, 2]) records each step row's nonzero span, so that the next call
+// clears only that span (spans_valid: the caller vouches nothing else wrote the rows since;
+// see Windows in private_hist.h).
 // The square root and the division are IEEE (round to nearest): the vector forms (sqrtps,
 // divps) are correctly rounded, and the flags exclude every value-changing shortcut
 // (no -ffast-math, no reciprocal); -fno-math-errno only lets sqrt vectorise, it changes no
@@ -14,6 +17,7 @@
 // vectorised pass (the bin arithmetic of LogBins.index, no table), counted into per-thread
 // private histograms (private_hist.h).
 
+#include <ATen/ops/view_as_real.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -31,6 +35,9 @@ Windows check_windows(const char* op, int64_t nt, int64_t nb, const at::Tensor& 
     TORCH_CHECK(w->scalar_type() == at::kLong && w->dim() == 2 && w->size(1) == nb && w->stride(1) == 1 &&
                     w->device().is_cpu(),
                 "fasthist ", op, ": step/total must be CPU int64 [R, ", nb, "] with contiguous rows");
+  }
+  for (const at::Tensor* w : {&step, &total}) {
+    if (!w->is_inference()) w->unsafeGetTensorImpl()->bump_version();
   }
   const int64_t* row = rows.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < nt; ++i) {
@@ -119,29 +126,40 @@ void count_segment(const at::Tensor& t, int64_t a, int64_t b, float c, bool sq, 
 
 void histogram_(at::TensorList values, const at::Tensor& scale, const std::optional<at::Tensor>& found_inf, bool sqrt,
                 bool reciprocal, int64_t shift, int64_t low_key, int64_t num_log_bins, const at::Tensor& rows,
-                const at::Tensor& step, const at::Tensor& total) {
+                const at::Tensor& step, const at::Tensor& total, const std::optional<at::Tensor>& spans,
+                bool spans_valid) {
   const int64_t nt = int64_t(values.size());
   const Layout L = Layout::of(shift, low_key, num_log_bins);
   TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
                   scale.numel() == nt,
               "fasthist histogram_: scale must be ", nt, " contiguous CPU float32 values, got ", scale.numel(), " ",
               scale.scalar_type(), " on ", scale.device());
-  const Windows W = check_windows("histogram_", nt, L.num_bins, rows, step, total);
+  Windows W = check_windows("histogram_", nt, L.num_bins, rows, step, total);
+  if (spans.has_value() && spans->defined()) {
+    TORCH_CHECK(spans->device().is_cpu() && spans->scalar_type() == at::kInt && spans->is_contiguous() &&
+                    spans->numel() == 2 * nt,
+                "fasthist histogram_: spans must be ", 2 * nt, " contiguous CPU int32, got ", spans->numel(), " ",
+                spans->scalar_type());
+    W.span = spans->data_ptr<int32_t>();
+    W.span_valid = spans_valid;
+  }
   if (skipped(found_inf, "histogram_")) return;  // a skipped step leaves both windows as they were
   std::vector<int64_t> sizes(nt);
+  std::vector<at::Tensor> flat(nt);  // complex as (re, im) pairs, contiguous (a copy only where needed)
   for (int64_t i = 0; i < nt; ++i) {
-    const at::Tensor& t = values[i];
-    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() &&
+    flat[i] = (values[i].is_complex() ? at::view_as_real(values[i]) : values[i]).contiguous();
+    const at::Tensor& t = flat[i];
+    TORCH_CHECK(t.device().is_cpu() &&
                     (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 ||
                      t.scalar_type() == at::kHalf),
-                "fasthist histogram_: values must be contiguous CPU float32, bfloat16 or float16, got ",
+                "fasthist histogram_: values must be CPU float32, bfloat16 or float16 (or complex of them), got ",
                 t.scalar_type(), " on ", t.device());
     sizes[i] = t.numel();
   }
   const float* c32 = scale.const_data_ptr<float>();  // float32(c), as the reference divides (or multiplies)
   sweep(sizes, W, true, [&](int64_t i, int64_t a, int64_t b, PrivateHist& hist) {
     const bool scaled = c32[i] != 1.0f;
-    count_segment(values[i], a, b, c32[i], sqrt, scaled && !reciprocal, scaled && reciprocal, L, hist);
+    count_segment(flat[i], a, b, c32[i], sqrt, scaled && !reciprocal, scaled && reciprocal, L, hist);
   });
 }
 
@@ -150,7 +168,7 @@ void histogram_(at::TensorList values, const at::Tensor& scale, const std::optio
 TORCH_LIBRARY_FRAGMENT(fasthist, m) {
   m.def(
       "histogram_(Tensor[] values, Tensor scale, Tensor? found_inf, bool sqrt, bool reciprocal, int shift, int low_key, int num_log_bins, "
-      "Tensor rows, Tensor(a!) step, Tensor(b!) total) -> ()");
+      "Tensor rows, Tensor(a!) step, Tensor(b!) total, Tensor(c!)? spans=None, bool spans_valid=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fasthist, CPU, m) { m.impl("histogram_", &histogram_); }

@@ -13,7 +13,8 @@
 // sub-histograms (a run of equal bins does not serialise on one store-to-load chain). A
 // tensor a range holds whole is written straight into its rows of the windows; a tensor cut
 // between ranges is summed in per-range partial rows and written after the parallel region.
-// Only the span [lo, hi] of bins a tensor touched is merged and cleared.
+// Only the span [lo, hi] of bins a tensor touched is merged and cleared; with spans
+// (Windows::span) only the previous step's span of a step row is cleared, not the whole row.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -156,6 +157,14 @@ class PrivateHist {
 };
 
 // The two int64 windows of a call: step[rows[i]] = counts of tensor i, total[rows[i]] += them.
+//
+// Spans (optional, `span` non-null): span[2i], span[2i+1] = the bins [lo, hi] outside which
+// step row i is zero after this call (lo > hi: all zero). With `span_valid` the caller
+// guarantees that the spans it passes were written by the previous call of this op on these
+// rows and that nothing wrote the step rows since (fasthist.csrc checks the step buffer's
+// version counter, which every torch op and every op of this library bumps); then only the
+// old span is cleared instead of the whole row (20 KB per tensor with the default bins).
+// The result is the same: row = counts of this call, exactly, zero elsewhere.
 struct Windows {
   const int64_t* row;
   int64_t* step;
@@ -163,16 +172,47 @@ struct Windows {
   int64_t* total;
   int64_t total_rs;
   int64_t nb;
+  int32_t* span = nullptr;
+  bool span_valid = false;
   int64_t* step_row(int64_t i) const { return step + row[i] * step_rs; }
   int64_t* total_row(int64_t i) const { return total + row[i] * total_rs; }
+  // Zeroes step row i (at `dst`) where it may be nonzero: the old span when it is known.
+  void clear_row(int64_t i, int64_t* dst) const {
+    if (span != nullptr && span_valid) {
+      const int32_t lo = span[2 * i], hi = span[2 * i + 1];
+      if (lo > hi) return;                            // already all zero
+      if (lo >= 0 && hi < nb) {                       // a span this op wrote; else clear all
+        std::memset(dst + lo, 0, (hi - lo + 1) * sizeof(int64_t));
+        return;
+      }
+    }
+    std::memset(dst, 0, nb * sizeof(int64_t));
+  }
+  void set_span(int64_t i, int32_t lo, int32_t hi) const {
+    if (span == nullptr) return;
+    span[2 * i] = lo <= hi ? lo : int32_t(nb);
+    span[2 * i + 1] = lo <= hi ? hi : -1;
+  }
 };
 
 // True when found_inf (one CPU value, or absent) is nonzero: the reference's "skipped".
 bool skipped(const std::optional<at::Tensor>& found_inf, const char* op);
 
-// Checks the rows and windows of an op, and returns them.
+// Checks the rows and windows of an op, bumps both windows' version counters (they are about
+// to be written: a custom op's mutable arguments are not bumped by the dispatcher, and the
+// spans above rely on every writer bumping), and returns them.
 Windows check_windows(const char* op, int64_t nt, int64_t nb, const at::Tensor& rows, const at::Tensor& step,
                       const at::Tensor& total);
+
+// The span of step row i's nonzero bins, read off the row (tensors cut between ranges: few).
+inline void set_span_of_row(const Windows& W, int64_t i) {
+  if (W.span == nullptr) return;
+  const int64_t* dst = W.step_row(i);
+  int32_t lo = 0, hi = int32_t(W.nb) - 1;
+  while (lo <= hi && dst[lo] == 0) ++lo;
+  while (hi >= lo && dst[hi] == 0) --hi;
+  W.set_span(i, lo, hi);
+}
 
 // Runs seg(i, a, b, hist) over elements [a, b) of every tensor i (sizes[i] elements), in
 // parallel ranges; seg counts its elements into `hist` (begin/end are done here). With
@@ -214,7 +254,7 @@ void sweep(const std::vector<int64_t>& sizes, const Windows& W, bool count, Seg&
         int64_t* dst;
         if (whole) {
           dst = W.step_row(i);
-          std::memset(dst, 0, nb * sizeof(int64_t));
+          W.clear_row(i, dst);
         } else {
           R.cut[ncut] = i;
           R.partial[ncut].assign(nb, 0);
@@ -228,6 +268,7 @@ void sweep(const std::vector<int64_t>& sizes, const Windows& W, bool count, Seg&
         if (whole) {
           int64_t* tot = W.total_row(i);
           for (int32_t k = lo; k <= hi; ++k) tot[k] += dst[k];
+          W.set_span(i, lo, hi);  // the row is zero outside [lo, hi]: merge() wrote only there
         }
       }
     }
@@ -241,9 +282,10 @@ void sweep(const std::vector<int64_t>& sizes, const Windows& W, bool count, Seg&
       const int64_t i = R.cut[s];
       if (i < 0) continue;
       if (i != current) {
+        if (current >= 0) set_span_of_row(W, current);
         current = i;
         dst = W.step_row(i);
-        std::memset(dst, 0, nb * sizeof(int64_t));
+        W.clear_row(i, dst);
       }
       const int64_t* p = R.partial[s].data();
       int64_t* tot = W.total_row(i);
@@ -253,8 +295,12 @@ void sweep(const std::vector<int64_t>& sizes, const Windows& W, bool count, Seg&
       }
     }
   }
+  if (current >= 0) set_span_of_row(W, current);
   for (int64_t i = 0; i < nt; ++i) {
-    if (sizes[i] == 0) std::memset(W.step_row(i), 0, nb * sizeof(int64_t));
+    if (sizes[i] == 0) {
+      W.clear_row(i, W.step_row(i));
+      W.set_span(i, 1, 0);
+    }
   }
 }
 

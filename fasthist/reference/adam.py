@@ -34,7 +34,13 @@ __all__ = ["adam_reference", "bias_correction2_sqrt"]
 def _host_scales(state_steps: list[Tensor], beta2: float) -> list[float]:
     """``(1 - beta2**step) ** 0.5`` in float64 (Python floats: C ``pow``), per tensor; one
     power per distinct step count (usually one for the whole group)."""
-    steps = torch.stack([s.detach().reshape(()).to(torch.float64) for s in state_steps]).tolist()
+    try:  # one stack of the 0-d step counts (a per-tensor reshape costs ~1 us each)
+        stacked = torch.stack(state_steps).detach().reshape(-1)
+    except RuntimeError:  # counts of other shapes
+        stacked = torch.stack([s.detach().reshape(()) for s in state_steps])
+    if stacked.numel() != len(state_steps):
+        stacked = torch.stack([s.detach().reshape(()) for s in state_steps])
+    steps = stacked.to(torch.float64).tolist()
     memo: dict[float, float] = {}
     return [memo[s] if s in memo else memo.setdefault(s, (1 - beta2**s) ** 0.5) for s in steps]
 

@@ -157,12 +157,11 @@ def accumulate_(
     in float64; a nonzero value whose quotient underflows is counted below range.
     """
     device = target.step.device
-    values = [local_tensor(v) for v in values]
-    for v in values:
-        if v.device != device:
-            raise RuntimeError(
-                f"fasthist: all tensors of one backend call must be on {device}, but got one on {v.device}"
-            )
+    if any(type(v) is not Tensor for v in values):  # DTensors (and other subclasses): one pass more
+        values = [local_tensor(v) for v in values]
+    if not all(v.device == device for v in values):
+        bad = next(v.device for v in values if v.device != device)
+        raise RuntimeError(f"fasthist: all tensors of one backend call must be on {device}, but got one on {bad}")
     if device.type == "cpu" and csrc.accumulate_(target, values, scale, found_inf, sqrt=sqrt, reciprocal=reciprocal):
         return  # the compiled pass (fasthist/csrc): the same bins, one parallel sweep
     flat_views = [torch.view_as_real(v).reshape(-1) if v.is_complex() else v.reshape(-1) for v in values]
