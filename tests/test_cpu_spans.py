@@ -51,7 +51,8 @@ def oracle(monkeypatch, values, scale, rows, nrows) -> torch.Tensor:
     return t.step
 
 
-def new_target(nrows=len(SIZES) + 2) -> HistTarget:
+def new_target() -> HistTarget:
+    nrows = len(SIZES) + 2
     rows = torch.randperm(nrows, generator=torch.Generator().manual_seed(5))[: len(SIZES)]
     start = torch.randint(0, 100, (2, nrows, BINS.num_bins), dtype=torch.int64)
     return HistTarget(BINS, start[0].clone(), start[1].clone(), rows)
