@@ -41,6 +41,8 @@ def _host_scales(state_steps: list[Tensor], beta2: float) -> list[float]:
     if stacked.numel() != len(state_steps):
         stacked = torch.stack([s.detach().reshape(()) for s in state_steps])
     steps = stacked.to(torch.float64).tolist()
+    if len(set(steps)) == 1:  # the usual case: every tensor of the group at the same step
+        return [(1 - beta2 ** steps[0]) ** 0.5] * len(steps)
     memo: dict[float, float] = {}
     return [memo[s] if s in memo else memo.setdefault(s, (1 - beta2**s) ** 0.5) for s in steps]
 
@@ -57,14 +59,14 @@ def _device_scales(state_steps: list[Tensor], beta2: float | Tensor) -> Tensor:
 def _bias_correction2_sqrt_op(state_steps: list[Tensor], beta2: float, beta2_tensor: Tensor | None) -> Tensor:
     """:func:`bias_correction2_sqrt` as a float32 tensor, for compiled steps."""
     b2: float | Tensor = beta2 if beta2_tensor is None else beta2_tensor
-    if all(s.device.type == "cpu" for s in state_steps):
+    if all(s.is_cpu for s in state_steps):
         return torch.tensor(_host_scales(state_steps, float(b2)), dtype=torch.float32)
     return _device_scales(state_steps, b2).clone()
 
 
 @_bias_correction2_sqrt_op.register_fake
 def _(state_steps: list[Tensor], beta2: float, beta2_tensor: Tensor | None) -> Tensor:
-    device = "cpu" if all(s.device.type == "cpu" for s in state_steps) else state_steps[0].device
+    device = "cpu" if all(s.is_cpu for s in state_steps) else state_steps[0].device
     return torch.empty(len(state_steps), dtype=torch.float32, device=device)
 
 
@@ -78,7 +80,7 @@ def bias_correction2_sqrt(state_steps: list[Tensor], beta2: float | Tensor) -> l
     if torch.compiler.is_compiling():
         tensor = beta2 if isinstance(beta2, Tensor) else None
         return _bias_correction2_sqrt_op(state_steps, 0.0 if tensor is not None else float(beta2), tensor)
-    if all(s.device.type == "cpu" for s in state_steps):
+    if all(s.is_cpu for s in state_steps):
         return _host_scales(state_steps, float(beta2))
     return _device_scales(state_steps, beta2)
 
