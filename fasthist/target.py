@@ -37,8 +37,9 @@ class HistTarget:
     rows: Tensor
     # the buffers of buffer(); read through buffer() (kernels/_common.py still reads it directly)
     _workspace: dict = field(default_factory=dict, repr=False)
-    # small host-side facts a backend keeps between calls (e.g. fasthist.csrc: the step
-    # buffer's version after its last write), keyed like buffer()
+    # what a backend keeps about this very target between calls, unlike the workspace never
+    # shared with another HistTarget (fasthist.csrc: each step row's span and the step
+    # buffer's version after writing them); keyed like buffer()
     marks: dict = field(default_factory=dict, repr=False, compare=False)
     # names this target inside a compiled graph (fasthist.compiled), where no object can go
     key: int = field(default_factory=lambda: next(_KEYS), repr=False, compare=False)

@@ -103,6 +103,13 @@ def _scribble_op_without_spans(target, call):  # the op as a compiled step calls
     )
 
 
+def _scribble_shared_workspace(target, call):
+    """A target rebuilt around the same workspace (as a compiled step's opaque call does),
+    writing copies of the windows: the real rows are untouched, and their spans too."""
+    other = HistTarget(BINS, target.step.clone(), target.total.clone(), target.rows, target._workspace)
+    accumulate_(other, values_at(call + 400), [2.0] * len(SIZES))
+
+
 SCRIBBLES = {
     "none": None,
     "view": _scribble_view,
@@ -111,6 +118,7 @@ SCRIBBLES = {
     "torch_ops": _scribble_torch_ops,
     "other_target": _scribble_other_target,
     "op_without_spans": _scribble_op_without_spans,
+    "shared_workspace": _scribble_shared_workspace,
 }
 
 

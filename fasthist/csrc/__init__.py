@@ -31,8 +31,7 @@ __all__ = ["accumulate_", "available", "enabled", "fused_step_", "fused_supports
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TAKES = frozenset(_DTYPES + (torch.complex64, torch.complex32))  # complex: binned as (re, im) pairs
-_SPANS_KEY = ("fasthist.csrc.spans",)
-_STEP_VERSION = "fasthist.csrc.step_version"
+_SPANS = "fasthist.csrc.spans"  # HistTarget.marks: (spans int32 [n, 2], step version after writing them)
 _lock = threading.Lock()
 _op: Any = None
 _path: str | None = None
@@ -90,7 +89,19 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("fasthist::histogram_")
     def _fake(
-        values, scale, found_inf, sqrt, reciprocal, shift, low_key, num_log_bins, rows, step, total, spans, spans_valid
+        values,
+        scale,
+        found_inf,
+        sqrt,
+        reciprocal,
+        shift,
+        low_key,
+        num_log_bins,
+        rows,
+        step,
+        total,
+        spans=None,
+        spans_valid=False,
     ):
         return None
 
@@ -159,12 +170,12 @@ def accumulate_(
             valid,
         )
     if spans is not None:
-        target.marks[_STEP_VERSION] = target.step._version
+        target.marks[_SPANS] = (spans, target.step._version)
     return True
 
 
 def _spans(target: HistTarget, n: int) -> tuple[Tensor | None, bool]:
-    """The target's spans buffer (int32 [n, 2], see ``Windows`` in ``private_hist.h``) and
+    """The target's spans (int32 [n, 2], see ``Windows`` in ``private_hist.h``) and
     whether it can be trusted: the step buffer's version counter is the one recorded right
     after this op last wrote it, so nothing wrote a step row since (every torch op on the
     buffer or a view of it, and every op of this library, bumps the counter; writes through
@@ -173,8 +184,12 @@ def _spans(target: HistTarget, n: int) -> tuple[Tensor | None, bool]:
     row is cleared in full, as without spans."""
     if torch.compiler.is_compiling():
         return None, False
-    spans = target.buffer(_SPANS_KEY + (n,), lambda: torch.empty(n, 2, dtype=torch.int32))
-    return spans, target.marks.get(_STEP_VERSION) == target.step._version
+    # in marks, not the workspace: a HistTarget rebuilt around the same workspace (a compiled
+    # step's opaque call) must not see, nor overwrite, the spans of this one
+    spans, version = target.marks.get(_SPANS, (None, None))
+    if spans is None or spans.shape[0] != n:
+        return torch.empty(n, 2, dtype=torch.int32), False
+    return spans, version == target.step._version
 
 
 from .fused import fused_step_, fused_supports  # noqa: E402 - needs _load and enabled above
