@@ -26,10 +26,13 @@ _OPS = ("adam", "adagrad")
 # bfloat16/float16 before) on the last ``numel % 16``. Found by probing torch's AVX512 and AVX2
 # kernels; 0 elsewhere, where only the tolerances of the tests are claimed.
 _TAIL = {"adam": 8, "adagrad": 16}
+# read once: torch picks its kernels' ISA at startup (ATEN_CPU_CAPABILITY), and a call to
+# get_cpu_capability() inside a compiled step is a graph break (it returns a str)
+_X86_KERNELS = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
 
 
 def _tail_mod(op: str) -> int:
-    return _TAIL[op] if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2") else 0
+    return _TAIL[op] if _X86_KERNELS else 0
 
 
 def _plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
