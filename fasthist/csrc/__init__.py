@@ -109,6 +109,10 @@ def _register_fake() -> None:
     def _fake_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs):
         return None  # updates its tensors and windows in place
 
+    @torch.library.register_fake("fasthist::fused_adagrad_hist_")
+    def _fake_adagrad(params, grads, state_sums, state_steps, **kwargs):
+        return None  # updates its tensors and windows in place
+
 
 def available() -> bool:
     """Whether the compiled kernel is loaded (building it on first call if needed)."""

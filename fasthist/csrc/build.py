@@ -24,7 +24,7 @@ __all__ = ["CXX_FLAGS", "HEADERS", "NAME", "SOURCES", "build", "cache_key", "com
 
 NAME = "_C_cpu"  # fasthist._C_cpu: the library a setup.py build puts beside the package
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(HERE, name) for name in ("histogram.cpp", "fused_adam.cpp")]
+SOURCES = [os.path.join(HERE, name) for name in ("histogram.cpp", "fused_adam.cpp", "fused_adagrad.cpp")]
 HEADERS = [os.path.join(HERE, "private_hist.h")]
 CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-std=c++20", "-w"]
 
