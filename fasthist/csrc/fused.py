@@ -35,15 +35,13 @@ def _tail_mod(op: str) -> int:
     return _TAIL[op] if _X86_KERNELS else 0
 
 
-def _plain_cpu(t: Tensor, dtype: torch.dtype) -> bool:
-    return (
-        t.device.type == "cpu"
-        and t.dtype == dtype
-        and t.layout == torch.strided
-        and t.is_contiguous()
-        and not is_dtensor(t)
-        and not t.requires_grad
-    )
+def _plain_cpu(tensors: list[Tensor], dtype: torch.dtype) -> bool:
+    """Every tensor dense, contiguous, on the CPU, of ``dtype`` (the layout before
+    ``is_contiguous()``, which a sparse tensor does not answer). Runs over every tensor of
+    every step, so it reads four cheap attributes and nothing else: DTensors are turned down
+    by their parameters (their states and gradients are DTensors too), and ``requires_grad``
+    states only exist with ``differentiable``, turned down before."""
+    return all(t.is_cpu and t.dtype == dtype and t.layout == torch.strided and t.is_contiguous() for t in tensors)
 
 
 def fused_supports(op: str, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict[str, Any]) -> bool:
@@ -70,10 +68,9 @@ def fused_supports(op: str, lists: list[list[Tensor]], hist: HistTarget | None, 
     if not params or params[0].dtype not in _DTYPES:
         return False
     dtype = params[0].dtype
-    tensors = [t for lst in lists[:-1] for t in lst]
-    if not all(_plain_cpu(t, dtype) for t in [p.detach() for p in params] + tensors[len(params) :]):
+    if any(is_dtensor(p) for p in params) or not all(_plain_cpu(lst, dtype) for lst in lists[:-1]):
         return False
-    if not all(s.device.type == "cpu" and s.numel() == 1 for s in steps):
+    if not all(s.is_cpu and s.numel() == 1 for s in steps):
         return False
     return all(w.dtype == torch.int64 and w.dim() == 2 and w.stride(1) == 1 for w in (hist.step, hist.total)) and (
         _load() is not None
