@@ -157,36 +157,17 @@ void fused_adam_hist_(at::TensorList params, at::TensorList grads, at::TensorLis
   const char* op = "fused_adam_hist_";
   const int64_t nt = int64_t(params.size());
   const Layout L = Layout::of(shift, low_key, num_log_bins);
-  TORCH_CHECK(int64_t(grads.size()) == nt && int64_t(exp_avgs.size()) == nt && int64_t(exp_avg_sqs.size()) == nt &&
-                  int64_t(state_steps.size()) == nt && (!amsgrad || int64_t(max_exp_avg_sqs.size()) == nt),
-              "fasthist ", op, ": expected ", nt, " tensors in every list");
   const Windows W = check_windows(op, nt, L.num_bins, rows, step, total);
-  const at::ScalarType dtype = nt ? params[0].scalar_type() : at::kFloat;
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "fasthist ", op,
-              ": params must be float32, bfloat16 or float16, got ", dtype);
-  std::vector<int64_t> sizes(nt);
-  for (int64_t i = 0; i < nt; ++i) {
-    for (const at::Tensor* t : {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
-      TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == dtype &&
-                      t->numel() == params[i].numel(),
-                  "fasthist ", op, ": tensor ", i, " and its grad and states must be contiguous CPU ", dtype,
-                  " of one size, got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
-    }
-    if (amsgrad)
-      TORCH_CHECK(max_exp_avg_sqs[i].is_contiguous() && max_exp_avg_sqs[i].scalar_type() == dtype &&
-                      max_exp_avg_sqs[i].numel() == params[i].numel(),
-                  "fasthist ", op, ": max_exp_avg_sqs[", i, "] must match its parameter");
-    sizes[i] = params[i].numel();
-  }
-  if (found_inf.has_value() && found_inf->defined() && found_inf->item<float>() == 1.0f) return;  // torch's skip
-  const bool count = !skipped(found_inf, op);
-  const float* gs = nullptr;
-  if (grad_scale.has_value() && grad_scale->defined()) {
-    TORCH_CHECK(grad_scale->device().is_cpu() && grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1,
-                "fasthist ", op, ": grad_scale must be one CPU float32 value");
-    gs = grad_scale->const_data_ptr<float>();
-  }
-  if (lr_tensor.has_value() && lr_tensor->defined()) lr = lr_tensor->item<double>();
+  std::vector<int64_t> sizes;
+  const at::ScalarType dtype =
+      amsgrad ? check_fused_lists(op, {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, sizes)
+              : check_fused_lists(op, {params, grads, exp_avgs, exp_avg_sqs}, sizes);
+  TORCH_CHECK(int64_t(state_steps.size()) == nt, "fasthist ", op, ": expected ", nt, " tensors in every list");
+  const StepScalars S = step_scalars(op, found_inf, grad_scale, lr_tensor, lr);
+  if (!S.update) return;
+  const bool count = S.count;
+  const float* gs = S.grad_scale;
+  lr = S.lr;
   std::vector<AdamCoef> coef(nt);
   for (int64_t i = 0; i < nt; ++i) {  // float64 on the host, as torch's fused step
     const double s = state_steps[i].item<float>();
@@ -208,12 +189,9 @@ void fused_adam_hist_(at::TensorList params, at::TensorList grads, at::TensorLis
   sweep(sizes, W, count, [&](int64_t i, int64_t a, int64_t b, PrivateHist& hist) {
     const at::Tensor t[5] = {params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
                              amsgrad ? max_exp_avg_sqs[i] : at::Tensor()};
-    if (dtype == at::kFloat)
-      adam_segment<float>(t, a, b, coef[i], amsgrad, gs != nullptr, tail_mod, count, L, hist);
-    else if (dtype == at::kBFloat16)
-      adam_segment<c10::BFloat16>(t, a, b, coef[i], amsgrad, gs != nullptr, tail_mod, count, L, hist);
-    else
-      adam_segment<c10::Half>(t, a, b, coef[i], amsgrad, gs != nullptr, tail_mod, count, L, hist);
+    with_dtype(dtype, [&](auto tag) {
+      adam_segment<decltype(tag)>(t, a, b, coef[i], amsgrad, gs != nullptr, tail_mod, count, L, hist);
+    });
   });
 }
 

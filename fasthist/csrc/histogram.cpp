@@ -55,6 +55,43 @@ bool skipped(const std::optional<at::Tensor>& found_inf, const char* op) {
   return found_inf->to(at::kFloat).item<float>() != 0.0f;
 }
 
+at::ScalarType check_fused_lists(const char* op, std::initializer_list<at::TensorList> lists,
+                                 std::vector<int64_t>& sizes) {
+  const at::TensorList params = *lists.begin();
+  const int64_t nt = int64_t(params.size());
+  for (const at::TensorList& list : lists)
+    TORCH_CHECK(int64_t(list.size()) == nt, "fasthist ", op, ": expected ", nt, " tensors in every list");
+  const at::ScalarType dtype = nt ? params[0].scalar_type() : at::kFloat;
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "fasthist ", op,
+              ": params must be float32, bfloat16 or float16, got ", dtype);
+  sizes.assign(nt, 0);
+  for (int64_t i = 0; i < nt; ++i) {
+    for (const at::TensorList& list : lists) {
+      const at::Tensor& t = list[i];
+      TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype &&
+                      t.numel() == params[i].numel(),
+                  "fasthist ", op, ": tensor ", i, " of every list must be a contiguous CPU ", dtype,
+                  " tensor of its parameter's size, got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    }
+    sizes[i] = params[i].numel();
+  }
+  return dtype;
+}
+
+StepScalars step_scalars(const char* op, const std::optional<at::Tensor>& found_inf,
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& lr_tensor,
+                         double lr) {
+  StepScalars S{true, !skipped(found_inf, op), nullptr, lr};
+  if (!S.count) S.update = found_inf->to(at::kFloat).item<float>() != 1.0f;  // torch's fused skip
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    TORCH_CHECK(grad_scale->device().is_cpu() && grad_scale->scalar_type() == at::kFloat && grad_scale->numel() == 1,
+                "fasthist ", op, ": grad_scale must be one CPU float32 value");
+    S.grad_scale = grad_scale->const_data_ptr<float>();
+  }
+  if (lr_tensor.has_value() && lr_tensor->defined()) S.lr = lr_tensor->item<double>();
+  return S;
+}
+
 }  // namespace fasthist
 
 namespace {

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <vector>
 
@@ -203,6 +204,37 @@ bool skipped(const std::optional<at::Tensor>& found_inf, const char* op);
 // spans above rely on every writer bumping), and returns them.
 Windows check_windows(const char* op, int64_t nt, int64_t nb, const at::Tensor& rows, const at::Tensor& step,
                       const at::Tensor& total);
+
+// What the fused ops (fused_adam.cpp, fused_adagrad.cpp) check and read alike.
+//
+// Their tensors: one dtype (float32, bfloat16 or float16) over every list, and for each i
+// contiguous CPU tensors of params[i]'s size; returns the dtype and fills sizes.
+at::ScalarType check_fused_lists(const char* op, std::initializer_list<at::TensorList> lists,
+                                 std::vector<int64_t>& sizes);
+
+// The host scalars of a fused step. `update`: false when found_inf is 1 (torch's fused steps
+// skip the update then); `count`: false when found_inf is nonzero (the reference leaves both
+// windows as they were); `grad_scale`: one CPU float32 or null; `lr`: lr_tensor's value if
+// given, else `lr`.
+struct StepScalars {
+  bool update, count;
+  const float* grad_scale;
+  double lr;
+};
+StepScalars step_scalars(const char* op, const std::optional<at::Tensor>& found_inf,
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& lr_tensor,
+                         double lr);
+
+// f(T{}) with T the element type of dtype (one of the three fused_lists accepts).
+template <class F>
+void with_dtype(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kFloat)
+    f(float{});
+  else if (dtype == at::kBFloat16)
+    f(c10::BFloat16{});
+  else
+    f(c10::Half{});
+}
 
 // The span of step row i's nonzero bins, read off the row (tensors cut between ranges: few).
 inline void set_span_of_row(const Windows& W, int64_t i) {
