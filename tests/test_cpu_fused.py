@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from _cpu_helpers import EXACT, assert_close, grads, run, two_threads  # noqa: F401 (autouse)
 
 import fasthist
 from fasthist import csrc
@@ -18,8 +19,6 @@ from fasthist.target import HistTarget
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 
-EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
-TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 # Sizes: 8, 16 and 17 around torch's vector width and its 8-wide tail; 70,001 split between
 # threads mid-tensor; an empty tensor; a 2-d odd shape; many small ones in a separate case.
 SHAPES = [(8,), (16,), (17,), (70_001,), (0,), (37, 29)]
@@ -31,49 +30,6 @@ CONFIGS = [
     {"betas": (0.3, 0.99)},  # torch's lerp switches formula at a weight of 0.5
     {"lr": torch.tensor(3e-3)},
 ]
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
-def grads(shapes, step, dtype):
-    g = torch.Generator().manual_seed(100 + step)
-    out = []
-    for s in shapes:
-        mag = 10.0 ** (torch.rand(s, generator=g) * 8 - 7)
-        gr = torch.randn(s, generator=g) * mag
-        if len(s) == 2:
-            gr[0] = 0.0  # exact zeros in the state: the zero bin
-        out.append(gr.to(dtype))
-    return out
-
-
-def run(cls, dtype, config, shapes, steps=6, scaler_skip_at=None, flag="1", monkeypatch=None):
-    if monkeypatch is not None:
-        monkeypatch.setenv("FASTHIST_CPU_KERNEL", flag)
-    g = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
-    opt = cls(params, fused=True, **config)
-    for step in range(steps):
-        for p, gr in zip(params, grads(shapes, step, dtype), strict=True):
-            p.grad = gr
-        if scaler_skip_at is not None:  # what a GradScaler sets on a fused optimizer
-            opt.grad_scale = torch.tensor(2.0)
-            opt.found_inf = torch.tensor(1.0 if step == scaler_skip_at else 0.0)
-        opt.step()
-    return params, opt
-
-
-def assert_close(a, b, dtype):
-    if EXACT:
-        assert torch.equal(a, b)
-    else:
-        torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -11,6 +11,8 @@ import shutil
 
 import pytest
 import torch
+from _cpu_helpers import assert_close as helpers_assert_close
+from _cpu_helpers import grads, run, two_threads  # noqa: F401 (autouse)
 
 import fasthist
 from fasthist import csrc
@@ -18,8 +20,6 @@ from fasthist.target import HistTarget
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 
-EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
-TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 # Sizes: 15, 16 and 17 around torch's 16-element body/tail split (bfloat16/float16 take other
 # coefficients in the tail), 8 and 31 inside and across it; 70,001 split between threads
 # mid-tensor; an empty tensor; a 2-d odd shape (with a row of zero gradients: the zero bin).
@@ -35,47 +35,10 @@ CONFIGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
-def grads(shapes, step, dtype):
-    g = torch.Generator().manual_seed(100 + step)
-    out = []
-    for s in shapes:
-        mag = 10.0 ** (torch.rand(s, generator=g) * 8 - 7)
-        gr = torch.randn(s, generator=g) * mag
-        if len(s) == 2:
-            gr[0] = 0.0  # exact zeros in the state: the zero bin
-        out.append(gr.to(dtype))
-    return out
-
-
-def run(cls, dtype, config, shapes, steps=6, scaler_skip_at=None, flag="1", monkeypatch=None):
-    if monkeypatch is not None:
-        monkeypatch.setenv("FASTHIST_CPU_KERNEL", flag)
-    g = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
-    opt = cls(params, fused=True, **config)
-    for step in range(steps):
-        for p, gr in zip(params, grads(shapes, step, dtype), strict=True):
-            p.grad = gr
-        if scaler_skip_at is not None:  # what a GradScaler sets on a fused optimizer
-            opt.grad_scale = torch.tensor(2.0)
-            opt.found_inf = torch.tensor(1.0 if step == scaler_skip_at else 0.0)
-        opt.step()
-    return params, opt
-
-
 def assert_close(a, b, dtype):
-    """Bit-identical (NaN where torch has NaN: float16's eps = 1e-10 rounds to 0 in torch's
-    vector body, so a zero sum with a zero gradient gives 0/0 there) or within tolerance."""
-    tol = 0.0 if EXACT else TOL[dtype]
-    torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True)
+    """NaN where torch has NaN: float16's eps = 1e-10 rounds to 0 in torch's vector body, so a
+    zero sum with a zero gradient gives 0/0 there."""
+    helpers_assert_close(a, b, dtype, equal_nan=True)
 
 
 def assert_same_histograms(o1, o0, shapes):

@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+from _cpu_helpers import two_threads  # noqa: F401 (autouse)
 from _optim_db import grads_at
 
 import fasthist
@@ -24,14 +25,6 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ comp
 BINS = LogBins()
 # a tensor cut between threads (70,001 and 200,003 with 2-3 threads), an empty one, small ones
 SIZES = [1023, 70_001, 0, 5, 200_003, 3000]
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
 
 
 def values_at(call: int) -> list[torch.Tensor]:
