@@ -41,6 +41,7 @@ __all__ = [
     "dead_bins",
     "eps_range_from_counts",
     "excluded_names",
+    "names_matching",
     "round_to_decade",
 ]
 
@@ -170,17 +171,24 @@ def _log_median(values: Sequence[float]) -> float:
 def excluded_names(names: Sequence[str], exclude: Exclude) -> list[bool]:
     """Per name, whether ``exclude`` (see :data:`Exclude`) leaves it out. A pattern that
     matches no name is an error (a typo must not silently exclude nothing)."""
-    if exclude is None:
+    return names_matching(names, exclude, "exclude", "tensor")
+
+
+def names_matching(names: Sequence[str], spec: Exclude, what: str, noun: str) -> list[bool]:
+    """Per name, whether ``spec`` (a name or glob pattern, several, or a predicate; None:
+    none) picks it; ``what`` names the argument in errors, ``noun`` the names. A pattern
+    that matches no name is a ``ValueError``, a non-string pattern a ``TypeError``."""
+    if spec is None:
         return [False] * len(names)
-    if callable(exclude):
-        return [bool(exclude(n)) for n in names]
-    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    if callable(spec):
+        return [bool(spec(n)) for n in names]
+    patterns = [spec] if isinstance(spec, str) else list(spec)
     bad = [p for p in patterns if not isinstance(p, str)]
     if bad:
-        raise TypeError(f"exclude must be names, glob patterns or a predicate, but got {bad[0]!r}")
+        raise TypeError(f"{what} must be names, glob patterns or a predicate, but got {bad[0]!r}")
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
-        raise ValueError(f"Invalid exclude: {unmatched[0]!r} matches no tensor; tensors: {', '.join(names[:8])}")
+        raise ValueError(f"Invalid {what}: {unmatched[0]!r} matches no {noun}; tensors: {', '.join(names[:8])}")
     return [any(fnmatch.fnmatchcase(n, p) for p in patterns) for n in names]
 
 

@@ -16,7 +16,6 @@ in one batched operation. From it:
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from ..bins import LogBins
-from ..eps import eps_range_from_counts
+from ..eps import eps_range_from_counts, names_matching
 from ..histogram import batched_quantile
 from ..wrapped import unwrap
 
@@ -134,17 +133,8 @@ def select(names: list[str], tensors: Selection, max_tensors: int | None) -> lis
     name is an error (a typo must not silently log nothing)."""
     if tensors is None:
         chosen = list(names)
-    elif callable(tensors):
-        chosen = [n for n in names if tensors(n)]
     else:
-        patterns = [tensors] if isinstance(tensors, str) else list(tensors)
-        bad = [p for p in patterns if not isinstance(p, str)]
-        if bad:
-            raise TypeError(f"tensors must be names, glob patterns or a predicate, but got {bad[0]!r}")
-        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-        if unmatched:
-            raise ValueError(
-                f"Invalid tensors: {unmatched[0]!r} matches no tracked tensor; tensors: {', '.join(names[:8])}"
-            )
-        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        chosen = [
+            n for n, m in zip(names, names_matching(names, tensors, "tensors", "tracked tensor"), strict=True) if m
+        ]
     return None if max_tensors is not None and len(chosen) > max_tensors else chosen
