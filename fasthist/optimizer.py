@@ -126,8 +126,11 @@ class HistogramMixin:
 
     def _prepare_tracking(self, params: list[Tensor]) -> None:
         """Build (or find) the packed rows and targets of ``params`` and load the compiled
-        CPU histogram where one of them is on the CPU. Idempotent, cheap when nothing changed."""
-        for _, target in self._hist_store().targets_for(self.state, self._tracked, params).values():
+        CPU histogram where one of them is on the CPU. Idempotent, cheap when nothing changed.
+        The targets are kept for the step that called ``_init_group`` (:meth:`_step_targets`)."""
+        targets = self._hist_store().targets_for(self.state, self._tracked, params)
+        self._fh_prepared = (params, targets)
+        for _, target in targets.values():
             if target.step.device.type == "cuda":  # CUDA graphs (reduce-overhead) write them in place
                 for t in (target.step, target.total, target.rows):
                     torch._dynamo.mark_static_address(t)
@@ -160,10 +163,19 @@ class HistogramMixin:
             params = lists[0]
             if not params:
                 continue
-            targets = self._hist_store().targets_for(self.state, self._tracked, params) if group["track"] else None
+            targets = self._step_targets(params) if group["track"] else None
             self._functional(*lists, hist=targets, **kwargs)
 
         return loss
+
+    def _step_targets(self, params: list[Tensor]) -> Any:
+        """The targets of this step's ``params``: those :meth:`_prepare_tracking` just found
+        for the same list in eager mode (the store's validity check walks every parameter, so
+        it runs once per step, not twice), else the store's."""
+        prepared, self._fh_prepared = self.__dict__.get("_fh_prepared"), None
+        if prepared is not None and prepared[0] is params and not torch.compiler.is_compiling():
+            return prepared[1]
+        return self._hist_store().targets_for(self.state, self._tracked, params)
 
     # -- construction helpers ------------------------------------------------------------
     @staticmethod
