@@ -1,17 +1,25 @@
 """Histograms over :class:`~fasthist.LogBins`: storage (int64 counts) and queries.
 
-Quantile rule: for ``n`` counted elements sorted ascending as ``a[0] <= ... <= a[n-1]``,
-``quantile(q)`` estimates the order statistic ``a[floor(q * (n - 1))]`` (no
-interpolation). It returns the representative value of the bin holding that order
-statistic, so whenever ``low <= a[k] < high`` the result ``r`` satisfies
-``|r - a[k]| <= relative_accuracy * a[k]``. Outside the range it returns: ``0.0`` for
-an exact zero, ``low`` for ``0 < a[k] < low``, ``high`` for ``a[k] >= high`` (finite),
+Quantile rule (one for every query of the library): for ``n`` counted elements sorted
+ascending as ``a[0] <= ... <= a[n-1]``, ``quantile(q)`` estimates the order statistic
+``a[min(floor(q * n), n - 1)]`` (no interpolation): the smallest value at which the
+empirical distribution function exceeds ``q``. It is the sorted-index rule the ε-range
+rule of Silva & Rodriguez is defined with (``a[floor(0.02*n)]``, ``a[floor(0.98*n)]``), so
+``opt.quantiles``, ``Histogram.quantile``, the percentiles every integration logs and the
+bounds of ``eps_range`` are the same numbers. It returns the representative value of the
+bin holding that order statistic, so whenever ``low <= a[k] < high`` the result ``r``
+satisfies ``|r - a[k]| <= relative_accuracy * a[k]``. Outside the range it returns: ``0.0``
+for an exact zero, ``low`` for ``0 < a[k] < low``, ``high`` for ``a[k] >= high`` (finite),
 NaN for a non-finite ``a[k]``, and NaN for an empty histogram.
 
-The rank is computed in integers: ``q * (n - 1)`` rounded once to float64 (what float64
-arithmetic gives whenever ``n <= 2**53 + 1``), then floored, never past ``n - 1``, for
-any ``n`` up to ``2**63 - 1``. Counts are nonnegative and their total fits int64:
+The rank is computed in integers: ``q * n`` rounded once to float64 (what float64
+arithmetic gives whenever ``n <= 2**53``), then floored, never past ``n - 1``, for any
+``n`` up to ``2**63 - 1``. Counts are nonnegative and their total fits int64:
 :class:`Histogram` checks both, and a merge that would overflow is refused.
+
+Share above ε (:func:`batched_fraction_above`, one rule for every query, integration and
+figure): each element is taken at its bin's representative; see that function for what
+this makes exact.
 """
 
 from __future__ import annotations
@@ -132,24 +140,37 @@ def _floor_mul(m: Tensor, q: Tensor) -> Tensor:
     return torch.minimum(torch.where(up, raised, down), mm)
 
 
-def _ranks(n: Tensor, q: Tensor, rule: str) -> Tensor:
-    """Order-statistic index per (row, q), in integers (see :func:`_floor_mul`):
-    ``floor(q*(n-1))`` ("n-1", this class's rule) or ``min(floor(q*n), n-1)`` ("n", the
-    ε-range rule of the paper), never past the last element."""
-    if rule == "n-1":
-        k = _floor_mul((n - 1).clamp(min=0), q)
-    elif rule == "n":
-        k = torch.minimum(_floor_mul(n, q), (n - 1).unsqueeze(-1))
-    else:
-        raise ValueError(f"unknown rank rule {rule!r}")
-    return k.clamp_(min=0)
+def _ranks(n: Tensor, q: Tensor) -> Tensor:
+    """Order-statistic index ``min(floor(q*n), n-1)`` per (row, q), in integers (see
+    :func:`_floor_mul`); 0 for an empty row."""
+    return torch.minimum(_floor_mul(n, q), (n - 1).unsqueeze(-1)).clamp_(min=0)
+
+
+def _require_values(counts: Tensor) -> None:
+    """Refuse counts on the meta device: they have a shape but no values to query."""
+    if counts.device.type == "meta":
+        raise RuntimeError(
+            "histogram counts are on the meta device, which holds shapes but no values: the parameters were "
+            "meta tensors when they were stepped, so nothing was counted; materialise the model first "
+            "(module.to_empty(device=...) and initialise it), then build the optimizer and step"
+        )
 
 
 def invalid_rows(counts: Tensor) -> Tensor:
     """bool ``[R]`` for ``counts`` ``[R, num_bins]``: rows that are not counts, with a
     negative bin or a total that does not fit int64 (its running sum wrapped: with
-    nonnegative bins, the first wrap makes the running sum negative)."""
+    nonnegative bins, the first wrap makes the running sum negative). Counts on the meta
+    device are refused (``RuntimeError``): every query checks its rows here first."""
+    _require_values(counts)
     return (counts < 0).any(dim=-1) | (counts.cumsum(dim=-1) < 0).any(dim=-1)
+
+
+def _without_zeros(counts: Tensor, bins: LogBins, exclude_zeros: bool) -> Tensor:
+    if not exclude_zeros:
+        return counts
+    counts = counts.clone()
+    counts[:, bins.ZERO] = 0
+    return counts
 
 
 def batched_quantile(
@@ -158,29 +179,63 @@ def batched_quantile(
     bins: LogBins,
     *,
     exclude_zeros: bool = False,
-    rule: str = "n-1",
+    rule: str = "n",
 ) -> Tensor:
     """Quantiles of every row of ``counts`` ([R, num_bins]) at every ``q`` ([Q]) as one
-    device operation: float64 [R, Q], NaN for empty rows. See the module docstring."""
-    if exclude_zeros:
-        counts = counts.clone()
-        counts[:, bins.ZERO] = 0
+    device operation: float64 [R, Q], NaN for empty rows. See the module docstring.
+    ``rule`` names the one rank rule, ``"n"`` (``a[min(floor(q*n), n-1)]``); it is still
+    accepted from callers that spelled it out."""
+    if rule != "n":
+        raise ValueError(f"Invalid rule: {rule!r}; fasthist reads a[min(floor(q*n), n-1)] everywhere ('n')")
+    _require_values(counts)
+    counts = _without_zeros(counts, bins, exclude_zeros)
     cum = counts.cumsum(dim=1)
     n = cum[:, -1]
-    k = _ranks(n, q, rule)
+    k = _ranks(n, q)
     idx = torch.searchsorted(cum, k, right=True).clamp_(max=bins.num_bins - 1)
     values = bins.representatives_on(counts.device)[idx]
     return values.masked_fill_((n == 0).unsqueeze(-1), float("nan"))
 
 
-def batched_fraction_above(counts: Tensor, x: float, bins: LogBins, *, exclude_zeros: bool = False) -> Tensor:
-    """Share of each row's elements whose bin representative exceeds ``x`` (float64 [R])."""
-    if exclude_zeros:
-        counts = counts.clone()
-        counts[:, bins.ZERO] = 0
-    above = bins.representatives_on(counts.device) > x  # NaN (non-finite bin) is never above
-    n = counts.sum(dim=1)
-    return (counts * above).sum(dim=1).to(torch.float64) / n.to(torch.float64)
+def batched_fraction_above(
+    counts: Tensor, eps: float | Tensor, bins: LogBins, *, exclude_zeros: bool = False
+) -> Tensor:
+    r"""Share of each row's elements above ε: ``counts`` [R, num_bins], ``eps`` a number
+    (every row), a tensor [R] (one ε per row: float64 [R] out) or [R, K] (K thresholds
+    per row: float64 [R, K] out). The one "share above ε" of the library.
+
+    Rule: an element counts as above iff its bin's representative ``r`` exceeds ε (``r``
+    is 0 for an exact zero, ``low`` below range, the bin's value inside, ``high`` above
+    range, NaN for non-finite values, which are never above). Against the raw values
+    ``a``, with ``ρ = bins.relative_accuracy``:
+
+    - inside ``[low, high)`` only the bin that holds ε can disagree, counted whole on the
+      side of its representative, so every element counted wrongly lies in
+      ``[ε/(1+ρ), ε/(1-ρ)]``; when ε is a bin edge the share is exactly that of the
+      elements ``>= ε`` (elements equal to ε count as above);
+    - out of range the bins count as their bounds: for ``ε < low`` every below-range
+      element is above, for ``ε >= high`` no above-range element is;
+    - exact zeros are above only for ``ε < 0``; ``exclude_zeros`` drops them from the
+      row first (numerator and denominator).
+
+    NaN for an empty row and for a NaN ε. The denominator is every element counted
+    (non-finite ones included). One cumulative sum per row and a binary search per ε:
+    the representatives increase with the bin index (zero, below, log bins, above).
+    """
+    _require_values(counts)
+    counts = _without_zeros(counts, bins, exclude_zeros)
+    device = counts.device
+    e = torch.as_tensor(eps, dtype=torch.float64, device=device)
+    per_row = e.ndim < 2
+    e = e.reshape(-1, 1) if e.ndim == 1 else e.reshape(1, 1) if e.ndim == 0 else e
+    e = e.expand(counts.shape[0], e.shape[1]).contiguous()
+    finite = bins.nonfinite  # bins [0, nonfinite) hold finite values, representatives increasing
+    cum = torch.nn.functional.pad(counts[:, :finite].cumsum(dim=1), (1, 0))  # [R, finite + 1]
+    first_above = torch.searchsorted(bins.representatives_on(device)[:finite], e, right=True)
+    above = cum[:, -1:] - cum.gather(1, first_above)
+    n = counts.sum(dim=1, keepdim=True)
+    share = (above.to(torch.float64) / n.to(torch.float64)).masked_fill_(e.isnan(), float("nan"))
+    return share[:, 0] if per_row else share
 
 
 class Histogram:
@@ -265,7 +320,7 @@ class Histogram:
     @overload
     def quantile(self, q: Sequence[float] | Tensor, *, exclude_zeros: bool = False) -> Tensor: ...
     def quantile(self, q, *, exclude_zeros: bool = False):
-        """Approximate ``a[floor(q*(n-1))]`` of the sorted values (see module docstring).
+        """Approximate ``a[min(floor(q*n), n-1)]`` of the sorted values (see module docstring).
 
         Returns a float for a scalar ``q`` (a Python or NumPy real number), else a float64
         CPU tensor of ``len(q)`` values (for a sequence, array or tensor). Bools are refused.
@@ -276,14 +331,12 @@ class Histogram:
         return float(out[0]) if scalar else out
 
     def fraction_above(self, x: float, *, exclude_zeros: bool = False) -> float:
-        """Share of elements above ``x``, each element taken at its bin's representative.
-
-        Inside ``[low, high)``: exact when ``x`` is a bin edge (except elements equal to
-        ``x``, counted above); otherwise only elements within ``relative_accuracy`` of ``x``
-        can be misclassified. Outside the range the below/above-range bins count as the
-        range bound: for ``x < low`` every below-range element counts as above, for
-        ``x >= high`` no above-range element does. Non-finite values are never above;
-        an empty histogram gives NaN. ``x`` is a real number, not NaN.
+        """Share of elements above ``x``, each element taken at its bin's representative:
+        the rule of :func:`batched_fraction_above`, whose docstring states what is exact
+        (every element but those of the bin holding ``x``, which lie within
+        ``relative_accuracy`` of it; all of them at a bin edge) and how the out-of-range
+        bins count. Non-finite values are never above; an empty histogram gives NaN.
+        ``x`` is a real number, not NaN.
         """
         x = real_scalar(x, "fraction_above() x")
         return float(batched_fraction_above(self.counts.unsqueeze(0), x, self.bins, exclude_zeros=exclude_zeros)[0])

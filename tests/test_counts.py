@@ -90,7 +90,7 @@ def _two_bins(c0: int, c1: int, i: int = 1000, j: int = 1500) -> Histogram:
 
 
 def test_quantile_rank_beyond_2_53():
-    h = _two_bins(2**53 + 2, 1)  # n = 2**53 + 3: float64(n - 1) rounds up past the last element
+    h = _two_bins(2**53 + 2, 1)  # n = 2**53 + 3: float64(q * n) rounds up past the last element
     reps = BINS.representatives
     assert h.quantile(1.0) == float(reps[1500])
     assert h.quantile(0.0) == float(reps[1000])
@@ -109,7 +109,8 @@ def _rank(q: float, m: int) -> int:
 @pytest.mark.parametrize("huge", [False, True], ids=["n<=2**53", "n>2**53"])
 def test_ranks_are_the_once_rounded_product(seed, huge):
     """Random n and q (q down to 2**-70): the returned bin is the one holding the order
-    statistic of the rank computed with Python's exact integers, under both rank rules.
+    statistic of the rank computed with Python's exact integers, under the rank rule
+    a[min(floor(q*n), n-1)], for totals n and n-1.
     For n <= 2**53 that is plain float64 arithmetic (numpy's and torch's convention)."""
     g = np.random.default_rng(seed)
     qs = [float(x) for x in g.random(40)] + [0.0, 1.0, 2.0**-70, 1 - 2.0**-53, 0.5, 0.98, 0.02, 2.0**-63]
@@ -117,20 +118,19 @@ def test_ranks_are_the_once_rounded_product(seed, huge):
     for _ in range(20):
         c0 = int(g.integers(1, top))
         c1 = int(g.integers(1, top))
-        h = _two_bins(c0, c1)
-        n = c0 + c1
-        for rule in ("n-1", "n"):
-            got = batched_quantile(h.counts.unsqueeze(0), torch.tensor(qs, dtype=torch.float64), BINS, rule=rule)[0]
+        for n in (c0 + c1, c0 + c1 - 1):  # the products q*n and q*(n-1) of the two former rules
+            h = _two_bins(c0, n - c0)
+            got = batched_quantile(h.counts.unsqueeze(0), torch.tensor(qs, dtype=torch.float64), BINS)[0]
             for q, r in zip(qs, got.tolist(), strict=True):
-                k = _rank(q, n - 1) if rule == "n-1" else min(_rank(q, n), n - 1)
+                k = min(_rank(q, n), n - 1)
                 if not huge:
-                    assert k == (math.floor(q * (n - 1)) if rule == "n-1" else min(math.floor(q * n), n - 1))
+                    assert k == min(math.floor(q * n), n - 1)
                 want = BINS.representatives[1000 if k < c0 else 1500]
-                assert r == float(want), (rule, q, c0, c1)
+                assert r == float(want), (n, q, c0, c1)
 
 
 def test_rank_rounding_up_to_2_63_stays_in_range():
-    # n - 1 = 2**63 - 2 rounds up to 2**63 in float64: the rank is n - 1, no int64 overflow
+    # n = 2**63 - 1 rounds up to 2**63 in float64: the rank is n - 1, no int64 overflow
     h = _two_bins(2**63 - 2, 1)
     assert h.quantile(1.0) == float(BINS.representatives[1500])
     assert h.quantile(1 - 2.0**-53) == float(BINS.representatives[1000])  # rank 2**63 - 1024

@@ -1,5 +1,6 @@
 """Histogram: the quantile guarantee as a property against the exact sorted-index order
-statistic, merging, the out-of-range rules, fraction_above, plotting output, bad input."""
+statistic ``a[min(floor(q*n), n-1)]``, merging, the out-of-range rules, the share above ε
+(per row) against the raw values, bad input."""
 
 import math
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 import fasthist
 from fasthist import Histogram, LogBins
+from fasthist.histogram import batched_fraction_above
 
 BINS = [LogBins(), LogBins(mantissa_bits=3), LogBins(-30, 2, 7)]
 
@@ -41,6 +43,12 @@ def exact_order_statistic(x: torch.Tensor, k: int) -> float:
     return float(torch.sort(x.reshape(-1).abs()).values[k])  # NaN sorts last, after +inf
 
 
+def rank(q: float, n: int) -> int:
+    """The paper's sorted-index rank, clamped to the last element; ``q * n`` is the float64
+    product, as the histograms compute it (exactly, for n <= 2**53)."""
+    return min(math.floor(q * n), n - 1)
+
+
 def check_guarantee(r: float, a: float, bins: LogBins) -> None:
     if math.isnan(a) or math.isinf(a):
         assert math.isnan(r)
@@ -68,7 +76,7 @@ def test_quantile_guarantee(kind, n, seed, qs, b):
     assert h.count == n
     got = h.quantile(qs)
     for q, r in zip(qs, got.tolist(), strict=True):
-        check_guarantee(r, exact_order_statistic(x, math.floor(q * (n - 1))), b)
+        check_guarantee(r, exact_order_statistic(x, rank(q, n)), b)
 
 
 @settings(max_examples=100, deadline=None)
@@ -76,7 +84,7 @@ def test_quantile_guarantee(kind, n, seed, qs, b):
 def test_quantile_guarantee_raw_floats(values, q):
     x = torch.tensor(values, dtype=torch.float32)
     h = Histogram.from_values(x)
-    check_guarantee(h.quantile(q), exact_order_statistic(x, math.floor(q * (len(values) - 1))), h.bins)
+    check_guarantee(h.quantile(q), exact_order_statistic(x, rank(q, len(values))), h.bins)
 
 
 @settings(max_examples=60, deadline=None)
@@ -103,7 +111,7 @@ def test_quantile_through_the_optimizer(kind):
     h = opt.histogram()
     n = g.numel()
     for q in (0.0, 0.02, 0.25, 0.5, 0.98, 1.0):
-        a = exact_order_statistic(g, math.floor(q * (n - 1)))
+        a = exact_order_statistic(g, rank(q, n))
         r = h.quantile(q)
         if a == 0 or a < h.bins.low * 2:
             continue
@@ -168,3 +176,107 @@ def test_bad_input():
         Histogram(torch.zeros(5, dtype=torch.int64), {"mantissa_bits": 5})
     with pytest.raises(ValueError, match="int64 tensor of shape"):
         Histogram(torch.zeros(2596), LogBins())
+
+
+def share_bounds(x: torch.Tensor, eps: float, bins: LogBins) -> tuple[int, int]:
+    """``(sure, unsure)`` for the raw values ``x``: how many are above ``eps`` for certain
+    under the stated rule, and how many may go either way. Inside the range an element is
+    above iff ``a > eps``, except within ``[eps/(1+ρ), eps/(1-ρ)]`` of it (the bin holding
+    eps, counted whole); 1e-9 widens that window for the float64 rounding of the edges and
+    representatives (the representative's error reaches ρ·a exactly at the bin's edges).
+    Out of range, zeros count as 0, below-range values as ``low``, above-range ones as
+    ``high``; non-finite values are never above."""
+    a = x.double().abs()
+    rho = bins.relative_accuracy
+    inside = (a >= bins.low) & (a < bins.high)
+    as_bound = torch.where(a == 0, 0.0, torch.where(a < bins.low, bins.low, bins.high))
+    above = torch.where(inside, a > eps, as_bound > eps) & a.isfinite()
+    window = inside & (a >= eps / (1 + rho) * (1 - 1e-9)) & (a <= eps / (1 - rho) * (1 + 1e-9))
+    return int((above & ~window).sum()), int(window.sum())
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    kinds=st.lists(
+        st.sampled_from(["span20", "bimodal", "constant", "zeros", "outside", "signed"]), min_size=1, max_size=5
+    ),
+    n=st.integers(1, 2000),
+    seed=st.integers(0, 2**31 - 1),
+    log_eps=st.lists(st.floats(-25.0, 6.0), min_size=5, max_size=5),
+    b=st.sampled_from(BINS),
+)
+def test_share_above_per_row_against_the_raw_values(kinds, n, seed, log_eps, b):
+    """One call for several rows, each with its own ε (inside and outside the bins' range):
+    each row's share is the raw values' share above its ε, up to the elements of the bin
+    holding ε; at a bin edge it is exactly the share of values >= ε."""
+    xs = [make_values(kind, n, seed + i) for i, kind in enumerate(kinds)]
+    counts = torch.stack([b.count(x) for x in xs])
+    eps = torch.tensor([10.0**e for e in log_eps[: len(xs)]], dtype=torch.float64)
+    got = batched_fraction_above(counts, eps, b)
+    assert got.shape == (len(xs),) and got.dtype == torch.float64
+    for x, e, share in zip(xs, eps.tolist(), got.tolist(), strict=True):
+        sure, unsure = share_bounds(x, e, b)
+        assert sure <= round(share * n) <= sure + unsure, (e, share * n, sure, unsure)
+    # at the bin edges every element is classified exactly: above iff a >= edge
+    edges = b.edges.double()
+    at = edges[torch.linspace(0, len(edges) - 2, 7).long()]
+    got = batched_fraction_above(counts, at.expand(len(xs), -1), b)
+    assert got.shape == (len(xs), len(at))
+    for x, row in zip(xs, got, strict=True):
+        a = x.double().abs()
+        want = torch.stack([((a >= e) & a.isfinite()).sum() for e in at]).double() / n
+        assert torch.equal(row, want)  # the same integer counts over the same n
+
+
+def test_share_above_special_values():
+    b = LogBins()
+    x = torch.tensor([0.0, 1e-30, 1e-9, 1e-3, 1e10, math.nan, math.inf])
+    c = torch.stack([b.count(x), b.count(x), torch.zeros(b.num_bins, dtype=torch.int64)])
+    got = batched_fraction_above(c, torch.tensor([-1.0, math.nan, 1e-8]), b)
+    assert got[0] == 5 / 7  # zeros above a negative ε; non-finite values never
+    assert got[1].isnan() and got[2].isnan()  # NaN ε; empty row
+    # ε below the range: the below-range value counts as above; at or past high no above-range one
+    assert batched_fraction_above(c[:1], 1e-35, b)[0] == 4 / 7
+    assert batched_fraction_above(c[:1], b.high, b)[0] == 0.0
+    assert batched_fraction_above(c[:1], 1e-8, b, exclude_zeros=True)[0] == 2 / 6
+
+
+def test_one_quantile_rule_for_the_eps_range_and_every_query():
+    """The ε-range bounds are the per-tensor quantiles every query returns, value for value:
+    100 distinct nonzero magnitudes, one per bin, where a[floor(0.98*n)] and
+    a[floor(0.98*(n-1))] are different elements in different bins."""
+    # 0.7 binades apart, inside LogBins()' range, and g*g*(1-beta2) a normal float32
+    g = (2.0 ** (-57.5 + 0.7 * torch.arange(100, dtype=torch.float64))).float()
+    p = torch.zeros(100, requires_grad=True)
+    z = torch.zeros(10, requires_grad=True)
+    opt = fasthist.Adam([("p", p), ("z", z)])
+    p.grad, z.grad = g, torch.cat([torch.zeros(3), g[:7]])
+    opt.step()
+    rng = opt.eps_range()
+    hists = opt.histograms()
+    names, q = opt.quantiles([0.02, 0.98], exclude_zeros=True)
+    for row, qs in zip(rng.rows, q.tolist(), strict=True):
+        assert [row.low, row.high] == hists[row.name].quantile([0.02, 0.98], exclude_zeros=True).tolist() == qs
+    assert rng.high_raw == hists[rng.high_tensor].quantile(0.98, exclude_zeros=True)
+    assert rng.low_raw == hists[rng.low_tensor].quantile(0.02, exclude_zeros=True)
+    want = float(g[min(math.floor(0.98 * 100), 99)])
+    # against the raw value: sqrt(v_hat) is |g| up to rounding (1e-5 covers it)
+    assert abs(hists["p"].quantile(0.98) - want) <= (hists["p"].relative_accuracy + 1e-5) * want
+
+
+def test_a_meta_model_steps_and_every_query_says_why_it_has_no_answer():
+    model = torch.nn.Linear(4, 3, device="meta")
+    opt = fasthist.Adam(model.named_parameters())
+    model(torch.randn(2, 4, device="meta")).sum().backward()
+    opt.step()  # as torch.optim.Adam does
+    queries = [
+        opt.histograms,
+        opt.histogram,
+        lambda: opt.histogram("weight"),
+        lambda: opt.quantiles(0.5),
+        opt.eps_range,
+        lambda: Histogram(torch.zeros(LogBins().num_bins, dtype=torch.int64, device="meta"), LogBins()),
+    ]
+    for query in queries:
+        with pytest.raises(RuntimeError, match="on the meta device, which holds shapes but no values"):
+            query()
