@@ -68,7 +68,9 @@ def round_to_decade(x: float) -> float:
 DEAD_RATIO = 2.0**-16
 
 #: ``exclude=``: a name or glob pattern (``fnmatch``, case-sensitive), a list of them, or a
-#: predicate ``name -> bool``.
+#: predicate ``name -> bool``. A string that is exactly a tensor's name picks that tensor
+#: alone, even when it holds glob characters (``"layers[0].weight"``); any other string is a
+#: pattern, where ``[[]`` matches a literal ``[``.
 Exclude = str | Iterable[str] | Callable[[str], bool] | None
 
 
@@ -120,6 +122,8 @@ class EpsRange:
     ``without_dead`` the rule without the dead values (and the excluded tensors), or None
     when no counted tensor has a dead value. ``dead_floor``: values below it are dead
     (:data:`DEAD_RATIO` times the model's bulk); ``rows[i].dead`` counts them per tensor.
+    ``paper`` is None only when a tensor left out by ``exclude=`` has non-finite (NaN/inf)
+    percentiles: over everything, the rule as written has no answer.
     """
 
     low: float
@@ -176,8 +180,10 @@ def excluded_names(names: Sequence[str], exclude: Exclude) -> list[bool]:
 
 def names_matching(names: Sequence[str], spec: Exclude, what: str, noun: str) -> list[bool]:
     """Per name, whether ``spec`` (a name or glob pattern, several, or a predicate; None:
-    none) picks it; ``what`` names the argument in errors, ``noun`` the names. A pattern
-    that matches no name is a ``ValueError``, a non-string pattern a ``TypeError``."""
+    none) picks it; ``what`` names the argument in errors, ``noun`` the names. A string
+    equal to one of ``names`` picks that name alone (names may hold ``[``, ``*``, ``?``);
+    any other is an ``fnmatch`` pattern. A pattern that matches no name is a
+    ``ValueError``, a non-string pattern a ``TypeError``."""
     if spec is None:
         return [False] * len(names)
     if callable(spec):
@@ -186,10 +192,13 @@ def names_matching(names: Sequence[str], spec: Exclude, what: str, noun: str) ->
     bad = [p for p in patterns if not isinstance(p, str)]
     if bad:
         raise TypeError(f"{what} must be names, glob patterns or a predicate, but got {bad[0]!r}")
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    exact = set(names)
+    picks = [{p} if p in exact else {n for n in names if fnmatch.fnmatchcase(n, p)} for p in patterns]
+    unmatched = [p for p, hit in zip(patterns, picks, strict=True) if not hit]
     if unmatched:
         raise ValueError(f"Invalid {what}: {unmatched[0]!r} matches no {noun}; tensors: {', '.join(names[:8])}")
-    return [any(fnmatch.fnmatchcase(n, p) for p in patterns) for n in names]
+    chosen = set().union(*picks)
+    return [n in chosen for n in names]
 
 
 def dead_bins(bins: LogBins, floor: float) -> Tensor:
@@ -239,7 +248,7 @@ def eps_range_from_counts(
     out = excluded_names(names, exclude)
     counts = counts.cpu()
     q = torch.tensor([low, high], dtype=torch.float64)
-    values, numel, nonzero = _percentiles(names, counts, q, bins)
+    values, numel, nonzero = _percentiles(names, counts, q, bins, out)
     floor, dead, live = _dead_values(counts, values, nonzero, q, bins)
     rows = [
         EpsRow(str(nm), int(n), int(nz), float(v[0]), float(v[1]), int(d), bool(x))
@@ -272,27 +281,38 @@ def eps_range_from_counts(
 
 
 def _check_inputs(names: Sequence[str], counts: Tensor, low: float, high: float) -> None:
-    if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and 0.0 <= low <= high <= 1.0):
+    real = (int, float)
+    if (
+        isinstance(low, bool)
+        or isinstance(high, bool)
+        or not (isinstance(low, real) and isinstance(high, real) and 0.0 <= low <= high <= 1.0)
+    ):
         raise ValueError(f"Invalid percentiles: low={low}, high={high}; need 0 <= low <= high <= 1")
     if counts.ndim != 2 or counts.shape[0] != len(names):
         raise ValueError(f"counts must be [{len(names)}, num_bins], but got {tuple(counts.shape)}")
 
 
-def _percentiles(names: Sequence[str], counts: Tensor, q: Tensor, bins: LogBins) -> tuple[Tensor, Tensor, Tensor]:
+def _percentiles(
+    names: Sequence[str], counts: Tensor, q: Tensor, bins: LogBins, excluded: Sequence[bool]
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per tensor: its percentiles ``q`` of the nonzero values ([R, 2], float64, NaN where
     none), its element count and its nonzero count. Raises when every value is zero (or none
-    was recorded) and when a tensor with nonzero values has a non-finite percentile."""
-    values = batched_quantile(counts, q, bins, exclude_zeros=True, rule="n")
+    was recorded) and when a tensor with nonzero values that is not ``excluded`` has a
+    non-finite percentile (a tensor whose values are NaN/inf can be left out by name)."""
+    values = batched_quantile(counts, q, bins, exclude_zeros=True)
     numel = counts.sum(dim=1)
     nonzero = numel - counts[:, bins.ZERO]
     _check_nonempty(names, numel.tolist(), nonzero.tolist())
     bad = [
         n
-        for n, nz, v in zip(names, nonzero.tolist(), values.tolist(), strict=True)
-        if nz and not all(map(math.isfinite, v))
+        for n, nz, v, x in zip(names, nonzero.tolist(), values.tolist(), excluded, strict=True)
+        if nz and not x and not all(map(math.isfinite, v))
     ]
     if bad:
-        raise RuntimeError(f"eps_range: non-finite percentiles (NaN/inf values) in {', '.join(bad[:5])}")
+        raise RuntimeError(
+            f"eps_range: non-finite percentiles (NaN/inf values) in {', '.join(bad[:5])}; "
+            "exclude= leaves such a tensor out"
+        )
     return values, numel, nonzero
 
 
@@ -309,18 +329,21 @@ def _dead_values(
     dead = counts[:, mask].sum(dim=1) * (values[:, 0] < floor)
     live_counts = counts.clone()
     live_counts[(dead > 0).nonzero()[:, 0].unsqueeze(1), mask.nonzero()[:, 0]] = 0
-    live = batched_quantile(live_counts, q, bins, exclude_zeros=True, rule="n")
+    live = batched_quantile(live_counts, q, bins, exclude_zeros=True)
     return floor, dead, live
 
 
 def _apply_rule(
     rows: Sequence[EpsRow], live: Tensor, rel: float, drop_dead: bool
-) -> tuple[EpsBounds, EpsBounds | None, EpsBounds]:
-    """``(paper, without_dead, chosen)``: the rule over every tensor with a nonzero value;
-    over the tensors not excluded, without their dead values (None when none of them has
-    any); and the one asked for (``drop_dead``: the latter, else the rule over the tensors
-    not excluded, dead values counted)."""
-    paper = _bounds([(r.name, r.low, r.high) for r in rows if r.nonzero], rel)
+) -> tuple[EpsBounds | None, EpsBounds | None, EpsBounds]:
+    """``(paper, without_dead, chosen)``: the rule over every tensor with a nonzero value
+    (None when an excluded one has non-finite percentiles: the rule over everything has no
+    answer then); over the tensors not excluded, without their dead values (None when none
+    of them has any); and the one asked for (``drop_dead``: the latter, else the rule over
+    the tensors not excluded, dead values counted)."""
+    every = [(r.name, r.low, r.high) for r in rows if r.nonzero]
+    finite = all(math.isfinite(lo) and math.isfinite(hi) for _, lo, hi in every)
+    paper = _bounds(every, rel) if finite else None
     kept_live = [
         (r.name, float(v[0]), float(v[1]))
         for r, v in zip(rows, live, strict=True)
