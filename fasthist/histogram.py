@@ -35,13 +35,33 @@ from torch import Tensor
 
 from .bins import LogBins
 
-__all__ = ["Histogram", "as_quantiles", "batched_quantile", "batched_fraction_above", "invalid_rows", "real_scalar"]
+__all__ = [
+    "Histogram",
+    "as_quantiles",
+    "batched_quantile",
+    "batched_fraction_above",
+    "int_arg",
+    "invalid_rows",
+    "real_scalar",
+]
 
 
 def _is_bool(x: object) -> bool:
     return isinstance(x, (bool, np.bool_)) or (
         isinstance(x, (Tensor, np.ndarray)) and x.dtype in (torch.bool, np.bool_)
     )
+
+
+def int_arg(x: object, what: str, minimum: int, *, allow_none: bool = False) -> int | None:
+    """``x`` if it is an int (Python or NumPy, not a bool: ``True`` is no count) of at
+    least ``minimum``, or None where ``allow_none``; else ``ValueError(f"Invalid {what}:
+    ...")`` saying what is allowed."""
+    if x is None and allow_none:
+        return None
+    if _is_bool(x) or not isinstance(x, numbers.Integral) or x < minimum:
+        allowed = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"Invalid {what}: {x!r}; expected {allowed}")
+    return int(x)
 
 
 def real_scalar(x: object, what: str) -> float:

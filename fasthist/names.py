@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["check_distinct_tensors", "check_unique_names", "tracked", "why_untracked"]
+__all__ = ["check_distinct_tensors", "check_unique_names", "declared", "tracked", "why_untracked"]
 
 
 def _names(gi: int, group: dict[str, Any]) -> list[str]:
@@ -23,6 +23,11 @@ def tracked(param_groups: list[dict[str, Any]], state: Any) -> list[tuple[str, T
         if group.get("track", True):
             out += [(n, p) for n, p in zip(_names(gi, group), group["params"], strict=True) if len(state.get(p, {}))]
     return out
+
+
+def declared(param_groups: list[dict[str, Any]]) -> list[str]:
+    """The name of every parameter in a group with ``track=True``, stepped yet or not."""
+    return [n for gi, group in enumerate(param_groups) if group.get("track", True) for n in _names(gi, group)]
 
 
 def check_distinct_tensors(params: list[Any], gi: int) -> None:

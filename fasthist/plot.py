@@ -16,6 +16,7 @@ needs it (it comes with the ``[demo]`` extra).
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ import torch
 
 from .bins import LogBins
 from .eps import EpsRange
-from .histogram import Histogram, batched_quantile
+from .histogram import Histogram, batched_fraction_above, batched_quantile, int_arg
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -74,13 +75,43 @@ def _as_hists(source: Any, window: str) -> dict[str, Histogram]:
     )
 
 
-def _select(hists: dict[str, Histogram], names: Sequence[str] | None, limit: int) -> list[str]:
+def _bound_setters(eps_range: EpsRange | None) -> dict[str, str]:
+    """``{name: "sets the low bound"}`` (or high, or both) for the tensors that set the
+    bounds of ``eps_range``."""
+    if eps_range is None:
+        return {}
+    roles: dict[str, list[str]] = {}
+    for side, name in (("low", eps_range.low_tensor), ("high", eps_range.high_tensor)):
+        if name:
+            roles.setdefault(name, []).append(side)
+    return {n: f"sets the {' and '.join(sides)} bound" for n, sides in roles.items()}
+
+
+def _select(
+    hists: Mapping[str, Any], names: Sequence[str] | None, limit: int, keep: Sequence[str] = ()
+) -> tuple[list[str], str]:
+    """The names to draw and a line saying what was left out ("" when nothing was).
+
+    ``names`` given: exactly those. Else at most ``limit`` in the source's order: the ones
+    in ``keep`` (the tensors that set the range bounds) always, then the first others."""
     if names is not None:
         missing = [n for n in names if n not in hists]
         if missing:
             raise KeyError(f"no histogram named {missing[0]!r}; have {list(hists)[:5]}")
-        return list(names)
-    return list(hists)[:limit]
+        return list(names), ""
+    keep = [n for n in keep if n in hists]
+    room = max(limit - len(keep), 0)
+    others = [n for n in hists if n not in keep][:room]
+    chosen = [n for n in hists if n in keep or n in others]
+    left = len(hists) - len(chosen)
+    if not left:
+        return chosen, ""
+    setters = f"the {len(keep)} setting the range bounds, then " if keep else ""
+    note = (
+        f"{len(chosen)} of {len(hists)} tensors shown ({setters}the first {len(others)} in order); "
+        f"{left} left out (names= or max_tensors= to pick)"
+    )
+    return chosen, note
 
 
 def _mark(ax: Axes, eps: float | None, eps_range: EpsRange | None, *, label: bool) -> None:
@@ -125,12 +156,20 @@ def _padded_xlim(lo: float, hi: float, eps: float | None, eps_range: EpsRange | 
 
 
 def _draw_histogram(
-    ax: Axes, name: str, h: Histogram, eps: float | None, eps_range: EpsRange | None, dead: int, per_binade: int
+    ax: Axes,
+    name: str,
+    h: Histogram,
+    eps: float | None,
+    eps_range: EpsRange | None,
+    dead: int,
+    per_binade: int,
+    role: str = "",
 ) -> tuple[float, float] | None:
     """One panel of :func:`histograms`: the log bins as shares of the tensor's elements (its
     ``dead`` values, bins wholly below ``eps_range.dead_floor``, in orange), its 2% and 98%
-    points, ``eps`` and the range, and the title. Returns the extent of the nonzero bins
-    (lower edge of the first, upper edge of the last), None when all are empty."""
+    points, ``eps`` and the range, and the title (with ``role``: which bound the tensor
+    sets). Returns the extent of the nonzero bins (lower edge of the first, upper edge of
+    the last), None when all are empty."""
     counts, edges = _log_part(h, per_binade)
     n = max(h.count, 1)
     nz = np.nonzero(counts)[0]
@@ -144,11 +183,7 @@ def _draw_histogram(
     if len(nz):
         extent = (edges[nz[0]], edges[nz[-1] + 1])
         q = batched_quantile(
-            h.counts.unsqueeze(0).cpu(),
-            torch.tensor([0.02, 0.98], dtype=torch.float64),
-            h.bins,
-            exclude_zeros=True,
-            rule="n",
+            h.counts.unsqueeze(0).cpu(), torch.tensor([0.02, 0.98], dtype=torch.float64), h.bins, exclude_zeros=True
         )[0]
         for k, v in enumerate(q.tolist()):
             ax.axvline(v, color="#555555", ls=":", lw=1.0, label=_PCT_LABEL if k == 0 else None)
@@ -157,7 +192,8 @@ def _draw_histogram(
     zero = h.zero_count / n
     above = f", {100 * h.fraction_above(eps):.0f}% > ε" if eps is not None else ""
     flag = f", {100 * dead / max(h.count - h.zero_count, 1):.0f}% dead" if dead else ""
-    ax.set_title(f"{name} ({h.count:,}; {100 * zero:.0f}% zero{flag}{above})", fontsize=8)
+    title = f"{name} ({h.count:,}; {100 * zero:.0f}% zero{flag}{above})"
+    ax.set_title(f"{title}\n{role}" if role else title, fontsize=8, fontweight="bold" if role else "normal")
     if dead:
         ax.title.set_color(_DEAD_COLOR)
     ax.tick_params(labelsize=7)
@@ -184,20 +220,27 @@ def histograms(
     ``eps_range`` flags as numerically dead are drawn in orange, with the title.
 
     ``source``: a fasthist optimizer (its ``histograms(window=...)``), a dict of
-    :class:`~fasthist.Histogram` by name, or one Histogram.
+    :class:`~fasthist.Histogram` by name, or one Histogram. Without ``names``, at most
+    ``max_tensors`` panels: the tensors that set ``eps_range``'s bounds always (their
+    titles say which), then the first others in order; the figure says how many were left out.
     """
     _check_eps(eps)
+    max_tensors = int_arg(max_tensors, "max_tensors", 1)
+    per_binade = int_arg(per_binade, "per_binade", 1)
     hists = _as_hists(source, window)
-    chosen = _select(hists, names, max_tensors)
+    roles = _bound_setters(eps_range)
+    chosen, note = _select(hists, names, max_tensors, list(roles))
     if not chosen:
         raise ValueError("nothing to plot: no histogram (has the optimizer taken a step?)")
-    ncols = max(1, min(ncols, len(chosen)))
+    ncols = min(int_arg(ncols, "ncols", 1), len(chosen))
     nrows = math.ceil(len(chosen) / ncols)
     fig, axes = _figure(nrows, ncols, width=3.6, height=2.6)
     dead_rows = {r.name: r.dead for r in eps_range.rows} if eps_range is not None else {}
     lo_all, hi_all = math.inf, 0.0
     for ax, name in zip(axes.flat, chosen, strict=False):
-        extent = _draw_histogram(ax, name, hists[name], eps, eps_range, dead_rows.get(name, 0), per_binade)
+        extent = _draw_histogram(
+            ax, name, hists[name], eps, eps_range, dead_rows.get(name, 0), per_binade, roles.get(name, "")
+        )
         if extent is not None:
             lo_all, hi_all = min(lo_all, extent[0]), max(hi_all, extent[1])
     for ax in list(axes.flat)[len(chosen) :]:
@@ -211,21 +254,23 @@ def histograms(
     for ax in axes[:, 0]:
         ax.set_ylabel("share of elements", fontsize=8)
     _figure_legend(fig, axes.flat[: len(chosen)])
-    fig.suptitle(title or "Gradient magnitude histograms (√v̂ per tensor)", fontsize=10)
+    fig.suptitle(_with_note(title or "Gradient magnitude histograms (√v̂ per tensor)", note), fontsize=10)
     return _save(fig, path)
 
 
-def _share_above_edges(h: Histogram) -> tuple[np.ndarray, np.ndarray]:
-    """(x, share of all elements > x) at every log-bin edge x, exact there: a bin lies
-    wholly above or below each of its edges. Zeros and below-range values are never
-    above, above-range values always; non-finite values are never above."""
-    bins: LogBins = h.bins
-    c = h.counts.detach().cpu().numpy().astype(np.float64)
-    n = max(c.sum(), 1.0)
-    log = c[bins.FIRST_LOG : bins.above]
-    above = c[bins.above]
-    tail = np.concatenate([np.cumsum(log[::-1])[::-1], [0.0]]) + above  # elements in bins >= j
-    return bins.edges.numpy(), tail / n
+def _with_note(title: str, note: str, width: int = 120) -> str:
+    """``title``, then ``note`` (what was left out) wrapped to ``width`` characters."""
+    return "\n".join([title, *textwrap.wrap(note, width)])
+
+
+def _shares_above_edges(hists: Sequence[Histogram]) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, shares)``: every log-bin edge ``x`` and, per histogram, the share of its
+    elements above each (:func:`~fasthist.histogram.batched_fraction_above`, exact at the
+    edges: a bin lies wholly on one side of each of its edges)."""
+    bins: LogBins = hists[0].bins
+    counts = torch.stack([h.counts.detach().cpu() for h in hists])
+    x = bins.edges
+    return x.numpy(), batched_fraction_above(counts, x.expand(len(hists), -1), bins).nan_to_num(0.0).numpy()
 
 
 def adaptability(
@@ -241,21 +286,26 @@ def adaptability(
 ) -> Figure:
     """Adaptability per tensor: the share of its sqrt(v_hat) above ε, for every ε (log x).
     Where a curve is near 1 Adam is fully adaptive for that tensor; near 0 it is SGD with
-    momentum at learning rate ``lr/ε``. Exact at the bin edges, where it is evaluated."""
+    momentum at learning rate ``lr/ε``. Exact at the bin edges, where it is evaluated.
+    Which tensors, and the note on those left out: as :func:`histograms` (the ones that set
+    ``eps_range``'s bounds are drawn thicker, their legend entries say which bound)."""
     _check_eps(eps)
+    max_tensors = int_arg(max_tensors, "max_tensors", 1)
     hists = _as_hists(source, window)
-    chosen = _select(hists, names, max_tensors)
+    roles = _bound_setters(eps_range)
+    chosen, note = _select(hists, names, max_tensors, list(roles))
     if not chosen:
         raise ValueError("nothing to plot: no histogram (has the optimizer taken a step?)")
     fig, axes = _figure(width=6.4, height=3.8)
     ax = axes[0, 0]
     lo_all, hi_all = math.inf, 0.0
-    for name in chosen:
-        x, share = _share_above_edges(hists[name])
+    x, shares = _shares_above_edges([hists[n] for n in chosen])
+    for name, share in zip(chosen, shares, strict=True):
         moving = np.nonzero(np.diff(share))[0]
         if len(moving):
             lo_all, hi_all = min(lo_all, x[moving[0]]), max(hi_all, x[moving[-1] + 1])
-        ax.plot(x, share, lw=1.3, label=f"{name} ({hists[name].count:,})")
+        role = f", {roles[name]}" if name in roles else ""
+        ax.plot(x, share, lw=2.4 if role else 1.3, label=f"{name} ({hists[name].count:,}{role})")
     _mark(ax, eps, eps_range, label=True)
     ax.set_xscale("log")
     if math.isfinite(lo_all):
@@ -269,6 +319,8 @@ def adaptability(
         *ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7, ncols=2 if len(chosen) > 16 else 1
     )
     ax.set_title(title or "Adaptability: how much of each tensor Adam normalises", fontsize=10)
+    if note:  # below everything: the legend takes the top right
+        fig.supxlabel(textwrap.fill(note, 90), fontsize=8, color="#444444")
     return _save(fig, path)
 
 
@@ -286,16 +338,11 @@ def quantiles(
     the middle quantile as a line, the band between the lowest and highest recorded
     quantiles shaded, ``eps`` dashed."""
     _check_eps(eps)
+    max_tensors = int_arg(max_tensors, "max_tensors", 1)
     if hasattr(trace, "trace"):
         trace = trace.trace()  # type: ignore[union-attr]
     all_names = list(trace.names)  # type: ignore[union-attr]
-    if names is None:
-        chosen = all_names[:max_tensors]
-    else:
-        missing = [n for n in names if n not in all_names]
-        if missing:
-            raise KeyError(f"no recorded tensor named {missing[0]!r}")
-        chosen = list(names)
+    chosen, note = _select(dict.fromkeys(all_names), names, max_tensors)
     if not chosen or len(trace.steps) == 0:  # type: ignore[union-attr]
         raise ValueError("nothing to plot: the trace is empty")
     steps, values, qs = trace.steps, trace.values, trace.qs  # type: ignore[union-attr]
@@ -328,7 +375,7 @@ def quantiles(
     for ax in axes[:, 0]:
         ax.set_ylabel("√v̂", fontsize=8)
     band = f"q{qs[0]:g}–q{qs[-1]:g} shaded, " if len(qs) > 1 else ""
-    fig.suptitle(title or "√v̂ over training", fontsize=10)
+    fig.suptitle(_with_note(title or "√v̂ over training", note), fontsize=10)
     axes.flat[0].text(0.02, 0.02, f"{band}q{qs[mid]:g} line", transform=axes.flat[0].transAxes, fontsize=7, va="bottom")
     return _save(fig, path)
 

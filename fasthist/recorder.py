@@ -9,8 +9,9 @@ values and the buffer all live on the histograms' device, so a record launches a
 kernels and copies nothing to the host; :meth:`QuantileRecorder.trace` reads everything
 back once.
 
-The quantile rule is the ε-range rule's (:mod:`fasthist.eps`): with ``exclude_zeros``
-(default) the exact zeros are dropped and ``a[min(floor(q*n), n-1)]`` is read, so the
+The quantile rule is the library's one rule, the ε-range rule's (:mod:`fasthist.histogram`):
+with ``exclude_zeros`` (default) the exact zeros are dropped and ``a[min(floor(q*n), n-1)]``
+is read, so the
 recorded 2% and 98% points are the per-tensor bounds the rule would take at that step,
 each within the bins' relative accuracy.
 """
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .histogram import as_quantiles, batched_quantile
+from .histogram import as_quantiles, batched_quantile, int_arg
 from .wrapped import unwrap
 
 __all__ = ["QuantileRecorder", "QuantileTrace"]
@@ -79,10 +80,8 @@ class QuantileRecorder:
         exclude_zeros: bool = True,
     ) -> None:
         opt = unwrap(opt)  # a framework's wrapper (Accelerate, Lightning, ...) is fine too
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"Invalid every: {every!r}; expected a positive int")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"Invalid capacity: {capacity!r}; expected a positive int")
+        every = int_arg(every, "every", 1)
+        capacity = int_arg(capacity, "capacity", 1)
         if window not in ("step", "total"):
             raise ValueError(f"Invalid window: {window!r}; expected 'step' or 'total'")
         self.opt = opt
@@ -124,7 +123,7 @@ class QuantileRecorder:
             self._q_dev = self._q.to(device)  # kept on the device: a copy per record would synchronise
         if tuple(names) not in self._columns:
             self._grow(names)
-        values = batched_quantile(counts, self._q_dev, self.opt.bins, exclude_zeros=self.exclude_zeros, rule="n")  # type: ignore[arg-type, attr-defined]
+        values = batched_quantile(counts, self._q_dev, self.opt.bins, exclude_zeros=self.exclude_zeros)  # type: ignore[arg-type, attr-defined]
         slot = self._buffer[self._records % self.capacity]
         slot.fill_(float("nan"))
         slot.index_copy_(0, self._columns[tuple(names)], values.to(torch.float32))

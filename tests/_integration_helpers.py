@@ -65,7 +65,6 @@ def expected(opt: fasthist.Adam, prefix: str = "fasthist") -> dict[str, float]:
         torch.tensor([0.02, 0.5, 0.98], dtype=torch.float64),
         opt.bins,
         exclude_zeros=True,
-        rule="n",
     )[0].tolist()
     hists, eps = opt.histograms(), name_eps(opt)
     above = sum(h.fraction_above(eps[n]) * h.count for n, h in hists.items())

@@ -94,7 +94,7 @@ def test_quantile_rank_beyond_2_53():
     reps = BINS.representatives
     assert h.quantile(1.0) == float(reps[1500])
     assert h.quantile(0.0) == float(reps[1000])
-    q = batched_quantile(h.counts.unsqueeze(0), torch.tensor([1.0], dtype=torch.float64), BINS, rule="n")
+    q = batched_quantile(h.counts.unsqueeze(0), torch.tensor([1.0], dtype=torch.float64), BINS)
     assert float(q[0, 0]) == float(reps[1500])
 
 

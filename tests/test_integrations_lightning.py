@@ -99,3 +99,10 @@ def test_a_non_fasthist_optimizer_is_refused_before_the_first_step(tmp_path):
     with pytest.raises(TypeError, match="needs a fasthist optimizer.*got Adam"):
         fit(tmp_path, HistogramCallback(), CSVLogger(str(tmp_path)), module=module)
     assert not module.opt.state
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="Invalid optimizer_index: True; expected an int >= 0"):
+        HistogramCallback(optimizer_index=True)  # a bool is no index
+    with pytest.raises(ValueError, match="Invalid max_tensors: False"):
+        HistogramCallback(max_tensors=False)

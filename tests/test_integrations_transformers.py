@@ -1,6 +1,6 @@
 """HistogramCallback in a real Hugging Face Trainer on the CPU: what reaches
-``state.log_history`` and TensorBoard's event files, against the optimizer's own queries
-at each logging step."""
+``state.log_history``, the loggers, the console and TensorBoard's event files, against the
+optimizer's own queries at each logging step."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 from fasthist.integrations.transformers import HistogramCallback  # noqa: E402
 
 
-def train(tmp_path, callback, *, opt=None, max_steps=6, report_to="none", **args):
-    model = Tiny()
+def train(tmp_path, callback, *, opt=None, max_steps=6, report_to="none", model=None, **args):
+    """A Trainer over ``Tiny`` with ``callback`` attached (None: none; a callable: it attaches)."""
+    model = Tiny() if model is None else model
     opt = optimizer(model) if opt is None else opt(model)
     x, y = data()
     ds = [{"x": a, "labels": b} for a, b in zip(x, y, strict=True)]
@@ -28,7 +29,11 @@ def train(tmp_path, callback, *, opt=None, max_steps=6, report_to="none", **args
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, report_to=report_to,
         save_strategy="no", use_cpu=True, disable_tqdm=True, **{"logging_steps": 2, **args},
     )  # fmt: skip
-    trainer = Trainer(model=model, args=targs, train_dataset=ds, optimizers=(opt, None), callbacks=[callback])
+    trainer = Trainer(model=model, args=targs, train_dataset=ds, optimizers=(opt, None))
+    if callable(callback):
+        callback(trainer)
+    elif callback is not None:
+        callback.attach(trainer)
     return trainer, opt
 
 
@@ -36,20 +41,49 @@ def fasthist_entries(trainer):
     return {e["step"]: e for e in trainer.state.log_history if any(k.startswith("fasthist") for k in e)}
 
 
-def test_log_history_matches_the_optimizer(tmp_path):
-    trainer, opt = train(tmp_path, HistogramCallback())
+def record_logger_calls(trainer):
+    """What the Trainer's TensorBoardCallback receives through ``on_log``, as given."""
+    from transformers.integrations import TensorBoardCallback
+
+    (tb,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)]
+    received, on_log = [], tb.on_log
+
+    def recording(args, state, control, logs=None, **kwargs):
+        received.append((state.global_step, dict(logs)))
+        return on_log(args, state, control, logs=logs, **kwargs)
+
+    tb.on_log = recording
+    return received
+
+
+def test_log_history_loggers_and_console_match_the_optimizer(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    trainer, opt = train(tmp_path, HistogramCallback(), report_to="tensorboard")
     want = record_expected(opt)
+    received = record_logger_calls(trainer)
     trainer.train()
     got = fasthist_entries(trainer)
     assert sorted(got) == [2, 4, 6]  # logging_steps=2
     for step, entry in got.items():
-        ref = want[step]
-        assert set(ref) <= set(entry)  # every metric, per tensor and summary
-        for k, v in ref.items():
+        summary = {k: v for k, v in want[step].items() if k.startswith("fasthist/")}
+        assert set(entry) == {*summary, "step"}  # the summary only: no per-tensor key in log_history
+        for k, v in summary.items():
             assert math.isclose(entry[k], v, rel_tol=1e-12), (step, k, entry[k], v)
-        assert entry["fasthist.adaptive/net.0.weight"] < 1.0  # the dead units' zeros
+    # the logger receives every metric, per tensor and summary, at each logging step
+    logged = {step: logs for step, logs in received if any(k.startswith("fasthist") for k in logs)}
+    assert sorted(logged) == [2, 4, 6]
+    for step, logs in logged.items():
+        ref = want[step]
+        assert set(ref) <= set(logs)
+        for k, v in ref.items():
+            assert math.isclose(logs[k], v, rel_tol=1e-12), (step, k, logs[k], v)
+        assert logs["fasthist.adaptive/net.0.weight"] < 1.0  # the dead units' zeros
     # the Trainer's own loss entries are still there, one per logging step
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [2, 4, 6]
+    # the console shows the summary, one short line per logging step, and no per-tensor key
+    lines = [line for line in capsys.readouterr().out.splitlines() if "fasthist" in line]
+    assert len(lines) == 3 and all("fasthist/eps_low" in line and len(line) < 600 for line in lines)
+    assert not any("fasthist." in line for line in lines)
 
 
 def test_every_n_steps_and_no_reads_in_between(tmp_path):
@@ -70,15 +104,53 @@ def test_every_n_steps_and_no_reads_in_between(tmp_path):
     assert math.isclose(got[6]["fasthist/p98"], expected(opt)["fasthist/p98"], rel_tol=1e-12)
 
 
+def per_tensor_keys(received, step):
+    return {k for s, logs in received if s == step for k in logs if "/net." in k}
+
+
 def test_cap_and_selection(tmp_path):
+    pytest.importorskip("tensorboard")
     with pytest.warns(UserWarning, match="more than max_tensors=3"):
-        trainer, _ = train(tmp_path / "a", HistogramCallback(max_tensors=3), max_steps=2)
+        trainer, _ = train(tmp_path / "a", HistogramCallback(max_tensors=3), max_steps=2, report_to="tensorboard")
+        received = record_logger_calls(trainer)
         trainer.train()
-    assert not any("/net." in k for k in fasthist_entries(trainer)[2])
-    trainer, _ = train(tmp_path / "b", HistogramCallback(tensors="*.weight", max_tensors=3), max_steps=2)
+    assert not per_tensor_keys(received, 2) and fasthist_entries(trainer)[2]
+    callback = HistogramCallback(tensors="*.weight", max_tensors=3)
+    trainer, _ = train(tmp_path / "b", callback, max_steps=2, report_to="tensorboard")
+    received = record_logger_calls(trainer)
     trainer.train()
-    keys = {k for k in fasthist_entries(trainer)[2] if "/net." in k}
+    keys = per_tensor_keys(received, 2)
     assert keys == {f"fasthist.{s}/net.{i}.weight" for s in ("p02", "p50", "p98", "adaptive") for i in (0, 2)}
+
+
+def test_a_frozen_tensor_is_logged_once_it_has_counts_and_a_wrong_name_fails_at_train_start(tmp_path):
+    pytest.importorskip("tensorboard")
+    model = Tiny()
+    model.net[2].bias.requires_grad_(False)  # in the optimizer, never stepped: no histogram
+    callback = HistogramCallback(tensors=["net.2.bias", "net.0.weight"])
+    trainer, opt = train(tmp_path / "a", callback, model=model, max_steps=4, report_to="tensorboard")
+    received = record_logger_calls(trainer)
+    trainer.train()  # used to raise at the first logging step: net.2.bias "matches no tracked tensor"
+    assert "net.2.bias" not in opt.histograms()
+    assert per_tensor_keys(received, 4) == {f"fasthist.{s}/net.0.weight" for s in ("p02", "p50", "p98", "adaptive")}
+    trainer, opt = train(tmp_path / "b", HistogramCallback(tensors=["net.9.bias"]))
+    with pytest.raises(ValueError, match="Invalid tensors: 'net.9.bias' matches no tracked tensor"):
+        trainer.train()
+    assert not opt.state  # before the first step
+
+
+def test_an_unattached_callback_is_refused_before_the_first_step(tmp_path):
+    trainer, opt = train(tmp_path / "a", lambda t: t.add_callback(HistogramCallback()))
+    with pytest.raises(RuntimeError, match="is not attached to a Trainer; call callback.attach"):
+        trainer.train()
+    other, _ = train(tmp_path / "b", None)
+    trainer, opt = train(tmp_path / "c", lambda t: t.add_callback(HistogramCallback(trainer=other)))
+    with pytest.raises(RuntimeError, match="attached to a Trainer that does not hold it"):
+        trainer.train()
+    assert not opt.state
+    trainer, opt = train(tmp_path / "d", lambda t: t.add_callback(HistogramCallback(trainer=t)), max_steps=2)
+    trainer.train()  # trainer= and add_callback: as attach() does
+    assert fasthist_entries(trainer)[2]["fasthist/p98"] == expected(opt)["fasthist/p98"]
 
 
 def test_tensorboard_receives_scalars_and_histograms(tmp_path):
@@ -138,6 +210,10 @@ def test_bad_options():
         HistogramCallback(0)
     with pytest.raises(ValueError, match="Invalid max_tensors: -1"):
         HistogramCallback(max_tensors=-1)
+    with pytest.raises(ValueError, match=r"Invalid max_tensors: True; expected an int >= 0 or None"):
+        HistogramCallback(max_tensors=True)  # a bool is no count
+    with pytest.raises(ValueError, match="Invalid every_n_steps: True"):
+        HistogramCallback(True)
     with pytest.raises(ValueError, match="Invalid window: 'epoch'"):
         HistogramCallback(window="epoch")
 
@@ -155,4 +231,5 @@ def test_one_callback_in_two_trainers(tmp_path):
         trainer, opt = train(tmp_path / run, callback, max_steps=2)
         trainer.train()
         assert callback.trainer is trainer
+        assert sum(cb is callback for cb in trainer.callback_handler.callbacks) == 1
         assert fasthist_entries(trainer)[2]["fasthist/p98"] == expected(opt)["fasthist/p98"]

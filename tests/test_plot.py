@@ -126,7 +126,7 @@ def test_import_fasthist_needs_no_demo_dependency():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-# -- legends: every mark explained, never over the data (issue 9, item 16) --------------------
+# -- legends: every mark explained, never over the data ---------------------------------------
 def legends_clear_of_data(fig) -> None:
     """Every legend of ``fig`` lies outside every visible data panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -202,7 +202,7 @@ def test_eps_must_be_a_positive_finite_number(run, bad):
 
 
 def test_histograms_draw_numerically_dead_values_in_their_own_colour():
-    # a bias right before BatchNorm: its gradient is rounding noise (issue 11)
+    # a bias right before BatchNorm: its gradient is rounding noise
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
     g = torch.Generator().manual_seed(1)
@@ -219,7 +219,7 @@ def test_histograms_draw_numerically_dead_values_in_their_own_colour():
 
 
 def test_sweep_figure_states_a_tie_as_the_printout_does():
-    # issue 11: a tie between 1e-08 (outside) and 1e-05 (inside) must not be drawn as "best ε inside"
+    # a tie between 1e-08 (outside) and 1e-05 (inside) must not be drawn as "best ε inside"
     verdict = "best ε: a tie between 1e-08 1e-05 (accuracy 97.00%); inside the estimated range [1e-06, 1e-01]: 1e-05"
     result = {
         "task": "digits",
@@ -239,3 +239,34 @@ def test_sweep_figure_states_a_tie_as_the_printout_does():
     stars = [line for line in fig.axes[0].get_lines() if line.get_marker() == "*"]
     assert len(stars) == 1 and list(stars[0].get_xdata()) == [1e-8, 1e-5]
     assert "tie" in stars[0].get_label()
+
+
+def test_the_tensors_that_set_the_bounds_are_always_shown_and_the_rest_counted():
+    """20 tensors, the low bound set by the last one and the high bound by the 18th: both are
+    among the 16 drawn, say which bound they set, and the figures say 4 were left out."""
+    bins = fasthist.LogBins()
+    g = torch.Generator().manual_seed(0)
+    scale = [1.0] * 20
+    scale[19], scale[17] = 1e-9, 1e3
+    hists = {
+        f"t{i}": fasthist.Histogram.from_values(torch.rand(200, generator=g) * s + s, bins) for i, s in enumerate(scale)
+    }
+    names = list(hists)
+    rng = fasthist.eps.eps_range_from_counts(names, torch.stack([h.counts for h in hists.values()]), bins)
+    assert (rng.low_tensor, rng.high_tensor) == ("t19", "t17")
+    fig = plot.histograms(hists, eps_range=rng)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert [t.split(" ")[0] for t in titles] == [*names[:14], "t17", "t19"]  # in the model's order
+    assert titles[-1].endswith("sets the low bound") and titles[-2].endswith("sets the high bound")
+    suptitle = " ".join(fig.get_suptitle().split())
+    assert "16 of 20 tensors shown" in suptitle and "4 left out" in suptitle
+    fig = plot.adaptability(hists, eps_range=rng)
+    labels = [line.get_label() for line in fig.axes[0].get_lines() if "(" in line.get_label()]
+    assert [lb.split(" ")[0] for lb in labels] == [*names[:14], "t17", "t19"]
+    assert "sets the low bound" in labels[-1]
+    assert "4 left out" in " ".join(fig.get_supxlabel().split())
+    legends_clear_of_data(fig)
+    # nothing left out: nothing said
+    assert "left out" not in plot.histograms(hists, eps_range=rng, max_tensors=20).get_suptitle()
+    with pytest.raises(ValueError, match="Invalid max_tensors: True"):
+        plot.histograms(hists, max_tensors=True)

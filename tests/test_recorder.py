@@ -36,7 +36,7 @@ def test_records_the_rule_quantiles_every_k_steps(every):
         step(model, opt, g)
         if i % every == 0:
             counts = torch.stack([h.counts for h in opt.histograms().values()])
-            q = batched_quantile(counts, torch.tensor(qs, dtype=torch.float64), opt.bins, exclude_zeros=True, rule="n")
+            q = batched_quantile(counts, torch.tensor(qs, dtype=torch.float64), opt.bins, exclude_zeros=True)
             expected.append(q.numpy())
     trace = rec.trace()
     assert trace.steps.tolist() == list(range(every, 10, every))
@@ -58,7 +58,7 @@ def test_ring_buffer_keeps_the_latest_in_order():
     for _ in range(10):
         step(model, opt, g)
         counts = torch.stack([h.counts for h in opt.histograms().values()])
-        q = batched_quantile(counts, torch.tensor([0.5], dtype=torch.float64), opt.bins, exclude_zeros=True, rule="n")
+        q = batched_quantile(counts, torch.tensor([0.5], dtype=torch.float64), opt.bins, exclude_zeros=True)
         medians.append(q[:, 0].numpy())
     trace = rec.trace()
     assert trace.steps.tolist() == [7, 8, 9, 10] and rec.dropped == 6
@@ -112,5 +112,5 @@ def test_recorder_keeps_going_when_tensors_start_late():
     assert tr.values.shape == (4, 2, 1)
     assert np.isnan(tr.values[:2, 1, 0]).all() and np.isfinite(tr.values[2:, 1, 0]).all()
     _, _, counts = opt.histogram_rows("step")
-    q = batched_quantile(counts, torch.tensor([0.5], dtype=torch.float64), opt.bins, exclude_zeros=True, rule="n")
+    q = batched_quantile(counts, torch.tensor([0.5], dtype=torch.float64), opt.bins, exclude_zeros=True)
     np.testing.assert_allclose(tr.values[-1, :, 0], q[:, 0].numpy(), rtol=1e-6)

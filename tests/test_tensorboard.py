@@ -94,9 +94,7 @@ def test_scalars(tmp_path):
         logged = log_histograms(writer, opt, 5)
     ea = read(tmp_path)
     names, counts = list(opt.histograms()), torch.stack([h.counts for h in opt.histograms().values()])
-    q = batched_quantile(
-        counts, torch.tensor([0.02, 0.5, 0.98], dtype=torch.float64), opt.bins, exclude_zeros=True, rule="n"
-    )
+    q = batched_quantile(counts, torch.tensor([0.02, 0.5, 0.98], dtype=torch.float64), opt.bins, exclude_zeros=True)
     eps_of = {"0.weight": 1e-3, "0.bias": 1e-3, "2.weight": 1e-8, "2.bias": 1e-8}
     rng = opt.eps_range()
     for i, name in enumerate(names):

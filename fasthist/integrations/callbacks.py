@@ -12,7 +12,8 @@ Keys (``prefix`` is ``"fasthist"`` by default):
   given to it, else ``"{group}.{index}"``), the keys of
   :func:`fasthist.integrations.tensorboard.log_histograms`.
 
-Values that are not finite (a tensor with no nonzero value yet) are left out.
+Values that are not finite (a tensor with no nonzero value yet) are left out, and so are
+the per-tensor keys of a chosen tensor that has no counts yet (not stepped: a frozen head).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import math
 import warnings
 from typing import Any
 
+from ..histogram import int_arg
+from ..names import declared
 from ..wrapped import unwrap
 from .metrics import Selection, select, snapshot, summary_scalars, tensor_scalars
 
@@ -52,23 +55,28 @@ class CallbackCore:
         window: str,
         prefix: str,
     ) -> None:
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"Invalid every_n_steps: {every_n_steps!r}; expected a positive int or None")
-        if max_tensors is not None and (not isinstance(max_tensors, int) or max_tensors < 0):
-            raise ValueError(f"Invalid max_tensors: {max_tensors!r}; expected an int >= 0 or None")
+        self.every_n_steps = int_arg(every_n_steps, "every_n_steps", 1, allow_none=True)
+        self.max_tensors = int_arg(max_tensors, "max_tensors", 0, allow_none=True)
         if window not in ("step", "total"):
             raise ValueError(f"Invalid window: {window!r}; expected 'step' or 'total'")
         if not isinstance(histograms, bool):
             raise ValueError(f"Invalid histograms value: {histograms!r}; expected a bool")
         self.owner = owner
-        self.every_n_steps = every_n_steps
         self.tensors = tensors
-        self.max_tensors = max_tensors
         self.histograms = histograms
         self.window = window
         self.prefix = prefix
         self.last_step = 0
+        self._chosen: list[str] | None = []
         self._warned = False
+
+    def start(self, opt: Any, step: int) -> None:
+        """At train start, before the first step: ``tensors`` is checked against the names
+        of every parameter ``opt`` tracks, stepped yet or not (a name or pattern that
+        matches none is a ``ValueError`` now, not at the first logging step), and ``step``
+        (a resumed run's, logged already) is the last step logged."""
+        self._chosen = select(declared(opt.param_groups), self.tensors, self.max_tensors)
+        self.last_step = step
 
     def due(self, step: int, trainer_logs: bool) -> bool:
         """Whether optimizer step ``step`` logs: every ``every_n_steps`` steps, or (None)
@@ -79,20 +87,20 @@ class CallbackCore:
 
     def metrics(self, opt: Any, step: int) -> dict[str, float]:
         """The metrics of ``opt`` now, as a flat dict (see the module docstring); marks
-        ``step`` as logged. The one host synchronisation of a logging step."""
+        ``step`` as logged. Per tensor, only the chosen tensors with counts so far (a
+        frozen one has none until it is stepped). The one host copy of a logging step."""
         self.last_step = step
         snap = snapshot(opt, self.window)
         if snap is None:
             return {}
         out = {f"{self.prefix}/{k}": v for k, v in summary_scalars(snap).items()}
         if self.max_tensors != 0:
-            chosen = select(snap.names, self.tensors, self.max_tensors)
-            if chosen is None:
+            if self._chosen is None:
                 self._warn_too_many(len(snap.names))
             else:
                 rows = tensor_scalars(snap)
-                for name in chosen:
-                    out.update({f"{self.prefix}.{k}/{name}": v for k, v in rows[name].items()})
+                for name in self._chosen:
+                    out.update({f"{self.prefix}.{k}/{name}": v for k, v in rows.get(name, {}).items()})
         return {k: v for k, v in out.items() if math.isfinite(v)}
 
     def _warn_too_many(self, n: int) -> None:

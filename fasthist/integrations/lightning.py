@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     except ImportError as e:
         raise ImportError('fasthist.integrations.lightning needs Lightning: pip install "fasthist[lightning]"') from e
 
+from ..histogram import int_arg
 from . import tensorboard
 from .callbacks import CallbackCore, fasthist_optimizer
 from .metrics import Selection
@@ -42,9 +43,12 @@ class HistogramCallback(Callback):
 
     What (keys in :mod:`fasthist.integrations.callbacks`): over all tracked tensors
     p2/p50/p98 of √v̂, the share above each group's ε, and the ε range; per tensor
-    p2/p50/p98 and that share, for the tensors chosen by ``tensors`` (names, glob patterns
-    or a predicate; default all) if they are at most ``max_tensors`` (default 64; None: no
-    cap; 0: the summary only). Past the cap only the summary is logged, with one warning.
+    p2/p50/p98 and that share, for the tensors chosen by ``tensors`` (exact names, glob
+    patterns or a predicate; default all) if they are at most ``max_tensors`` (default 64;
+    None: no cap; 0: the summary only). Past the cap only the summary is logged, with one
+    warning. ``tensors`` is checked against the optimizer's parameters at
+    ``on_train_start`` (a name that is none of them raises ``ValueError`` there); a chosen
+    tensor not stepped yet (frozen) is left out until it has counts.
     Name the tensors by giving the optimizer ``self.named_parameters()`` in
     ``configure_optimizers``.
 
@@ -71,7 +75,7 @@ class HistogramCallback(Callback):
         optimizer_index: int = 0,
     ) -> None:
         self.core = CallbackCore(_OWNER, every_n_steps, tensors, max_tensors, histograms, window, prefix)
-        self.optimizer_index = optimizer_index
+        self.optimizer_index = int_arg(optimizer_index, "optimizer_index", 0)
         self._opt: Any = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -81,7 +85,7 @@ class HistogramCallback(Callback):
                 f"Invalid optimizer_index: {self.optimizer_index}; the trainer has {len(optimizers)} optimizer(s)"
             )
         self._opt = fasthist_optimizer(optimizers[self.optimizer_index], _OWNER)
-        self.core.last_step = trainer.global_step  # a resumed run logged that step already
+        self.core.start(self._opt, trainer.global_step)  # a resumed run logged that step already
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

@@ -7,7 +7,8 @@ in one batched operation. From it:
 - :func:`tensor_scalars`, per tensor: ``p02``, ``p50``, ``p98`` of √v̂ with exact zeros
   dropped and rank ``floor(q*n)`` (the percentiles the ε-range rule reads, each within
   the bins' relative accuracy), and ``adaptive``: the share of *all* the tensor's
-  elements (zeros included) whose bin representative is above its param group's ε.
+  elements (zeros included) above its param group's ε, by the library's one rule
+  (:func:`fasthist.histogram.batched_fraction_above`, which states what is exact).
 - :func:`summary_scalars`, over all tracked tensors: the same four of the merged
   histogram (``adaptive`` compares each element with its own group's ε), and the ε range
   of the rule (:meth:`HistogramMixin.eps_range`): ``eps_low``/``eps_high`` (rounded to
@@ -26,7 +27,7 @@ import torch
 
 from ..bins import LogBins
 from ..eps import eps_range_from_counts, names_matching
-from ..histogram import batched_quantile
+from ..histogram import batched_fraction_above, batched_quantile
 from ..wrapped import unwrap
 
 __all__ = [
@@ -53,12 +54,15 @@ Selection = str | Iterable[str] | Callable[[str], bool] | None
 class Snapshot:
     """Every tracked tensor's histogram at one moment, on the host: ``counts[i]`` (int64,
     ``bins.num_bins``) belongs to ``names[i]``, whose param group has ε ``eps[i]`` (NaN
-    for an optimizer without ε); ``quantiles[i]`` are its :data:`QUANTILES`."""
+    for an optimizer without ε); ``quantiles[i]`` are its :data:`QUANTILES` and
+    ``adaptive[i]`` its share above ``eps[i]``
+    (:func:`fasthist.histogram.batched_fraction_above`, NaN without ε)."""
 
     names: list[str]
     counts: np.ndarray
     eps: np.ndarray
     quantiles: np.ndarray
+    adaptive: np.ndarray
     bins: LogBins
 
 
@@ -74,36 +78,27 @@ def group_eps(opt: Any, params: list[torch.Tensor | None]) -> list[float]:
 
 def snapshot(opt: Any, window: str = "step") -> Snapshot | None:
     """The histograms of ``opt`` (a fasthist optimizer or a wrapper of one) for ``window``
-    ("step" or "total"), or None when no tensor has been stepped yet. Synchronises with
-    the device once (the copy of the counts)."""
+    ("step" or "total"), or None when no tensor has been stepped yet. The percentiles and
+    shares are computed on the histograms' device, then copied to the host with the counts."""
     opt = unwrap(opt)
     names, params, counts = opt.histogram_rows(window)
     if counts is None:
         return None
     bins = opt.bins
-    q = batched_quantile(counts, torch.tensor(QUANTILES, dtype=torch.float64), bins, exclude_zeros=True, rule="n")
+    q = batched_quantile(counts, torch.tensor(QUANTILES, dtype=torch.float64), bins, exclude_zeros=True)
+    eps = torch.tensor(group_eps(opt, params), dtype=torch.float64)
+    adaptive = batched_fraction_above(counts, eps.to(counts.device), bins)
     host = counts.cpu().numpy()
-    eps = np.array(group_eps(opt, params), dtype=np.float64)
-    return Snapshot(list(names), host, eps, q.cpu().numpy(), bins)
-
-
-def _adaptive(counts: np.ndarray, eps: np.ndarray, bins: LogBins) -> np.ndarray:
-    """Per row, the share of elements whose bin representative is above that row's ε."""
-    reps = bins.representatives.numpy()
-    above = reps[None, :] > eps[:, None]  # NaN (non-finite bin, or no ε) is never above
-    n = counts.sum(axis=1)
-    share = (counts * above).sum(axis=1) / np.maximum(n, 1)
-    return np.where((n > 0) & np.isfinite(eps), share, math.nan)
+    return Snapshot(list(names), host, eps.numpy(), q.cpu().numpy(), adaptive.cpu().numpy(), bins)
 
 
 def tensor_scalars(snap: Snapshot) -> dict[str, dict[str, float]]:
     """``{name: {"p02": ..., "p50": ..., "p98": ..., "adaptive": ...}}`` (NaN where a
     tensor has no nonzero value, or its group no ε)."""
-    adaptive = _adaptive(snap.counts, snap.eps, snap.bins)
     out = {}
     for i, name in enumerate(snap.names):
         row = {k: float(v) for k, v in zip(STATS[:3], snap.quantiles[i], strict=True)}
-        row["adaptive"] = float(adaptive[i])
+        row["adaptive"] = float(snap.adaptive[i])
         out[name] = row
     return out
 
@@ -113,12 +108,13 @@ def summary_scalars(snap: Snapshot) -> dict[str, float]:
     and the ε range ``eps_low``/``eps_high`` (decades) and ``eps_low_raw``/``eps_high_raw``
     (left out when the rule has no answer: every value so far exactly zero)."""
     merged = torch.from_numpy(snap.counts.sum(axis=0, keepdims=True))
-    q = batched_quantile(merged, torch.tensor(QUANTILES, dtype=torch.float64), snap.bins, exclude_zeros=True, rule="n")
+    q = batched_quantile(merged, torch.tensor(QUANTILES, dtype=torch.float64), snap.bins, exclude_zeros=True)
     out = {k: float(v) for k, v in zip(STATS[:3], q[0].tolist(), strict=True)}
-    reps = snap.bins.representatives.numpy()
-    above = reps[None, :] > snap.eps[:, None]
-    n = int(snap.counts.sum())
-    out["adaptive"] = float((snap.counts * above).sum() / n) if n and np.isfinite(snap.eps).all() else math.nan
+    # each tensor's share weighted by its size: every element compared with its own group's ε
+    n = snap.counts.sum(axis=1)
+    total = int(n.sum())
+    ok = total and np.isfinite(snap.eps).all()
+    out["adaptive"] = float((snap.adaptive[n > 0] * n[n > 0]).sum() / total) if ok else math.nan
     try:
         rng = eps_range_from_counts(snap.names, torch.from_numpy(snap.counts), snap.bins)
     except RuntimeError:  # nothing but exact zeros recorded: the rule has no range yet

@@ -6,7 +6,6 @@ Importing this module imports ``transformers`` (``pip install "fasthist[transfor
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 try:
@@ -25,38 +24,50 @@ __all__ = ["HistogramCallback"]
 _OWNER = "fasthist.integrations.transformers.HistogramCallback"
 
 
-def _calling_trainer(callback: Any) -> Any:
-    """The object up the call stack whose ``callback_handler`` holds ``callback`` (the
-    Trainer calling it), or None."""
-    frame = inspect.currentframe()
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        handler = getattr(owner, "callback_handler", None)
-        if any(cb is callback for cb in getattr(handler, "callbacks", ())):
-            return owner
-        frame = frame.f_back
-    return None
+def _holds(trainer: Any, callback: Any) -> bool:
+    return any(cb is callback for cb in trainer.callback_handler.callbacks)
 
 
 class HistogramCallback(TrainerCallback):
     """Log the √v̂ histograms' percentiles, adaptive share and ε range of the Trainer's
-    fasthist optimizer through ``Trainer.log``, so that ``state.log_history``, the console
-    and every ``report_to`` integration (TensorBoard, W&B, CSV, MLflow, ...) receive them.
+    fasthist optimizer to every logging integration of the Trainer (``report_to``:
+    TensorBoard, W&B, MLflow, ...).
+
+    Attach it to its Trainer, which it needs to reach the loggers::
+
+        trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None))
+        HistogramCallback().attach(trainer)  # adds itself to trainer's callbacks
+
+    (or ``trainer.add_callback(HistogramCallback(trainer=trainer))``). Training with a
+    callback that is not attached, or attached to another Trainer than the one running it,
+    raises ``RuntimeError`` at ``on_train_begin``, before the first step.
 
     When: after the optimizer step of every ``every_n_steps``-th global step; by default
     (None) exactly when the Trainer logs its training loss (``logging_steps``,
-    ``logging_first_step``, ``logging_strategy``). Each such step logs one more
-    ``Trainer.log`` entry, before the loss entry of the same step. Nothing is read from the
-    device on the steps in between; a logging step copies the histogram counts to the host
-    once (once more per logger that gets full histograms).
+    ``logging_first_step``, ``logging_strategy``). Nothing is read from the device on the
+    steps in between; a logging step copies the histogram counts to the host once (once
+    more per logger that gets full histograms). The Trainer's own control flow is left
+    alone: the metrics are handed to the callbacks' ``on_log`` directly, not through
+    ``Trainer.log``, whose event handler would clear ``control.should_log`` and drop the
+    loss entry of the same step.
 
     What (keys in :mod:`fasthist.integrations.callbacks`; the reporting integrations add
-    their own prefix, e.g. ``train/``): over all tracked tensors p2/p50/p98 of √v̂, the share
-    above each group's ε, and the ε range; per tensor p2/p50/p98 and that share, for the
-    tensors chosen by ``tensors`` (names, glob patterns or a predicate; default all) if they
-    are at most ``max_tensors`` (default 64; None: no cap; 0: the summary only). Past the
-    cap only the summary is logged, with one warning: 4 keys per tensor swamp a logger's
-    view of a large model, and the summary still holds the ε range.
+    their own prefix, e.g. ``train/``):
+
+    - the summary, over all tracked tensors: p2/p50/p98 of √v̂, the share above each
+      group's ε, and the ε range (9 numbers). It goes where ``Trainer.log`` sends a log
+      entry: ``state.log_history``, the console line (``ProgressCallback`` or
+      ``PrinterCallback``) and every callback's ``on_log``;
+    - per tensor, p2/p50/p98 and that share, for the tensors chosen by ``tensors`` (exact
+      names, glob patterns or a predicate; default all) if they are at most
+      ``max_tensors`` (default 64; None: no cap; 0: the summary only). These go to the
+      logging integrations only (the callbacks of ``transformers.integrations``, whether
+      from ``report_to`` or added by hand), never to the console or ``log_history``: 4
+      keys per tensor would make each console line and ``trainer_state.json`` entry
+      thousands of characters long. Past the cap only the summary is logged, with one
+      warning. ``tensors`` is checked against the optimizer's parameters at
+      ``on_train_begin`` (a name that is none of them raises ``ValueError`` there); a
+      chosen tensor not stepped yet (frozen) is left out until it has counts.
 
     With ``histograms=True``, also the full histograms, through
     :func:`fasthist.integrations.tensorboard.log_histograms` to the writer of an active
@@ -67,8 +78,7 @@ class HistogramCallback(TrainerCallback):
     with :func:`fasthist.unwrap`. Training with an optimizer that is not a fasthist one
     raises ``TypeError`` at ``on_train_begin``, before the first step: the callback was
     added to log these metrics, and a run that silently logs none of them is worse than
-    one that does not start. ``trainer`` is found on the call stack (the Trainer whose
-    callback handler holds this callback) unless given.
+    one that does not start.
     """
 
     def __init__(
@@ -83,38 +93,59 @@ class HistogramCallback(TrainerCallback):
         trainer: Any = None,
     ) -> None:
         self.core = CallbackCore(_OWNER, every_n_steps, tensors, max_tensors, histograms, window, prefix)
-        self.trainer = self._given_trainer = trainer
+        self.trainer = trainer
         self._opt: Any = None
 
+    def attach(self, trainer: Any) -> HistogramCallback:
+        """Log through ``trainer`` from now on, and add this callback to its callbacks
+        unless it holds it already. Returns the callback."""
+        self.trainer = trainer
+        if not _holds(trainer, self):
+            trainer.add_callback(self)
+        return self
+
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        # found anew at each train(): the callback may be handed to another Trainer
-        self.trainer = self._given_trainer if self._given_trainer is not None else _calling_trainer(self)
         if self.trainer is None:
             raise RuntimeError(
-                f"{_OWNER}: found no Trainer whose callback_handler holds it up the call stack; pass HistogramCallback(trainer=...)"
+                f"{_OWNER} is not attached to a Trainer; call callback.attach(trainer), which also adds it to the "
+                "trainer's callbacks, or pass HistogramCallback(trainer=trainer)"
+            )
+        if not _holds(self.trainer, self):
+            raise RuntimeError(
+                f"{_OWNER} is attached to a Trainer that does not hold it in its callbacks, so it is run by "
+                "another one; call callback.attach(trainer) with the Trainer that trains"
             )
         self._opt = fasthist_optimizer(optimizer if optimizer is not None else self.trainer.optimizer, _OWNER)
-        self.core.last_step = state.global_step  # a resumed run logged that step already
+        self.core.start(self._opt, state.global_step)  # a resumed run logged that step already
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._maybe_log(state, control)
+        self._maybe_log(args, state, control)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._maybe_log(state, control)
+        self._maybe_log(args, state, control)
 
-    def _maybe_log(self, state: Any, control: Any) -> None:
+    def _maybe_log(self, args: Any, state: Any, control: Any) -> None:
         step = state.global_step
         if self._opt is None or not self.core.due(step, bool(control.should_log)):
             return
         metrics = self.core.metrics(self._opt, step)
-        if metrics:
-            should_log = control.should_log
-            self.trainer.log(metrics)
-            # Trainer.log clears should_log (its on_log does), which would drop the loss
-            # entry the Trainer is about to log at this step
-            control.should_log = self.trainer.control.should_log = should_log
+        summary = {k: v for k, v in metrics.items() if k.startswith(f"{self.core.prefix}/")}
+        if summary:
+            state.log_history.append({**summary, "step": step})  # as Trainer.log records an entry
+        loggers = self._loggers()
+        for cb in self.trainer.callback_handler.callbacks:
+            logs = metrics if cb in loggers else summary
+            if cb is not self and logs:
+                cb.on_log(args, state, control, logs=dict(logs))
         if self.core.histograms:
             self._log_histograms(step)
+
+    def _loggers(self) -> list[Any]:
+        """The Trainer's logging integrations (those ``report_to`` names, and any added by hand)."""
+        from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+        kinds = tuple(INTEGRATION_TO_CALLBACK.values())
+        return [cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, kinds)]
 
     def _log_histograms(self, step: int) -> None:
         """The full histograms to the active TensorBoard writer and W&B run, if any."""
