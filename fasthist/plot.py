@@ -77,14 +77,19 @@ def _as_hists(source: Any, window: str) -> dict[str, Histogram]:
 
 def _bound_setters(eps_range: EpsRange | None) -> dict[str, str]:
     """``{name: "sets the low bound"}`` (or high, or both) for the tensors that set the
-    bounds of ``eps_range``."""
+    bounds of ``eps_range``, then those that set the paper's rule's bounds where that
+    range differs (``exclude=`` or ``drop_dead``), as the CLI prints both."""
     if eps_range is None:
         return {}
+    paper = eps_range.paper
+    sides = [("low", eps_range.low_tensor), ("high", eps_range.high_tensor)]
+    if paper is not None:
+        sides += [("paper's low", paper.low_tensor), ("paper's high", paper.high_tensor)]
     roles: dict[str, list[str]] = {}
-    for side, name in (("low", eps_range.low_tensor), ("high", eps_range.high_tensor)):
-        if name:
+    for side, name in sides:
+        if name and not any(side.endswith(s) for s in roles.get(name, [])):
             roles.setdefault(name, []).append(side)
-    return {n: f"sets the {' and '.join(sides)} bound" for n, sides in roles.items()}
+    return {n: f"sets the {' and '.join(s)} bound" for n, s in roles.items()}
 
 
 def _select(

@@ -266,6 +266,13 @@ def test_the_tensors_that_set_the_bounds_are_always_shown_and_the_rest_counted()
     assert "sets the low bound" in labels[-1]
     assert "4 left out" in " ".join(fig.get_supxlabel().split())
     legends_clear_of_data(fig)
+    # t19 left out of the range: the paper's rule, which the CLI prints beside it, still has it
+    rng = fasthist.eps.eps_range_from_counts(
+        names, torch.stack([h.counts for h in hists.values()]), bins, exclude="t19"
+    )
+    titles = [ax.get_title() for ax in plot.histograms(hists, eps_range=rng).axes if ax.get_visible()]
+    assert titles[-1].startswith("t19") and titles[-1].endswith("sets the paper's low bound")
+    assert titles[-2].endswith("sets the high bound")
     # nothing left out: nothing said
     assert "left out" not in plot.histograms(hists, eps_range=rng, max_tensors=20).get_suptitle()
     with pytest.raises(ValueError, match="Invalid max_tensors: True"):

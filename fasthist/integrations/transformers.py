@@ -132,20 +132,17 @@ class HistogramCallback(TrainerCallback):
         summary = {k: v for k, v in metrics.items() if k.startswith(f"{self.core.prefix}/")}
         if summary:
             state.log_history.append({**summary, "step": step})  # as Trainer.log records an entry
-        loggers = self._loggers()
+        # every logging integration (report_to's, or added by hand) gets everything; the
+        # console printers and the user's callbacks the summary
+        from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+        loggers = tuple(INTEGRATION_TO_CALLBACK.values())
         for cb in self.trainer.callback_handler.callbacks:
-            logs = metrics if cb in loggers else summary
+            logs = metrics if isinstance(cb, loggers) else summary
             if cb is not self and logs:
                 cb.on_log(args, state, control, logs=dict(logs))
         if self.core.histograms:
             self._log_histograms(step)
-
-    def _loggers(self) -> list[Any]:
-        """The Trainer's logging integrations (those ``report_to`` names, and any added by hand)."""
-        from transformers.integrations import INTEGRATION_TO_CALLBACK
-
-        kinds = tuple(INTEGRATION_TO_CALLBACK.values())
-        return [cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, kinds)]
 
     def _log_histograms(self, step: int) -> None:
         """The full histograms to the active TensorBoard writer and W&B run, if any."""
