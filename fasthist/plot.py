@@ -259,13 +259,14 @@ def histograms(
     for ax in axes[:, 0]:
         ax.set_ylabel("share of elements", fontsize=8)
     _figure_legend(fig, axes.flat[: len(chosen)])
-    fig.suptitle(_with_note(title or "Gradient magnitude histograms (√v̂ per tensor)", note), fontsize=10)
+    fig.suptitle(_with_note(title or "Gradient magnitude histograms (√v̂ per tensor)", note, ncols), fontsize=10)
     return _save(fig, path)
 
 
-def _with_note(title: str, note: str, width: int = 120) -> str:
-    """``title``, then ``note`` (what was left out) wrapped to ``width`` characters."""
-    return "\n".join([title, *textwrap.wrap(note, width)])
+def _with_note(title: str, note: str, ncols: int) -> str:
+    """``title``, then ``note`` (what was left out) wrapped to the width of ``ncols``
+    panels (about 40 characters of a 10-point title each)."""
+    return "\n".join([title, *textwrap.wrap(note, 40 * ncols, break_on_hyphens=False)])
 
 
 def _shares_above_edges(hists: Sequence[Histogram]) -> tuple[np.ndarray, np.ndarray]:
@@ -352,7 +353,7 @@ def quantiles(
         raise ValueError("nothing to plot: the trace is empty")
     steps, values, qs = trace.steps, trace.values, trace.qs  # type: ignore[union-attr]
     mid = int(np.argmin([abs(q - 0.5) for q in qs]))
-    ncols = max(1, min(ncols, len(chosen)))
+    ncols = min(int_arg(ncols, "ncols", 1), len(chosen))
     nrows = math.ceil(len(chosen) / ncols)
     fig, axes = _figure(nrows, ncols, width=3.4, height=2.4)
     shown = values[:, [all_names.index(n) for n in chosen], :]
@@ -380,7 +381,7 @@ def quantiles(
     for ax in axes[:, 0]:
         ax.set_ylabel("√v̂", fontsize=8)
     band = f"q{qs[0]:g}–q{qs[-1]:g} shaded, " if len(qs) > 1 else ""
-    fig.suptitle(_with_note(title or "√v̂ over training", note), fontsize=10)
+    fig.suptitle(_with_note(title or "√v̂ over training", note, ncols), fontsize=10)
     axes.flat[0].text(0.02, 0.02, f"{band}q{qs[mid]:g} line", transform=axes.flat[0].transAxes, fontsize=7, va="bottom")
     return _save(fig, path)
 
