@@ -27,6 +27,7 @@ __all__ = [
     "ignore_interrupts",
     "json_safe",
     "json_text",
+    "load_cpu_kernel",
     "out_folder",
     "prepare_out",
     "report_written",
@@ -202,6 +203,33 @@ def draw_figures(outputs: Outputs, draw: Sequence[tuple[str, Callable[[str], Any
         fn(outputs.path(name))
         written.append(name)
     return written
+
+
+def load_cpu_kernel(device: str, note_after: float = 0.5) -> None:
+    """Loads fasthist's compiled CPU kernel before the run's work (on the CPU, unless
+    ``FASTHIST_CPU_KERNEL=0``). On first use this builds it (one compiler call, 23-28 s
+    measured on 2 cores), which would otherwise happen silently inside the first step,
+    behind a progress bar whose estimate it inflates. Loading a built library takes well
+    under ``note_after`` seconds, so when it takes longer a build is under way and one line
+    says so on stderr."""
+    if device != "cpu":
+        return
+    from .. import csrc
+
+    if not csrc.enabled():
+        return
+    done = threading.Event()
+
+    def load() -> None:
+        try:
+            csrc.available()  # False, with one warning, where no compiler works: the run goes on
+        finally:
+            done.set()
+
+    threading.Thread(target=load, name="fasthist-cpu-kernel", daemon=True).start()
+    if not done.wait(note_after):
+        print("building fasthist's CPU kernel (first use, ~30 s)", file=sys.stderr, flush=True)
+        done.wait()
 
 
 def report_written(folder: str | Path, names: Sequence[str], t_start: float) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from ..eps import EpsRange
 from ..progress import progress_bar
 from .args import eps_list, positive_float, positive_int, resolve_device
-from .output import Outputs, decades, draw_figures, out_folder, prepare_out, report_written, table
+from .output import Outputs, decades, draw_figures, load_cpu_kernel, out_folder, prepare_out, report_written, table
 
 __all__ = ["FILES", "EpsRuns", "SweepVerdict", "add_parser", "run", "summarize_runs", "sweep_verdict", "verdict_text"]
 
@@ -179,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     folder = prepare_out(out_folder(args))
+    load_cpu_kernel(device)
     t_start = time.perf_counter()
     tasks = [get_task(args.task, seed=args.seed + i, device=device) for i in range(args.seeds)]
     task = tasks[0]
