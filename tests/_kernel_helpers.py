@@ -7,13 +7,18 @@ imported before ``fasthist.kernels`` is (the interpreter is chosen at Triton's i
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -67,6 +72,60 @@ def assert_ulp(
         tol = n * ulp(scale.to(expected.dtype)) + slack
     bad = diff > tol
     assert not bad.any(), f"{what}: {int(bad.sum())} elements beyond {n} ulp, max diff {diff.max().item():.3e}"
+
+
+class IEEESqrt(TorchFunctionMode):
+    """Inside this mode, ``sqrt``/``sqrt_`` (and their ``_foreach`` forms) of CPU float32,
+    float16 and bfloat16 tensors return the correctly rounded square root; every other op is
+    torch's own.
+
+    Why: torch's CPU float32 sqrt is MKL VML's ``vsSqrt`` (ATen's ``vml::vsqrt``, used on
+    every layout, even one element), which is not correctly rounded: on an AMD EPYC (AVX2)
+    about 16% of results are 1 ulp from round-to-nearest, and MKL picks its code path per CPU
+    at run time, so which elements are off changes from machine to machine. The root here is
+    numpy's ``np.sqrt`` in float32, the IEEE 754 square root (the x86-64 ``sqrtps``
+    instruction, correctly rounded by the standard on every machine); float16/bfloat16 go
+    through float32 and round once more, which is still correctly rounded (24 >= 2p + 2 bits,
+    p = 11 or 8). float64 and non-CPU tensors are left to torch."""
+
+    _OPS = (torch.sqrt, torch.Tensor.sqrt, torch.Tensor.sqrt_, torch._foreach_sqrt, torch._foreach_sqrt_)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in self._OPS or kwargs:
+            return func(*args, **kwargs)
+        inplace = func in (torch.Tensor.sqrt_, torch._foreach_sqrt_)
+        xs = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+        if not all(x.device.type == "cpu" and x.dtype in _IEEE_SQRT_DTYPES for x in xs):
+            return func(*args, **kwargs)
+        roots = [_sqrt_rn(x) for x in xs]
+        if inplace:
+            for x, r in zip(xs, roots, strict=True):
+                x.copy_(r)
+            return args[0]
+        return roots if isinstance(args[0], (list, tuple)) else roots[0]
+
+
+_IEEE_SQRT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _sqrt_rn(x: Tensor) -> Tensor:
+    """The correctly rounded square root of a CPU float32/float16/bfloat16 tensor."""
+    with torch.no_grad():
+        root = torch.from_numpy(np.asarray(np.sqrt(x.detach().float().contiguous().numpy())))
+        return root.to(x.dtype)
+
+
+def ieee_sqrt(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run inside :class:`IEEESqrt` (a reference backend with torch's order of
+    operations and a correctly rounded square root)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with IEEESqrt():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def same(a: Tensor, b: Tensor) -> bool:

@@ -65,12 +65,15 @@ def test_out_is_a_file_fails_before_any_work(cmd, tmp_path, capsys, monkeypatch)
     assert blocker.read_text() == "x"
 
 
-def test_out_is_created_before_any_work(tmp_path, capsys, monkeypatch):
+def test_out_is_checked_before_any_work_and_created_after_the_arguments(tmp_path, capsys, monkeypatch):
+    """A missing --out is checked (creatable) first, and created only once every argument
+    is known to be valid (``--exclude`` needs the model's names): a run that stops before
+    leaves no folder behind."""
     monkeypatch.setattr("fasthist.tasks.get_task", no_work)
     out = tmp_path / "a" / "b"
     rc, _, err = run(["eps-range", "--quiet", "--out", str(out)], capsys)
-    assert rc == 1 and "work started" in err  # the work was reached, after the folder existed
-    assert out.is_dir() and list(out.iterdir()) == []
+    assert rc == 1 and "work started" in err  # the work was reached, after the folder was checked
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -125,7 +128,7 @@ def test_interrupted_while_writing_leaves_the_previous_run(where, previous, tmp_
     assert contents(out) == old  # nothing new, nothing half-written, no staging folder left
 
 
-def test_interrupt_during_the_renames_is_held_until_they_are_done(previous, tmp_path, capsys, monkeypatch):
+def test_interrupt_during_the_renames_is_ignored_the_run_is_complete(previous, tmp_path, capsys, monkeypatch):
     old, new = previous
     out = fresh(tmp_path, old)
     real = os.replace
@@ -139,8 +142,8 @@ def test_interrupt_during_the_renames_is_held_until_they_are_done(previous, tmp_
 
     monkeypatch.setattr("fasthist.cli.output.os.replace", replace)
     rc, _, err = run(["eps-range", "--steps", "2", "--quiet", "--seed", "1", "--out", str(out)], capsys)
-    assert rc == 130 and err.strip().splitlines() == ["fasthist: interrupted"]
-    assert len(calls) == 3 and contents(out) == new  # every output new
+    assert rc == 0 and "interrupted" not in err
+    assert len(calls) == 6 and contents(out) == new  # 3 old files moved aside, 3 new moved in
 
 
 def test_no_figures_removes_the_previous_runs_figures(previous, tmp_path, capsys):
@@ -238,3 +241,110 @@ def test_seconds_in_json_is_what_the_console_says(tmp_path, capsys):
     line = next(s for s in out.splitlines() if s.startswith("ε range computed in"))
     assert line.startswith(f"ε range computed in {data['seconds']:.2f} s")
     assert "in all" in out.splitlines()[-1]  # the closing line says it counts everything
+
+
+# -- the outputs of a run, by a hostile user ---------------------------------------------------
+@pytest.mark.parametrize("cmd", [["eps-range"], ["sweep", "--seeds", "1"]])
+def test_empty_out_is_refused(cmd, tmp_path, capsys, monkeypatch):
+    """``--out ""`` would be the current folder, where a run replaces or removes files."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("fasthist.tasks.get_task", no_work)
+    (tmp_path / "eps_range.json").write_text("mine")
+    for out in ("", "  "):
+        rc, _, err = run([*cmd, "--quiet", "--out", out], capsys)
+        assert rc == 2 and "invalid output folder" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["eps_range.json"]
+    assert (tmp_path / "eps_range.json").read_text() == "mine"
+
+
+def test_commit_is_all_or_nothing_when_a_destination_is_a_folder(previous, tmp_path, capsys):
+    old, _ = previous
+    out = fresh(tmp_path, {k: v for k, v in old.items() if k != "histograms.png"})
+    (out / "histograms.png").mkdir()
+    rc, _, err = run(["eps-range", "--steps", "2", "--quiet", "--seed", "1", "--out", str(out)], capsys)
+    assert rc == 1 and "histograms.png" in err and "folder" in err, err
+    assert sorted(p.name for p in out.iterdir()) == EPS_FILES  # no staging folder left
+    (out / "histograms.png").rmdir()
+    assert contents(out) == {k: v for k, v in old.items() if k != "histograms.png"}  # nothing replaced
+
+
+def test_commit_puts_the_previous_files_back_when_a_rename_fails(previous, tmp_path, capsys, monkeypatch):
+    old, _ = previous
+    out = fresh(tmp_path, old)
+    real = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 5:  # the second new file moving in
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr("fasthist.cli.output.os.replace", replace)
+    rc, _, err = run(["eps-range", "--steps", "2", "--quiet", "--seed", "1", "--out", str(out)], capsys)
+    assert rc == 1 and "No space left" in err, err
+    assert contents(out) == old
+
+
+def signal_self(sig):
+    def fn(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler runs at the next bytecode; never reached
+
+    return fn
+
+
+def test_sigterm_while_drawing_figures_leaves_the_previous_run(previous, tmp_path, capsys, monkeypatch):
+    old, _ = previous
+    out = fresh(tmp_path, old)
+    monkeypatch.setattr("fasthist.plot.adaptability", signal_self(signal.SIGTERM))
+    rc, _, err = run(["eps-range", "--steps", "2", "--quiet", "--seed", "1", "--out", str(out)], capsys)
+    assert rc == 143 and err.strip().splitlines() == ["fasthist: terminated"]
+    assert contents(out) == old  # no staging folder either
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored for an in-process caller
+
+
+def test_ctrl_c_right_after_wrote_is_a_complete_run(previous, tmp_path, capsys, monkeypatch):
+    from fasthist.cli import eps_range
+
+    _, new = previous
+    out = tmp_path / "out"
+    real = eps_range.report_written
+
+    def then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(eps_range, "report_written", then_interrupt)
+    rc, stdout, err = run(["eps-range", "--steps", "2", "--quiet", "--seed", "1", "--out", str(out)], capsys)
+    assert rc == 0 and "interrupted" not in err and "wrote" in stdout
+    assert contents(out) == new
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_bad_exclude_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "new"
+    rc, _, err = run(["eps-range", "--quiet", "--exclude", "no.such.*", "--out", str(out)], capsys)
+    assert rc == 2 and "--exclude" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seconds", [0.0, 1.0])
+def test_a_kernel_build_is_announced_before_the_run(seconds, tmp_path, capsys, monkeypatch):
+    """The first use builds the compiled CPU kernel (~25 s): one line says so, before the
+    pass, instead of a progress bar that stalls; a cached library loads silently."""
+    from fasthist import csrc
+
+    calls = []
+
+    def slow_load():
+        calls.append(seconds)
+        time.sleep(seconds)
+        return True
+
+    monkeypatch.setenv("FASTHIST_CPU_KERNEL", "1")
+    monkeypatch.setattr(csrc, "available", slow_load)
+    rc, _, err = run(["eps-range", "--steps", "1", "--quiet", "--no-figures", "--out", str(tmp_path)], capsys)
+    assert rc == 0 and calls
+    building = "building fasthist's CPU kernel (first use, ~30 s)"
+    assert (building in err) == (seconds > 0), err

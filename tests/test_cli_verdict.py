@@ -147,3 +147,13 @@ def test_verdict_text_names_every_tied_eps():
     assert verdict_text(verdict(runs_of((1e-8, [nan], True))), Rng(1e-8, 1e-8), "accuracy") == (
         "best ε: none (every run diverged)"
     )
+
+
+def test_a_diverged_run_is_never_the_best():
+    """A NaN training loss with a finite accuracy (argmax of NaN logits) is a diverged run."""
+    ok = [TrainResult(1e-8, 80.0, 0.5, 1, 0.1, 0.25)]
+    bad = [TrainResult(1e-3, 95.0, nan, 1, 0.1, 0.25)]
+    runs = [summarize_runs(1e-3, bad, False), summarize_runs(1e-8, ok, True)]
+    assert runs[0].diverged == 1 and math.isnan(runs[0].metric)
+    v = verdict(runs)
+    assert v.best is runs[1] and v.within_noise == [1e-8]

@@ -16,9 +16,10 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 from .. import __version__
-from .args import Parser, UsageError, nonneg_int, positive_int
+from .args import Parser, UsageError, nonneg_int, out_path, positive_int
 
 __all__ = ["COMMANDS", "build_parser", "command", "main"]
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default: 0)")
     task.add_argument(
         "--out",
+        type=out_path,
         default=None,
         help="output folder, created if missing (default: ./fasthist-out/TASK, one folder per task); the run's "
         "files replace a previous run's there all at once, at the end",
@@ -70,21 +72,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status after SIGTERM (128 + SIGTERM, as a shell reports it).
+TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the run is (a BaseException, like KeyboardInterrupt, so that no
+    ``except Exception`` takes it for a failure): the ``with`` blocks unwind, the staging
+    folder goes, the previous run's files stay."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``fasthist`` with ``argv`` (default: ``sys.argv[1:]``) and returns the exit status."""
+    """Runs ``fasthist`` with ``argv`` (default: ``sys.argv[1:]``) and returns the exit status.
+
+    Ctrl-C ends with "fasthist: interrupted" and 130, SIGTERM with "fasthist: terminated"
+    and 143, the previous run's files untouched; once the outputs are in place both are
+    ignored (the run is complete). Called with ``argv`` (from Python), the signal handlers
+    are restored on return; as the program (``argv`` None) they stay ignored on the way out,
+    so an interrupt after the last line cannot become a traceback."""
+    previous = _install_sigterm()
     try:
         return _main(argv)
     except KeyboardInterrupt:
         _ignore_further_interrupts()
         print("fasthist: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except Terminated:
+        _ignore_further_interrupts()
+        print("fasthist: terminated", file=sys.stderr)
+        return TERMINATED
+    finally:
+        if argv is not None and previous is not None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _install_sigterm() -> dict[int, Any] | None:
+    """SIGTERM raises :class:`Terminated`; returns the SIGINT and SIGTERM handlers to restore
+    (None outside the main thread, where handlers cannot be set)."""
+    try:
+        previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:
+        return None
+    return previous
 
 
 def _ignore_further_interrupts() -> None:
-    # We are on our way out: a second Ctrl-C while the message is printed or the interpreter
-    # shuts down must not turn the clean exit into a traceback.
+    # We are on our way out: a second Ctrl-C (or a SIGTERM) while the message is printed or
+    # the interpreter shuts down must not turn the clean exit into a traceback.
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except ValueError:  # not the main thread: no handlers to change
         pass
 

@@ -13,6 +13,7 @@ __all__ = [
     "eps_list",
     "nonneg_float",
     "nonneg_int",
+    "out_path",
     "positive_float",
     "positive_int",
     "resolve_device",
@@ -45,6 +46,17 @@ def eps_list(text: str) -> list[float]:
             raise argparse.ArgumentTypeError(f"invalid ε list {text!r}: {p!r} is not a positive finite number")
         values.append(v)
     return sorted(set(values))
+
+
+def out_path(text: str) -> str:
+    """argparse type for ``--out``: a non-empty path. An empty one would mean the current
+    folder, whose files of the same names a run replaces or removes."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"invalid output folder {text!r}: an empty path means the current folder, where a run "
+            "replaces or removes files; give a folder (--out . if you mean the current one)"
+        )
+    return text
 
 
 def _number(cast: type, low: float, inclusive: bool, what: str) -> Callable[[str], float]:

@@ -13,7 +13,18 @@ import torch
 
 from ..eps import DEAD_RATIO, EpsBounds, EpsRange, eps_range_from_counts, excluded_names
 from .args import UsageError, nonneg_float, positive_float, positive_int, resolve_device
-from .output import Outputs, decades, draw_figures, out_folder, prepare_out, report_written, sci, table
+from .output import (
+    Outputs,
+    check_out,
+    decades,
+    draw_figures,
+    load_cpu_kernel,
+    out_folder,
+    prepare_out,
+    report_written,
+    sci,
+    table,
+)
 
 __all__ = ["ADAPTIVE_SHARE_EPS", "FILES", "add_parser", "range_lines", "run", "tensor_rows"]
 
@@ -86,11 +97,13 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks import get_task
 
     device = resolve_device(args.device)
-    folder = prepare_out(out_folder(args))
+    folder = check_out(out_folder(args))
     t0 = time.perf_counter()
     task = get_task(args.task, seed=args.seed, device=device)
     model = task.model()
-    _check_exclude(model, args.exclude)
+    _check_exclude(model, args.exclude)  # needs the model's names; before anything is written
+    prepare_out(folder)
+    load_cpu_kernel(device)
     batches = task.batches(0)
     n = len(batches) if args.steps is None else min(args.steps, len(batches))
     opt = eps_pass(

@@ -12,8 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,13 @@ from .args import UsageError
 
 __all__ = [
     "Outputs",
+    "check_out",
     "decades",
-    "deferred_interrupt",
     "draw_figures",
+    "ignore_interrupts",
     "json_safe",
     "json_text",
+    "load_cpu_kernel",
     "out_folder",
     "prepare_out",
     "report_written",
@@ -57,12 +58,29 @@ def out_folder(args: Any) -> Path:
     return Path(args.out) if args.out is not None else Path("fasthist-out") / args.task
 
 
-def prepare_out(folder: str | Path) -> Path:
-    """``--out``, before any work: created when missing (with its parents); UsageError
-    when it is a file, or cannot be created or written into."""
+def check_out(folder: str | Path) -> Path:
+    """``--out``, checked without touching anything: an existing folder must be writable;
+    a missing one must be creatable (its nearest existing parent a writable folder).
+    UsageError otherwise."""
     out = Path(folder)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {folder}: exists and is not a folder")
+    parent = out
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {folder}: {parent} exists and is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {folder}: not writable ({parent} does not allow it)")
+    return out
+
+
+def prepare_out(folder: str | Path) -> Path:
+    """``--out``, once every argument is checked: created when missing (with its parents);
+    UsageError when it is a file, or cannot be created or written into."""
+    out = check_out(folder)
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".fasthist-probe-", dir=out)
@@ -73,21 +91,19 @@ def prepare_out(folder: str | Path) -> Path:
     return out
 
 
-@contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Ctrl-C (SIGINT) inside the block is held until it ends, then raised as
-    KeyboardInterrupt; outside the main thread (no signal handlers there) a no-op."""
+#: The signals a run holds back while it commits, and ignores once its outputs are written.
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def ignore_interrupts() -> None:
+    """From here on SIGINT and SIGTERM are ignored (main thread only): called once a run's
+    outputs are in place, when an interrupt could stop nothing but the closing line, and
+    would only turn a complete run into exit status 130 or a traceback. :func:`.app.main`
+    restores the handlers when it was called with an explicit argument list."""
     if threading.current_thread() is not threading.main_thread():
-        yield
         return
-    got: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-    if got:
-        raise KeyboardInterrupt
+    for sig in HELD_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class Outputs:
@@ -97,8 +113,9 @@ class Outputs:
 
     ``names`` are every file the command can write; those this run did not write (figures
     under ``--no-figures``) are removed at the commit, so the folder never mixes two runs.
-    Other files in ``folder`` are not touched. The renames run with Ctrl-C held back; only a
-    crash of the machine or a SIGKILL during them (microseconds) can leave a mix.
+    Other files in ``folder`` are not touched. The commit checks every destination before it
+    moves anything and undoes its moves if one fails (:meth:`commit`); only a crash of the
+    machine or a SIGKILL during the renames (microseconds) can leave a mix.
 
     As a context manager (``with Outputs(folder, names) as outputs:``) it commits when the
     block ends normally and discards the staging folder however it ends.
@@ -126,13 +143,35 @@ class Outputs:
         return json.loads(text)
 
     def commit(self) -> None:
-        with deferred_interrupt():
+        """Moves the staged files into place, all or nothing: every destination is checked
+        first (a folder where a file goes is an error before anything moves), the previous
+        run's files are moved aside into the staging folder, the new ones moved in; if any
+        move fails, what was moved in is removed and what was moved aside is put back.
+        SIGINT and SIGTERM are ignored from the first move on (the run is then complete)."""
+        for name in self.names:
+            dest = self.folder / name
+            if dest.is_dir() and not dest.is_symlink():
+                raise OSError(f"cannot replace {dest}: it is a folder (move it away and rerun)")
+        ignore_interrupts()
+        aside = self.stage / ".previous"
+        aside.mkdir()
+        moved_aside: list[str] = []
+        moved_in: list[str] = []
+        try:
+            for name in self.names:
+                if os.path.lexists(self.folder / name):
+                    os.replace(self.folder / name, aside / name)
+                    moved_aside.append(name)
             for name in self.written:
                 os.replace(self.stage / name, self.folder / name)
-            for name in self.names:
-                if name not in self.written:
-                    (self.folder / name).unlink(missing_ok=True)
-            self.discard()
+                moved_in.append(name)
+        except BaseException:
+            for name in moved_in:
+                os.replace(self.folder / name, self.stage / name)
+            for name in moved_aside:
+                os.replace(aside / name, self.folder / name)
+            raise
+        self.discard()
 
     def discard(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)
@@ -164,6 +203,33 @@ def draw_figures(outputs: Outputs, draw: Sequence[tuple[str, Callable[[str], Any
         fn(outputs.path(name))
         written.append(name)
     return written
+
+
+def load_cpu_kernel(device: str, note_after: float = 0.5) -> None:
+    """Loads fasthist's compiled CPU kernel before the run's work (on the CPU, unless
+    ``FASTHIST_CPU_KERNEL=0``). On first use this builds it (one compiler call, 23-28 s
+    measured on 2 cores), which would otherwise happen silently inside the first step,
+    behind a progress bar whose estimate it inflates. Loading a built library takes well
+    under ``note_after`` seconds, so when it takes longer a build is under way and one line
+    says so on stderr."""
+    if device != "cpu":
+        return
+    from .. import csrc
+
+    if not csrc.enabled():
+        return
+    done = threading.Event()
+
+    def load() -> None:
+        try:
+            csrc.available()  # False, with one warning, where no compiler works: the run goes on
+        finally:
+            done.set()
+
+    threading.Thread(target=load, name="fasthist-cpu-kernel", daemon=True).start()
+    if not done.wait(note_after):
+        print("building fasthist's CPU kernel (first use, ~30 s)", file=sys.stderr, flush=True)
+        done.wait()
 
 
 def report_written(folder: str | Path, names: Sequence[str], t_start: float) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from ..eps import EpsRange
 from ..progress import progress_bar
 from .args import eps_list, positive_float, positive_int, resolve_device
-from .output import Outputs, decades, draw_figures, out_folder, prepare_out, report_written, table
+from .output import Outputs, decades, draw_figures, load_cpu_kernel, out_folder, prepare_out, report_written, table
 
 __all__ = ["FILES", "EpsRuns", "SweepVerdict", "add_parser", "run", "summarize_runs", "sweep_verdict", "verdict_text"]
 
@@ -37,6 +37,7 @@ class EpsRuns:
     final_loss: float
     seconds: float
     in_range: bool
+    diverged: int = 0  # seeds whose metric or final training loss is NaN or infinite
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,8 +70,11 @@ class SweepVerdict:
 
 
 def summarize_runs(eps: float, results: Sequence[Any], in_range: bool) -> EpsRuns:
-    """One ε's :class:`EpsRuns` from its seeds' :class:`~fasthist.tasks.TrainResult`."""
-    metrics = [r.metric for r in results]
+    """One ε's :class:`EpsRuns` from its seeds' :class:`~fasthist.tasks.TrainResult`. A seed
+    diverged when its metric or its final training loss is not finite (a NaN loss can leave
+    an accuracy that looks fine); its metric counts as NaN, so the ε's mean is NaN and the ε
+    can never be the best."""
+    metrics = [r.metric if math.isfinite(r.metric) and math.isfinite(r.final_loss) else math.nan for r in results]
     finite = [m for m in metrics if math.isfinite(m)]
     return EpsRuns(
         eps=eps,
@@ -82,6 +86,7 @@ def summarize_runs(eps: float, results: Sequence[Any], in_range: bool) -> EpsRun
         final_loss=statistics.fmean(r.final_loss for r in results),
         seconds=sum(r.seconds for r in results),
         in_range=in_range,
+        diverged=len(metrics) - len(finite),
     )
 
 
@@ -96,8 +101,9 @@ def sweep_verdict(
 ) -> SweepVerdict:
     """The best ε of ``runs`` (by ``better(a, b)``, the task's), its ties and the ε within
     noise of it, and what the range (``inside`` of ``grid``, ``candidates`` decades) saves."""
-    best = runs[0]
-    for r in runs[1:]:
+    finite = [r for r in runs if math.isfinite(r.metric)]  # an ε with a diverged seed is never the best
+    best = finite[0] if finite else runs[0]
+    for r in finite[1:]:
         if better(r.metric, best.metric):
             best = r
     best_ok = math.isfinite(best.metric)
@@ -173,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     folder = prepare_out(out_folder(args))
+    load_cpu_kernel(device)
     t_start = time.perf_counter()
     tasks = [get_task(args.task, seed=args.seed + i, device=device) for i in range(args.seeds)]
     task = tasks[0]
@@ -303,7 +310,7 @@ def _print_results(
     cells = [
         [
             f"{r.eps:.0e}",
-            f"{r.metric:.2f}{unit}" if math.isfinite(r.metric) else "nan",
+            f"{r.metric:.2f}{unit}" if math.isfinite(r.metric) else f"diverged ({r.diverged}/{len(r.metrics)})",
             f"{r.metric_min:.2f} .. {r.metric_max:.2f}" if math.isfinite(r.metric_min) else "-",
             f"{100 * r.adaptive_share:.1f}%" if math.isfinite(r.adaptive_share) else "-",
             "yes" if r.in_range else "no",
