@@ -111,7 +111,7 @@ _SMEM_ZERO, _SMEM_INC, _SMEM_READ = (_smem_asm("global_smem", a) for a in (_ZERO
 # The hot loop's whole histogram step in PTX: the word of float32 bits $1 (WORD_ASM, built by
 # BinSpec: smem_word's four operations, written so ptxas sees an unsigned min, not the
 # compare-and-select LLVM makes of it), then the shared atomic.
-_WORD_PRE = tl.constexpr("{ .reg .b32 %fh_a, %fh_b, %fh_k, %fh_z; ")
+_WORD_PRE = tl.constexpr("{ .reg .b32 %fh_a, %fh_b, %fh_k; ")
 
 
 _WORD_POST = "mad.lo.u32 %fh_a, %fh_k, 4, %fh_a; red.shared.add.u32 [%fh_a], 1; mov.u32 $0, 0; }"
@@ -142,12 +142,20 @@ def smem_word(
 ):
     """The shared-histogram word of float32 ``x``. ``WINDOW`` (the default bins): one word per
     shifted key from ``LOW_KEY - 1`` up to the largest (NaN), below that 1 (below) or 0 (exact
-    zero) -- four integer operations, the above-range and non-finite words folded into their
-    bins once per program by :func:`hist_end`. Otherwise the bin itself (:func:`bin_index`)."""
+    zero): ``min(max(key - LOW_KEY + 2, 1), b2)`` with ``b2 = bits(x) << 1`` (the sign bit
+    dropped), four integer operations after the key, the above-range and non-finite words
+    folded into their bins once per program by :func:`hist_end`. Otherwise the bin itself
+    (:func:`bin_index`).
+
+    Exact for every layout: ``b2`` is 0 only for ±0, and for any other ``x`` it is at least
+    ``max(2, 2 * key) >= key + 1 >= key - LOW_KEY + 2`` (``LOW_KEY >= 1``), so the ``min``
+    sends exactly the zeros to word 0 -- also when ``LOW_KEY`` is 1 and key 0 (zeros and the
+    smallest subnormals) is the below-range word itself."""
     if WINDOW:
-        b2 = x.to(tl.uint32, bitcast=True) << 1  # the sign bit dropped
+        b2 = x.to(tl.uint32, bitcast=True) << 1
         key = (b2 >> (SHIFT + 1)).to(tl.int32)
-        return tl.maximum(key - (LOW_KEY - 2), tl.minimum(b2, 1).to(tl.int32))
+        word = tl.maximum(key - (LOW_KEY - 2), 1).to(tl.uint32)
+        return tl.minimum(word, b2).to(tl.int32)
     return bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE)
 
 
@@ -384,8 +392,8 @@ class BinSpec:
         if not self.window:
             return ""
         return (
-            f"shl.b32 %fh_b, $1, 1; shr.u32 %fh_k, %fh_b, {self.shift + 1}; min.u32 %fh_z, %fh_b, 1; "
-            f"sub.s32 %fh_k, %fh_k, {self.low_key - 2}; max.s32 %fh_k, %fh_k, %fh_z; "
+            f"shl.b32 %fh_b, $1, 1; shr.u32 %fh_k, %fh_b, {self.shift + 1}; "
+            f"sub.s32 %fh_k, %fh_k, {self.low_key - 2}; max.s32 %fh_k, %fh_k, 1; min.u32 %fh_k, %fh_k, %fh_b; "
         )
 
 

@@ -29,7 +29,8 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from _kernel_helpers import DEVICE, ON_CPU, compile_without_a_gpu, same  # noqa: E402
+import triton.language as tl  # noqa: E402
+from _kernel_helpers import DEVICE, INTERPRETING, ON_CPU, compile_without_a_gpu, same  # noqa: E402
 
 from fasthist.bins import LogBins  # noqa: E402
 from fasthist.reference.adam import adam_reference  # noqa: E402
@@ -39,14 +40,22 @@ from fasthist.target import HistTarget  # noqa: E402
 C = pytest.importorskip("fasthist.kernels._common")
 from fasthist.kernels import adam as KA  # noqa: E402
 from fasthist.kernels import rmsprop as KR  # noqa: E402
+from fasthist.kernels._common import bin_index, smem_word  # noqa: E402
 
-# window layouts (one word per key) and one too wide for the window (one word per bin)
+# window layouts (one word per key) and ones too wide for the window (one word per bin)
 LAYOUTS = {
     "default": LogBins(),
     "widest": LogBins(-126, 128, 5),  # every normal binade: the window starts at key 31
     "coarse": LogBins(-20, 10, 2),
     "one-per-binade": LogBins(-60, 20, 0),
     "fine-narrow": LogBins(-40, 0, 6),  # 2**14 keys: not a window, words are bins
+    # low key 1, the only layouts with it: key 0 (the zeros and the smallest subnormals) is
+    # the below-range word itself, so only the bits tell a zero from a subnormal
+    "low-key-1": LogBins(-126, 0, 0),
+    "low-key-1-all-finite": LogBins(-126, 128, 0),  # nothing finite above the range either
+    "top-binade": LogBins(127, 128, 4),  # the window's last keys: above range is empty
+    "fine-high": LogBins(2, 10, 6),  # 64 bins per binade, a window because the keys start high
+    "finest-lowest": LogBins(-126, -124, 10),  # 2**18 keys: words are bins, from the first normal
 }
 
 
@@ -57,26 +66,32 @@ def target(n: int, bins: LogBins = LAYOUTS["default"]) -> HistTarget:
 
 # -- the PTX word formula, emulated -------------------------------------------------------
 def run_word_asm(asm: str, bits: np.ndarray) -> np.ndarray:
-    """``%fh_k`` after the PTX of ``BinSpec.word_asm`` on float32 bits ``$1`` (uint32)."""
+    """``%fh_k`` after the PTX of ``BinSpec.word_asm`` on float32 bits ``$1`` (uint32).
+
+    Registers are uint32 arrays; an immediate is read as PTX reads it, a 32-bit two's
+    complement pattern (``-1`` is ``0xFFFFFFFF``), and the ``.s32`` operations view both
+    operands as int32."""
     regs: dict[str, np.ndarray] = {"$1": bits.astype(np.uint32)}
 
     def val(tok: str) -> np.ndarray:
-        return regs[tok] if tok in regs else np.uint32(int(tok, 0))
+        if tok in regs:
+            return regs[tok]
+        return np.full(bits.shape, int(tok, 0) & 0xFFFFFFFF, dtype=np.uint32)
 
     for ins in filter(None, (s.strip() for s in asm.split(";"))):
         op, args = ins.split(None, 1)
         d, *src = (a.strip() for a in args.split(","))
         a, b = (val(s) for s in src)
         if op == "shl.b32":
-            out = (a.astype(np.uint64) << np.uint64(b)).astype(np.uint32)
+            out = np.where(b < 32, a.astype(np.uint64) << (b.astype(np.uint64) & np.uint64(63)), 0).astype(np.uint32)
         elif op == "shr.u32":
-            out = a >> b
+            out = np.where(b < 32, a >> (b & np.uint32(31)), 0).astype(np.uint32)
         elif op == "min.u32":
-            out = np.minimum(a, b).astype(np.uint32)
-        elif op == "sub.s32":
-            out = (a.astype(np.int64) - np.int64(np.int32(b))).astype(np.int32).view(np.uint32)
+            out = np.minimum(a, b)
+        elif op == "sub.s32":  # wraps modulo 2**32, like the hardware
+            out = (a.astype(np.int64) - b.view(np.int32).astype(np.int64)).astype(np.uint32)
         elif op == "max.s32":
-            out = np.maximum(a.view(np.int32), np.asarray(b).astype(np.uint32).view(np.int32)).view(np.uint32)
+            out = np.maximum(a.view(np.int32), b.view(np.int32)).view(np.uint32)
         else:
             raise AssertionError(f"word_asm uses {op}, which this emulator does not model")
         regs[d] = np.asarray(out, dtype=np.uint32)
@@ -113,12 +128,62 @@ def boundary_patterns(bins: LogBins) -> np.ndarray:
 def test_word_asm_folds_to_logbins_index(name):
     bins = LAYOUTS[name]
     check_words(bins, boundary_patterns(bins))
+    check_words(bins, edge_values(bins))
     rng = np.random.default_rng(0)
     check_words(bins, rng.integers(0, 1 << 32, size=1 << 21, dtype=np.uint64).astype(np.uint32))
     if os.environ.get("FASTHIST_EXHAUSTIVE") == "1":
         step = 1 << 26
         for start in range(0, 1 << 32, step):
             check_words(bins, np.arange(start, start + step, dtype=np.uint64).astype(np.uint32))
+
+
+def edge_values(bins: LogBins) -> np.ndarray:
+    """float32 bits of: ±0, subnormals (the smallest, the largest, a few between), every log
+    bin edge ±1 ulp and the range's ends ±1 ulp (both signs), the largest finite, ±inf and
+    NaNs (quiet, signalling, negative)."""
+    keys = np.arange(bins.low_key, bins.low_key + bins.num_log_bins + 1, dtype=np.int64)
+    edges = keys << bins.shift  # the bits of bins.edges (2**128 as inf's)
+    assert np.array_equal(edges[:-1], np.float32(bins.edges[:-1].numpy()).view(np.uint32))
+    near = (edges[:, None] + np.arange(-1, 2)[None, :]).ravel()
+    sub = np.array([0, 1, 2, 3, 0x3FF, 0x400000, 0x7FFFFE, 0x7FFFFF, 0x800000, 0x800001])
+    top = np.array([0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FC00000, 0x7FFFFFFF])
+    pos = np.concatenate([near, sub, top]) & 0x7FFFFFFF
+    return np.concatenate([pos, pos | 0x80000000]).astype(np.uint32)
+
+
+@triton.jit
+def _bins_of(x_ptr, idx_ptr, word_ptr, n, SHIFT: tl.constexpr, LOW_KEY: tl.constexpr, ABOVE: tl.constexpr,
+             NONFINITE: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < n
+    x = tl.load(x_ptr + offs, mask=live)
+    tl.store(idx_ptr + offs, bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE), mask=live)
+    tl.store(word_ptr + offs, smem_word(x, SHIFT, LOW_KEY, ABOVE, NONFINITE, WINDOW), mask=live)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the device functions, run on CPU tensors by the interpreter")
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_device_bin_formulas_match_logbins_index(name):
+    """``bin_index`` (the ``tl.histogram`` strategy) and ``smem_word`` folded (the masked tail
+    of the shared strategy and its interpreter twin) give exactly ``LogBins.index`` on the
+    edge values of the layout and on every bin edge of the bit layout ±2 patterns."""
+    bins = LAYOUTS[name]
+    spec = C.BinSpec(bins)
+    bits = np.concatenate([edge_values(bins), boundary_patterns(bins)])
+    x = torch.from_numpy(bits.view(np.float32).copy())
+    idx, words = torch.empty(x.shape, dtype=torch.int32), torch.empty(x.shape, dtype=torch.int32)
+    block = 1 << 16
+    grid = (triton.cdiv(x.numel(), block),)
+    _bins_of[grid](x, idx, words, x.numel(), spec.shift, spec.low_key, spec.above, spec.nonfinite, spec.window, block)
+    expected = bins.index(x)
+    assert torch.equal(idx.long(), expected), f"bin_index: {int((idx.long() != expected).sum())} elements off"
+    assert int(words.min()) >= 0 and int(words.max()) < spec.dump, "a word outside the histogram"
+    folded = torch.from_numpy(fold(words.numpy(), bins)) if spec.window else words
+    bad = folded.long() != expected
+    assert not bad.any(), (
+        f"smem_word: {int(bad.sum())} elements off, e.g. bits {int(bits[bad.numpy()][0]):#010x} -> "
+        f"{int(folded[bad][0])}, LogBins says {int(expected[bad][0])}"
+    )
 
 
 def test_window_only_where_it_fits():
@@ -161,7 +226,7 @@ def _adam_case(n_steps: int, bins: LogBins) -> None:
 
 @pytest.mark.skipif(not ON_CPU, reason="the interpreter's strategies")
 @pytest.mark.parametrize("histogram", ["auto", "tl"])
-@pytest.mark.parametrize("name", ["default", "coarse", "fine-narrow"])
+@pytest.mark.parametrize("name", ["default", "coarse", "fine-narrow", "low-key-1"])
 def test_interpreter_strategies_match_reference(histogram, name):
     """``auto`` runs the shared words' twin on the interpreter, ``tl`` the fallback."""
     C.configure(histogram=histogram)
