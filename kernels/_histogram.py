@@ -41,6 +41,8 @@ and the one launch that moves it into the ``step``/``total`` windows (skipped on
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import warnings
 from collections.abc import Sequence
@@ -446,12 +448,31 @@ def shared_histogram_problems(ptx: str, shared_bytes: int, probe_shared_bytes: i
     return problems
 
 
+def _compile_quietly(kernel: Any, grid: tuple, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``kernel`` compiled for ``kwargs``, not run. Triton's own prints are captured: a
+    failing ``ptxas`` prints the whole PTX (tens of thousands of lines) to stdout."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return kernel.warmup(*args, grid=grid, **kwargs)
+
+
+def _why_compile_failed(e: Exception) -> str:
+    """One line for a failed compile: the exception's first line and the first three
+    distinct ``ptxas`` errors, not the whole log."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    errors = dict.fromkeys(m.group(1).strip() for m in re.finditer(r"; error\s*:\s*([^\n]*)", str(e)))
+    detail = "; ".join(list(errors)[:3])
+    first = lines[0] if lines else ""
+    text = f"{type(e).__name__}: {first}" + (f" ({detail})" if detail else "")
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
 def histogram_strategy(
     kernel: Any, grid: tuple, args: Sequence[Any], kwargs: dict[str, Any], device: torch.device, choice: str = "auto"
 ) -> int:
     """``HIST_SHARED`` where the compiled kernel passes :func:`shared_histogram_problems`
     (checked once per specialisation, by compiling it and its probe before it first runs),
-    else ``HIST_TL`` (one warning); ``HIST_TL`` whenever ``choice`` is ``"tl"``. On
+    else ``HIST_TL`` with one short warning (a failed compile named in a line, Triton's
+    printed PTX captured); ``HIST_TL`` whenever ``choice`` is ``"tl"``. On
     the interpreter (no inline PTX there) ``HIST_WORDS``, the shared strategy's twin: the same
     words and fold, counted with ``tl.histogram``."""
     if choice == "tl":
@@ -465,13 +486,13 @@ def histogram_strategy(
     choice = _STRATEGY.get(key)
     if choice is None:
         try:
-            real = kernel.warmup(*args, grid=grid, **dict(kwargs, HIST=HIST_SHARED))
-            probe = kernel.warmup(*args, grid=grid, **dict(kwargs, HIST=HIST_PROBE))
+            real = _compile_quietly(kernel, grid, args, dict(kwargs, HIST=HIST_SHARED))
+            probe = _compile_quietly(kernel, grid, args, dict(kwargs, HIST=HIST_PROBE))
             problems = shared_histogram_problems(
                 real.asm["ptx"], real.metadata.shared, probe.metadata.shared, kwargs["SMEM_BINS"]
             )
         except Exception as e:  # noqa: BLE001 - any compile failure means: not this strategy
-            problems = [f"compiling it failed: {type(e).__name__}: {e}"]
+            problems = [f"compiling it failed: {_why_compile_failed(e)}"]
         choice = HIST_TL if problems else HIST_SHARED
         if problems and ("warned", *problems) not in _STRATEGY:
             _STRATEGY[("warned", *problems)] = True

@@ -360,6 +360,55 @@ def test_guard_accepts_the_compiled_kernels():
         os.chdir(cwd)
 
 
+def _in_root(script: str, timeout: int) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        compile_without_a_gpu(script, timeout=timeout)
+    finally:
+        os.chdir(cwd)
+
+
+_ONE_WARP_SCRIPT = r"""
+import contextlib, io, os, sys, warnings
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, "bench")
+import torch
+import sass_report as S
+from fasthist.bins import LogBins
+C = S.C
+spec = C.slab_kwargs(C.BinSpec(LogBins()).kwargs(), 1)
+kw = dict(S.KERNELS["adam"][1], DTYPE=S.tl.float32, BLOCK=1024, ITERS=16, ALIGNED=True, **spec)
+
+
+class OneWarp:  # compiles for sm_90 where the runtime's warmup would compile for the device
+    def warmup(self, *args, grid, **kwargs):
+        return S.compile_kernel(S.KERNELS["adam"][0], {k: v for k, v in kwargs.items() if k != "num_warps"}, 90, 1)
+
+
+out = io.StringIO()
+with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    choice = C.histogram_strategy(OneWarp(), (1,), (), dict(kw, num_warps=1), torch.device("cuda", 0))
+assert choice == C.HIST_TL, choice
+assert out.getvalue() == "", out.getvalue()[:2000]
+assert len(caught) == 1, [str(w.message)[:300] for w in caught]
+message = str(caught[0].message)
+assert "compiling it failed" in message and "ptxas" in message.lower() and len(message) < 500, message
+print(message)
+print("ok")
+"""
+
+
+def test_a_shape_the_shared_path_cannot_take_falls_back_quietly():
+    """One warp: the reservation's gather stays in registers, so no shared memory is
+    declared and ptxas rejects the histogram's PTX, and a failing ptxas makes Triton print
+    the whole PTX to stdout. The runtime falls back to ``tl.histogram`` with one warning of
+    a line naming the error, and nothing reaches stdout."""
+    _in_root(_ONE_WARP_SCRIPT, timeout=600)
+
+
 # -- low-precision states round to nearest even, on the interpreter as on the GPU ---------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_states_round_to_nearest_even(dtype):
