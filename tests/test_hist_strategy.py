@@ -9,8 +9,10 @@ is checked here four ways:
   ``FASTHIST_EXHAUSTIVE=1``: all 2**32 of them, a few minutes);
 - the interpreter runs the same words and fold through ``tl.histogram`` (the default there)
   and the ``tl.histogram`` fallback, both exactly equal to the reference backend;
-- the guard refuses compiled code that is not what the strategy needs, and the runtime falls
-  back with one warning;
+- the guard, which reads the compiled PTX and TTGIR by structure, refuses hand-written PTX
+  breaking each of its rules and real mutants of the kernels compiled for sm_90 (each of
+  which the old barrier-counting guard accepted), and the runtime falls back with one short
+  warning;
 - compiled for sm_90 with the installed Triton, the guard accepts the real kernels (and
   ``bench/sass_report.py`` holds them to the cost targets: ``test_sass_report.py``).
 """
@@ -41,6 +43,7 @@ C = pytest.importorskip("fasthist.kernels._common")
 from fasthist.kernels import adam as KA  # noqa: E402
 from fasthist.kernels import rmsprop as KR  # noqa: E402
 from fasthist.kernels._common import bin_index, smem_word  # noqa: E402
+from fasthist.kernels._smem_guard import shared_bytes_needed  # noqa: E402
 
 # window layouts (one word per key) and ones too wide for the window (one word per bin)
 LAYOUTS = {
@@ -265,59 +268,115 @@ def test_configure_refuses_bad_shapes():
 
 
 # -- the guard ----------------------------------------------------------------------------
-GOOD_PTX = """
+# The shape of a compiled HIST_SHARED kernel: zero, the never-taken reservation (Triton's own
+# shared accesses and a barrier of its own), a barrier at the join, the increment loop, a
+# barrier, the read-back. Hand-written PTX, so each rule can be broken on its own.
+_ZERO = "{ .reg .b32 %fh_a; mov.u32 %fh_a, global_smem; st.shared.v4.u32 [%fh_a], {0, 0, 0, 0}; mov.u32 %r2, 0; }"
+_INC = "{ .reg .b32 %fh_a; mov.u32 %fh_a, global_smem; red.shared.add.u32 [%fh_a], 1; mov.u32 %r8, 0; }"
+_READ = "{ .reg .b32 %fh_a; mov.u32 %fh_a, global_smem; ld.shared.v4.u32 {%r3, %r4, %r5, %r6}, [%fh_a]; }"
+GOOD_PTX = f"""
 .extern .shared .align 16 .b8 global_smem[];
-st.shared.v4.u32 [%r1], {0, 0, 0, 0};
-bar.sync 0;
-red.shared.add.u32 [%r2], 1;
-bar.sync 0;
-ld.shared.v4.u32 {%r3, %r4, %r5, %r6}, [%r7];
+.visible .entry k(
+\t.param .u64 k_param_0
+)
+{{
+\tld.param.u64 %rd1, [k_param_0];
+\t{_ZERO}
+\t@%p1 bra $L__BB0_2;
+\tmov.u32 %r10, %r11; // fasthist: reservation
+\tst.shared.b32 [%r12], %r13;
+\tbar.sync 0;
+\tld.shared.b32 %r14, [%r12];
+$L__BB0_2:
+\tbar.sync 0;
+$L__BB0_3:
+\t{_INC}
+\t@%p2 bra $L__BB0_3;
+\tbar.sync 0;
+\t{_READ}
+\tret;
+}}
 """
+GOOD_TTGIR = """
+#blocked = #ttg.blocked<{sizePerThread = [4], threadsPerWarp = [32], warpsPerCTA = [4], order = [0]}>
+%a = tt.elementwise_inline_asm "{ .reg .b32 %fh_a; red.shared.add.u32 [%fh_a], 1; }" {constraints = "=r,r"} %w : tensor<1024xi32, #blocked> -> tensor<1024xi32, #blocked>
+"""
+DUMP, SLAB = 6274, 128  # the default bins' window at 4 warps: 26,624 bytes of quads
+
+
+def _problems(ptx: str = GOOD_PTX, ttgir: str = GOOD_TTGIR, shared: int = 32768) -> list[str]:
+    return C.shared_histogram_problems(ptx, ttgir, shared, DUMP, SLAB)
 
 
 def test_guard_reasons():
-    ok = C.shared_histogram_problems(GOOD_PTX, 32768, 0, 8192)
-    assert ok == []
-    assert "overwrite" in C.shared_histogram_problems(GOOD_PTX, 32768, 512, 8192)[0]
-    assert "needed" in C.shared_histogram_problems(GOOD_PTX, 16384, 0, 8192)[0]
+    assert _problems() == []
+    assert shared_bytes_needed(DUMP, SLAB) == 26624
+    # Triton's own shared memory outside the never-taken reservation: the histogram's words
+    # could be overwritten (or overwrite it)
+    foreign = GOOD_PTX.replace("$L__BB0_3:", "\tst.shared.b32 [%r15], %r13;\n$L__BB0_3:")
+    assert _problems(foreign)[0].startswith("foreign shared access")
+    generic = GOOD_PTX.replace("$L__BB0_3:", "\tst.u32 [%rd2], %r13;\n$L__BB0_3:")  # may address shared
+    assert _problems(generic)[0].startswith("foreign shared access")
+    assert _problems(shared=16384)[0].startswith("coverage")
     no_symbol = GOOD_PTX.replace("global_smem[]", "smem[]")
-    assert "global_smem" in C.shared_histogram_problems(no_symbol, 32768, 0, 8192)[0]
+    assert "global_smem" in _problems(no_symbol)[0]
     no_red = GOOD_PTX.replace("red.shared.add.u32", "atom.global.add.u32")
-    assert "missing" in C.shared_histogram_problems(no_red, 32768, 0, 8192)[0]
-    one_barrier = GOOD_PTX.replace("bar.sync 0;", "", 1)
-    assert "barriers" in C.shared_histogram_problems(one_barrier, 32768, 0, 8192)[0]
+    assert _problems(no_red)[0].startswith("declaration: no increment")
+    no_mark = GOOD_PTX.replace("// fasthist: reservation", "")
+    assert _problems(no_mark)[0].startswith("declaration")
+    replicated = GOOD_TTGIR.replace("1024xi32", "64xi32")
+    assert _problems(ttgir=replicated)[0].startswith("replicated increment")
+
+
+@pytest.mark.parametrize(
+    "barrier",
+    ["$L__BB0_2:\n\tbar.sync 0;", "\t@%p2 bra $L__BB0_3;\n\tbar.sync 0;"],
+    ids=["after-zeroing", "before-read-back"],
+)
+def test_guard_follows_paths_not_counts(barrier):
+    """Either barrier of the histogram removed: the reservation's barrier keeps the count at
+    two, but the path that skips the reservation crosses none. A barrier inside the
+    reservation never runs, so removing it changes nothing."""
+    mutant = GOOD_PTX.replace(barrier, barrier.replace("\tbar.sync 0;", ""))
+    assert mutant.count("bar.sync") == 2
+    assert _problems(mutant)[0].startswith("barriers")
+    predicated = GOOD_PTX.replace(barrier, barrier.replace("\tbar.sync", "\t@%p3 bar.sync"))
+    assert _problems(predicated)[0].startswith("barriers")
+    assert _problems(GOOD_PTX.replace("\tbar.sync 0;\n\tld.shared.b32", "\tld.shared.b32")) == []
 
 
 class _Compiled:
     def __init__(self, ptx: str, shared: int) -> None:
-        self.asm = {"ptx": ptx}
+        self.asm = {"ptx": ptx, "ttgir": GOOD_TTGIR}
         self.metadata = type("M", (), {"shared": shared})()
 
 
 class _FakeKernel:
     """Stands for a JITFunction: ``warmup`` returns what the compiler would have made."""
 
-    def __init__(self, shared: int, probe_shared: int) -> None:
-        self.shared, self.probe_shared, self.calls = shared, probe_shared, []
+    def __init__(self, ptx: str) -> None:
+        self.ptx, self.calls = ptx, []
 
     def warmup(self, *args, grid, **kwargs):
         self.calls.append(kwargs["HIST"])
-        return _Compiled(GOOD_PTX, self.shared if kwargs["HIST"] == C.HIST_SHARED else self.probe_shared)
+        return _Compiled(self.ptx, 32768)
 
 
 def test_strategy_checks_once_and_falls_back_with_one_warning():
     cuda = torch.device("cuda", 0)  # only its type is read: nothing runs
     args = (torch.zeros(4),)
-    kw = {"SMEM_BINS": 8192, "DTYPE": "fp32"}
-    good = _FakeKernel(32768, 0)
+    kw = {"SMEM_BINS": 8192, "DUMP": DUMP, "SLAB": SLAB, "DTYPE": "fp32"}
+    good = _FakeKernel(GOOD_PTX)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert C.histogram_strategy(good, (1,), args, kw, cuda) == C.HIST_SHARED
         assert C.histogram_strategy(good, (1,), args, kw, cuda) == C.HIST_SHARED
-    assert good.calls == [C.HIST_SHARED, C.HIST_PROBE]  # compiled and checked once
-    bad = _FakeKernel(32768, 1024)  # Triton's own code uses shared memory too
-    with pytest.warns(UserWarning, match="falling back to tl.histogram"):
+    assert good.calls == [C.HIST_SHARED]  # compiled and checked once, the kernel that launches
+    # Triton's own code uses shared memory outside the reservation too
+    bad = _FakeKernel(GOOD_PTX.replace("$L__BB0_3:", "\tst.shared.b32 [%r15], %r13;\n$L__BB0_3:"))
+    with pytest.warns(UserWarning, match="falling back to tl.histogram") as caught:
         assert C.histogram_strategy(bad, (1,), args, kw, cuda) == C.HIST_TL
+    assert len(caught) == 1 and "foreign shared access" in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert C.histogram_strategy(bad, (1,), args, dict(kw, DTYPE="bf16"), cuda) == C.HIST_TL
@@ -336,8 +395,7 @@ for name in ("adamw", "adagrad"):
     fn, flags, _ = S.KERNELS[name]
     base = dict(flags, DTYPE=S.tl.bfloat16, BLOCK=C.SHAPE.block, ITERS=C.SHAPE.iters, ALIGNED=True, **spec)
     real = S.compile_kernel(fn, dict(base, HIST=C.HIST_SHARED), 90, C.SHAPE.num_warps)
-    probe = S.compile_kernel(fn, dict(base, HIST=C.HIST_PROBE), 90, C.SHAPE.num_warps)
-    problems = C.shared_histogram_problems(real.asm["ptx"], real.metadata.shared, probe.metadata.shared, spec["SMEM_BINS"])
+    problems = C.shared_histogram_problems(real.asm["ptx"], real.asm["ttgir"], real.metadata.shared, spec["DUMP"], spec["SLAB"])
     assert problems == [], (name, problems)
     ptx = real.asm["ptx"]
     per_thread = C.SHAPE.block // (32 * C.SHAPE.num_warps)
@@ -351,13 +409,85 @@ print("ok")
 def test_guard_accepts_the_compiled_kernels():
     """sm_90 compile with the installed Triton: the guard passes and every element of a
     block is counted once (one shared increment per element per loop)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        compile_without_a_gpu(_COMPILE_SCRIPT, timeout=600)
-    finally:
-        os.chdir(cwd)
+    _in_root(_COMPILE_SCRIPT, timeout=600)
+
+
+# Mutants of the real kernels, compiled for sm_90 in a fresh interpreter (no GPU needed): each
+# is unsafe, each passes the guard that counted barriers and read a probe compile (checked
+# here with that guard's own criteria: two bar.sync, no shared memory in the probe, a
+# reservation of at least SMEM_BINS words), and the structural guard names the broken rule.
+_MUTANT_SCRIPT = r"""
+import os, shutil, sys, tempfile, warnings
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, "bench")
+import torch
+import sass_report as S
+from fasthist.bins import LogBins
+C = S.C
+
+BEGIN_BARRIER = ("        tl.debug_barrier()\n    return acc", "    return acc")
+END_BARRIER = ("    if HIST == 2 or HIST == 3:\n        tl.debug_barrier()\n", "    if HIST == 2 or HIST == 3:\n")
+HOT_REDUCTION = ('_SMEM_WORD_POST, "=r,r", [bits]', '_SMEM_WORD_POST, "=r,r", [bits + tl.max(bits, 0)]')
+MUTANTS = {  # name: (source edit of kernels/_histogram.py, launch changes, the rule it breaks)
+    "none": (None, {}, None),
+    "begin-barrier-removed": (BEGIN_BARRIER, {}, "barriers"),
+    "end-barrier-removed": (END_BARRIER, {}, "barriers"),
+    "reduction-in-hot-loop": (HOT_REDUCTION, {}, "foreign shared access"),
+    "replicated-block": (None, {"BLOCK": 64}, "replicated increment"),
+    "reservation-too-small": (None, {"SMEM_BINS": 4096}, "coverage"),
+}
+
+
+def mutant_kernels(name, edit):
+    if edit is None:
+        return S.K
+    root = tempfile.mkdtemp()
+    pkg = "mutant_" + name.replace("-", "_")
+    shutil.copytree("kernels", os.path.join(root, pkg), ignore=shutil.ignore_patterns("__pycache__"))
+    path = os.path.join(root, pkg, "_histogram.py")
+    src = open(path).read()
+    assert src.count(edit[0]) == 1, edit[0]
+    open(path, "w").write(src.replace(edit[0], edit[1]))
+    sys.path.insert(0, root)
+    return __import__(pkg + ".adam")
+
+
+class Compiled:  # what the runtime's warmup would return for this mutant
+    def __init__(self, ck):
+        self.ck = ck
+
+    def warmup(self, *args, grid, **kwargs):
+        return self.ck
+
+
+for name, (edit, launch, rule) in MUTANTS.items():
+    K = mutant_kernels(name, edit)
+    spec = C.slab_kwargs(C.BinSpec(LogBins()).kwargs(), 4)
+    kw = dict(S.KERNELS["adam"][1], DTYPE=S.tl.float32, BLOCK=1024, ITERS=16, ALIGNED=True, **spec)
+    kw.update(launch)
+    real = S.compile_kernel(K.adam._adam_hist_kernel, dict(kw, HIST=C.HIST_SHARED), 90, 4)
+    probe = S.compile_kernel(K.adam._adam_hist_kernel, dict(kw, HIST=C.HIST_PROBE), 90, 4)
+    ptx = real.asm["ptx"]
+    counting_guard_accepts = (
+        probe.metadata.shared == 0
+        and real.metadata.shared >= 4 * kw["SMEM_BINS"]
+        and ptx.count("bar.sync") >= 2
+        and all(op in ptx for op in ("red.shared.add.u32", "ld.shared.v4.u32", "st.shared.v4.u32"))
+    )
+    assert counting_guard_accepts, name
+    problems = C.shared_histogram_problems(ptx, real.asm["ttgir"], real.metadata.shared, kw["DUMP"], kw["SLAB"])
+    print(name, problems)
+    if rule is None:
+        assert problems == [], problems
+        continue
+    assert [p.split(":")[0] for p in problems] == [rule], (name, problems)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        choice = C.histogram_strategy(Compiled(real), (1,), (), dict(kw, MUTANT=name), torch.device("cuda", 0))
+    assert choice == C.HIST_TL
+    assert len(caught) == 1 and rule in str(caught[0].message) and len(str(caught[0].message)) < 400, caught
+print("ok")
+"""
 
 
 def _in_root(script: str, timeout: int) -> None:
@@ -368,6 +498,14 @@ def _in_root(script: str, timeout: int) -> None:
         compile_without_a_gpu(script, timeout=timeout)
     finally:
         os.chdir(cwd)
+
+
+def test_guard_refuses_each_mutant_the_counting_guard_accepted():
+    """Each barrier removed, a reduction in the hot loop (Triton's shared memory outside the
+    reservation, in the real kernel only), a block smaller than the threads (every element
+    counted twice), a reservation smaller than the words used: refused by name, and the
+    runtime falls back with one short warning; the unmutated kernel passes."""
+    _in_root(_MUTANT_SCRIPT, timeout=900)
 
 
 _ONE_WARP_SCRIPT = r"""
