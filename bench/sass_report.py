@@ -20,8 +20,10 @@ and measured:
   ``shared_bytes`` (Triton's allocation), and per element of a full chunk: ``barriers``,
   ``shared_atomics``, ``global_atomics`` (static counts, the flush's predicated atomics as if
   every bin were non-zero);
-- for the tracked kernel, the histogram strategy the runtime would pick
-  (``fasthist.kernels._common.shared_histogram_problems`` on this compiler's output) and the
+- for the tracked kernel, the histogram strategy the runtime would pick (the structural
+  guard ``fasthist.kernels._common.shared_histogram_problems`` on this compiler's PTX and
+  TTGIR: barriers on every path, Triton's shared accesses only in the reservation, no
+  replicated increments, the words covered; its findings in ``guard_problems``) and the
   ``tl.histogram`` fallback measured the same way.
 
 The H200 prediction is a roofline model, not a measurement: time per element =
@@ -204,11 +206,9 @@ def report_kernel(name: str, dtype: str, arch: int, fallback: bool) -> dict:
     off = figures(run(C.HIST_OFF, C.NO_BINS))
     shared_ck = run(C.HIST_SHARED, spec)
     probe = run(C.HIST_PROBE, spec)
+    slab = C.slab_kwargs(spec, shape.num_warps)
     problems = C.shared_histogram_problems(
-        shared_ck.asm["ptx"],
-        shared_ck.metadata.shared,
-        probe.metadata.shared,
-        C.slab_kwargs(spec, shape.num_warps)["SMEM_BINS"],
+        shared_ck.asm["ptx"], shared_ck.asm["ttgir"], shared_ck.metadata.shared, slab["DUMP"], slab["SLAB"]
     )
     row = {"kernel": name, "dtype": dtype, "bytes_per_elem": accesses * size, "untracked": off}
     shared = figures(shared_ck)

@@ -21,10 +21,14 @@ Device code (``@triton.jit``):
     reserved by a never-taken branch that runs a ``tl.gather`` of ``SMEM_BINS`` int32 (which
     Triton stages through shared memory) and addressed through Triton's dynamic
     shared-memory symbol ``global_smem``. This leans on Triton internals:
-    :func:`shared_histogram_problems` checks what the compiler produced before the kernel
-    first runs (the symbol, the reservation, our instructions and barriers, and, from a probe
-    compile without the reservation, that Triton's own code uses no shared memory our words
-    could overwrite); where it fails the kernel uses ``HIST_TL`` with one warning.
+    :func:`shared_histogram_problems` (:mod:`._smem_guard`) checks by structure what the
+    compiler produced, on the specialisation that will launch, before it first runs: a
+    barrier on every path between zeroing, increments and read-back, Triton's own shared
+    accesses only inside the reservation, no element in two threads, the declared shared
+    memory covering the words; where a rule fails, or the compile does, the kernel uses
+    ``HIST_TL`` with one short warning naming it. (``HIST_PROBE``, the same code addressed
+    from 0 without the reservation, is compiled by ``bench/sass_report.py`` only, to count
+    the instructions that run.)
   * ``HIST_TL``: ``tl.histogram`` per block into a register accumulator, the fallback. Up to
     Triton 3.7 it lowers to warp ballots whose cost grows with the number of bins (×10 the
     untracked step for the default bins, with spills); from 3.8 to shared-memory atomics with
@@ -41,6 +45,8 @@ and the one launch that moves it into the ``step``/``total`` windows (skipped on
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import warnings
 from collections.abc import Sequence
@@ -53,6 +59,8 @@ from torch import Tensor
 
 from fasthist.bins import LogBins
 from fasthist.target import HistTarget
+
+from ._smem_guard import RESERVED_MARK, shared_histogram_problems
 
 __all__ = [
     "HIST_OFF",
@@ -105,13 +113,18 @@ _INC = "mad.lo.u32 %fh_a, $1, 4, %fh_a; red.shared.add.u32 [%fh_a], 1; mov.u32 $
 _READ = "mad.lo.u32 %fh_a, $4, 16, %fh_a; ld.shared.v4.u32 {$0, $1, $2, $3}, [%fh_a];"
 
 
+# The first instruction of the never-taken branch that reserves the shared histogram: the
+# guard reads the reservation's extent off the PTX from it.
+_RESERVED = tl.constexpr(f"mov.u32 $0, $1; // {RESERVED_MARK}")
+
+
 _SMEM_ZERO, _SMEM_INC, _SMEM_READ = (_smem_asm("global_smem", a) for a in (_ZERO, _INC, _READ))
 
 
 # The hot loop's whole histogram step in PTX: the word of float32 bits $1 (WORD_ASM, built by
 # BinSpec: smem_word's four operations, written so ptxas sees an unsigned min, not the
 # compare-and-select LLVM makes of it), then the shared atomic.
-_WORD_PRE = tl.constexpr("{ .reg .b32 %fh_a, %fh_b, %fh_k, %fh_z; ")
+_WORD_PRE = tl.constexpr("{ .reg .b32 %fh_a, %fh_b, %fh_k; ")
 
 
 _WORD_POST = "mad.lo.u32 %fh_a, %fh_k, 4, %fh_a; red.shared.add.u32 [%fh_a], 1; mov.u32 $0, 0; }"
@@ -142,12 +155,20 @@ def smem_word(
 ):
     """The shared-histogram word of float32 ``x``. ``WINDOW`` (the default bins): one word per
     shifted key from ``LOW_KEY - 1`` up to the largest (NaN), below that 1 (below) or 0 (exact
-    zero) -- four integer operations, the above-range and non-finite words folded into their
-    bins once per program by :func:`hist_end`. Otherwise the bin itself (:func:`bin_index`)."""
+    zero): ``min(max(key - LOW_KEY + 2, 1), b2)`` with ``b2 = bits(x) << 1`` (the sign bit
+    dropped), four integer operations after the key, the above-range and non-finite words
+    folded into their bins once per program by :func:`hist_end`. Otherwise the bin itself
+    (:func:`bin_index`).
+
+    Exact for every layout: ``b2`` is 0 only for ±0, and for any other ``x`` it is at least
+    ``max(2, 2 * key) >= key + 1 >= key - LOW_KEY + 2`` (``LOW_KEY >= 1``), so the ``min``
+    sends exactly the zeros to word 0 -- also when ``LOW_KEY`` is 1 and key 0 (zeros and the
+    smallest subnormals) is the below-range word itself."""
     if WINDOW:
-        b2 = x.to(tl.uint32, bitcast=True) << 1  # the sign bit dropped
+        b2 = x.to(tl.uint32, bitcast=True) << 1
         key = (b2 >> (SHIFT + 1)).to(tl.int32)
-        return tl.maximum(key - (LOW_KEY - 2), tl.minimum(b2, 1).to(tl.int32))
+        word = tl.maximum(key - (LOW_KEY - 2), 1).to(tl.uint32)
+        return tl.minimum(word, b2).to(tl.int32)
     return bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE)
 
 
@@ -179,6 +200,9 @@ def hist_begin(
                 tl.inline_asm_elementwise(_PROBE_ZERO, "=r,r", [q], dtype=tl.int32, is_pure=False, pack=1)
         if HIST == 2:
             if never:  # never runs; makes Triton allocate SMEM_BINS words of shared memory
+                tl.inline_asm_elementwise(
+                    _RESERVED, "=r,r", [never.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1
+                )
                 b = tl.arange(0, SMEM_BINS)
                 words = tl.load(spare_ptr + b).to(tl.int32)
                 tl.store(spare_ptr + b, tl.gather(words, (b * 7) % SMEM_BINS, 0).to(tl.int64))
@@ -384,8 +408,8 @@ class BinSpec:
         if not self.window:
             return ""
         return (
-            f"shl.b32 %fh_b, $1, 1; shr.u32 %fh_k, %fh_b, {self.shift + 1}; min.u32 %fh_z, %fh_b, 1; "
-            f"sub.s32 %fh_k, %fh_k, {self.low_key - 2}; max.s32 %fh_k, %fh_k, %fh_z; "
+            f"shl.b32 %fh_b, $1, 1; shr.u32 %fh_k, %fh_b, {self.shift + 1}; "
+            f"sub.s32 %fh_k, %fh_k, {self.low_key - 2}; max.s32 %fh_k, %fh_k, 1; min.u32 %fh_k, %fh_k, %fh_b; "
         )
 
 
@@ -414,38 +438,33 @@ def slab_kwargs(bin_kwargs: dict[str, Any], num_warps: int) -> dict[str, Any]:
 _STRATEGY: dict = {}
 
 
-_SMEM_SYMBOL = re.compile(r"\.extern\s+\.shared\s+\.align\s+\d+\s+\.b8\s+global_smem\[\]")
+def _compile_shared(kernel: Any, grid: tuple, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """The ``HIST_SHARED`` specialisation compiled, not run. Triton's own prints are captured:
+    a failing ``ptxas`` prints the whole PTX (tens of thousands of lines) to stdout."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return kernel.warmup(*args, grid=grid, **dict(kwargs, HIST=HIST_SHARED))
 
 
-def shared_histogram_problems(ptx: str, shared_bytes: int, probe_shared_bytes: int, smem_bins: int) -> list[str]:
-    """What stops the shared-memory histogram from being used safely in a compiled kernel
-    (empty: nothing). ``ptx``/``shared_bytes``: the ``HIST_SHARED`` kernel; ``probe_*``: the
-    same kernel compiled as ``HIST_PROBE`` (no reservation, address 0), whose shared memory
-    is what Triton's own code needs outside the reservation."""
-    problems = []
-    if probe_shared_bytes != 0:
-        problems.append(
-            f"Triton's own code uses {probe_shared_bytes} bytes of shared memory, which the histogram would overwrite"
-        )
-    if shared_bytes < 4 * smem_bins:
-        problems.append(f"{shared_bytes} bytes of shared memory reserved, {4 * smem_bins} needed")
-    if not _SMEM_SYMBOL.search(ptx):
-        problems.append("no dynamic shared-memory symbol global_smem in the PTX")
-    if any(op not in ptx for op in ("red.shared.add.u32", "ld.shared.v4.u32", "st.shared.v4.u32")):
-        problems.append("the shared-memory histogram instructions are missing from the PTX")
-    if len(re.findall(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx)) < 2:
-        problems.append("the barriers around the shared histogram are missing")
-    return problems
+def _why_compile_failed(e: Exception) -> str:
+    """One line for a failed compile: the exception's first line and the first three
+    distinct ``ptxas`` errors, not the whole log."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    errors = dict.fromkeys(m.group(1).strip() for m in re.finditer(r"; error\s*:\s*([^\n]*)", str(e)))
+    detail = "; ".join(list(errors)[:3])
+    first = lines[0] if lines else ""
+    text = f"{type(e).__name__}: {first}" + (f" ({detail})" if detail else "")
+    return text if len(text) <= 240 else text[:237] + "..."
 
 
 def histogram_strategy(
     kernel: Any, grid: tuple, args: Sequence[Any], kwargs: dict[str, Any], device: torch.device, choice: str = "auto"
 ) -> int:
     """``HIST_SHARED`` where the compiled kernel passes :func:`shared_histogram_problems`
-    (checked once per specialisation, by compiling it and its probe before it first runs),
-    else ``HIST_TL`` (one warning); ``HIST_TL`` whenever ``choice`` is ``"tl"``. On
-    the interpreter (no inline PTX there) ``HIST_WORDS``, the shared strategy's twin: the same
-    words and fold, counted with ``tl.histogram``."""
+    (checked once per specialisation, by compiling it before it first runs: the launch
+    then reuses that binary), else ``HIST_TL`` with one short warning naming the broken rule
+    or the compile error; ``HIST_TL`` whenever ``choice`` is ``"tl"``. On the interpreter
+    (no inline PTX there) ``HIST_WORDS``, the shared strategy's twin: the same words and
+    fold, counted with ``tl.histogram``."""
     if choice == "tl":
         return HIST_TL
     if device.type != "cuda":
@@ -457,13 +476,12 @@ def histogram_strategy(
     choice = _STRATEGY.get(key)
     if choice is None:
         try:
-            real = kernel.warmup(*args, grid=grid, **dict(kwargs, HIST=HIST_SHARED))
-            probe = kernel.warmup(*args, grid=grid, **dict(kwargs, HIST=HIST_PROBE))
+            real = _compile_shared(kernel, grid, args, kwargs)
             problems = shared_histogram_problems(
-                real.asm["ptx"], real.metadata.shared, probe.metadata.shared, kwargs["SMEM_BINS"]
+                real.asm["ptx"], real.asm["ttgir"], real.metadata.shared, kwargs["DUMP"], kwargs["SLAB"]
             )
         except Exception as e:  # noqa: BLE001 - any compile failure means: not this strategy
-            problems = [f"compiling it failed: {type(e).__name__}: {e}"]
+            problems = [f"compiling it failed: {_why_compile_failed(e)}"]
         choice = HIST_TL if problems else HIST_SHARED
         if problems and ("warned", *problems) not in _STRATEGY:
             _STRATEGY[("warned", *problems)] = True

@@ -9,8 +9,10 @@ is checked here four ways:
   ``FASTHIST_EXHAUSTIVE=1``: all 2**32 of them, a few minutes);
 - the interpreter runs the same words and fold through ``tl.histogram`` (the default there)
   and the ``tl.histogram`` fallback, both exactly equal to the reference backend;
-- the guard refuses compiled code that is not what the strategy needs, and the runtime falls
-  back with one warning;
+- the guard, which reads the compiled PTX and TTGIR by structure, refuses hand-written PTX
+  breaking each of its rules and real mutants of the kernels compiled for sm_90 (each of
+  which the old barrier-counting guard accepted), and the runtime falls back with one short
+  warning;
 - compiled for sm_90 with the installed Triton, the guard accepts the real kernels (and
   ``bench/sass_report.py`` holds them to the cost targets: ``test_sass_report.py``).
 """
@@ -29,7 +31,8 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from _kernel_helpers import DEVICE, ON_CPU, compile_without_a_gpu, same  # noqa: E402
+import triton.language as tl  # noqa: E402
+from _kernel_helpers import DEVICE, INTERPRETING, ON_CPU, compile_without_a_gpu, same  # noqa: E402
 
 from fasthist.bins import LogBins  # noqa: E402
 from fasthist.reference.adam import adam_reference  # noqa: E402
@@ -39,14 +42,23 @@ from fasthist.target import HistTarget  # noqa: E402
 C = pytest.importorskip("fasthist.kernels._common")
 from fasthist.kernels import adam as KA  # noqa: E402
 from fasthist.kernels import rmsprop as KR  # noqa: E402
+from fasthist.kernels._common import bin_index, smem_word  # noqa: E402
+from fasthist.kernels._smem_guard import shared_bytes_needed  # noqa: E402
 
-# window layouts (one word per key) and one too wide for the window (one word per bin)
+# window layouts (one word per key) and ones too wide for the window (one word per bin)
 LAYOUTS = {
     "default": LogBins(),
     "widest": LogBins(-126, 128, 5),  # every normal binade: the window starts at key 31
     "coarse": LogBins(-20, 10, 2),
     "one-per-binade": LogBins(-60, 20, 0),
     "fine-narrow": LogBins(-40, 0, 6),  # 2**14 keys: not a window, words are bins
+    # low key 1, the only layouts with it: key 0 (the zeros and the smallest subnormals) is
+    # the below-range word itself, so only the bits tell a zero from a subnormal
+    "low-key-1": LogBins(-126, 0, 0),
+    "low-key-1-all-finite": LogBins(-126, 128, 0),  # nothing finite above the range either
+    "top-binade": LogBins(127, 128, 4),  # the window's last keys: above range is empty
+    "fine-high": LogBins(2, 10, 6),  # 64 bins per binade, a window because the keys start high
+    "finest-lowest": LogBins(-126, -124, 10),  # 2**18 keys: words are bins, from the first normal
 }
 
 
@@ -57,26 +69,32 @@ def target(n: int, bins: LogBins = LAYOUTS["default"]) -> HistTarget:
 
 # -- the PTX word formula, emulated -------------------------------------------------------
 def run_word_asm(asm: str, bits: np.ndarray) -> np.ndarray:
-    """``%fh_k`` after the PTX of ``BinSpec.word_asm`` on float32 bits ``$1`` (uint32)."""
+    """``%fh_k`` after the PTX of ``BinSpec.word_asm`` on float32 bits ``$1`` (uint32).
+
+    Registers are uint32 arrays; an immediate is read as PTX reads it, a 32-bit two's
+    complement pattern (``-1`` is ``0xFFFFFFFF``), and the ``.s32`` operations view both
+    operands as int32."""
     regs: dict[str, np.ndarray] = {"$1": bits.astype(np.uint32)}
 
     def val(tok: str) -> np.ndarray:
-        return regs[tok] if tok in regs else np.uint32(int(tok, 0))
+        if tok in regs:
+            return regs[tok]
+        return np.full(bits.shape, int(tok, 0) & 0xFFFFFFFF, dtype=np.uint32)
 
     for ins in filter(None, (s.strip() for s in asm.split(";"))):
         op, args = ins.split(None, 1)
         d, *src = (a.strip() for a in args.split(","))
         a, b = (val(s) for s in src)
         if op == "shl.b32":
-            out = (a.astype(np.uint64) << np.uint64(b)).astype(np.uint32)
+            out = np.where(b < 32, a.astype(np.uint64) << (b.astype(np.uint64) & np.uint64(63)), 0).astype(np.uint32)
         elif op == "shr.u32":
-            out = a >> b
+            out = np.where(b < 32, a >> (b & np.uint32(31)), 0).astype(np.uint32)
         elif op == "min.u32":
-            out = np.minimum(a, b).astype(np.uint32)
-        elif op == "sub.s32":
-            out = (a.astype(np.int64) - np.int64(np.int32(b))).astype(np.int32).view(np.uint32)
+            out = np.minimum(a, b)
+        elif op == "sub.s32":  # wraps modulo 2**32, like the hardware
+            out = (a.astype(np.int64) - b.view(np.int32).astype(np.int64)).astype(np.uint32)
         elif op == "max.s32":
-            out = np.maximum(a.view(np.int32), np.asarray(b).astype(np.uint32).view(np.int32)).view(np.uint32)
+            out = np.maximum(a.view(np.int32), b.view(np.int32)).view(np.uint32)
         else:
             raise AssertionError(f"word_asm uses {op}, which this emulator does not model")
         regs[d] = np.asarray(out, dtype=np.uint32)
@@ -113,12 +131,62 @@ def boundary_patterns(bins: LogBins) -> np.ndarray:
 def test_word_asm_folds_to_logbins_index(name):
     bins = LAYOUTS[name]
     check_words(bins, boundary_patterns(bins))
+    check_words(bins, edge_values(bins))
     rng = np.random.default_rng(0)
     check_words(bins, rng.integers(0, 1 << 32, size=1 << 21, dtype=np.uint64).astype(np.uint32))
     if os.environ.get("FASTHIST_EXHAUSTIVE") == "1":
         step = 1 << 26
         for start in range(0, 1 << 32, step):
             check_words(bins, np.arange(start, start + step, dtype=np.uint64).astype(np.uint32))
+
+
+def edge_values(bins: LogBins) -> np.ndarray:
+    """float32 bits of: ±0, subnormals (the smallest, the largest, a few between), every log
+    bin edge ±1 ulp and the range's ends ±1 ulp (both signs), the largest finite, ±inf and
+    NaNs (quiet, signalling, negative)."""
+    keys = np.arange(bins.low_key, bins.low_key + bins.num_log_bins + 1, dtype=np.int64)
+    edges = keys << bins.shift  # the bits of bins.edges (2**128 as inf's)
+    assert np.array_equal(edges[:-1], np.float32(bins.edges[:-1].numpy()).view(np.uint32))
+    near = (edges[:, None] + np.arange(-1, 2)[None, :]).ravel()
+    sub = np.array([0, 1, 2, 3, 0x3FF, 0x400000, 0x7FFFFE, 0x7FFFFF, 0x800000, 0x800001])
+    top = np.array([0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FC00000, 0x7FFFFFFF])
+    pos = np.concatenate([near, sub, top]) & 0x7FFFFFFF
+    return np.concatenate([pos, pos | 0x80000000]).astype(np.uint32)
+
+
+@triton.jit
+def _bins_of(x_ptr, idx_ptr, word_ptr, n, SHIFT: tl.constexpr, LOW_KEY: tl.constexpr, ABOVE: tl.constexpr,
+             NONFINITE: tl.constexpr, WINDOW: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < n
+    x = tl.load(x_ptr + offs, mask=live)
+    tl.store(idx_ptr + offs, bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE), mask=live)
+    tl.store(word_ptr + offs, smem_word(x, SHIFT, LOW_KEY, ABOVE, NONFINITE, WINDOW), mask=live)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the device functions, run on CPU tensors by the interpreter")
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_device_bin_formulas_match_logbins_index(name):
+    """``bin_index`` (the ``tl.histogram`` strategy) and ``smem_word`` folded (the masked tail
+    of the shared strategy and its interpreter twin) give exactly ``LogBins.index`` on the
+    edge values of the layout and on every bin edge of the bit layout ±2 patterns."""
+    bins = LAYOUTS[name]
+    spec = C.BinSpec(bins)
+    bits = np.concatenate([edge_values(bins), boundary_patterns(bins)])
+    x = torch.from_numpy(bits.view(np.float32).copy())
+    idx, words = torch.empty(x.shape, dtype=torch.int32), torch.empty(x.shape, dtype=torch.int32)
+    block = 1 << 16
+    grid = (triton.cdiv(x.numel(), block),)
+    _bins_of[grid](x, idx, words, x.numel(), spec.shift, spec.low_key, spec.above, spec.nonfinite, spec.window, block)
+    expected = bins.index(x)
+    assert torch.equal(idx.long(), expected), f"bin_index: {int((idx.long() != expected).sum())} elements off"
+    assert int(words.min()) >= 0 and int(words.max()) < spec.dump, "a word outside the histogram"
+    folded = torch.from_numpy(fold(words.numpy(), bins)) if spec.window else words
+    bad = folded.long() != expected
+    assert not bad.any(), (
+        f"smem_word: {int(bad.sum())} elements off, e.g. bits {int(bits[bad.numpy()][0]):#010x} -> "
+        f"{int(folded[bad][0])}, LogBins says {int(expected[bad][0])}"
+    )
 
 
 def test_window_only_where_it_fits():
@@ -161,7 +229,7 @@ def _adam_case(n_steps: int, bins: LogBins) -> None:
 
 @pytest.mark.skipif(not ON_CPU, reason="the interpreter's strategies")
 @pytest.mark.parametrize("histogram", ["auto", "tl"])
-@pytest.mark.parametrize("name", ["default", "coarse", "fine-narrow"])
+@pytest.mark.parametrize("name", ["default", "coarse", "fine-narrow", "low-key-1"])
 def test_interpreter_strategies_match_reference(histogram, name):
     """``auto`` runs the shared words' twin on the interpreter, ``tl`` the fallback."""
     C.configure(histogram=histogram)
@@ -200,59 +268,115 @@ def test_configure_refuses_bad_shapes():
 
 
 # -- the guard ----------------------------------------------------------------------------
-GOOD_PTX = """
+# The shape of a compiled HIST_SHARED kernel: zero, the never-taken reservation (Triton's own
+# shared accesses and a barrier of its own), a barrier at the join, the increment loop, a
+# barrier, the read-back. Hand-written PTX, so each rule can be broken on its own.
+_ZERO = "{ .reg .b32 %fh_a; mov.u32 %fh_a, global_smem; st.shared.v4.u32 [%fh_a], {0, 0, 0, 0}; mov.u32 %r2, 0; }"
+_INC = "{ .reg .b32 %fh_a; mov.u32 %fh_a, global_smem; red.shared.add.u32 [%fh_a], 1; mov.u32 %r8, 0; }"
+_READ = "{ .reg .b32 %fh_a; mov.u32 %fh_a, global_smem; ld.shared.v4.u32 {%r3, %r4, %r5, %r6}, [%fh_a]; }"
+GOOD_PTX = f"""
 .extern .shared .align 16 .b8 global_smem[];
-st.shared.v4.u32 [%r1], {0, 0, 0, 0};
-bar.sync 0;
-red.shared.add.u32 [%r2], 1;
-bar.sync 0;
-ld.shared.v4.u32 {%r3, %r4, %r5, %r6}, [%r7];
+.visible .entry k(
+\t.param .u64 k_param_0
+)
+{{
+\tld.param.u64 %rd1, [k_param_0];
+\t{_ZERO}
+\t@%p1 bra $L__BB0_2;
+\tmov.u32 %r10, %r11; // fasthist: reservation
+\tst.shared.b32 [%r12], %r13;
+\tbar.sync 0;
+\tld.shared.b32 %r14, [%r12];
+$L__BB0_2:
+\tbar.sync 0;
+$L__BB0_3:
+\t{_INC}
+\t@%p2 bra $L__BB0_3;
+\tbar.sync 0;
+\t{_READ}
+\tret;
+}}
 """
+GOOD_TTGIR = """
+#blocked = #ttg.blocked<{sizePerThread = [4], threadsPerWarp = [32], warpsPerCTA = [4], order = [0]}>
+%a = tt.elementwise_inline_asm "{ .reg .b32 %fh_a; red.shared.add.u32 [%fh_a], 1; }" {constraints = "=r,r"} %w : tensor<1024xi32, #blocked> -> tensor<1024xi32, #blocked>
+"""
+DUMP, SLAB = 6274, 128  # the default bins' window at 4 warps: 26,624 bytes of quads
+
+
+def _problems(ptx: str = GOOD_PTX, ttgir: str = GOOD_TTGIR, shared: int = 32768) -> list[str]:
+    return C.shared_histogram_problems(ptx, ttgir, shared, DUMP, SLAB)
 
 
 def test_guard_reasons():
-    ok = C.shared_histogram_problems(GOOD_PTX, 32768, 0, 8192)
-    assert ok == []
-    assert "overwrite" in C.shared_histogram_problems(GOOD_PTX, 32768, 512, 8192)[0]
-    assert "needed" in C.shared_histogram_problems(GOOD_PTX, 16384, 0, 8192)[0]
+    assert _problems() == []
+    assert shared_bytes_needed(DUMP, SLAB) == 26624
+    # Triton's own shared memory outside the never-taken reservation: the histogram's words
+    # could be overwritten (or overwrite it)
+    foreign = GOOD_PTX.replace("$L__BB0_3:", "\tst.shared.b32 [%r15], %r13;\n$L__BB0_3:")
+    assert _problems(foreign)[0].startswith("foreign shared access")
+    generic = GOOD_PTX.replace("$L__BB0_3:", "\tst.u32 [%rd2], %r13;\n$L__BB0_3:")  # may address shared
+    assert _problems(generic)[0].startswith("foreign shared access")
+    assert _problems(shared=16384)[0].startswith("coverage")
     no_symbol = GOOD_PTX.replace("global_smem[]", "smem[]")
-    assert "global_smem" in C.shared_histogram_problems(no_symbol, 32768, 0, 8192)[0]
+    assert "global_smem" in _problems(no_symbol)[0]
     no_red = GOOD_PTX.replace("red.shared.add.u32", "atom.global.add.u32")
-    assert "missing" in C.shared_histogram_problems(no_red, 32768, 0, 8192)[0]
-    one_barrier = GOOD_PTX.replace("bar.sync 0;", "", 1)
-    assert "barriers" in C.shared_histogram_problems(one_barrier, 32768, 0, 8192)[0]
+    assert _problems(no_red)[0].startswith("declaration: no increment")
+    no_mark = GOOD_PTX.replace("// fasthist: reservation", "")
+    assert _problems(no_mark)[0].startswith("declaration")
+    replicated = GOOD_TTGIR.replace("1024xi32", "64xi32")
+    assert _problems(ttgir=replicated)[0].startswith("replicated increment")
+
+
+@pytest.mark.parametrize(
+    "barrier",
+    ["$L__BB0_2:\n\tbar.sync 0;", "\t@%p2 bra $L__BB0_3;\n\tbar.sync 0;"],
+    ids=["after-zeroing", "before-read-back"],
+)
+def test_guard_follows_paths_not_counts(barrier):
+    """Either barrier of the histogram removed: the reservation's barrier keeps the count at
+    two, but the path that skips the reservation crosses none. A barrier inside the
+    reservation never runs, so removing it changes nothing."""
+    mutant = GOOD_PTX.replace(barrier, barrier.replace("\tbar.sync 0;", ""))
+    assert mutant.count("bar.sync") == 2
+    assert _problems(mutant)[0].startswith("barriers")
+    predicated = GOOD_PTX.replace(barrier, barrier.replace("\tbar.sync", "\t@%p3 bar.sync"))
+    assert _problems(predicated)[0].startswith("barriers")
+    assert _problems(GOOD_PTX.replace("\tbar.sync 0;\n\tld.shared.b32", "\tld.shared.b32")) == []
 
 
 class _Compiled:
     def __init__(self, ptx: str, shared: int) -> None:
-        self.asm = {"ptx": ptx}
+        self.asm = {"ptx": ptx, "ttgir": GOOD_TTGIR}
         self.metadata = type("M", (), {"shared": shared})()
 
 
 class _FakeKernel:
     """Stands for a JITFunction: ``warmup`` returns what the compiler would have made."""
 
-    def __init__(self, shared: int, probe_shared: int) -> None:
-        self.shared, self.probe_shared, self.calls = shared, probe_shared, []
+    def __init__(self, ptx: str) -> None:
+        self.ptx, self.calls = ptx, []
 
     def warmup(self, *args, grid, **kwargs):
         self.calls.append(kwargs["HIST"])
-        return _Compiled(GOOD_PTX, self.shared if kwargs["HIST"] == C.HIST_SHARED else self.probe_shared)
+        return _Compiled(self.ptx, 32768)
 
 
 def test_strategy_checks_once_and_falls_back_with_one_warning():
     cuda = torch.device("cuda", 0)  # only its type is read: nothing runs
     args = (torch.zeros(4),)
-    kw = {"SMEM_BINS": 8192, "DTYPE": "fp32"}
-    good = _FakeKernel(32768, 0)
+    kw = {"SMEM_BINS": 8192, "DUMP": DUMP, "SLAB": SLAB, "DTYPE": "fp32"}
+    good = _FakeKernel(GOOD_PTX)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert C.histogram_strategy(good, (1,), args, kw, cuda) == C.HIST_SHARED
         assert C.histogram_strategy(good, (1,), args, kw, cuda) == C.HIST_SHARED
-    assert good.calls == [C.HIST_SHARED, C.HIST_PROBE]  # compiled and checked once
-    bad = _FakeKernel(32768, 1024)  # Triton's own code uses shared memory too
-    with pytest.warns(UserWarning, match="falling back to tl.histogram"):
+    assert good.calls == [C.HIST_SHARED]  # compiled and checked once, the kernel that launches
+    # Triton's own code uses shared memory outside the reservation too
+    bad = _FakeKernel(GOOD_PTX.replace("$L__BB0_3:", "\tst.shared.b32 [%r15], %r13;\n$L__BB0_3:"))
+    with pytest.warns(UserWarning, match="falling back to tl.histogram") as caught:
         assert C.histogram_strategy(bad, (1,), args, kw, cuda) == C.HIST_TL
+    assert len(caught) == 1 and "foreign shared access" in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert C.histogram_strategy(bad, (1,), args, dict(kw, DTYPE="bf16"), cuda) == C.HIST_TL
@@ -271,8 +395,7 @@ for name in ("adamw", "adagrad"):
     fn, flags, _ = S.KERNELS[name]
     base = dict(flags, DTYPE=S.tl.bfloat16, BLOCK=C.SHAPE.block, ITERS=C.SHAPE.iters, ALIGNED=True, **spec)
     real = S.compile_kernel(fn, dict(base, HIST=C.HIST_SHARED), 90, C.SHAPE.num_warps)
-    probe = S.compile_kernel(fn, dict(base, HIST=C.HIST_PROBE), 90, C.SHAPE.num_warps)
-    problems = C.shared_histogram_problems(real.asm["ptx"], real.metadata.shared, probe.metadata.shared, spec["SMEM_BINS"])
+    problems = C.shared_histogram_problems(real.asm["ptx"], real.asm["ttgir"], real.metadata.shared, spec["DUMP"], spec["SLAB"])
     assert problems == [], (name, problems)
     ptx = real.asm["ptx"]
     per_thread = C.SHAPE.block // (32 * C.SHAPE.num_warps)
@@ -286,13 +409,142 @@ print("ok")
 def test_guard_accepts_the_compiled_kernels():
     """sm_90 compile with the installed Triton: the guard passes and every element of a
     block is counted once (one shared increment per element per loop)."""
+    _in_root(_COMPILE_SCRIPT, timeout=600)
+
+
+# Mutants of the real kernels, compiled for sm_90 in a fresh interpreter (no GPU needed): each
+# is unsafe, each passes the guard that counted barriers and read a probe compile (checked
+# here with that guard's own criteria: two bar.sync, no shared memory in the probe, a
+# reservation of at least SMEM_BINS words), and the structural guard names the broken rule.
+_MUTANT_SCRIPT = r"""
+import os, shutil, sys, tempfile, warnings
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, "bench")
+import torch
+import sass_report as S
+from fasthist.bins import LogBins
+C = S.C
+
+BEGIN_BARRIER = ("        tl.debug_barrier()\n    return acc", "    return acc")
+END_BARRIER = ("    if HIST == 2 or HIST == 3:\n        tl.debug_barrier()\n", "    if HIST == 2 or HIST == 3:\n")
+HOT_REDUCTION = ('_SMEM_WORD_POST, "=r,r", [bits]', '_SMEM_WORD_POST, "=r,r", [bits + tl.max(bits, 0)]')
+MUTANTS = {  # name: (source edit of kernels/_histogram.py, launch changes, the rule it breaks)
+    "none": (None, {}, None),
+    "begin-barrier-removed": (BEGIN_BARRIER, {}, "barriers"),
+    "end-barrier-removed": (END_BARRIER, {}, "barriers"),
+    "reduction-in-hot-loop": (HOT_REDUCTION, {}, "foreign shared access"),
+    "replicated-block": (None, {"BLOCK": 64}, "replicated increment"),
+    "reservation-too-small": (None, {"SMEM_BINS": 4096}, "coverage"),
+}
+
+
+def mutant_kernels(name, edit):
+    if edit is None:
+        return S.K
+    root = tempfile.mkdtemp()
+    pkg = "mutant_" + name.replace("-", "_")
+    shutil.copytree("kernels", os.path.join(root, pkg), ignore=shutil.ignore_patterns("__pycache__"))
+    path = os.path.join(root, pkg, "_histogram.py")
+    src = open(path).read()
+    assert src.count(edit[0]) == 1, edit[0]
+    open(path, "w").write(src.replace(edit[0], edit[1]))
+    sys.path.insert(0, root)
+    return __import__(pkg + ".adam")
+
+
+class Compiled:  # what the runtime's warmup would return for this mutant
+    def __init__(self, ck):
+        self.ck = ck
+
+    def warmup(self, *args, grid, **kwargs):
+        return self.ck
+
+
+for name, (edit, launch, rule) in MUTANTS.items():
+    K = mutant_kernels(name, edit)
+    spec = C.slab_kwargs(C.BinSpec(LogBins()).kwargs(), 4)
+    kw = dict(S.KERNELS["adam"][1], DTYPE=S.tl.float32, BLOCK=1024, ITERS=16, ALIGNED=True, **spec)
+    kw.update(launch)
+    real = S.compile_kernel(K.adam._adam_hist_kernel, dict(kw, HIST=C.HIST_SHARED), 90, 4)
+    probe = S.compile_kernel(K.adam._adam_hist_kernel, dict(kw, HIST=C.HIST_PROBE), 90, 4)
+    ptx = real.asm["ptx"]
+    counting_guard_accepts = (
+        probe.metadata.shared == 0
+        and real.metadata.shared >= 4 * kw["SMEM_BINS"]
+        and ptx.count("bar.sync") >= 2
+        and all(op in ptx for op in ("red.shared.add.u32", "ld.shared.v4.u32", "st.shared.v4.u32"))
+    )
+    assert counting_guard_accepts, name
+    problems = C.shared_histogram_problems(ptx, real.asm["ttgir"], real.metadata.shared, kw["DUMP"], kw["SLAB"])
+    print(name, problems)
+    if rule is None:
+        assert problems == [], problems
+        continue
+    assert [p.split(":")[0] for p in problems] == [rule], (name, problems)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        choice = C.histogram_strategy(Compiled(real), (1,), (), dict(kw, MUTANT=name), torch.device("cuda", 0))
+    assert choice == C.HIST_TL
+    assert len(caught) == 1 and rule in str(caught[0].message) and len(str(caught[0].message)) < 400, caught
+print("ok")
+"""
+
+
+def _in_root(script: str, timeout: int) -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        compile_without_a_gpu(_COMPILE_SCRIPT, timeout=600)
+        compile_without_a_gpu(script, timeout=timeout)
     finally:
         os.chdir(cwd)
+
+
+def test_guard_refuses_each_mutant_the_counting_guard_accepted():
+    """Each barrier removed, a reduction in the hot loop (Triton's shared memory outside the
+    reservation, in the real kernel only), a block smaller than the threads (every element
+    counted twice), a reservation smaller than the words used: refused by name, and the
+    runtime falls back with one short warning; the unmutated kernel passes."""
+    _in_root(_MUTANT_SCRIPT, timeout=900)
+
+
+_ONE_WARP_SCRIPT = r"""
+import contextlib, io, os, sys, warnings
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, "bench")
+import torch
+import sass_report as S
+from fasthist.bins import LogBins
+C = S.C
+spec = C.slab_kwargs(C.BinSpec(LogBins()).kwargs(), 1)
+kw = dict(S.KERNELS["adam"][1], DTYPE=S.tl.float32, BLOCK=1024, ITERS=16, ALIGNED=True, **spec)
+
+
+class OneWarp:  # compiles for sm_90 where the runtime's warmup would compile for the device
+    def warmup(self, *args, grid, **kwargs):
+        return S.compile_kernel(S.KERNELS["adam"][0], {k: v for k, v in kwargs.items() if k != "num_warps"}, 90, 1)
+
+
+out = io.StringIO()
+with contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    choice = C.histogram_strategy(OneWarp(), (1,), (), dict(kw, num_warps=1), torch.device("cuda", 0))
+assert choice == C.HIST_TL, choice
+assert out.getvalue() == "", out.getvalue()[:2000]
+assert len(caught) == 1, [str(w.message)[:300] for w in caught]
+message = str(caught[0].message)
+assert "compiling it failed" in message and "ptxas" in message.lower() and len(message) < 500, message
+print(message)
+print("ok")
+"""
+
+
+def test_a_shape_the_shared_path_cannot_take_falls_back_quietly():
+    """One warp: the reservation's gather stays in registers, so no shared memory is
+    declared and ptxas rejects the histogram's PTX, and a failing ptxas makes Triton print
+    the whole PTX to stdout. The runtime falls back to ``tl.histogram`` with one warning of
+    a line naming the error, and nothing reaches stdout."""
+    _in_root(_ONE_WARP_SCRIPT, timeout=600)
 
 
 # -- low-precision states round to nearest even, on the interpreter as on the GPU ---------
