@@ -1,5 +1,5 @@
 """The compiled CPU pass clears only last step's span of each step row (``Windows::span`` in
-fasthist/csrc/private_hist.h), trusting that span only while the step buffer's version
+fasthist/csrc/windows.h), trusting that span only while the step buffer's version
 counter says nothing else wrote it. Every test here runs a sequence of calls whose spans
 move (values of other magnitudes each call), with someone else writing the step window in
 between, and checks the step row against the torch-op oracle on fresh windows: a stale
