@@ -31,11 +31,28 @@ def cpu_kernel() -> tuple[list, dict]:
     )
 
     class OptionalBuildExtension(BuildExtension.with_options(use_ninja=False)):
+        def finalize_options(self) -> None:
+            super().finalize_options()
+            self.force = True  # a stamp describes this build: never keep an older library as up to date
+            self.stamped: list = []
+
+        def build_extension(self, ext) -> None:
+            super().build_extension(ext)  # an optional one that fails raises here, caught by setuptools
+            self.stamped.append(ext)
+
         def build_extensions(self) -> None:
             try:  # torch's checks of the compiler raise before setuptools' `optional` applies
                 super().build_extensions()
             except Exception as e:
                 print(f"fasthist: the CPU kernel was not built ({type(e).__name__}: {e}); it builds on first use")
+
+        def run(self) -> None:
+            super().run()
+            # fasthist loads only a library stamped as the build of its sources (one an older
+            # checkout left in the tree has no matching stamp): stamped here, after an in-place
+            # (editable) build's copy into the tree, where it is loaded from
+            for e in self.stamped:
+                build.write_stamp(self.get_ext_fullpath(e.name))
 
     return [ext], {"build_ext": OptionalBuildExtension}
 

@@ -9,6 +9,17 @@ them, and the optimizer's ``load_state_dict()`` puts loaded ones back (see
 
 A :class:`HistogramStore` is derived data: it can be dropped at any time (after a load,
 on unpickling) and is rebuilt from the state on next use.
+
+Writing the rows. Any torch op on ``hist_step``/``hist_total`` (or on the packed buffers,
+or a view of them) is safe: ``zero_()``, ``copy_()``, ``load_state_dict()``. A write that
+torch does not see, through ``.data``, ``.numpy()``, DLPack or a raw pointer, is not: on
+the CPU the compiled pass clears, in each step row, only the bins it wrote at the previous
+step, trusting the step buffer's version counter to say that nothing else wrote the row
+since (every torch op bumps it; such writes do not). Nonzero counts written that way
+outside those bins stay in the ``hist_step`` row, added to every later step's counts,
+until a torch op writes the buffer (``hist_total`` is not affected: it is only ever added
+to). Zeroing a row that way is harmless. After such a write, call
+``opt.reset_histograms()`` or bump the counter by one torch op, e.g. ``row.add_(0)``.
 """
 
 from __future__ import annotations

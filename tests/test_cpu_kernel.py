@@ -17,6 +17,7 @@ import torch
 from _optim_db import config_cases, grads_at
 
 from fasthist import LogBins, csrc
+from fasthist.csrc import library
 from fasthist.reference.histogram import accumulate_
 from fasthist.target import HistTarget
 
@@ -129,10 +130,10 @@ def test_unavailable_warns_once_and_falls_back(monkeypatch):
     def fail(directory):
         raise RuntimeError("the compiler failed (exit 1)")
 
-    monkeypatch.setattr(csrc, "_op", None)
-    monkeypatch.setattr(csrc, "_error", None)
-    monkeypatch.setattr(csrc, "_installed", lambda: None)
-    monkeypatch.setattr(csrc._build, "build", fail)
+    monkeypatch.setattr(library, "_ops", None)
+    monkeypatch.setattr(library, "_error", None)
+    monkeypatch.setattr(library, "_installed", lambda: None)
+    monkeypatch.setattr(library._build, "build", fail)
     bins = LogBins()
     target = HistTarget(
         bins,

@@ -1,5 +1,5 @@
 """The compiled CPU pass clears only last step's span of each step row (``Windows::span`` in
-fasthist/csrc/private_hist.h), trusting that span only while the step buffer's version
+fasthist/csrc/windows.h), trusting that span only while the step buffer's version
 counter says nothing else wrote it. Every test here runs a sequence of calls whose spans
 move (values of other magnitudes each call), with someone else writing the step window in
 between, and checks the step row against the torch-op oracle on fresh windows: a stale
@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from _cpu_helpers import two_threads  # noqa: F401 (autouse)
+from _cpu_helpers import assert_close, two_threads  # noqa: F401 (autouse)
 from _optim_db import grads_at
 
 import fasthist
@@ -189,4 +189,42 @@ def test_optimizer_steps_exact(monkeypatch, between):
     got = _adam_steps(monkeypatch, "1", between)
     want = _adam_steps(monkeypatch, "0", between)
     for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def _steps_in_inference_mode(cls, flag, monkeypatch, **config):
+    """Adam steps with moving magnitudes (moving spans), all under ``torch.inference_mode()``
+    from the first (the state and the packed windows are then inference tensors, which have
+    no version counter); returns the parameters and each step's step window (or None)."""
+    monkeypatch.setenv("FASTHIST_CPU_KERNEL", flag)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g) for s in [(100, 300), (7,), (70_001,), (0,), (3, 5)]]
+    opt = cls(params, **config)
+    rows = []
+    with torch.inference_mode():
+        for step in range(6):
+            for p, gr in zip(params, grads_at(step, params), strict=True):
+                p.grad = gr * 10.0 ** (3 * (step % 3) - 3)
+            opt.step()
+            rows.append(opt.histogram_rows("step").counts.clone() if isinstance(opt, fasthist.Adam) else None)
+    return params, rows
+
+
+@pytest.mark.parametrize(
+    ("flag", "fused"), [("1", False), ("1", True), ("0", False)], ids=["cpp", "fused", "torch_ops"]
+)
+def test_inference_mode_steps_like_torch(monkeypatch, flag, fused):
+    """``opt.step()`` under ``torch.inference_mode()`` steps as torch's Adam does there (the
+    same parameters, bit for bit: the update is torch's own, or reproduces its fused step),
+    and its step windows are the torch-op path's outside inference mode: with no version
+    counter to trust, every step row is cleared in full."""
+    got, rows = _steps_in_inference_mode(fasthist.Adam, flag, monkeypatch, fused=fused)
+    want, _ = _steps_in_inference_mode(torch.optim.Adam, flag, monkeypatch, fused=fused)
+    for a, b in zip(got, want, strict=True):
+        if fused:  # torch's fused CPU step, reproduced bit for bit where its kernels are x86's
+            assert_close(a, b, torch.float32)
+        else:  # torch's own update
+            assert torch.equal(a, b)
+    oracle_rows = _adam_steps(monkeypatch, "0", lambda opt, params, step: opt)
+    for a, b in zip(rows, oracle_rows, strict=True):
         assert torch.equal(a, b)

@@ -1,6 +1,15 @@
 """How the compiled CPU kernel is built: the sources and flags, shared by ``setup.py`` (built
 at install, where torch is importable in the build environment) and the first-use build of
-:mod:`fasthist.csrc` (one compiler call, cached).
+:mod:`fasthist.csrc` (one compiler call, cached); and the stamp that says a library file is
+such a build.
+
+The stamp, ``<library>.stamp`` beside each library either build writes, holds the
+:func:`cache_key` of the build (sources, flags, torch, interpreter) and the library's size
+and SHA-256. It is written after the library is complete, under a temporary name and
+renamed, so a library without a matching stamp is one that must not be loaded: built from
+other sources (an older checkout's ``fasthist/_C_cpu*.so``), for another torch, or not the
+whole file (truncated, emptied, overwritten); :func:`stamp_matches` reads the file, never
+loads it.
 
 Imports nothing from fasthist and torch only inside functions: ``setup.py`` loads this file
 by path, before fasthist is installed.
@@ -14,18 +23,33 @@ the division) is allowed: the bins must be the reference's exactly.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import sysconfig
 import tempfile
 
-__all__ = ["CXX_FLAGS", "HEADERS", "NAME", "SOURCES", "build", "cache_key", "compile_command", "openmp_flags"]
+__all__ = [
+    "CXX_FLAGS",
+    "HEADERS",
+    "NAME",
+    "SOURCES",
+    "build",
+    "cache_key",
+    "compile_command",
+    "openmp_flags",
+    "stamp_matches",
+    "write_stamp",
+]
 
 NAME = "_C_cpu"  # fasthist._C_cpu: the library a setup.py build puts beside the package
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(HERE, name) for name in ("histogram.cpp", "fused_adam.cpp", "fused_adagrad.cpp")]
-HEADERS = [os.path.join(HERE, "private_hist.h")]
+SOURCES = [os.path.join(HERE, name) for name in ("op_args.cpp", "histogram.cpp", "fused_adam.cpp", "fused_adagrad.cpp")]
+HEADERS = [
+    os.path.join(HERE, name)
+    for name in ("log_bins.h", "dtype_io.h", "private_hist.h", "windows.h", "sweep.h", "op_args.h")
+]
 CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-std=c++20", "-w"]
 
 
@@ -74,12 +98,50 @@ def cache_key() -> str:
     return h.hexdigest()[:16]
 
 
+def _digest(path: str) -> dict[str, int | str]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def write_stamp(library: str) -> None:
+    """Stamp ``library`` (complete, just built from these sources) as such a build; written
+    under a temporary name and renamed, so a reader sees a whole stamp or none."""
+    fd, tmp = tempfile.mkstemp(suffix=".stamp", dir=os.path.dirname(library) or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": cache_key(), **_digest(library)}, f)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide an installed library's stamp from other users
+        os.replace(tmp, library + ".stamp")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def stamp_matches(library: str) -> bool:
+    """Whether ``library`` is the whole, unchanged build of these sources for this torch
+    and interpreter: its stamp's key is :func:`cache_key`, and its size and SHA-256 are the
+    stamp's (a few milliseconds; the file is read, not loaded)."""
+    try:
+        with open(library + ".stamp") as f:
+            stamp = json.load(f)
+        if not isinstance(stamp, dict) or stamp.get("key") != cache_key():
+            return False
+        return stamp.get("size") == os.path.getsize(library) and stamp == {"key": stamp["key"], **_digest(library)}
+    except (OSError, ValueError):
+        return False
+
+
 def build(directory: str) -> str:
-    """Compile into ``directory`` (created) unless already there; returns the library's path.
-    Written under a temporary name and renamed, so concurrent builds never load half a file.
-    Raises ``RuntimeError`` with the compiler's output when the build fails."""
+    """Compile into ``directory`` (created) unless a library stamped as this build is
+    already there; returns the library's path. Written under a temporary name and renamed,
+    then stamped, so concurrent builds never load half a file, and a cached library that is
+    not whole (truncated, emptied) is built again. Raises ``RuntimeError`` with the
+    compiler's output when the build fails."""
     path = os.path.join(directory, f"fasthist_cpu_{cache_key()}.so")
-    if os.path.exists(path):
+    if stamp_matches(path):
         return path
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
@@ -92,6 +154,7 @@ def build(directory: str) -> str:
         if proc.returncode != 0:
             raise RuntimeError(f"the compiler failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
         os.replace(tmp, path)
+        write_stamp(path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

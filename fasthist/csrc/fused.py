@@ -16,6 +16,8 @@ from torch import Tensor
 
 from ..dtensor import is_dtensor
 from ..target import HistTarget
+from .library import enabled
+from .library import load as _load
 
 __all__ = ["fused_step_", "fused_supports"]
 
@@ -49,8 +51,6 @@ def fused_supports(op: str, lists: list[list[Tensor]], hist: HistTarget | None, 
     one float32/bfloat16/float16 dtype over contiguous plain tensors (no DTensor, no
     non-contiguous state: a strided walk is not what the kernel does, no sparse gradient),
     scalar hyper-parameters, ``lr`` a float or a CPU tensor, no ``differentiable``."""
-    from . import _load, enabled
-
     if op not in _OPS or hist is None or not kwargs.get("fused") or not enabled():
         return False
     if kwargs.get("differentiable") or kwargs.get("has_sparse_grad") or hist.step.device.type != "cpu":

@@ -30,7 +30,10 @@
 #include <cmath>
 #include <optional>
 
-#include "private_hist.h"
+#include "dtype_io.h"
+#include "log_bins.h"
+#include "op_args.h"
+#include "sweep.h"
 
 namespace {
 
