@@ -23,7 +23,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from .bins import LogBins
 from .eps import EpsRange, Exclude, eps_range_from_counts
 from .histogram import Histogram, as_quantiles, batched_quantile, invalid_rows
-from .names import check_distinct_tensors, check_unique_names, tracked, why_untracked
+from .names import check_unique_names, tracked, why_untracked
 from .store import HIST_KEYS, HistogramStore, loadable_counts, split_saved_counts
 
 __all__ = ["HistogramMixin", "HistogramRows", "TRACKING_ARGS_DOC", "drop_in_doc"]
@@ -202,11 +202,11 @@ class HistogramMixin:
         track = param_group.get("track", True)
         if not isinstance(track, bool):
             raise ValueError(f"Invalid track value: {track}; expected a bool")
-        check_distinct_tensors(params, len(self.param_groups))
         if params and all(isinstance(p, tuple) for p in params):
             groups = self.param_groups
             names = [*(g.get("param_names") for g in groups), [p[0] for p in params]]
-            check_unique_names(names, [len(g["params"]) for g in groups] + [len(params)])
+            tensors = [*(g["params"] for g in groups), [p[1] for p in params]]
+            check_unique_names(names, [len(g["params"]) for g in groups] + [len(params)], tensors)
 
     def _init_tracking(self, track: bool, bins: LogBins | None) -> None:
         """Validate ``track``/``bins``; call before ``torch.optim.Optimizer.__init__``."""

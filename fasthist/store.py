@@ -51,6 +51,7 @@ class HistogramStore:
         self.row: dict[Tensor, tuple[torch.device, int]] = {}
         self.views: dict[Tensor, Tensor] = {}  # the exact tensor object put in state["hist_step"]
         self.buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.scratch: dict[torch.device, tuple[Tensor, Tensor]] = {}  # the buffers with the scratch row
         # per set of parameters stepped together (usually one per group); bounded, since
         # each holds workspace and the set can change every step (experts, frozen branches)
         self.targets: OrderedDict[tuple, DeviceTargets] = OrderedDict()
@@ -71,7 +72,10 @@ class HistogramStore:
         for name, p in tracked:
             per_device.setdefault(p.device, []).append((name, p))
         for device, items in per_device.items():
-            bufs = [torch.zeros(len(items), nb, dtype=torch.int64, device=device) for _ in HIST_KEYS]
+            # one row more than tracked: a tensor given twice to one step writes its first
+            # pass there (never read), so it is counted once per step
+            full = [torch.zeros(len(items) + 1, nb, dtype=torch.int64, device=device) for _ in HIST_KEYS]
+            bufs = [b[: len(items)] for b in full]
             for r, (name, p) in enumerate(items):
                 st = state[p]
                 for buf, key in zip(bufs, HIST_KEYS, strict=True):
@@ -84,6 +88,7 @@ class HistogramStore:
                 self.params.append(p)
                 self.names.append(name)
             self.buffers[device] = (bufs[0], bufs[1])
+            self.scratch[device] = (full[0], full[1])
 
     def targets_for(self, state: Any, tracked: Callable[[], Tracked], params: list[Tensor]) -> DeviceTargets:
         """Where one step call over ``params`` (all with state, in tracked groups) writes:
@@ -96,13 +101,15 @@ class HistogramStore:
             self.targets.move_to_end(key)
             return cached
         by_device: dict[torch.device, list[int]] = {}
+        last = {id(p): i for i, p in enumerate(params)}  # a tensor given twice counts at its last place
         for i, p in enumerate(params):
             by_device.setdefault(p.device, []).append(i)
         out = {}
         for device, idx in by_device.items():
-            step, total = self.buffers[device]
-            rows = torch.tensor([self.row[params[i]][1] for i in idx], dtype=torch.int64, device=device)
-            out[device] = (idx, HistTarget(self.bins, step, total, rows))
+            step, total = self.scratch[device]
+            scratch = step.shape[0] - 1
+            row = [self.row[params[i]][1] if last[id(params[i])] == i else scratch for i in idx]
+            out[device] = (idx, HistTarget(self.bins, step, total, torch.tensor(row, dtype=torch.int64, device=device)))
         self.targets[key] = out
         if len(self.targets) > _MAX_TARGETS:
             self.targets.popitem(last=False)

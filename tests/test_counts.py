@@ -44,12 +44,64 @@ def test_duplicate_names_refused(info):
     assert [g["param_names"] for g in opt.param_groups] == [["w"], ["v"]]
 
 
-@by_optim
-def test_same_tensor_twice_in_a_group_refused(info):
-    # torch only warns, and steps the tensor twice; a tensor has one histogram
-    a = torch.zeros(3, requires_grad=True)
-    with pytest.raises(ValueError, match=r"param group 0 holds the same tensor twice \(parameters 0 and 2\)"):
-        info.cls([a, torch.zeros(2, requires_grad=True), a])
+TORCH_OPTIMS = [info for info in OPTIMS if info.name != "adabelief"]
+
+
+def _construct(make, *args, **kwargs):
+    """``make(*args, **kwargs)`` and the warnings it gave, as (category, text)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        opt = make(*args, **kwargs)
+    return opt, [(w.category, str(w.message)) for w in record]
+
+
+@pytest.mark.parametrize(
+    ("info", "config"),
+    [pytest.param(info, c, id=f"{info.name}-{c}") for info in TORCH_OPTIMS for c in info.configs],
+)
+def test_same_tensor_twice_in_a_group_steps_like_torch(info, config):
+    # torch warns and steps the tensor twice per step (its state too); so do we, and the
+    # tensor has one histogram, counted once per step (at its last place, its final value)
+    kw = info.configs[config]
+    a, b = make_params()[:2]
+    a2, b2 = (p.detach().clone().requires_grad_() for p in (a, b))
+    ours, ours_warned = _construct(info.cls, [a, b, a], **kw)
+    theirs, their_warned = _construct(info.reference, [a2, b2, a2], **kw)
+    assert ours_warned == their_warned
+    assert [c for c, _ in ours_warned] == [UserWarning]
+    for step in range(4):
+        step_all(ours, [a, b], step)
+        step_all(theirs, [a2, b2], step)
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    for p, q in ((a, a2), (b, b2)):
+        for key, t in theirs.state[q].items():
+            assert torch.equal(ours.state[p][key], t), key
+    assert list(ours.histograms()) == ["0.0", "0.1"]
+    group = ours.param_groups[0]
+    assert torch.equal(ours.histogram(a).counts, BINS.count(info.value(ours.state[a], group)))
+    assert ours.histogram(a, window="total").count == 4 * a.numel()
+    with pytest.raises(KeyError, match=r"given twice in param group 0; its histogram is named '0\.0'"):
+        ours.histogram("0.2")
+
+
+@pytest.mark.parametrize("info", TORCH_OPTIMS, ids=repr)
+def test_same_tensor_in_two_groups_refused_like_torch(info):
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    for groups in ([{"params": [a]}, {"params": [b, a]}], [{"params": [("w", a)]}, {"params": [("w", a)]}]):
+        for make in (info.cls, info.reference):
+            with pytest.raises(ValueError, match=r"^some parameters appear in more than one parameter group$"):
+                make(groups)
+
+
+@pytest.mark.parametrize("info", TORCH_OPTIMS, ids=repr)
+def test_named_tensor_twice_in_a_group_warns_like_torch(info):
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    ours, warned = _construct(info.cls, [("w", a), ("v", b), ("w", a)])
+    assert warned == _construct(info.reference, [("w", a), ("v", b), ("w", a)])[1]
+    step_all(ours, [a, b])
+    assert list(ours.histograms()) == ["w", "v"]
+    with pytest.raises(ValueError, match=r"duplicate parameter name 'w'.*parameters 0 and 2"):
+        info.cls([("w", a), ("v", b), ("w", torch.zeros(3, requires_grad=True))])
 
 
 @by_optim
