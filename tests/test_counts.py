@@ -234,9 +234,9 @@ def test_total_window_overflow_detected(info):
     opt = info.cls(params)
     step_all(opt, params)
     sd = copy.deepcopy(opt.state_dict())
-    row = sd["state"][0]["hist_total"]
-    row.zero_()
+    row = torch.zeros(NB, dtype=torch.int64)  # a row of int64 counts loads as it is
     row[0] = 2**63 - 10  # loads: a valid count, but the next steps wrap it
+    sd["state"][0]["hist_total"] = row
     opt.load_state_dict(sd)
     step_all(opt, params, 1)
     for query in (
@@ -360,16 +360,67 @@ def test_histogram_of_an_untracked_parameter_says_why(info):
             opt.histogram(c)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_counts_exact_through_torch_optim_for_low_precision_params(dtype):
+    # torch.optim.Adam casts a loaded state's tensors to the parameter's dtype: int64 counts
+    # rounded past 256 in bf16 and became inf past 65,504 in fp16 (the whole row dropped).
+    # 70,001 equal values put 70,001 (odd, past both limits) into one bin of the step window.
+    p = torch.zeros(70_001, dtype=dtype, requires_grad=True)
+    opt = fasthist.Adam([p])
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        opt.step()
+    assert int(opt.histogram().counts.max()) == 70_001
+    theirs = torch.optim.Adam([p.detach().clone().requires_grad_()])
+    theirs.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert theirs.state[theirs.param_groups[0]["params"][0]]["hist_total"].dtype == dtype  # torch's cast
+    for source in (theirs.state_dict(), opt.state_dict()):  # through torch.optim, and directly
+        back = fasthist.Adam([p.detach().clone().requires_grad_()])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            back.load_state_dict(copy.deepcopy(source))
+        for window in ("step", "total"):
+            assert torch.equal(back.histogram(window=window).counts, opt.histogram(window=window).counts)
+        assert back.histogram(window="total").count == 3 * 70_001
+
+
 def test_counts_rounded_by_a_narrow_float_cast_load_with_one_warning():
-    # torch.optim.Adam casts the rows to a bf16 parameter's dtype: counts past 2**8 round
+    # a [num_bins] row (older checkpoints) that torch.optim cast to bf16: counts past 2**8 round
     p = torch.zeros(300, dtype=torch.bfloat16, requires_grad=True)
     opt = fasthist.Adam([p])
     p.grad = torch.ones_like(p)
     opt.step()
-    theirs = torch.optim.Adam([p.detach().clone().requires_grad_()])
-    theirs.load_state_dict(copy.deepcopy(opt.state_dict()))
+    sd = copy.deepcopy(opt.state_dict())
+    for key in ("hist_step", "hist_total"):
+        sd["state"][0][key] = opt.state[p][key].to(torch.bfloat16)
     back = fasthist.Adam([p.detach().clone().requires_grad_()])
     with pytest.warns(UserWarning, match=r"2 saved histograms were cast to a float type .*possibly rounded") as rec:
-        back.load_state_dict(theirs.state_dict())
+        back.load_state_dict(sd)
     assert len(rec) == 1
     assert back.histogram(back.param_groups[0]["params"][0]).counts.dtype == torch.int64
+
+
+def test_a_saved_row_is_saved_alone():
+    # a row of the packed buffer would serialise the whole buffer (every tensor's counts)
+    params = [torch.zeros(3, requires_grad=True) for _ in range(50)]
+    opt = fasthist.Adam(params)
+    step_all(opt, params)
+    row = opt.state_dict()["state"][0]["hist_total"]
+    assert row.untyped_storage().nbytes() == NB * 8
+    assert torch.equal(fasthist.store.loadable_counts({0: {"r": row}}, NB)[0]["r"], opt.state[params[0]]["hist_total"])
+
+
+def test_queries_check_only_the_rows_they_read(monkeypatch):
+    # a one-tensor query checks its row; the others check a bounded number of rows at a
+    # time: at 100k tensors a check of the whole matrix at once needed a 2 GB temporary
+    params = [torch.zeros(2, requires_grad=True) for _ in range(600)]
+    opt = fasthist.Adam(params)
+    step_all(opt, params)
+    checked = []
+    real = fasthist.queries.invalid_rows
+    monkeypatch.setattr(fasthist.queries, "invalid_rows", lambda c: checked.append(c.shape[0]) or real(c))
+    assert opt.histogram(params[7]).count == 2
+    assert checked == [1]
+    checked.clear()
+    assert len(opt.histograms()) == 600
+    assert max(checked) <= 256 and sum(checked) == 600
