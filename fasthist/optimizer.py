@@ -51,6 +51,13 @@ def drop_in_doc(torch_name: str, value: str, note: str | None = None) -> str:
     )
 
 
+def _check_track(track: Any) -> bool:
+    """``track`` (an optimizer argument or a group option), refused unless a bool."""
+    if not isinstance(track, bool):
+        raise ValueError(f"Invalid track value: {track}; expected a bool")
+    return track
+
+
 def _torch_grad_mode(step: Callable) -> Callable:
     """Run ``step`` in torch's grad mode for optimizer steps: ``_use_grad_for_differentiable``
     (gradients only with ``differentiable=True``, graph breaks for ``torch.compile``) for an
@@ -184,9 +191,7 @@ class HistogramMixin(HistogramQueries):
                     f"{type(self).__name__} can only optimize floating point or complex parameters, "
                     f"but parameter {i} of the group has dtype {t.dtype}"
                 )
-        track = param_group.get("track", True)
-        if not isinstance(track, bool):
-            raise ValueError(f"Invalid track value: {track}; expected a bool")
+        _check_track(param_group.get("track", True))
         if params and all(isinstance(p, tuple) for p in params):
             groups = self.param_groups
             names = [*(g.get("param_names") for g in groups), [p[0] for p in params]]
@@ -196,9 +201,7 @@ class HistogramMixin(HistogramQueries):
     def _init_tracking(self, track: bool, bins: LogBins | None) -> None:
         """Validate ``track``/``bins``; call before ``torch.optim.Optimizer.__init__``."""
         self._bins = self._check_bins(bins)
-        if not isinstance(track, bool):
-            raise ValueError(f"Invalid track value: {track}; expected a bool")
-        self._track_default = track
+        self._track_default = _check_track(track)
 
     def _finish_tracking(self) -> None:
         """Record the tracking options in ``defaults`` and every group; call after it."""

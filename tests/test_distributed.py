@@ -173,7 +173,10 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     st = sopt.state[shard]
     out["manual_value"] = st["square_avg"].addcmul(st["grad_avg"], st["grad_avg"], value=-1).double().sqrt().float()
     out["manual_sharded"] = sopt.histogram(shard, process_group=world, sharded=True).counts.clone()
-    out["manual_default"] = sopt.histogram(shard, process_group=world).counts.clone()
+    try:  # by default plain tensors are replicas: pieces of different shapes cannot be
+        sopt.histogram(shard, process_group=world)
+    except ValueError as e:
+        out["manual_default"] = str(e)
     out["manual_local"] = sopt.histogram(shard).counts.clone()
 
     # ZeRO-like: each rank owns a different named tensor.
@@ -310,8 +313,9 @@ def test_manual_shards_merge_exactly_with_sharded_true(ranks):
     assert full.numel() == 21
     for r in ranks:
         assert torch.equal(r["manual_sharded"], bins.count(full))
-        # default (plain tensors are replicas): rank 0's piece, counted once
-        assert torch.equal(r["manual_default"], ranks[0]["manual_local"])
+        # default (plain tensors are replicas): pieces of different shapes are refused, where
+        # rank 1's piece was dropped without a word
+        assert "'0.0' is a tensor of shape (4, 3) on rank 0 and of shape (3, 3) on rank 1" in r["manual_default"]
 
 
 def test_tensors_owned_by_one_rank_each(ranks):
