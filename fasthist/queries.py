@@ -4,8 +4,9 @@ quantiles), merging them across ranks (:mod:`fasthist.distributed`) and the pape
 (:mod:`fasthist.eps`).
 
 A query reads no more than it answers: one tensor's histogram checks and copies one row;
-the overflow check of many rows runs a bounded number of rows at a time, so a query over
-100k tensors allocates no temporary the size of the whole matrix.
+the overflow check and the quantiles of many rows run a bounded number of rows at a time,
+so a query over 100k tensors allocates no temporary the size of the whole matrix (the
+result of :meth:`HistogramQueries.histograms` is a copy of every row, one tensor each).
 """
 
 from __future__ import annotations
@@ -116,8 +117,8 @@ class HistogramQueries:
         names, _, counts = self._checked_rows(window, process_group, sharded)
         if counts is None:
             return {}
-        rows = counts.clone().unbind(0)
-        return {n: Histogram(c, self._bins, validate=False) for n, c in zip(names, rows, strict=True)}
+        # a copy per row: each histogram owns its counts (saving one writes one row)
+        return {n: Histogram(c.clone(), self._bins, validate=False) for n, c in zip(names, counts, strict=True)}
 
     def histogram(
         self,
@@ -171,7 +172,8 @@ class HistogramQueries:
         names, _, counts = self._checked_rows(window, process_group, sharded)
         if counts is None:
             return [], torch.empty(0, qt.numel(), dtype=torch.float64)
-        return names, batched_quantile(counts, qt, self._bins, exclude_zeros=exclude_zeros)
+        chunks = counts.split(_CHECK_ROWS)  # its running sums a bounded number of rows at a time
+        return names, torch.cat([batched_quantile(c, qt, self._bins, exclude_zeros=exclude_zeros) for c in chunks])
 
     def eps_range(
         self,
