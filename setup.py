@@ -75,7 +75,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.2"],
         # >= 3.9: older interpreters round tl.fma twice, and the CPU kernel tests are bit-exact
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.9", "adabelief-pytorch"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.9", "adabelief-pytorch", "expecttest"],
         "dev": ["ruff"],
         "demo": ["matplotlib", "tqdm", "scikit-learn", "tensorboard"],
         # fasthist.integrations: each imported only when used; install torch first, or pin

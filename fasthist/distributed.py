@@ -110,6 +110,33 @@ def _primary_shard_holder(param: Tensor) -> bool:
     return all(c == 0 for c, p in zip(coord, placements, strict=True) if not p.is_shard())
 
 
+def _merged_shape(param: Tensor, sharded: bool | None) -> tuple[int, ...] | None:
+    """The shape every rank holding ``param``'s name must agree on: the tensor's (a DTensor's
+    is the global shape); None for a plain tensor merged as a shard, whose pieces differ."""
+    if (is_sharded(param) if sharded is None else sharded) and not is_dtensor(param):
+        return None
+    return tuple(param.shape)
+
+
+def _check_same_shapes(gathered: list[Any]) -> None:
+    """Refuse one name for tensors of different shapes on different ranks (on every rank:
+    ``gathered`` is the same everywhere). Merged as one tensor, one rank's counts would be
+    dropped (replicas) or added to another tensor's (shards) without a word."""
+    first: dict[str, tuple[int, tuple[int, ...]]] = {}
+    for r, (rank_names, _, shapes) in enumerate(gathered):
+        for name, shape in zip(rank_names, shapes, strict=True):
+            if shape is None:
+                continue
+            r0, shape0 = first.setdefault(name, (r, shape))
+            if shape != shape0:
+                raise ValueError(
+                    f"cannot merge histograms across ranks: {name!r} is a tensor of shape {shape0} on rank {r0} "
+                    f"and of shape {shape} on rank {r}; a name must identify one tensor on every rank (unnamed "
+                    "parameters are named by position, '{group}.{index}': give the optimizer "
+                    "model.named_parameters())"
+                )
+
+
 def global_rows(
     names: Sequence[str],
     params: Sequence[Tensor],
@@ -128,14 +155,16 @@ def global_rows(
     device = _collective_device(group, local_device)
     world = dist.get_world_size(group)
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, (list(names), bins.spec), group=group)
-    specs = [s for _, s in gathered]
+    shapes = [_merged_shape(p, sharded) for p in params]
+    dist.all_gather_object(gathered, (list(names), bins.spec, shapes), group=group)
+    specs = [s for _, s, _ in gathered]
     if any(tuple(s) != bins.spec for s in specs):
         detail = ", ".join(f"rank {r}: LogBins{tuple(s)}" for r, s in enumerate(specs))
         raise ValueError(f"cannot merge histograms with different bins across ranks ({detail})")
+    _check_same_shapes(gathered)
     union: list[str] = []
     first_holder: dict[str, int] = {}
-    for r, (rank_names, _) in enumerate(gathered):
+    for r, (rank_names, _, _) in enumerate(gathered):
         for n in rank_names:
             if n not in first_holder:
                 first_holder[n] = r

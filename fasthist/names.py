@@ -1,6 +1,9 @@
 """Names of the tensors an optimizer tracks: the parameter names given to it (torch's
-``param_names``), else ``"{group}.{index}"``. A name identifies one tensor and a tensor has
-one name: that is what matches histograms across queries, checkpoints and ranks."""
+``param_names``), else ``"{group}.{index}"`` (``model.parameters()`` gives ``"0.0"``,
+``"0.1"``, ...: the position, which says nothing about the tensor; name them with
+``model.named_parameters()``). A name identifies one tensor and a tensor has one histogram:
+that is what matches histograms across queries, checkpoints and ranks. A tensor given twice
+in one group (torch warns, and steps it twice) keeps the name of its first place."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["check_distinct_tensors", "check_unique_names", "declared", "tracked", "why_untracked"]
+__all__ = ["check_unique_names", "declared", "tracked", "why_untracked"]
 
 
 def _names(gi: int, group: dict[str, Any]) -> list[str]:
@@ -17,11 +20,17 @@ def _names(gi: int, group: dict[str, Any]) -> list[str]:
 
 
 def tracked(param_groups: list[dict[str, Any]], state: Any) -> list[tuple[str, Tensor]]:
-    """``(name, param)`` of every parameter with state in a group with ``track=True``."""
+    """``(name, param)`` of every parameter with state in a group with ``track=True``, each
+    tensor once (under the name of its first place)."""
     out = []
+    seen: set[int] = set()
     for gi, group in enumerate(param_groups):
-        if group.get("track", True):
-            out += [(n, p) for n, p in zip(_names(gi, group), group["params"], strict=True) if len(state.get(p, {}))]
+        if not group.get("track", True):
+            continue
+        for n, p in zip(_names(gi, group), group["params"], strict=True):
+            if id(p) not in seen and len(state.get(p, {})):
+                seen.add(id(p))
+                out.append((n, p))
     return out
 
 
@@ -30,29 +39,18 @@ def declared(param_groups: list[dict[str, Any]]) -> list[str]:
     return [n for gi, group in enumerate(param_groups) if group.get("track", True) for n in _names(gi, group)]
 
 
-def check_distinct_tensors(params: list[Any], gi: int) -> None:
-    """Refuse a tensor given twice in param group ``gi`` (``params``: tensors or
-    ``(name, tensor)`` pairs). torch.optim only warns, and steps it twice."""
-    seen: dict[int, int] = {}
-    for i, p in enumerate(params):
-        j = seen.setdefault(id(p[1] if isinstance(p, tuple) else p), i)
-        if j != i:
-            raise ValueError(
-                f"param group {gi} holds the same tensor twice (parameters {j} and {i}); "
-                "a tensor has one state and one histogram"
-            )
-
-
-def check_unique_names(names: list[list[str] | None], sizes: list[int]) -> None:
+def check_unique_names(names: list[list[str] | None], sizes: list[int], params: list[list[Any]] | None = None) -> None:
     """Refuse a name given to two tensors: ``names[g]`` are group ``g``'s parameter names
-    (None: the group is unnamed, its ``sizes[g]`` tensors are named ``"{group}.{index}"``)."""
+    (None: the group is unnamed, its ``sizes[g]`` tensors are named ``"{group}.{index}"``).
+    With ``params`` (group ``g``'s tensors), a name repeated with the same tensor is that
+    tensor given twice, which torch allows (with a warning)."""
     owner: dict[str, tuple[int, int]] = {}
     for gi, group_names in enumerate(names):
         if group_names is None:
             group_names = [f"{gi}.{pi}" for pi in range(sizes[gi])]
         for pi, name in enumerate(group_names):
             gj, pj = owner.setdefault(name, (gi, pi))
-            if (gj, pj) == (gi, pi):
+            if (gj, pj) == (gi, pi) or (params is not None and params[gj][pj] is params[gi][pi]):
                 continue
             if gj == gi:
                 detail = f"parameters {pj} and {pi}"
@@ -70,6 +68,9 @@ def why_untracked(param_groups: list[dict[str, Any]], param: Tensor | str, track
             if p is param or name == param:
                 if not group.get("track", True):
                     return f"it is in param group {gi}, which has track=False"
+                first = next(n for n, q in zip(_names(gi, group), group["params"], strict=True) if q is p)
+                if first != name and first in tracked_names:
+                    return f"the tensor is given twice in param group {gi}; its histogram is named {first!r}"
                 return "it has no state yet (no step taken, or it never had a gradient)"
     what = "it is not a parameter of this optimizer" if isinstance(param, Tensor) else "no parameter has that name"
     return f"{what}; tracked: {tracked_names[:5]}{'...' if len(tracked_names) > 5 else ''}"

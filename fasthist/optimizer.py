@@ -1,12 +1,11 @@
-"""What every fasthist optimizer adds to its torch counterpart: histogram storage in the
-optimizer state, and the queries (histograms, batched quantiles, the ε range).
+"""What a torch optimizer needs to histogram as it steps: the step, the group options
+(``track``, the bins), and the state-dict hooks that keep the counts through torch's
+``load_state_dict``. The storage, the queries, the merge across ranks and the ε rule are
+beside it, in :class:`fasthist.queries.HistogramQueries`.
 
 The mixin owns ``step`` (closure, ``_init_group``, histogram targets, the functional call);
 each optimizer supplies :meth:`HistogramMixin._gather`, the lists and keyword arguments of
 its functional form in :mod:`fasthist.functional`.
-
-Storage: each tracked parameter's state holds ``hist_step`` and ``hist_total``, int64
-rows of packed per-device buffers (:mod:`fasthist.store`).
 """
 
 from __future__ import annotations
@@ -14,17 +13,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from itertools import chain
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from .bins import LogBins
-from .eps import EpsRange, Exclude, eps_range_from_counts
-from .histogram import Histogram, as_quantiles, batched_quantile, invalid_rows
-from .names import check_distinct_tensors, check_unique_names, tracked, why_untracked
-from .store import HIST_KEYS, HistogramStore, loadable_counts, split_saved_counts
+from .names import check_unique_names
+from .queries import HistogramQueries, HistogramRows
+from .store import HIST_KEYS, loadable_counts, saved_rows, split_saved_counts
 
 __all__ = ["HistogramMixin", "HistogramRows", "TRACKING_ARGS_DOC", "drop_in_doc"]
 
@@ -53,6 +51,13 @@ def drop_in_doc(torch_name: str, value: str, note: str | None = None) -> str:
     )
 
 
+def _check_track(track: Any) -> bool:
+    """``track`` (an optimizer argument or a group option), refused unless a bool."""
+    if not isinstance(track, bool):
+        raise ValueError(f"Invalid track value: {track}; expected a bool")
+    return track
+
+
 def _torch_grad_mode(step: Callable) -> Callable:
     """Run ``step`` in torch's grad mode for optimizer steps: ``_use_grad_for_differentiable``
     (gradients only with ``differentiable=True``, graph breaks for ``torch.compile``) for an
@@ -67,24 +72,11 @@ def _torch_grad_mode(step: Callable) -> Callable:
     return wrapper
 
 
-class HistogramRows(NamedTuple):
-    """Every tracked tensor's histogram in one matrix: ``counts[i]`` (int64, one row of
-    ``bins.num_bins``) belongs to ``names[i]`` / ``params[i]`` (``params[i]`` is None for
-    a tensor known only on another rank). ``counts`` is None when nothing is tracked."""
-
-    names: list[str]
-    params: list[Tensor | None]
-    counts: Tensor | None
-
-
-class HistogramMixin:
+class HistogramMixin(HistogramQueries):
     """Mixed into a ``torch.optim`` optimizer subclass, before it in the bases. Requires
     ``self._bins`` and the group option ``track``; the subclass supplies :meth:`_gather`,
     ``_functional`` (its functional form) and ``_checks_graph_capture``."""
 
-    _bins: LogBins
-    state: Any
-    param_groups: list[dict[str, Any]]
     defaults: dict[str, Any]
     # the functional form (fasthist.functional) that steps one group; a staticmethod
     _functional: Callable[..., None]
@@ -199,26 +191,23 @@ class HistogramMixin:
                     f"{type(self).__name__} can only optimize floating point or complex parameters, "
                     f"but parameter {i} of the group has dtype {t.dtype}"
                 )
-        track = param_group.get("track", True)
-        if not isinstance(track, bool):
-            raise ValueError(f"Invalid track value: {track}; expected a bool")
-        check_distinct_tensors(params, len(self.param_groups))
+        _check_track(param_group.get("track", True))
         if params and all(isinstance(p, tuple) for p in params):
             groups = self.param_groups
             names = [*(g.get("param_names") for g in groups), [p[0] for p in params]]
-            check_unique_names(names, [len(g["params"]) for g in groups] + [len(params)])
+            tensors = [*(g["params"] for g in groups), [p[1] for p in params]]
+            check_unique_names(names, [len(g["params"]) for g in groups] + [len(params)], tensors)
 
     def _init_tracking(self, track: bool, bins: LogBins | None) -> None:
         """Validate ``track``/``bins``; call before ``torch.optim.Optimizer.__init__``."""
         self._bins = self._check_bins(bins)
-        if not isinstance(track, bool):
-            raise ValueError(f"Invalid track value: {track}; expected a bool")
-        self._track_default = track
+        self._track_default = _check_track(track)
 
     def _finish_tracking(self) -> None:
         """Record the tracking options in ``defaults`` and every group; call after it."""
         self.defaults["track"] = self._track_default  # type: ignore[attr-defined]
         self._set_hist_defaults()
+        self._register_state_dict_hooks()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._check_param_group(param_group)
@@ -232,195 +221,58 @@ class HistogramMixin:
             self._bins = LogBins()
         self._set_hist_defaults()
         self.__dict__.pop("_fh_store", None)
+        self._register_state_dict_hooks()  # torch's pickling keeps no hooks
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # type: ignore[misc]
         state["_bins"] = self._bins
         return state
 
-    # -- storage -------------------------------------------------------------------------
-    def _hist_store(self) -> HistogramStore:
-        store = self.__dict__.get("_fh_store")
-        if store is None:
-            store = self.__dict__["_fh_store"] = HistogramStore(self._bins)
-        return store
-
-    def _tracked(self) -> list[tuple[str, Tensor]]:
-        return tracked(self.param_groups, self.state)
-
-    def histogram_rows(
-        self, window: str = "step", *, process_group: Any = None, sharded: bool | None = None
-    ) -> HistogramRows:
-        """All histograms of ``window`` ("step" or "total") as one ``[R, num_bins]`` int64
-        matrix with the tensors' names, without copying them off the device; with
-        ``process_group``, merged across its ranks (see :meth:`histograms`)."""
-        names, params, counts = self._hist_store().rows(self.state, self._tracked(), window)
-        if process_group is None:
-            return HistogramRows(list(names), list(params), counts)
-        from .distributed import global_rows  # torch.distributed only when asked for
-
-        merged_names, merged = global_rows(names, params, counts, self._bins, process_group, sharded)
-        if not merged_names:
-            return HistogramRows([], [], None)
-        local = dict(zip(names, params, strict=True))
-        return HistogramRows(merged_names, [local.get(n) for n in merged_names], merged)
-
-    def _checked_rows(
-        self, window: str, process_group: Any, sharded: bool | None
-    ) -> tuple[list[str], list[Tensor | None], Tensor | None]:
-        """:meth:`histogram_rows`, refusing rows whose counts wrapped past int64."""
-        names, params, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
-        if counts is not None:
-            bad = invalid_rows(counts)
-            if bool(bad.any()):
-                which = [n for n, b in zip(names, bad.tolist(), strict=True) if b]
-                raise RuntimeError(
-                    f"histogram counts of {', '.join(map(repr, which[:5]))}{'...' if len(which) > 5 else ''} "
-                    f"({window!r} window) overflowed int64; call reset_histograms()"
-                )
-        return names, params, counts
-
-    # -- public queries ------------------------------------------------------------------
-    @property
-    def bins(self) -> LogBins:
-        """The :class:`LogBins` every histogram of this optimizer uses."""
-        return self._bins
-
-    def histograms(
-        self, *, window: str = "step", process_group: Any = None, sharded: bool | None = None
-    ) -> dict[str, Histogram]:
-        """Histogram of every tracked tensor, by name (``"{group}.{index}"`` when unnamed).
-
-        ``window="step"``: values of each tensor's latest update; ``"total"``: summed over
-        all steps since construction or :meth:`reset_histograms`. Copies, not views.
-
-        ``process_group`` (every query accepts it): merge over the ranks of that group
-        (``torch.distributed.group.WORLD`` for all) into global histograms, the same on
-        every rank; a collective, so call it on every rank. Replicated tensors (DDP) count
-        once, shards (DTensor/FSDP2) add up to the whole tensor; ``sharded`` overrides the
-        per-tensor default. See :mod:`fasthist.distributed`. None (default): this rank only.
-        """
-        names, _, counts = self._checked_rows(window, process_group, sharded)
-        if counts is None:
-            return {}
-        rows = counts.clone().unbind(0)
-        return {n: Histogram(c, self._bins, validate=False) for n, c in zip(names, rows, strict=True)}
-
-    def histogram(
-        self,
-        param: Tensor | str | None = None,
-        *,
-        window: str = "step",
-        process_group: Any = None,
-        sharded: bool | None = None,
-    ) -> Histogram:
-        """Histogram of one tracked tensor (by tensor or name), or of all merged (None)."""
-        names, order, counts = self._checked_rows(window, process_group, sharded)
-        if param is None:
-            if counts is None:
-                return Histogram.empty(self._bins)
-            merged = counts.sum(dim=0)
-            if bool(invalid_rows(merged.unsqueeze(0))[0]):
-                raise RuntimeError(f"the {window!r} histograms of all tracked tensors together overflow int64")
-            return Histogram(merged, self._bins, validate=False)
-        if isinstance(param, str):
-            if param not in names:
-                raise KeyError(
-                    f"no tracked parameter named {param!r}; {why_untracked(self.param_groups, param, names)}"
-                )
-            r = names.index(param)
-        elif isinstance(param, Tensor):
-            matches = [i for i, p in enumerate(order) if p is param]
-            if not matches:
-                raise KeyError(f"parameter is not tracked: {why_untracked(self.param_groups, param, names)}")
-            r = matches[0]
-        else:
-            raise TypeError(f"param must be a Tensor, a str or None, but got {type(param).__name__}")
-        assert counts is not None
-        return Histogram(counts[r].clone(), self._bins, validate=False)
-
-    def quantiles(
-        self,
-        qs: float | list[float] | Tensor,
-        *,
-        window: str = "step",
-        exclude_zeros: bool = False,
-        process_group: Any = None,
-        sharded: bool | None = None,
-    ) -> tuple[list[str], Tensor]:
-        """Quantiles of every tracked tensor at once: ``(names, float64 [num_tensors, len(qs)])``
-        on the histograms' device, computed in one batched operation (rule and guarantee
-        of :class:`Histogram`)."""
-        qt, _ = as_quantiles(qs)
-        names, _, counts = self._checked_rows(window, process_group, sharded)
-        if counts is None:
-            return [], torch.empty(0, qt.numel(), dtype=torch.float64)
-        return names, batched_quantile(counts, qt, self._bins, exclude_zeros=exclude_zeros)
-
-    def eps_range(
-        self,
-        low: float = 0.02,
-        high: float = 0.98,
-        *,
-        window: str = "step",
-        process_group: Any = None,
-        sharded: bool | None = None,
-        exclude: Exclude = None,
-        drop_dead: bool = False,
-    ) -> EpsRange:
-        """The paper's ε-range rule (:mod:`fasthist.eps`) on the latest step's histograms;
-        ``exclude`` (names, glob patterns or a predicate) leaves tensors out, ``drop_dead``
-        the numerically dead values (:data:`fasthist.eps.DEAD_RATIO`)."""
-        names, _, counts = self._checked_rows(window, process_group, sharded)
-        if counts is None:
-            if not any(group["track"] for group in self.param_groups):
-                raise RuntimeError("eps_range: no param group has track=True, so nothing is recorded")
-            raise RuntimeError(
-                "eps_range: no tracked parameter has been stepped yet (no step taken, or none of them had a "
-                "gradient); take an optimizer step first"
-            )
-        return eps_range_from_counts(
-            names, counts, self._bins, low=low, high=high, exclude=exclude, drop_dead=drop_dead
-        )
-
-    def reset_histograms(self) -> None:
-        """Zero both windows of every tensor, in every group (tracked now or not)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p, {})
-                for key in HIST_KEYS:
-                    if key in st:  # rows of the packed buffers, or loaded tensors
-                        st[key].zero_()
-
     # -- state dict ----------------------------------------------------------------------
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch casts every tensor in a parameter's state to the parameter's floating dtype;
-        # lift the histogram counts out first and put them back as int64 afterwards.
+    # Registered on torch's hooks (``load_state_dict`` and ``state_dict`` stay torch's): torch
+    # casts every tensor of a parameter's loaded state to the parameter's floating dtype, so
+    # the histogram rows are lifted out before its load and put back as int64 after it.
+    def _register_state_dict_hooks(self) -> None:
+        """Register the state-dict hooks below once (construction, unpickling)."""
+        opt: Any = self
+        if HistogramMixin._lift_saved_counts not in opt._optimizer_load_state_dict_pre_hooks.values():
+            opt.register_load_state_dict_pre_hook(HistogramMixin._lift_saved_counts)
+            opt.register_load_state_dict_post_hook(HistogramMixin._restore_saved_counts)
+            opt.register_state_dict_post_hook(HistogramMixin._save_rows_apart)
+
+    def _lift_saved_counts(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Load pre-hook: ``state_dict`` without its histogram rows, which are checked here
+        (bins, names, counts: raises before anything changes) and kept for the post-hook."""
         state_dict = dict(state_dict)
         saved_state = state_dict["state"]
         state_dict["state"], hists = split_saved_counts(saved_state)
-        spec = None
-        for g in state_dict.get("param_groups", []):
-            spec = g.get("hist_bins", spec)
-        if hists and spec is not None and tuple(spec) != self._bins.spec:
-            raise ValueError(
-                f"loaded state dict has histograms recorded with LogBins{tuple(spec)}, "
-                f"but this optimizer uses {self._bins}"
-            )
-        hists = loadable_counts(hists, self._bins.num_bins)  # raises before anything changes
         saved_groups = state_dict.get("param_groups", [])
+        spec = next((tuple(g["hist_bins"]) for g in reversed(saved_groups) if "hist_bins" in g), None)
+        if hists and spec is not None and spec != self._bins.spec:
+            raise ValueError(
+                f"loaded state dict has histograms recorded with LogBins{spec}, but this optimizer uses {self._bins}"
+            )
+        hists = loadable_counts(hists, self._bins.num_bins)
         pairs = list(zip(self.param_groups, saved_groups, strict=False))
         check_unique_names(
-            [s.get("param_names", g.get("param_names")) for g, s in pairs], [len(g["params"]) for g, _ in pairs]
+            [s.get("param_names", g.get("param_names")) for g, s in pairs],
+            [len(g["params"]) for g, _ in pairs],
+            [g["params"] for g, _ in pairs],
         )
         track = [g.get("track") for g in self.param_groups]
-        super().load_state_dict(state_dict)  # type: ignore[misc]
-        for group, saved, was in zip(self.param_groups, state_dict["param_groups"], track, strict=False):
-            if "track" not in saved and was is not None:  # e.g. torch.optim's state dict: keep ours
+        self.__dict__["_fh_loading"] = (hists, saved_state, saved_groups, track)
+        return state_dict
+
+    def _restore_saved_counts(self) -> None:
+        """Load post-hook: the lifted rows back, as int64 on each parameter's device; the
+        groups' ``track`` kept where the loaded groups have none (e.g. torch.optim's)."""
+        hists, saved_state, saved_groups, track = self.__dict__.pop("_fh_loading")
+        for group, saved, was in zip(self.param_groups, saved_groups, track, strict=False):
+            if "track" not in saved and was is not None:
                 group["track"] = was
         id_map = dict(
             zip(
-                chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
+                chain.from_iterable(g["params"] for g in saved_groups),
                 chain.from_iterable(g["params"] for g in self.param_groups),
                 strict=True,
             )
@@ -433,6 +285,15 @@ class HistogramMixin:
                 self.state[p][key] = counts.to(device=p.device, copy=True)
             self._load_param_state(p, saved)
         self.__dict__.pop("_fh_store", None)
+
+    def _save_rows_apart(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """State-dict post-hook: each histogram row in its own storage (a row of the packed
+        buffer would make ``torch.save`` write the whole buffer with it)."""
+        state = state_dict["state"]
+        for k, st in state.items():
+            if isinstance(st, dict) and any(key in st for key in HIST_KEYS):
+                state[k] = {**st, **saved_rows({key: st[key] for key in HIST_KEYS if key in st})}
+        return state_dict
 
     def _load_param_state(self, p: Tensor, saved: dict[str, Any]) -> None:
         """Hook: fix up ``p``'s state after torch's ``load_state_dict`` from its ``saved``

@@ -3,9 +3,14 @@
 Each tracked parameter's state holds ``hist_step`` and ``hist_total``: int64
 ``[num_bins]`` rows of two packed ``[R, num_bins]`` buffers per device (the "step" and
 "total" windows), so a backend updates all of a group's histograms in one call and a
-query reads all rows at once. The rows are ordinary state tensors: ``state_dict()`` saves
-them, and the optimizer's ``load_state_dict()`` puts loaded ones back (see
-:func:`split_saved_counts`); the next query or step packs them again, keeping their counts.
+query reads all rows at once. The rows are ordinary state tensors; ``state_dict()`` saves
+each as its counts' bytes in its own tensor (:func:`saved_rows`: exact through torch's cast
+to a parameter's dtype), and the optimizer's ``load_state_dict()`` puts loaded ones back
+(:func:`split_saved_counts`, :func:`loadable_counts`); the next query or step packs them
+again, keeping their counts.
+
+Cost: two int64 rows of ``bins.num_bins`` per tracked tensor whatever its size (41.5 KB with
+the default 2,596 bins), in memory and in a saved state dict, plus one scratch row per device.
 
 A :class:`HistogramStore` is derived data: it can be dropped at any time (after a load,
 on unpickling) and is rebuilt from the state on next use.
@@ -36,7 +41,7 @@ from .bins import LogBins
 from .histogram import invalid_rows
 from .target import DeviceTargets, HistTarget
 
-__all__ = ["HIST_KEYS", "WINDOWS", "HistogramStore", "loadable_counts", "split_saved_counts"]
+__all__ = ["HIST_KEYS", "WINDOWS", "HistogramStore", "loadable_counts", "saved_rows", "split_saved_counts"]
 
 HIST_KEYS = ("hist_step", "hist_total")
 """The state keys of the two windows, in the order of :data:`WINDOWS`."""
@@ -62,6 +67,7 @@ class HistogramStore:
         self.row: dict[Tensor, tuple[torch.device, int]] = {}
         self.views: dict[Tensor, Tensor] = {}  # the exact tensor object put in state["hist_step"]
         self.buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.scratch: dict[torch.device, tuple[Tensor, Tensor]] = {}  # the buffers with the scratch row
         # per set of parameters stepped together (usually one per group); bounded, since
         # each holds workspace and the set can change every step (experts, frozen branches)
         self.targets: OrderedDict[tuple, DeviceTargets] = OrderedDict()
@@ -82,7 +88,10 @@ class HistogramStore:
         for name, p in tracked:
             per_device.setdefault(p.device, []).append((name, p))
         for device, items in per_device.items():
-            bufs = [torch.zeros(len(items), nb, dtype=torch.int64, device=device) for _ in HIST_KEYS]
+            # one row more than tracked: a tensor given twice to one step writes its first
+            # pass there (never read), so it is counted once per step
+            full = [torch.zeros(len(items) + 1, nb, dtype=torch.int64, device=device) for _ in HIST_KEYS]
+            bufs = [b[: len(items)] for b in full]
             for r, (name, p) in enumerate(items):
                 st = state[p]
                 for buf, key in zip(bufs, HIST_KEYS, strict=True):
@@ -95,6 +104,7 @@ class HistogramStore:
                 self.params.append(p)
                 self.names.append(name)
             self.buffers[device] = (bufs[0], bufs[1])
+            self.scratch[device] = (full[0], full[1])
 
     def targets_for(self, state: Any, tracked: Callable[[], Tracked], params: list[Tensor]) -> DeviceTargets:
         """Where one step call over ``params`` (all with state, in tracked groups) writes:
@@ -107,13 +117,15 @@ class HistogramStore:
             self.targets.move_to_end(key)
             return cached
         by_device: dict[torch.device, list[int]] = {}
+        last = {id(p): i for i, p in enumerate(params)}  # a tensor given twice counts at its last place
         for i, p in enumerate(params):
             by_device.setdefault(p.device, []).append(i)
         out = {}
         for device, idx in by_device.items():
-            step, total = self.buffers[device]
-            rows = torch.tensor([self.row[params[i]][1] for i in idx], dtype=torch.int64, device=device)
-            out[device] = (idx, HistTarget(self.bins, step, total, rows))
+            step, total = self.scratch[device]
+            scratch = step.shape[0] - 1
+            row = [self.row[params[i]][1] if last[id(params[i])] == i else scratch for i in idx]
+            out[device] = (idx, HistTarget(self.bins, step, total, torch.tensor(row, dtype=torch.int64, device=device)))
         self.targets[key] = out
         if len(self.targets) > _MAX_TARGETS:
             self.targets.popitem(last=False)
@@ -135,6 +147,36 @@ class HistogramStore:
         return self.names, self.params, counts
 
 
+_BYTE_SHIFTS = tuple(range(0, 64, 8))
+
+
+def saved_rows(rows: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The int64 rows of one parameter as a state dict holds them: each count as its 8 bytes,
+    least significant first, ``uint8 [num_bins, 8]`` (the same 8 bytes per bin as int64).
+
+    torch's ``load_state_dict`` casts every tensor of a parameter's state to the parameter's
+    dtype (a fasthist state dict loaded into ``torch.optim.Adam``): int64 counts would be
+    rounded past 256 in bf16, past 2048 in fp16 (and become inf past 65,504), past 2**24 in
+    float32. Every float type holds 0..255 exactly, so bytes come back exact from any of
+    them (:func:`loadable_counts`). Each row is a new tensor: saving one writes its own
+    counts, not the packed buffer it is a row of."""
+    out = {}
+    for key, t in rows.items():
+        shifts = torch.tensor(_BYTE_SHIFTS, dtype=torch.int64, device=t.device)
+        out[key] = ((t.unsqueeze(-1) >> shifts) & 255).to(torch.uint8)
+    return out
+
+
+def _from_bytes(t: Tensor) -> Tensor | None:
+    """The int64 counts of a ``[num_bins, 8]`` row of :func:`saved_rows`, in any real dtype
+    torch may have cast it to; None if it does not hold bytes (whole numbers 0..255)."""
+    x = t.detach().to(torch.float64) if t.is_floating_point() else t.detach()
+    if not bool(((x >= 0) & (x <= 255) & (x == x.floor() if x.is_floating_point() else True)).all()):
+        return None  # NaN and inf fail the range test
+    shifts = torch.tensor(_BYTE_SHIFTS, dtype=torch.int64, device=t.device)
+    return (x.to(torch.int64) << shifts).sum(dim=-1)  # a top byte >= 128 reads negative: refused as such
+
+
 def split_saved_counts(saved_state: dict[Any, Any]) -> tuple[dict[Any, Any], dict[Any, dict[str, Tensor]]]:
     """A saved optimizer ``state`` without the histogram rows, and the rows by parameter
     key: torch's ``load_state_dict`` would cast them to the parameter's dtype."""
@@ -148,17 +190,34 @@ def split_saved_counts(saved_state: dict[Any, Any]) -> tuple[dict[Any, Any], dic
     return stripped, hists
 
 
+def _row_counts(t: Any, num_bins: int) -> tuple[Tensor | None, bool]:
+    """``(int64 counts or None to drop, whether a float cast may have rounded them)`` of a
+    saved row: bytes ``[num_bins, 8]`` (:func:`saved_rows`) or counts ``[num_bins]``."""
+    if not isinstance(t, Tensor) or t.is_complex() or t.dtype == torch.bool:
+        return None, False
+    if t.shape == (num_bins, 8):
+        return _from_bytes(t), False
+    if t.shape != (num_bins,):
+        return None, False
+    if not t.is_floating_point():  # integer types hold their counts exactly
+        return t.to(torch.int64), False
+    x = t.detach().to(torch.float64)
+    if not bool((torch.isfinite(x) & (x >= 0) & (x == x.floor()) & (x < 2.0**63)).all()):
+        return None, False
+    return x.to(torch.int64), bool((x > 2.0 / torch.finfo(t.dtype).eps).any())
+
+
 def loadable_counts(hists: dict[Any, dict[str, Tensor]], num_bins: int) -> dict[Any, dict[str, Tensor]]:
     """The saved rows of :func:`split_saved_counts` as int64 counts, to load.
 
-    int64 rows load as they are, and must be counts: a negative count, or a total past
-    int64, raises ``ValueError`` (before anything is loaded). Rows of another real dtype
-    (``torch.optim`` casts a state dict's tensors to the parameter's dtype, so a fasthist
-    checkpoint that went through ``torch.optim.Adam`` comes back as float32) are brought
-    back as int64 where they hold whole numbers ``>= 0``; the others, and rows of the wrong
-    shape, are dropped, with one warning for all of them. Whole numbers past the float
-    type's exact integers (2**24 for float32) may have been rounded by the cast: one
-    warning says so.
+    Rows as :func:`saved_rows` writes them (bytes) load exactly from any real dtype; int64
+    ``[num_bins]`` rows (older checkpoints, or written by hand) as they are. Either must be
+    counts: a negative count, or a total past int64, raises ``ValueError`` (before anything
+    is loaded). ``[num_bins]`` rows of a float dtype (older checkpoints that went through
+    ``torch.optim``, which casts them to the parameter's dtype) are brought back where they
+    hold whole numbers ``>= 0``, with one warning where they exceed the float type's exact
+    integers (2**24 for float32), since the cast may have rounded them; rows that are not
+    counts are dropped, with one warning for all of them.
     """
     out: dict[Any, dict[str, Tensor]] = {}
     dropped: list[str] = []
@@ -166,22 +225,13 @@ def loadable_counts(hists: dict[Any, dict[str, Tensor]], num_bins: int) -> dict[
     for k, rows in hists.items():
         for key, t in rows.items():
             where = f"{key} of parameter {k}"
-            if not isinstance(t, Tensor) or t.shape != (num_bins,) or t.is_complex() or t.dtype == torch.bool:
+            counts, inexact = _row_counts(t, num_bins)
+            if counts is None:
                 got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
                 dropped.append(f"{where} ({got})")
                 continue
-            if t.dtype == torch.int64:
-                counts = t
-            elif t.is_floating_point():
-                x = t.detach().to(torch.float64)
-                if not bool((torch.isfinite(x) & (x >= 0) & (x == x.floor()) & (x < 2.0**63)).all()):
-                    dropped.append(f"{where} ({t.dtype})")
-                    continue
-                if bool((x > 2.0 / torch.finfo(t.dtype).eps).any()):
-                    rounded.append(f"{where} ({t.dtype})")
-                counts = x.to(torch.int64)
-            else:  # other integer types hold their counts exactly
-                counts = t.to(torch.int64)
+            if inexact:
+                rounded.append(f"{where} ({t.dtype})")
             if bool(invalid_rows(counts.unsqueeze(0))[0]):
                 problem = "negative counts" if bool((counts < 0).any()) else "counts whose total overflows int64"
                 raise ValueError(f"loaded {where} is not a histogram: it holds {problem}")
@@ -190,7 +240,7 @@ def loadable_counts(hists: dict[Any, dict[str, Tensor]], num_bins: int) -> dict[
         more = "..." if len(dropped) > 4 else ""
         warnings.warn(
             f"fasthist: dropping {len(dropped)} saved histograms that are not counts (not whole numbers "
-            f">= 0, or not [{num_bins}] rows): {', '.join(dropped[:4])}{more}",
+            f">= 0, or not [{num_bins}] or [{num_bins}, 8] rows): {', '.join(dropped[:4])}{more}",
             stacklevel=3,
         )
     if rounded:

@@ -123,10 +123,14 @@ def test_resume_is_exact_on_the_reference_backend(name, monkeypatch):
     # the histograms are really there: the total window counts 12 steps of the tracked tensors
     tracked = sum(p.numel() for p in list(model.parameters())[:2])
     assert sum(int(c.sum()) for c in resumed[2].values()) == 12 * tracked
-    # and the saved counts are int64 in the state dict, not cast to the parameters' dtype
-    for st in opt2.state_dict()["state"].values():
+    # and the state dict saves the counts' bytes (any float cast keeps them), not the
+    # counts cast to the parameters' dtype: they read back as the int64 counts
+    params2 = list(model2.parameters())
+    for i, st in opt2.state_dict()["state"].items():
         if "hist_total" in st:
-            assert st["hist_total"].dtype == torch.int64
+            assert st["hist_total"].dtype == torch.uint8
+            back = fasthist.store.loadable_counts({i: {"hist_total": st["hist_total"]}}, opt2.bins.num_bins)
+            assert torch.equal(back[i]["hist_total"], opt2.state[params2[i]]["hist_total"])
 
 
 def test_resume_at_step_zero_and_after_the_last_step(monkeypatch):
@@ -196,3 +200,24 @@ def test_gpu_checkpoint_loads_on_cpu(name, monkeypatch):
     # same number of elements counted in both windows; bins agree up to rounding differences
     for k in gpu_run[2]:
         assert int(gpu_run[2][k].sum()) == int(cpu_run[2][k].sum())
+
+
+@pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
+def test_copied_optimizer_keeps_its_state_dict_hooks(copy_with):
+    """torch's pickling keeps no hooks: a copy registers them again, so its state dict
+    holds the counts as bytes and its load puts back exactly what a bf16 detour through
+    torch.optim cast (counts past bf16's 256 included)."""
+    import copy
+    import pickle
+
+    p = torch.zeros(301, dtype=torch.bfloat16, requires_grad=True)
+    opt = fasthist.Adam([p])
+    p.grad = torch.ones_like(p)
+    opt.step()
+    twin = copy.deepcopy(opt) if copy_with == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert twin.state_dict()["state"][0]["hist_step"].shape == (twin.bins.num_bins, 8)
+    theirs = torch.optim.Adam([p.detach().clone().requires_grad_()])
+    theirs.load_state_dict(opt.state_dict())
+    twin.load_state_dict(theirs.state_dict())
+    assert twin.histogram().count == 301
+    assert torch.equal(twin.histogram().counts, opt.histogram().counts)

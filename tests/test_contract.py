@@ -13,6 +13,8 @@ import torch
 from _kernel_helpers import DEVICE, ON_CPU, assert_ulp  # sets TRITON_INTERPRET without CUDA
 from _optim_db import OPTIMS, STEPS, check_estimate_pass, config_cases, grads_at, make_params
 
+import fasthist
+
 by_optim = pytest.mark.parametrize("info", OPTIMS, ids=lambda info: info.name)
 
 
@@ -130,6 +132,35 @@ def test_bad_tracking_arguments_and_parameters(info):
         info.cls([{"params": [p], "track": 1}])
     with pytest.raises(TypeError, match="can only optimize floating point or complex parameters"):
         info.cls([torch.zeros(2, dtype=torch.int64)])
+
+
+def _torch_error_inputs():
+    """PyTorch's own error cases (``torch.testing._internal.common_optimizers``, what
+    ``TestOptimRenewed.test_errors`` runs) for the optimizers fasthist replaces, CPU float32."""
+    pytest.importorskip("expecttest")  # torch's test utilities import it
+    from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
+
+    ours = {"Adam": fasthist.Adam, "AdamW": fasthist.AdamW, "RMSprop": fasthist.RMSprop, "Adagrad": fasthist.Adagrad}
+    for info in optim_db:
+        cls = ours.get(info.optim_cls.__name__)
+        for case in info.optim_error_inputs_func(device="cpu", dtype=torch.float32) if cls else ():
+            yield cls, case, case.error_on == OptimizerErrorEnum.STEP_ERROR
+
+
+def test_torch_error_inputs_with_fasthist_substituted():
+    # TestOptimRenewed.test_errors, step by step: each case raises (or warns) what torch's does
+    cases = list(_torch_error_inputs())
+    assert {cls for cls, _, _ in cases} == {fasthist.Adam, fasthist.AdamW, fasthist.RMSprop, fasthist.Adagrad}
+    for cls, case, at_step in cases:
+        given = case.optimizer_error_input
+
+        def run(cls=cls, given=given, at_step=at_step):
+            opt = cls(given.params, **given.kwargs) if at_step else None
+            return opt.step() if at_step else cls(given.params, **given.kwargs)
+
+        expect = pytest.warns if issubclass(case.error_type, Warning) else pytest.raises
+        with expect(case.error_type, match=case.error_regex):
+            run()
 
 
 @pytest.mark.parametrize("info", [i for i in OPTIMS if i.sparse_error], ids=lambda info: info.name)

@@ -171,7 +171,7 @@ def _reload(opt, params, step):
     sd = opt.state_dict()
     if step % 2 == 0:  # other counts in the rows: the saved ones, scrambled
         for st in sd["state"].values():
-            st["hist_step"] = torch.randint(0, 5, st["hist_step"].shape)
+            st["hist_step"] = torch.randint(0, 5, st["hist_step"].shape[:1])  # int64 counts load as they are
     opt.load_state_dict(sd)
     return opt
 

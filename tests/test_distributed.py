@@ -9,8 +9,8 @@ what it measured and the tests below compare it with a single-process run here:
 - FSDP2 ``fully_shard`` (DTensor shards, uneven: 5 rows over 2 ranks): the merged
   histogram equals, exactly, the histogram of the full tensor's values.
 - Manually sharded plain tensors (``sharded=True``), a replicated DTensor, tensors owned
-  by one rank each (ZeRO-like), ``fasthist.distributed.all_reduce``, and the error for
-  different bins on different ranks.
+  by one rank each (ZeRO-like), ``fasthist.distributed.all_reduce``, and the errors for
+  different bins on different ranks and for one name given to tensors of different shapes.
 """
 
 from __future__ import annotations
@@ -173,7 +173,10 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     st = sopt.state[shard]
     out["manual_value"] = st["square_avg"].addcmul(st["grad_avg"], st["grad_avg"], value=-1).double().sqrt().float()
     out["manual_sharded"] = sopt.histogram(shard, process_group=world, sharded=True).counts.clone()
-    out["manual_default"] = sopt.histogram(shard, process_group=world).counts.clone()
+    try:  # by default plain tensors are replicas: pieces of different shapes cannot be
+        sopt.histogram(shard, process_group=world)
+    except ValueError as e:
+        out["manual_default"] = str(e)
     out["manual_local"] = sopt.histogram(shard).counts.clone()
 
     # ZeRO-like: each rank owns a different named tensor.
@@ -203,6 +206,18 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         mismatched.histograms(process_group=world)
     except ValueError as e:
         out["query_bins_error"] = str(e)
+
+    # model.parameters() names by position: rank 0's "0.0" (3 elements) and rank 1's "0.0"
+    # (4 elements) are different tensors; merged as replicas, rank 1's counts were dropped.
+    # Manual shards (sharded=True) of different sizes under one name are what shards are.
+    unnamed = fasthist.Adam([torch.zeros(3 + rank, requires_grad=True)])
+    unnamed.param_groups[0]["params"][0].grad = torch.ones(3 + rank)
+    unnamed.step()
+    try:
+        unnamed.histograms(process_group=world)
+    except ValueError as e:
+        out["shape_error"] = str(e)
+    out["shards_of_two_sizes"] = unnamed.histogram("0.0", process_group=world, sharded=True).count
 
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -298,8 +313,9 @@ def test_manual_shards_merge_exactly_with_sharded_true(ranks):
     assert full.numel() == 21
     for r in ranks:
         assert torch.equal(r["manual_sharded"], bins.count(full))
-        # default (plain tensors are replicas): rank 0's piece, counted once
-        assert torch.equal(r["manual_default"], ranks[0]["manual_local"])
+        # default (plain tensors are replicas): pieces of different shapes are refused, where
+        # rank 1's piece was dropped without a word
+        assert "'0.0' is a tensor of shape (4, 3) on rank 0 and of shape (3, 3) on rank 1" in r["manual_default"]
 
 
 def test_tensors_owned_by_one_rank_each(ranks):
@@ -312,6 +328,16 @@ def test_all_reduce_sums_and_checks_bins(ranks):
         assert int(r["all_reduce"].sum()) == 30
         assert "different bins" in r["bins_error"] and "rank 1" in r["bins_error"]
         assert "different bins" in r["query_bins_error"]
+
+
+def test_one_name_for_tensors_of_different_shapes_refused(ranks):
+    for r in ranks:
+        assert r["shape_error"] == (
+            "cannot merge histograms across ranks: '0.0' is a tensor of shape (3,) on rank 0 and of shape (4,) "
+            "on rank 1; a name must identify one tensor on every rank (unnamed parameters are named by position, "
+            "'{group}.{index}': give the optimizer model.named_parameters())"
+        )
+        assert r["shards_of_two_sizes"] == 3 + 4
 
 
 def test_all_reduce_detects_overflow(ranks):
