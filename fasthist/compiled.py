@@ -1,9 +1,10 @@
 """Backend calls that ``torch.compile`` runs as one opaque operator, ``fasthist::functional_``.
 
-Two backends cannot be traced into a graph that compiles once: the Triton kernels (their
-host code keeps launch tables, workspaces and strategy caches keyed on data pointers,
-which dynamo would guard on) and the AdaBelief reference (the package's update branches on
-the step count in Python: RAdam's ``N_sma >= 5``, ``lr == 0``). Under ``torch.compile``
+Two kinds of backend calls cannot be traced into a graph that compiles once: the Triton
+kernels (their host code keeps launch tables, workspaces and strategy caches keyed on data
+pointers, which dynamo would guard on) and the torch update of an optimizer declared
+``opaque_update`` (AdaBelief's branches on the step count in Python: RAdam's
+``N_sma >= 5``, ``lr == 0``). Under ``torch.compile``
 :func:`functional_` hands the whole per-device call to a custom operator whose
 implementation is the eager call itself, so:
 
@@ -19,51 +20,26 @@ implementation is the eager call itself, so:
 
 Why an opaque operator rather than ``torch.library.triton_op``/``wrap_triton``: those
 trace the launcher's Python with dynamo, and this launcher's per-step Python (plan and
-table caches on data pointers, the histogram strategy lookup, the reference fallback for
-what the kernels refuse) is exactly what must not be guarded on; the kernels are already
+table caches on data pointers, the histogram strategy lookup) is exactly what must not be guarded on; the kernels are already
 one fused launch per dtype, so inductor has nothing to fuse them with.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .backend import kernels_module
+from . import backend as backends
+from .declaration import lookup
 from .target import HistTarget
 
-__all__ = ["OPAQUE_REFERENCES", "functional_"]
-
-OPAQUE_REFERENCES = frozenset({"adabelief"})
-"""Optimizers whose reference backend runs as one opaque operator under ``torch.compile``."""
-
-_REFERENCES = {
-    "adam": "fasthist.reference.adam:adam_reference",
-    "rmsprop": "fasthist.reference.rmsprop:rmsprop_reference",
-    "adagrad": "fasthist.reference.adagrad:adagrad_reference",
-    "adabelief": "fasthist.reference.adabelief:adabelief_reference",
-}
-
-
-def _backend_function(op: str, triton: bool) -> Any:
-    """``fasthist.kernels.<op>.<op>_hist`` (the reference when the kernels do not import),
-    or the reference."""
-    if triton:
-        mod = kernels_module()
-        if mod is not None:
-            try:
-                return getattr(importlib.import_module(f"{mod.__name__}.{op}"), f"{op}_hist")
-            except (ImportError, AttributeError):
-                pass
-    module, name = _REFERENCES[op].split(":")
-    return getattr(importlib.import_module(module), name)
+__all__ = ["functional_"]
 
 
 _SCHEMA = (
-    "(str op, bool triton, Tensor(a!)[] written, Tensor[] grads, int[] sizes, Tensor(b!)[] windows, "
+    "(str op, str backend, Tensor(a!)[] written, Tensor[] grads, int[] sizes, Tensor(b!)[] windows, "
     "Tensor? rows, int target_key, str[] tensor_names, Tensor[] tensors, str[] float_names, float[] floats, "
     "str[] int_names, int[] ints, str[] none_names) -> ()"
 )
@@ -72,7 +48,7 @@ _SCHEMA = (
 @torch.library.custom_op("fasthist::functional_", mutates_args=("written", "windows"), schema=_SCHEMA)
 def _functional_op(
     op: str,
-    triton: bool,
+    backend: str,
     written: list[Tensor],
     grads: list[Tensor],
     sizes: list[int],
@@ -100,13 +76,14 @@ def _functional_op(
         for k, t in zip(tensor_names, tensors, strict=True)
     }
     kwargs.update(zip(float_names, floats, strict=True))
-    kwargs.update((k, bool(v) if k in _BOOLS else v) for k, v in zip(int_names, ints, strict=True))
+    decl = lookup(op)
+    kwargs.update((k, bool(v) if k in decl.bools else v) for k, v in zip(int_names, ints, strict=True))
     kwargs.update(dict.fromkeys(none_names))
-    _backend_function(op, triton)(*lists, hist=hist, **kwargs)
+    backends.run(backend, decl, lists, hist, kwargs)
 
 
 @_functional_op.register_fake
-def _(op, triton, written, grads, sizes, windows, rows, target_key, *args) -> None:
+def _(op, backend, written, grads, sizes, windows, rows, target_key, *args) -> None:
     return None
 
 
@@ -114,20 +91,13 @@ def _(op, triton, written, grads, sizes, windows, rows, target_key, *args) -> No
 # custom op's float argument is always specialized (guarded on), a tensor is not
 _AS_TENSOR = "float:"
 
-# keyword arguments that are bools (passed as ints, bool being a subtype the schema lacks)
-_BOOLS = frozenset(
-    {
-        "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "has_complex",
-        "has_sparse_grad", "decoupled_weight_decay", "centered", "weight_decouple", "fixed_decay",
-        "rectify", "degenerated_to_sgd",
-    }
-)  # fmt: skip
 
-
-def functional_(op: str, triton: bool, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict) -> None:
-    """Run the per-device backend call ``op`` (``fasthist.kernels`` if ``triton``, else the
-    reference) as the opaque operator ``fasthist::functional_``: ``lists`` are the
-    functional form's positional lists (grads second), ``hist`` its target or None."""
+def functional_(op: str, backend: str, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict) -> None:
+    """Run the per-device call of the optimizer declared as ``op`` on ``backend``
+    (:func:`fasthist.backend.run`) as the opaque operator ``fasthist::functional_``:
+    ``lists`` are the functional form's positional lists (grads second), ``hist`` its
+    target or None. The bools among the keyword arguments are ``op``'s declared ones."""
+    triton = backend == backends.TRITON
     written = [t for i, lst in enumerate(lists) if i != 1 for t in lst]
     windows = [hist.step, hist.total] if hist is not None else []
     groups: dict[str, tuple[list[str], list[Any]]] = {k: ([], []) for k in ("tensor", "float", "int", "none")}
@@ -146,7 +116,7 @@ def functional_(op: str, triton: bool, lists: list[list[Tensor]], hist: HistTarg
         groups[kind][1].append(v)
     _functional_op(
         op,
-        triton,
+        backend,
         written,
         lists[1],
         [len(lst) for lst in lists],

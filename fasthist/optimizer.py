@@ -1,9 +1,9 @@
 """What every fasthist optimizer adds to its torch counterpart: histogram storage in the
 optimizer state, and the queries (histograms, batched quantiles, the ε range).
 
-The mixin owns ``step`` (closure, ``_init_group``, histogram targets, the functional call);
-each optimizer supplies :meth:`HistogramMixin._gather`, the lists and keyword arguments of
-its functional form in :mod:`fasthist.functional`.
+The mixin owns ``step`` (closure, ``_init_group``, histogram targets, the call into
+:mod:`fasthist.dispatch`); each optimizer supplies its :class:`~fasthist.declaration.OptimizerDecl`
+and :meth:`HistogramMixin._gather`, the lists and keyword arguments of its functional form.
 
 Storage: each tracked parameter's state holds ``hist_step`` and ``hist_total``, int64
 rows of packed per-device buffers (:mod:`fasthist.store`).
@@ -20,7 +20,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
+from . import dispatch
 from .bins import LogBins
+from .declaration import OptimizerDecl
+from .dispatch import Choice
 from .eps import EpsRange, Exclude, eps_range_from_counts
 from .histogram import Histogram, as_quantiles, batched_quantile, invalid_rows
 from .names import check_distinct_tensors, check_unique_names, tracked, why_untracked
@@ -80,24 +83,24 @@ class HistogramRows(NamedTuple):
 class HistogramMixin:
     """Mixed into a ``torch.optim`` optimizer subclass, before it in the bases. Requires
     ``self._bins`` and the group option ``track``; the subclass supplies :meth:`_gather`,
-    ``_functional`` (its functional form) and ``_checks_graph_capture``."""
+    ``declaration`` (its :class:`~fasthist.declaration.OptimizerDecl`) and ``_checks_graph_capture``."""
 
     _bins: LogBins
     state: Any
     param_groups: list[dict[str, Any]]
     defaults: dict[str, Any]
-    # the functional form (fasthist.functional) that steps one group; a staticmethod
-    _functional: Callable[..., None]
+    # what the dispatcher needs to know about this optimizer
+    declaration: OptimizerDecl
     # True where torch's counterpart checks CUDA-graph capture at the start of step
     _checks_graph_capture: bool = False
 
-    # group options passed to _functional under their own names
+    # group options passed to the functional form under their own names
     _group_options: tuple[str, ...] = ()
 
     # -- the step ------------------------------------------------------------------------
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
         """The positional lists (parameters with a gradient first) and keyword arguments
-        of ``_functional`` for ``group``, lazily initialising state as torch does."""
+        of the functional form for ``group``, lazily initialising state as torch does."""
         raise NotImplementedError
 
     def _options(self, group: dict[str, Any], **more: Any) -> dict[str, Any]:
@@ -158,15 +161,23 @@ class HistogramMixin:
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
+        record = None if torch.compiler.is_compiling() else self.__dict__.setdefault("_fh_backends", {})
+        for i, group in enumerate(self.param_groups):
             lists, kwargs = self._gather(group)
             params = lists[0]
             if not params:
                 continue
             targets = self._step_targets(params) if group["track"] else None
-            self._functional(*lists, hist=targets, **kwargs)
+            dispatch.run(self.declaration, lists, targets, kwargs, record=record, group=i)
 
         return loss
+
+    def backends(self) -> dict[tuple[int, torch.device, torch.dtype], Choice]:
+        """What ran the latest eager step of each (param group index, device, parameter
+        dtype): a :class:`~fasthist.dispatch.Choice`, the backend's name
+        (:mod:`fasthist.backend`) and why each faster backend turned the call down. Steps
+        compiled with ``torch.compile`` are not recorded."""
+        return dict(self.__dict__.get("_fh_backends", {}))
 
     def _step_targets(self, params: list[Tensor]) -> Any:
         """The targets of this step's ``params``: those :meth:`_prepare_tracking` just found

@@ -1,7 +1,7 @@
 """The compiled CPU passes: the histogram pass (``histogram.cpp``), what the reference's
 :func:`fasthist.reference.histogram.accumulate_` runs on CPU tensors when it is available,
 and the fused tracked steps (``fused_adam.cpp``): what ``fused=True`` runs on CPU tensors
-(:func:`fused_step_`, decided by :func:`fused_supports`).
+(:func:`fused_step_`); :mod:`fasthist.dispatch` decides when each runs.
 
 It bins exactly what the torch-op path bins (IEEE square root and division, the LogBins
 bit layout) in one parallel sweep, and writes both windows itself. The library is, in
@@ -27,7 +27,7 @@ from torch import Tensor
 from ..target import HistTarget
 from . import build as _build
 
-__all__ = ["accumulate_", "available", "enabled", "fused_step_", "fused_supports", "library_path"]
+__all__ = ["available", "enabled", "fused_step_", "histogram_", "library_path"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TAKES = frozenset(_DTYPES + (torch.complex64, torch.complex32))  # complex: binned as (re, im) pairs
@@ -125,7 +125,7 @@ def library_path() -> str | None:
     return _path
 
 
-def accumulate_(
+def histogram_(
     target: HistTarget,
     values: list[Tensor],
     scale: list[float] | Tensor,
@@ -196,4 +196,4 @@ def _spans(target: HistTarget, n: int) -> tuple[Tensor | None, bool]:
     return spans, version == target.step._version
 
 
-from .fused import fused_step_, fused_supports  # noqa: E402 - needs _load and enabled above
+from .fused import fused_step_  # noqa: E402 - needs _load and enabled above
