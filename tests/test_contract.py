@@ -195,7 +195,7 @@ def test_backends_agree(info):
             opts[0].load_state_dict(sd)
         # per step within ulps: checked on the CPU for all, on the GPU so far only for Adam
         # (the others' GPU runs were checked with the assert_close at the end)
-        if ON_CPU or info.kernel == "adam":
+        if ON_CPU or info.cls.declaration.kernel[0] == "adam":
             for a, b, pb in zip(models[0].parameters(), models[1].parameters(), prev, strict=True):
                 assert_ulp(a.detach(), b.detach(), 2.0 * (step + 1), f"param after step {step}", pb)
         numels = [p.numel() for p in models[0].parameters()]
@@ -222,3 +222,26 @@ def test_backend_auto_and_torch_identical_on_cpu(info):
     assert results[0][1] == results[2][1]
     assert all(torch.equal(p, q) for p, q in zip(results[0][0], results[1][0], strict=True))
     assert results[0][1] == results[1][1]
+
+
+@by_optim
+def test_backends_records_what_ran_and_why(info):
+    """``opt.backends()``: per (group, device, dtype) the backend that ran the latest step and
+    why each faster one turned it down; ``reference`` runs the pure torch ops everywhere."""
+    wide = [torch.randn(3, dtype=torch.float64, requires_grad=True)]
+    narrow = [torch.randn(4, requires_grad=True)]
+    opt = info.cls([{"params": narrow}, {"params": wide}])
+    for p in narrow + wide:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    ran = opt.backends()
+    assert set(ran) == {(0, torch.device("cpu"), torch.float32), (1, torch.device("cpu"), torch.float64)}
+    wide_choice = ran[(1, torch.device("cpu"), torch.float64)]
+    assert wide_choice.backend == backend.TORCH and "float64" in wide_choice.reason, wide_choice
+    assert ran[(0, torch.device("cpu"), torch.float32)].backend == backend.CPU_HISTOGRAM
+    with backend.use("reference"):
+        opt.step()
+    assert {c.backend for c in opt.backends().values()} == {backend.TORCH}
+    assert all("FASTHIST_BACKEND=reference" in c.reason for c in opt.backends().values())
+    with pytest.raises(ValueError, match="Invalid backend: 'cuda'"), backend.use("cuda"):
+        pass
