@@ -120,8 +120,6 @@ class AdaBelief(HistogramMixin, Optimizer):
         "    fp16 parameters are stepped in float32 with float32 states, as the package does.\n"
     )
     declaration = ADABELIEF
-    _group_options = ("lr", "eps", "weight_decay", "amsgrad")
-    _group_options += ("weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd")
 
     def __init__(
         self,

@@ -75,7 +75,6 @@ class Adagrad(HistogramMixin, torch.optim.Adagrad):
     )
 
     declaration = ADAGRAD
-    _group_options = ("lr", "weight_decay", "lr_decay", "eps", "foreach", "maximize", "differentiable", "fused")
 
     def __init__(
         self,

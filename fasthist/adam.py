@@ -84,8 +84,6 @@ class Adam(HistogramMixin, torch.optim.Adam):
     __doc__ = drop_in_doc("Adam", "sqrt(v_hat)")
 
     declaration = ADAM
-    _group_options = ("amsgrad", "lr", "weight_decay", "eps", "maximize")
-    _group_options += ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
     _checks_graph_capture = True
 
     def __init__(

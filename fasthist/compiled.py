@@ -38,10 +38,15 @@ from .target import HistTarget
 __all__ = ["functional_"]
 
 
+# The keyword arguments travel in typed groups of (names, values): tensors; floats carried as
+# float64 CPU scalar tensors ("scalars": a custom op's float argument is always specialized,
+# guarded on, a tensor is not); floats kept as graph constants; bools; ints; Nones.
+_GROUPS = ("tensor", "scalar", "float", "bool", "int", "none")
 _SCHEMA = (
     "(str op, str backend, Tensor(a!)[] written, Tensor[] grads, int[] sizes, Tensor(b!)[] windows, "
-    "Tensor? rows, int target_key, str[] tensor_names, Tensor[] tensors, str[] float_names, float[] floats, "
-    "str[] int_names, int[] ints, str[] none_names) -> ()"
+    "Tensor? rows, int target_key, str[] tensor_names, Tensor[] tensors, str[] scalar_names, Tensor[] scalars, "
+    "str[] float_names, float[] floats, str[] bool_names, bool[] bools, str[] int_names, int[] ints, "
+    "str[] none_names) -> ()"
 )
 
 
@@ -57,8 +62,12 @@ def _functional_op(
     target_key: int,
     tensor_names: list[str],
     tensors: list[Tensor],
+    scalar_names: list[str],
+    scalars: list[Tensor],
     float_names: list[str],
     floats: list[float],
+    bool_names: list[str],
+    bools: list[bool],
     int_names: list[str],
     ints: list[int],
     none_names: list[str],
@@ -71,15 +80,12 @@ def _functional_op(
         live = HistTarget.live(target_key)
         assert rows is not None and live is not None, "fasthist::functional_: its HistTarget is gone"
         hist = HistTarget(live.bins, windows[0], windows[1], rows, live._workspace)
-    kwargs: dict[str, Any] = {
-        k[len(_AS_TENSOR) :] if k.startswith(_AS_TENSOR) else k: float(t) if k.startswith(_AS_TENSOR) else t
-        for k, t in zip(tensor_names, tensors, strict=True)
-    }
-    kwargs.update(zip(float_names, floats, strict=True))
-    decl = lookup(op)
-    kwargs.update((k, bool(v) if k in decl.bools else v) for k, v in zip(int_names, ints, strict=True))
+    kwargs: dict[str, Any] = dict(zip(tensor_names, tensors, strict=True))
+    kwargs.update((k, float(t)) for k, t in zip(scalar_names, scalars, strict=True))
+    for names, values in ((float_names, floats), (bool_names, bools), (int_names, ints)):
+        kwargs.update(zip(names, values, strict=True))
     kwargs.update(dict.fromkeys(none_names))
-    backends.run(backend, decl, lists, hist, kwargs)
+    backends.run(backend, lookup(op), lists, hist, kwargs)
 
 
 @_functional_op.register_fake
@@ -87,33 +93,38 @@ def _(op, backend, written, grads, sizes, windows, rows, target_key, *args) -> N
     return None
 
 
-# the name prefix of a float keyword argument passed as a float64 CPU scalar tensor: a
-# custom op's float argument is always specialized (guarded on), a tensor is not
-_AS_TENSOR = "float:"
+def _group(value: Any, triton: bool) -> tuple[str, Any]:
+    """The typed group of a keyword argument's value, and the value as that group carries it."""
+    if isinstance(value, Tensor):
+        return "tensor", value
+    if value is None:
+        return "none", None
+    if isinstance(value, bool):
+        return "bool", value
+    if isinstance(value, int):
+        return "int", value
+    if triton:  # a constant of the graph: a new value recompiles (use a Tensor lr)
+        return "float", float(value)
+    # a float64 CPU scalar: a float that changes (lr) becomes an input after one recompile
+    return "scalar", torch.tensor(value, dtype=torch.float64)
 
 
 def functional_(op: str, backend: str, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict) -> None:
     """Run the per-device call of the optimizer declared as ``op`` on ``backend``
     (:func:`fasthist.backend.run`) as the opaque operator ``fasthist::functional_``:
     ``lists`` are the functional form's positional lists (grads second), ``hist`` its
-    target or None. The bools among the keyword arguments are ``op``'s declared ones."""
+    target or None."""
     triton = backend == backends.TRITON
     written = [t for i, lst in enumerate(lists) if i != 1 for t in lst]
     windows = [hist.step, hist.total] if hist is not None else []
-    groups: dict[str, tuple[list[str], list[Any]]] = {k: ([], []) for k in ("tensor", "float", "int", "none")}
+    groups: dict[str, tuple[list[str], list[Any]]] = {k: ([], []) for k in _GROUPS}
     for k, v in kwargs.items():
-        if isinstance(v, Tensor):
-            kind = "tensor"
-        elif v is None:
-            kind = "none"
-        elif isinstance(v, bool) or isinstance(v, int):
-            kind, v = "int", int(v)
-        elif triton:  # a constant of the graph: a new value recompiles (use a Tensor lr)
-            kind, v = "float", float(v)
-        else:  # a float64 CPU scalar: a float that changes (lr) becomes an input after one recompile
-            kind, k, v = "tensor", _AS_TENSOR + k, torch.tensor(v, dtype=torch.float64)
+        kind, carried = _group(v, triton)
         groups[kind][0].append(k)
-        groups[kind][1].append(v)
+        groups[kind][1].append(carried)
+    typed: list[Any] = []
+    for kind in _GROUPS[:-1]:
+        typed.extend(groups[kind])
     _functional_op(
         op,
         backend,
@@ -123,8 +134,6 @@ def functional_(op: str, backend: str, lists: list[list[Tensor]], hist: HistTarg
         windows,
         hist.rows if hist is not None else None,
         hist.key if hist is not None else -1,
-        *groups["tensor"],
-        *groups["float"],
-        *groups["int"],
+        *typed,
         groups["none"][0],
     )

@@ -94,9 +94,6 @@ class HistogramMixin:
     # True where torch's counterpart checks CUDA-graph capture at the start of step
     _checks_graph_capture: bool = False
 
-    # group options passed to the functional form under their own names
-    _group_options: tuple[str, ...] = ()
-
     # -- the step ------------------------------------------------------------------------
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
         """The positional lists (parameters with a gradient first) and keyword arguments
@@ -104,8 +101,10 @@ class HistogramMixin:
         raise NotImplementedError
 
     def _options(self, group: dict[str, Any], **more: Any) -> dict[str, Any]:
-        """``_group_options`` read from ``group``, plus ``more``."""
-        return {**{k: group[k] for k in self._group_options}, **more}
+        """The declared keyword arguments (bools and floats) that ``group`` holds, under their
+        own names, plus ``more`` (what the group holds otherwise, e.g. ``betas``)."""
+        declared = self.declaration.bools | self.declaration.floats
+        return {**{k: group[k] for k in sorted(declared) if k in group}, **more}
 
     def _grad_scaler_args(self) -> dict[str, Any]:
         """``grad_scale``/``found_inf`` as ``torch.amp.GradScaler`` sets them on a fused optimizer."""

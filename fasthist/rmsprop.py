@@ -82,8 +82,6 @@ class RMSprop(HistogramMixin, torch.optim.RMSprop):
     __doc__ = drop_in_doc("RMSprop", "sqrt(v)\n    (centered: sqrt(v - grad_avg**2)), the value eps is added to")
 
     declaration = RMSPROP
-    _group_options = ("lr", "alpha", "eps", "weight_decay", "momentum")
-    _group_options += ("centered", "foreach", "maximize", "differentiable", "capturable")
     _checks_graph_capture = True
 
     def __init__(
