@@ -79,7 +79,7 @@ def _functional_op(
     if windows:
         live = HistTarget.live(target_key)
         assert rows is not None and live is not None, "fasthist::functional_: its HistTarget is gone"
-        hist = HistTarget(live.bins, windows[0], windows[1], rows, live._workspace)
+        hist = live.over(windows[0], windows[1], rows)
     kwargs: dict[str, Any] = dict(zip(tensor_names, tensors, strict=True))
     kwargs.update((k, float(t)) for k, t in zip(scalar_names, scalars, strict=True))
     for names, values in ((float_names, floats), (bool_names, bools), (int_names, ints)):
