@@ -251,9 +251,9 @@ def choose_device(run: Run) -> int:
         )
         return 2
     run.device, run.gpu, run.shapes_of = torch.device("cuda"), torch.cuda.get_device_name(0), gpu_param_shapes
-    from fasthist.backend import kernels_module, select_backend
+    from fasthist.backend import kernels_module, requested
 
-    if select_backend(run.device) != "triton":
+    if requested() not in ("auto", "triton") or kernels_module() is None:
         print(
             f"fasthist would not use its Triton kernels on {run.gpu} ({_kernels_import_error()!r}); "
             "check FASTHIST_BACKEND and triton",

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from fasthist.catalog import declarations
+
 __all__ = [
     "ACCESSES",
     "DTYPES",
@@ -38,10 +40,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPU_SETS = ("a", "b", "c")
 
 #: Accesses per parameter element one step must make, with the default options and the
-#: states in the parameter dtype: Adam reads p, g, m, v and writes p, m, v; AdaBelief the
-#: same with s for v; RMSprop (not centered, no momentum) reads p, g, v and writes p, v;
-#: Adagrad reads p, g, sum and writes p, sum.
-ACCESSES = {"adam": 7, "adabelief": 7, "rmsprop": 5, "adagrad": 5}
+#: states in the parameter dtype: it reads p and g and writes p, and reads and writes each
+#: state its declaration says the default options use (Adam: m and v, 7 in all).
+ACCESSES = {name: 3 + 2 * len(decl.default_states) for name, decl in declarations().items()}
 
 
 # -- parameter sets -----------------------------------------------------------------------

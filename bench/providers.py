@@ -16,7 +16,14 @@ import torch
 
 import fasthist
 
-__all__ = ["ADAM_PROVIDERS", "Compiled", "TorchFusedPlusHist", "adabelief_package", "compiled_comparisons", "cpu_comparisons"]
+__all__ = [
+    "ADAM_PROVIDERS",
+    "Compiled",
+    "TorchFusedPlusHist",
+    "adabelief_package",
+    "compiled_comparisons",
+    "cpu_comparisons",
+]
 
 
 def adabelief_package() -> tuple[type | None, str]:

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from harness import DTYPES, GPU_SETS
 
+from fasthist.catalog import declarations
+
 __all__ = [
     "BASELINES",
     "assign_baselines",
@@ -26,15 +28,12 @@ __all__ = [
     "targets",
 ]
 
-#: Per row group, the baseline of the ratio column: the first of these that was measured.
-BASELINES = {
-    "adam": ("torch_fused",),
-    "adam+scaler": ("torch_fused+scaler",),
-    "rmsprop": ("torch_foreach",),
-    "adagrad": ("torch_fused", "torch_foreach"),
-    "adabelief": ("adabelief_pytorch", "torch_adam_fused"),
-}
-GROUP_ORDER = tuple(BASELINES)
+#: The baseline of a row group's ratio column: the first of these measured in the group
+#: (torch's fused step, else its foreach one, else the optimizer's published package, else
+#: torch's fused Adam as a stand-in); the GradScaler rows' with ``+scaler``.
+BASELINES = ("torch_fused", "torch_foreach", "adabelief_pytorch", "torch_adam_fused")
+#: Row groups in display order: each declared optimizer, then its GradScaler rows.
+GROUP_ORDER = tuple(g for name in declarations() for g in (name, f"{name}+scaler"))
 #: Keys of the JSON's ``steps`` written by older versions of the script, and their names now.
 OLD_STEP_KEYS = {"issue5": "candidates"}
 
@@ -52,7 +51,8 @@ def assign_baselines(rows: list[dict]) -> None:
         present.setdefault((group_of(r), r["set"], r["dtype"]), set()).add(r["provider"])
     for r in rows:
         have = present[(group_of(r), r["set"], r["dtype"])]
-        r["baseline"] = next((b for b in BASELINES.get(group_of(r), ()) if b in have), None)
+        suffix = "+scaler" if group_of(r).endswith("+scaler") else ""
+        r["baseline"] = next((b + suffix for b in BASELINES if b + suffix in have), None)
 
 
 def ratios(rows: list[dict]) -> dict[tuple[str, str, str, str], float]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import re
@@ -51,12 +52,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # a bare checkout: map kernels/ to fasthist.kernels
     sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fasthist.bins import LogBins  # noqa: E402
+from fasthist.catalog import declarations  # noqa: E402
 
 
 def _kernels_module():
@@ -80,20 +83,32 @@ C = K._common
 TARGETS = {"hot_ratio": 1.25, "whole_ratio": 1.30, "registers": 128, "stack_bytes": 0, "local_ops": 0}
 H200 = {"copy_bytes_per_s": 4.3e12, "thread_instructions_per_s": 132 * 4 * 32 * 1.755e9}
 DTYPES = {"float32": (tl.float32, 4), "bfloat16": (tl.bfloat16, 2), "float16": (tl.float16, 2)}
+DECLS = declarations()
+
+
+def _jit_kernel(optimizer: str):
+    """The ``@triton.jit`` kernel of ``optimizer``'s declared kernel module, ``_<module>_hist_kernel``."""
+    module = DECLS[optimizer].kernel[0]
+    return getattr(importlib.import_module(f"{K.__name__}.{module}"), f"_{module}_hist_kernel")
+
+
 # The kernels with the flags of their optimizer's defaults (AdamW: decoupled weight decay),
 # and the global accesses per element of a step (read p, g, states; write p, states).
 KERNELS = {
-    "adam": (K.adam._adam_hist_kernel, dict(AMSGRAD=False, MAXIMIZE=False, WD_MODE=0, LERP_SMALL=True,
-                                            HAS_GRAD_SCALE=False, HAS_FOUND_INF=False), 7),
-    "adamw": (K.adam._adam_hist_kernel, dict(AMSGRAD=False, MAXIMIZE=False, WD_MODE=2, LERP_SMALL=True,
-                                             HAS_GRAD_SCALE=False, HAS_FOUND_INF=False), 7),
-    "rmsprop": (K.rmsprop._rmsprop_hist_kernel, dict(CENTERED=False, MOMENTUM=False, MAXIMIZE=False, HAS_WD=False,
-                                                     LERP_SMALL=False, LR_FROM_PTR=False), 5),
-    "adagrad": (K.adagrad._adagrad_hist_kernel, dict(MAXIMIZE=False, HAS_WD=False, HAS_GRAD_SCALE=False,
-                                                     HAS_FOUND_INF=False), 5),
-    "adabelief": (K.adabelief._adabelief_hist_kernel, dict(AMSGRAD=False, RECTIFY=True, WD_MODE=0), 7),
+    "adam": (_jit_kernel("adam"), dict(AMSGRAD=False, MAXIMIZE=False, WD_MODE=0, LERP_SMALL=True,
+                                       HAS_GRAD_SCALE=False, HAS_FOUND_INF=False), 7),
+    "adamw": (_jit_kernel("adam"), dict(AMSGRAD=False, MAXIMIZE=False, WD_MODE=2, LERP_SMALL=True,
+                                        HAS_GRAD_SCALE=False, HAS_FOUND_INF=False), 7),
+    "rmsprop": (_jit_kernel("rmsprop"), dict(CENTERED=False, MOMENTUM=False, MAXIMIZE=False, HAS_WD=False,
+                                             LERP_SMALL=False, LR_FROM_PTR=False), 5),
+    "adagrad": (_jit_kernel("adagrad"), dict(MAXIMIZE=False, HAS_WD=False, HAS_GRAD_SCALE=False,
+                                             HAS_FOUND_INF=False), 5),
+    "adabelief": (_jit_kernel("adabelief"), dict(AMSGRAD=False, RECTIFY=True, WD_MODE=0), 7),
 }  # fmt: skip
-NO_KERNEL = {("adabelief", "float16")}  # runs on the reference backend
+# (kernel, dtype) pairs its optimizer's declaration has no kernel for (another backend runs them)
+NO_KERNEL = {
+    (name, d) for name, decl in declarations().items() for d in DTYPES if getattr(torch, d) not in decl.kernel_dtypes
+}
 _I64_PTRS = {"table_ptr", "chunk_ptr", "scratch_ptr"}
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
 _LABEL = re.compile(r"^(\.L_x_\d+):")

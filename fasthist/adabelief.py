@@ -38,11 +38,61 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from . import dispatch
 from .bins import LogBins
-from .functional import adabelief as adabelief_hist
+from .declaration import EpsRangeDecl, OptimizerDecl, register
 from .optimizer import TRACKING_ARGS_DOC, HistogramMixin
+from .reference.adabelief import adabelief_hist_inputs, adabelief_update
+from .target import DeviceTargets
 
-__all__ = ["AdaBelief"]
+__all__ = ["AdaBelief", "adabelief"]
+
+
+def adabelief(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    hist: DeviceTargets | None = None,
+    **kwargs: Any,
+) -> None:
+    """AdaBelief as ``adabelief_pytorch.AdaBelief`` computes it, plus histograms of
+    (1-beta2)*s_hat; keyword arguments of :func:`fasthist.reference.adabelief.adabelief_update`."""
+    lists = [params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps]
+    dispatch.run(ADABELIEF, lists, hist, kwargs)
+
+
+def _eps_pass(params: Any, *, betas: tuple[float, float], weight_decay: float, bins: LogBins | None) -> Any:
+    # eps enters AdaBelief's state (the histogram would have a floor at eps, where dead
+    # elements pile up instead of being exact zeros), so the pass runs with eps=0: the
+    # eps-free (1-beta2)*EMA_hat((g-m)^2). fasthist.AdaBelief skips the update at lr=0, so
+    # 0/0 never reaches the weights. Decoupled decay (the package default) never reaches
+    # the moments.
+    return AdaBelief(params, lr=0.0, betas=betas, eps=0.0, weight_decay=weight_decay, bins=bins)
+
+
+ADABELIEF = register(
+    OptimizerDecl(
+        name="adabelief",
+        lists=("params", "grads", "exp_avgs", "exp_avg_vars", "max_exp_avg_vars", "state_steps"),
+        value="(1-beta2) * s_hat",
+        update=adabelief_update,
+        hist_inputs=adabelief_hist_inputs,
+        sqrt=False,
+        reciprocal=True,
+        bools=frozenset({"amsgrad", "weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd"}),
+        floats=frozenset({"lr", "beta1", "beta2", "eps", "weight_decay"}),
+        kernel=("adabelief", "adabelief_hist"),
+        # float16 AdaBelief steps in float32 with float32 states (as the package does): no kernel
+        kernel_dtypes=(torch.float32, torch.bfloat16),
+        opaque_update=True,
+        eps_ranges=(EpsRangeDecl("adabelief", _eps_pass, "(1-beta2)*s_hat"),),
+        default_states=("exp_avgs", "exp_avg_vars"),
+    )
+)
 
 _MOMENTS = ("exp_avg", "exp_avg_var", "max_exp_avg_var")
 
@@ -69,9 +119,7 @@ class AdaBelief(HistogramMixin, Optimizer):
         f"{TRACKING_ARGS_DOC}\n"
         "    fp16 parameters are stepped in float32 with float32 states, as the package does.\n"
     )
-    _functional = staticmethod(adabelief_hist)
-    _group_options = ("lr", "eps", "weight_decay", "amsgrad")
-    _group_options += ("weight_decouple", "fixed_decay", "rectify", "degenerated_to_sgd")
+    declaration = ADABELIEF
 
     def __init__(
         self,

@@ -17,13 +17,53 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.adagrad import adagrad as torch_adagrad
 from torch.optim.optimizer import ParamsT
 
+from . import dispatch
 from .bins import LogBins
-from .functional import adagrad as adagrad_hist
+from .declaration import EpsRangeDecl, OptimizerDecl, register
 from .optimizer import HistogramMixin, drop_in_doc
+from .reference.adagrad import adagrad_hist_inputs
+from .target import DeviceTargets
 
-__all__ = ["Adagrad"]
+__all__ = ["Adagrad", "adagrad"]
+
+
+def adagrad(
+    params: list[Tensor],
+    grads: list[Tensor],
+    state_sums: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    hist: DeviceTargets | None = None,
+    **kwargs: Any,
+) -> None:
+    """``torch.optim.adagrad.adagrad`` (same keyword arguments) plus histograms of sqrt(sum)."""
+    dispatch.run(ADAGRAD, [params, grads, state_sums, state_steps], hist, kwargs)
+
+
+def _eps_pass(params: Any, *, betas: tuple[float, float], weight_decay: float, bins: LogBins | None) -> Any:
+    # no betas; coupled weight decay; initial_accumulator_value 0 as torch's default
+    return Adagrad(params, lr=0.0, eps=1.0, weight_decay=weight_decay, bins=bins)
+
+
+ADAGRAD = register(
+    OptimizerDecl(
+        name="adagrad",
+        lists=("params", "grads", "state_sums", "state_steps"),
+        value="sqrt(sum), the value eps is added to",
+        update=torch_adagrad,
+        hist_inputs=adagrad_hist_inputs,
+        bools=frozenset({"foreach", "maximize", "differentiable", "fused", "has_sparse_grad", "has_complex"}),
+        floats=frozenset({"lr", "weight_decay", "lr_decay", "eps"}),
+        kernel=("adagrad", "adagrad_hist"),
+        kernel_dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.complex64),
+        fused_cpu="adagrad",
+        eps_ranges=(EpsRangeDecl("adagrad", _eps_pass, "sqrt(sum g^2)"),),
+        default_states=("state_sums",),
+    )
+)
 
 
 class Adagrad(HistogramMixin, torch.optim.Adagrad):
@@ -34,8 +74,7 @@ class Adagrad(HistogramMixin, torch.optim.Adagrad):
         "    every tracked tensor has an (empty) row before the first step.",
     )
 
-    _functional = staticmethod(adagrad_hist)
-    _group_options = ("lr", "weight_decay", "lr_decay", "eps", "foreach", "maximize", "differentiable", "fused")
+    declaration = ADAGRAD
 
     def __init__(
         self,

@@ -17,21 +17,73 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as torch_adam
 from torch.optim.optimizer import ParamsT
 
+from . import dispatch
 from .bins import LogBins
-from .functional import adam as adam_hist
+from .declaration import EpsRangeDecl, OptimizerDecl, register
 from .optimizer import HistogramMixin, drop_in_doc
+from .reference.adam import adam_hist_inputs
+from .target import DeviceTargets
 
-__all__ = ["Adam", "AdamW"]
+__all__ = ["Adam", "AdamW", "adam"]
+
+
+def adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    hist: DeviceTargets | None = None,
+    **kwargs: Any,
+) -> None:
+    """``torch.optim.adam.adam`` (same keyword arguments) plus histograms of sqrt(v_hat)."""
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
+    dispatch.run(ADAM, lists, hist, kwargs)
+
+
+def _eps_pass(params: Any, *, betas: tuple[float, float], weight_decay: float, bins: LogBins | None) -> Adam:
+    # Coupled weight decay: torch's Adam adds weight_decay * param to the gradient.
+    return Adam(params, lr=0.0, betas=betas, eps=1.0, weight_decay=weight_decay, bins=bins)
+
+
+def _eps_pass_w(params: Any, *, betas: tuple[float, float], weight_decay: float, bins: LogBins | None) -> AdamW:
+    # Decoupled weight decay never reaches the moments; with lr=0 it scales weights by 1.0.
+    return AdamW(params, lr=0.0, betas=betas, eps=1.0, weight_decay=weight_decay, bins=bins)
+
+
+ADAM = register(
+    OptimizerDecl(
+        name="adam",
+        lists=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"),
+        value="sqrt(v_hat)",
+        update=torch_adam,
+        hist_inputs=adam_hist_inputs,
+        bools=frozenset(
+            {"amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "has_complex"}
+            | {"decoupled_weight_decay"}
+        ),
+        floats=frozenset({"lr", "beta1", "beta2", "weight_decay", "eps"}),
+        kernel=("adam", "adam_hist"),
+        kernel_dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.complex64),
+        fused_cpu="adam",
+        eps_ranges=(
+            EpsRangeDecl("adam", _eps_pass, "sqrt(v_hat)"),
+            EpsRangeDecl("adamw", _eps_pass_w, "sqrt(v_hat)"),
+        ),
+        default_states=("exp_avgs", "exp_avg_sqs"),
+    )
+)
 
 
 class Adam(HistogramMixin, torch.optim.Adam):
     __doc__ = drop_in_doc("Adam", "sqrt(v_hat)")
 
-    _functional = staticmethod(adam_hist)
-    _group_options = ("amsgrad", "lr", "weight_decay", "eps", "maximize")
-    _group_options += ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
+    declaration = ADAM
     _checks_graph_capture = True
 
     def __init__(

@@ -1,38 +1,78 @@
-"""Backend selection: which implementation runs a (device, dtype) group of tensors.
+"""The backends a functional call runs on, and the user's choice among them.
 
-``FASTHIST_BACKEND`` (read at every step, so tests can flip it) is one of:
+Each backend takes the call as :mod:`fasthist.dispatch` hands it over (one device, the
+lists of the optimizer's functional form, its :class:`~fasthist.target.HistTarget` or
+None, its keyword arguments) and runs it; none checks whether it should, and none falls
+back on another: choosing is the dispatcher's, which records why.
 
-- ``auto`` (default): Triton kernels for CUDA tensors when Triton and ``fasthist.kernels``
-  are importable, the pure-PyTorch reference everywhere else;
-- ``torch``: the reference everywhere;
-- ``triton``: the kernels everywhere; on CPU tensors they run under Triton's interpreter
-  (``TRITON_INTERPRET=1``, set here before Triton compiles anything), which is how CI
-  tests them without a GPU.
+- :data:`TRITON`: the optimizer's Triton kernel (``fasthist.kernels``), update and
+  histogram fused, one launch per dtype; CUDA tensors, or CPU tensors under Triton's
+  interpreter (``TRITON_INTERPRET=1``).
+- :data:`FUSED_CPU`: the compiled fused CPU step (:func:`fasthist.csrc.fused_step_`),
+  update and histogram in one parallel sweep; ``fused=True`` on CPU tensors.
+- :data:`CPU_HISTOGRAM`: the torch update, then the compiled CPU histogram pass
+  (:func:`fasthist.csrc.histogram_`): the same bins as the torch ops, one sweep.
+- :data:`TORCH`: the torch update, then the histogram pass in torch ops
+  (:mod:`fasthist.reference`): the oracle, and what runs wherever nothing faster does.
 
-On CPU tensors the reference's histogram pass is compiled C++ where it builds
-(:mod:`fasthist.csrc`; ``FASTHIST_CPU_KERNEL=0`` turns it off): the same bins, one sweep.
+The user's knob is ``FASTHIST_BACKEND`` (read at every step), or :func:`use` in code:
+
+- ``auto`` (default): the fastest backend that takes the call;
+- ``torch``: no Triton kernels (the compiled CPU passes still run where they take a call;
+  ``FASTHIST_CPU_KERNEL=0`` turns those off);
+- ``reference``: the pure torch ops everywhere (the oracle of the tests);
+- ``triton``: the kernels wherever they take the call; on CPU tensors they run under the
+  interpreter (``TRITON_INTERPRET=1``, set here before Triton compiles anything).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import Any
 
-import torch
+from torch import Tensor
 
-__all__ = ["select_backend", "kernels_module", "BACKENDS"]
+from . import csrc
+from .declaration import OptimizerDecl
+from .dtensor import is_dtensor, local_tensor
+from .reference.histogram import accumulate_, record_
+from .target import HistTarget
 
-BACKENDS = ("auto", "torch", "triton")
+__all__ = ["BACKENDS", "CPU_HISTOGRAM", "FUSED_CPU", "TORCH", "TRITON", "kernels_module", "requested", "run", "use"]
+
+BACKENDS = ("auto", "torch", "reference", "triton")
+TRITON, FUSED_CPU, CPU_HISTOGRAM, TORCH = "triton", "fused_cpu", "torch+cpu_histogram", "torch"
+
 _kernels: ModuleType | None = None
 _kernels_error: BaseException | None = None
+_override: str | None = None
 
 
-def requested_backend() -> str:
-    value = os.environ.get("FASTHIST_BACKEND", "auto").strip().lower() or "auto"
+def requested() -> str:
+    """What the user asked for: :func:`use`'s backend inside one, else ``FASTHIST_BACKEND``."""
+    value = _override or os.environ.get("FASTHIST_BACKEND", "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"Invalid FASTHIST_BACKEND: {value!r}; expected one of {', '.join(BACKENDS)}")
     return value
+
+
+@contextlib.contextmanager
+def use(backend: str) -> Iterator[None]:
+    """Within the block, steps choose as ``FASTHIST_BACKEND=backend`` would (``auto``,
+    ``torch``, ``reference`` or ``triton``; see the module docstring), whatever the
+    environment says. ``opt.backends()`` tells what ran."""
+    global _override
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; expected one of {', '.join(BACKENDS)}")
+    previous, _override = _override, backend
+    try:
+        yield
+    finally:
+        _override = previous
 
 
 def kernels_module(*, interpret: bool = False) -> ModuleType | None:
@@ -49,27 +89,60 @@ def kernels_module(*, interpret: bool = False) -> ModuleType | None:
     return _kernels
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs under its interpreter (``TRITON_INTERPRET`` set)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def select_backend(device: torch.device) -> str:
-    """``"torch"`` or ``"triton"`` for tensors on ``device``; raises when Triton is forced
-    but cannot run there."""
-    requested = requested_backend()
-    if requested == "torch":
-        return "torch"
-    if requested == "auto":
-        if device.type == "cuda" and kernels_module() is not None:
-            return "triton"
-        return "torch"
-    # forced triton
-    mod = kernels_module(interpret=device.type != "cuda")
-    if mod is None:
-        raise RuntimeError(f"FASTHIST_BACKEND=triton, but fasthist.kernels could not be imported: {_kernels_error}")
-    if device.type != "cuda" and not _interpreting():
-        raise RuntimeError(
-            f"FASTHIST_BACKEND=triton on {device.type} tensors needs TRITON_INTERPRET=1 set before "
-            "fasthist.kernels is first imported"
+def kernels_error() -> BaseException | None:
+    """Why ``fasthist.kernels`` did not import (None when it did, or was not tried)."""
+    return _kernels_error
+
+
+_KERNEL_FUNCTIONS: dict[tuple[str, str], Callable[..., None] | None] = {}
+
+
+def kernel_function(decl: OptimizerDecl) -> Callable[..., None] | None:
+    """``decl``'s Triton launcher if its module imports, else None (cached)."""
+    if decl.kernel is None:
+        return None
+    if decl.kernel not in _KERNEL_FUNCTIONS:
+        mod = kernels_module()
+        module, name = decl.kernel
+        try:
+            found = importlib.import_module(f"{mod.__name__}.{module}") if mod is not None else None
+        except ImportError:
+            found = None
+        _KERNEL_FUNCTIONS[decl.kernel] = getattr(found, name, None)
+    return _KERNEL_FUNCTIONS[decl.kernel]
+
+
+def local_lists(lists: list[list[Tensor]]) -> list[list[Tensor]]:
+    """DTensors (FSDP2, tensor parallel) replaced by their local shards, which share their
+    storage: the kernels walk raw pointers, and a DTensor's ``data_ptr()`` is 0."""
+    if not any(is_dtensor(t) for lst in lists for t in lst):
+        return lists
+    return [[local_tensor(t) for t in lst] for lst in lists]
+
+
+def _compiled_histogram_(target: HistTarget, values: list[Tensor], scale: Any, found_inf: Any, **flags: bool) -> None:
+    values = [local_tensor(v) for v in values] if any(is_dtensor(v) for v in values) else values
+    if not csrc.histogram_(target, values, scale, found_inf, **flags):
+        raise RuntimeError("fasthist: the compiled CPU histogram pass turned down a call the dispatcher gave it")
+
+
+def run(backend: str, decl: OptimizerDecl, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict) -> None:
+    """Run one per-device call of ``decl`` on ``backend`` (module docstring)."""
+    if backend == TRITON:
+        kernel = kernel_function(decl)
+        assert kernel is not None, "the dispatcher chose a kernel that does not import"
+        kernel(*local_lists(lists), hist=hist, **kwargs)
+    elif backend == FUSED_CPU:
+        assert decl.fused_cpu is not None and hist is not None
+        csrc.fused_step_(decl.fused_cpu, lists, hist, kwargs)
+    else:
+        decl.update(*lists, **kwargs)
+        accumulate = _compiled_histogram_ if backend == CPU_HISTOGRAM else accumulate_
+        record_(
+            hist, decl.hist_inputs, lists, kwargs, sqrt=decl.sqrt, reciprocal=decl.reciprocal, accumulate=accumulate
         )
-    return "triton"

@@ -1,9 +1,10 @@
 """Backend calls that ``torch.compile`` runs as one opaque operator, ``fasthist::functional_``.
 
-Two backends cannot be traced into a graph that compiles once: the Triton kernels (their
-host code keeps launch tables, workspaces and strategy caches keyed on data pointers,
-which dynamo would guard on) and the AdaBelief reference (the package's update branches on
-the step count in Python: RAdam's ``N_sma >= 5``, ``lr == 0``). Under ``torch.compile``
+Two kinds of backend calls cannot be traced into a graph that compiles once: the Triton
+kernels (their host code keeps launch tables, workspaces and strategy caches keyed on data
+pointers, which dynamo would guard on) and the torch update of an optimizer declared
+``opaque_update`` (AdaBelief's branches on the step count in Python: RAdam's
+``N_sma >= 5``, ``lr == 0``). Under ``torch.compile``
 :func:`functional_` hands the whole per-device call to a custom operator whose
 implementation is the eager call itself, so:
 
@@ -19,60 +20,40 @@ implementation is the eager call itself, so:
 
 Why an opaque operator rather than ``torch.library.triton_op``/``wrap_triton``: those
 trace the launcher's Python with dynamo, and this launcher's per-step Python (plan and
-table caches on data pointers, the histogram strategy lookup, the reference fallback for
-what the kernels refuse) is exactly what must not be guarded on; the kernels are already
+table caches on data pointers, the histogram strategy lookup) is exactly what must not be guarded on; the kernels are already
 one fused launch per dtype, so inductor has nothing to fuse them with.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .backend import kernels_module
+from . import backend as backends
+from .declaration import lookup
 from .target import HistTarget
 
-__all__ = ["OPAQUE_REFERENCES", "functional_"]
-
-OPAQUE_REFERENCES = frozenset({"adabelief"})
-"""Optimizers whose reference backend runs as one opaque operator under ``torch.compile``."""
-
-_REFERENCES = {
-    "adam": "fasthist.reference.adam:adam_reference",
-    "rmsprop": "fasthist.reference.rmsprop:rmsprop_reference",
-    "adagrad": "fasthist.reference.adagrad:adagrad_reference",
-    "adabelief": "fasthist.reference.adabelief:adabelief_reference",
-}
+__all__ = ["functional_"]
 
 
-def _backend_function(op: str, triton: bool) -> Any:
-    """``fasthist.kernels.<op>.<op>_hist`` (the reference when the kernels do not import),
-    or the reference."""
-    if triton:
-        mod = kernels_module()
-        if mod is not None:
-            try:
-                return getattr(importlib.import_module(f"{mod.__name__}.{op}"), f"{op}_hist")
-            except (ImportError, AttributeError):
-                pass
-    module, name = _REFERENCES[op].split(":")
-    return getattr(importlib.import_module(module), name)
-
-
+# The keyword arguments travel in typed groups of (names, values): tensors; floats carried as
+# float64 CPU scalar tensors ("scalars": a custom op's float argument is always specialized,
+# guarded on, a tensor is not); floats kept as graph constants; bools; ints; Nones.
+_GROUPS = ("tensor", "scalar", "float", "bool", "int", "none")
 _SCHEMA = (
-    "(str op, bool triton, Tensor(a!)[] written, Tensor[] grads, int[] sizes, Tensor(b!)[] windows, "
-    "Tensor? rows, int target_key, str[] tensor_names, Tensor[] tensors, str[] float_names, float[] floats, "
-    "str[] int_names, int[] ints, str[] none_names) -> ()"
+    "(str op, str backend, Tensor(a!)[] written, Tensor[] grads, int[] sizes, Tensor(b!)[] windows, "
+    "Tensor? rows, int target_key, str[] tensor_names, Tensor[] tensors, str[] scalar_names, Tensor[] scalars, "
+    "str[] float_names, float[] floats, str[] bool_names, bool[] bools, str[] int_names, int[] ints, "
+    "str[] none_names) -> ()"
 )
 
 
 @torch.library.custom_op("fasthist::functional_", mutates_args=("written", "windows"), schema=_SCHEMA)
 def _functional_op(
     op: str,
-    triton: bool,
+    backend: str,
     written: list[Tensor],
     grads: list[Tensor],
     sizes: list[int],
@@ -81,8 +62,12 @@ def _functional_op(
     target_key: int,
     tensor_names: list[str],
     tensors: list[Tensor],
+    scalar_names: list[str],
+    scalars: list[Tensor],
     float_names: list[str],
     floats: list[float],
+    bool_names: list[str],
+    bools: list[bool],
     int_names: list[str],
     ints: list[int],
     none_names: list[str],
@@ -94,67 +79,61 @@ def _functional_op(
     if windows:
         live = HistTarget.live(target_key)
         assert rows is not None and live is not None, "fasthist::functional_: its HistTarget is gone"
-        hist = HistTarget(live.bins, windows[0], windows[1], rows, live._workspace)
-    kwargs: dict[str, Any] = {
-        k[len(_AS_TENSOR) :] if k.startswith(_AS_TENSOR) else k: float(t) if k.startswith(_AS_TENSOR) else t
-        for k, t in zip(tensor_names, tensors, strict=True)
-    }
-    kwargs.update(zip(float_names, floats, strict=True))
-    kwargs.update((k, bool(v) if k in _BOOLS else v) for k, v in zip(int_names, ints, strict=True))
+        hist = live.over(windows[0], windows[1], rows)
+    kwargs: dict[str, Any] = dict(zip(tensor_names, tensors, strict=True))
+    kwargs.update((k, float(t)) for k, t in zip(scalar_names, scalars, strict=True))
+    for names, values in ((float_names, floats), (bool_names, bools), (int_names, ints)):
+        kwargs.update(zip(names, values, strict=True))
     kwargs.update(dict.fromkeys(none_names))
-    _backend_function(op, triton)(*lists, hist=hist, **kwargs)
+    backends.run(backend, lookup(op), lists, hist, kwargs)
 
 
 @_functional_op.register_fake
-def _(op, triton, written, grads, sizes, windows, rows, target_key, *args) -> None:
+def _(op, backend, written, grads, sizes, windows, rows, target_key, *args) -> None:
     return None
 
 
-# the name prefix of a float keyword argument passed as a float64 CPU scalar tensor: a
-# custom op's float argument is always specialized (guarded on), a tensor is not
-_AS_TENSOR = "float:"
+def _group(value: Any, triton: bool) -> tuple[str, Any]:
+    """The typed group of a keyword argument's value, and the value as that group carries it."""
+    if isinstance(value, Tensor):
+        return "tensor", value
+    if value is None:
+        return "none", None
+    if isinstance(value, bool):
+        return "bool", value
+    if isinstance(value, int):
+        return "int", value
+    if triton:  # a constant of the graph: a new value recompiles (use a Tensor lr)
+        return "float", float(value)
+    # a float64 CPU scalar: a float that changes (lr) becomes an input after one recompile
+    return "scalar", torch.tensor(value, dtype=torch.float64)
 
-# keyword arguments that are bools (passed as ints, bool being a subtype the schema lacks)
-_BOOLS = frozenset(
-    {
-        "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "has_complex",
-        "has_sparse_grad", "decoupled_weight_decay", "centered", "weight_decouple", "fixed_decay",
-        "rectify", "degenerated_to_sgd",
-    }
-)  # fmt: skip
 
-
-def functional_(op: str, triton: bool, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict) -> None:
-    """Run the per-device backend call ``op`` (``fasthist.kernels`` if ``triton``, else the
-    reference) as the opaque operator ``fasthist::functional_``: ``lists`` are the
-    functional form's positional lists (grads second), ``hist`` its target or None."""
+def functional_(op: str, backend: str, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict) -> None:
+    """Run the per-device call of the optimizer declared as ``op`` on ``backend``
+    (:func:`fasthist.backend.run`) as the opaque operator ``fasthist::functional_``:
+    ``lists`` are the functional form's positional lists (grads second), ``hist`` its
+    target or None."""
+    triton = backend == backends.TRITON
     written = [t for i, lst in enumerate(lists) if i != 1 for t in lst]
     windows = [hist.step, hist.total] if hist is not None else []
-    groups: dict[str, tuple[list[str], list[Any]]] = {k: ([], []) for k in ("tensor", "float", "int", "none")}
+    groups: dict[str, tuple[list[str], list[Any]]] = {k: ([], []) for k in _GROUPS}
     for k, v in kwargs.items():
-        if isinstance(v, Tensor):
-            kind = "tensor"
-        elif v is None:
-            kind = "none"
-        elif isinstance(v, bool) or isinstance(v, int):
-            kind, v = "int", int(v)
-        elif triton:  # a constant of the graph: a new value recompiles (use a Tensor lr)
-            kind, v = "float", float(v)
-        else:  # a float64 CPU scalar: a float that changes (lr) becomes an input after one recompile
-            kind, k, v = "tensor", _AS_TENSOR + k, torch.tensor(v, dtype=torch.float64)
+        kind, carried = _group(v, triton)
         groups[kind][0].append(k)
-        groups[kind][1].append(v)
+        groups[kind][1].append(carried)
+    typed: list[Any] = []
+    for kind in _GROUPS[:-1]:
+        typed.extend(groups[kind])
     _functional_op(
         op,
-        triton,
+        backend,
         written,
         lists[1],
         [len(lst) for lst in lists],
         windows,
         hist.rows if hist is not None else None,
         hist.key if hist is not None else -1,
-        *groups["tensor"],
-        *groups["float"],
-        *groups["int"],
+        *typed,
         groups["none"][0],
     )

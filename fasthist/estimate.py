@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adam import Adam, AdamW
 from .bins import LogBins
+from .catalog import declarations
 from .eps import EpsRange, Exclude, eps_range_from_counts, excluded_names
 from .progress import progress_bar
 
@@ -93,56 +93,14 @@ def eps_optimizers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _adam(params: Any, *, betas: tuple[float, float], weight_decay: float, bins: LogBins | None) -> Adam:
-    # Coupled weight decay: torch's Adam adds weight_decay * param to the gradient.
-    return Adam(params, lr=0.0, betas=betas, eps=1.0, weight_decay=weight_decay, bins=bins)
+def _register_builtins() -> None:
+    """The ways each built-in optimizer declares to run the rule (``OptimizerDecl.eps_ranges``)."""
+    for decl in declarations().values():
+        for way in decl.eps_ranges:
+            register_eps_optimizer(way.name, way.factory, quantity=way.quantity)
 
 
-def _adamw(params: Any, *, betas: tuple[float, float], weight_decay: float, bins: LogBins | None) -> AdamW:
-    # Decoupled weight decay never reaches the moments; with lr=0 it scales weights by 1.0.
-    return AdamW(params, lr=0.0, betas=betas, eps=1.0, weight_decay=weight_decay, bins=bins)
-
-
-register_eps_optimizer("adam", _adam, quantity="sqrt(v_hat)")
-register_eps_optimizer("adamw", _adamw, quantity="sqrt(v_hat)")
-
-
-def _rmsprop(params: Any, *, betas: tuple[float, float], weight_decay: float, bins: LogBins | None) -> Any:
-    # betas[1] is RMSprop's alpha (torch's default is 0.99: pass betas=(0.9, 0.99) for it);
-    # weight decay is coupled (enters v); lr=0 and eps=1 as for Adam.
-    from .rmsprop import RMSprop
-
-    return RMSprop(params, lr=0.0, alpha=betas[1], eps=1.0, weight_decay=weight_decay, bins=bins)
-
-
-def _rmsprop_centered(params: Any, *, betas: tuple[float, float], weight_decay: float, bins: LogBins | None) -> Any:
-    from .rmsprop import RMSprop
-
-    return RMSprop(params, lr=0.0, alpha=betas[1], eps=1.0, weight_decay=weight_decay, centered=True, bins=bins)
-
-
-def _adagrad(params: Any, *, betas: tuple[float, float], weight_decay: float, bins: LogBins | None) -> Any:
-    # no betas; coupled weight decay; initial_accumulator_value 0 as torch's default
-    from .adagrad import Adagrad
-
-    return Adagrad(params, lr=0.0, eps=1.0, weight_decay=weight_decay, bins=bins)
-
-
-def _adabelief(params: Any, *, betas: tuple[float, float], weight_decay: float, bins: LogBins | None) -> Any:
-    # eps enters AdaBelief's state (the histogram would have a floor at eps, where dead
-    # elements pile up instead of being exact zeros), so the pass runs with eps=0: the
-    # eps-free (1-beta2)*EMA_hat((g-m)^2). fasthist.AdaBelief skips the update at lr=0, so
-    # 0/0 never reaches the weights. Decoupled decay (the package default) never reaches
-    # the moments.
-    from .adabelief import AdaBelief
-
-    return AdaBelief(params, lr=0.0, betas=betas, eps=0.0, weight_decay=weight_decay, bins=bins)
-
-
-register_eps_optimizer("rmsprop", _rmsprop, quantity="sqrt(v)")
-register_eps_optimizer("rmsprop-centered", _rmsprop_centered, quantity="sqrt(v - g_avg^2)")
-register_eps_optimizer("adagrad", _adagrad, quantity="sqrt(sum g^2)")
-register_eps_optimizer("adabelief", _adabelief, quantity="(1-beta2)*s_hat")
+_register_builtins()
 
 
 def _finite(value: Any) -> float | None:

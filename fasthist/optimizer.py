@@ -3,9 +3,9 @@
 ``load_state_dict``. The storage, the queries, the merge across ranks and the ε rule are
 beside it, in :class:`fasthist.queries.HistogramQueries`.
 
-The mixin owns ``step`` (closure, ``_init_group``, histogram targets, the functional call);
-each optimizer supplies :meth:`HistogramMixin._gather`, the lists and keyword arguments of
-its functional form in :mod:`fasthist.functional`.
+The mixin owns ``step`` (closure, ``_init_group``, histogram targets, the call into
+:mod:`fasthist.dispatch`); each optimizer supplies its :class:`~fasthist.declaration.OptimizerDecl`
+and :meth:`HistogramMixin._gather`, the lists and keyword arguments of its functional form.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
+from . import dispatch
 from .bins import LogBins
+from .declaration import OptimizerDecl
+from .dispatch import Choice
 from .names import check_unique_names
 from .queries import HistogramQueries, HistogramRows
 from .store import HIST_KEYS, loadable_counts, saved_rows, split_saved_counts
@@ -75,26 +78,25 @@ def _torch_grad_mode(step: Callable) -> Callable:
 class HistogramMixin(HistogramQueries):
     """Mixed into a ``torch.optim`` optimizer subclass, before it in the bases. Requires
     ``self._bins`` and the group option ``track``; the subclass supplies :meth:`_gather`,
-    ``_functional`` (its functional form) and ``_checks_graph_capture``."""
+    ``declaration`` (its :class:`~fasthist.declaration.OptimizerDecl`) and ``_checks_graph_capture``."""
 
     defaults: dict[str, Any]
-    # the functional form (fasthist.functional) that steps one group; a staticmethod
-    _functional: Callable[..., None]
+    # what the dispatcher needs to know about this optimizer
+    declaration: OptimizerDecl
     # True where torch's counterpart checks CUDA-graph capture at the start of step
     _checks_graph_capture: bool = False
-
-    # group options passed to _functional under their own names
-    _group_options: tuple[str, ...] = ()
 
     # -- the step ------------------------------------------------------------------------
     def _gather(self, group: dict[str, Any]) -> tuple[list[list[Tensor]], dict[str, Any]]:
         """The positional lists (parameters with a gradient first) and keyword arguments
-        of ``_functional`` for ``group``, lazily initialising state as torch does."""
+        of the functional form for ``group``, lazily initialising state as torch does."""
         raise NotImplementedError
 
     def _options(self, group: dict[str, Any], **more: Any) -> dict[str, Any]:
-        """``_group_options`` read from ``group``, plus ``more``."""
-        return {**{k: group[k] for k in self._group_options}, **more}
+        """The declared keyword arguments (bools and floats) that ``group`` holds, under their
+        own names, plus ``more`` (what the group holds otherwise, e.g. ``betas``)."""
+        declared = self.declaration.bools | self.declaration.floats
+        return {**{k: group[k] for k in sorted(declared) if k in group}, **more}
 
     def _grad_scaler_args(self) -> dict[str, Any]:
         """``grad_scale``/``found_inf`` as ``torch.amp.GradScaler`` sets them on a fused optimizer."""
@@ -150,15 +152,23 @@ class HistogramMixin(HistogramQueries):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
+        record = None if torch.compiler.is_compiling() else self.__dict__.setdefault("_fh_backends", {})
+        for i, group in enumerate(self.param_groups):
             lists, kwargs = self._gather(group)
             params = lists[0]
             if not params:
                 continue
             targets = self._step_targets(params) if group["track"] else None
-            self._functional(*lists, hist=targets, **kwargs)
+            dispatch.run(self.declaration, lists, targets, kwargs, record=record, group=i)
 
         return loss
+
+    def backends(self) -> dict[tuple[int, torch.device, torch.dtype], Choice]:
+        """What ran the latest eager step of each (param group index, device, parameter
+        dtype): a :class:`~fasthist.dispatch.Choice`, the backend's name
+        (:mod:`fasthist.backend`) and why each faster backend turned the call down. Steps
+        compiled with ``torch.compile`` are not recorded."""
+        return dict(self.__dict__.get("_fh_backends", {}))
 
     def _step_targets(self, params: list[Tensor]) -> Any:
         """The targets of this step's ``params``: those :meth:`_prepare_tracking` just found

@@ -19,20 +19,69 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
+from torch.optim.rmsprop import rmsprop as torch_rmsprop
 
+from . import dispatch
 from .bins import LogBins
-from .functional import rmsprop as rmsprop_hist
+from .declaration import EpsRangeDecl, OptimizerDecl, register
 from .optimizer import HistogramMixin, drop_in_doc
+from .reference.rmsprop import rmsprop_hist_inputs
+from .target import DeviceTargets
 
-__all__ = ["RMSprop"]
+__all__ = ["RMSprop", "rmsprop"]
+
+
+def rmsprop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor],
+    momentum_buffer_list: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    hist: DeviceTargets | None = None,
+    **kwargs: Any,
+) -> None:
+    """``torch.optim.rmsprop.rmsprop`` (same keyword arguments) plus histograms of the
+    value ε is added to: sqrt(square_avg), or sqrt(square_avg - grad_avg**2) when centered."""
+    lists = [params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps]
+    dispatch.run(RMSPROP, lists, hist, kwargs)
+
+
+def _eps_pass(params: Any, *, betas: tuple[float, float], weight_decay: float, bins: LogBins | None, **kw: Any) -> Any:
+    # betas[1] is RMSprop's alpha (torch's default is 0.99: pass betas=(0.9, 0.99) for it);
+    # weight decay is coupled (enters v); lr=0 and eps=1 as for Adam.
+    return RMSprop(params, lr=0.0, alpha=betas[1], eps=1.0, weight_decay=weight_decay, bins=bins, **kw)
+
+
+def _eps_pass_centered(params: Any, **kw: Any) -> Any:
+    return _eps_pass(params, centered=True, **kw)
+
+
+RMSPROP = register(
+    OptimizerDecl(
+        name="rmsprop",
+        lists=("params", "grads", "square_avgs", "grad_avgs", "momentum_buffer_list", "state_steps"),
+        value="sqrt(v) (centered: sqrt(v - grad_avg**2)), the value eps is added to",
+        update=torch_rmsprop,
+        hist_inputs=rmsprop_hist_inputs,
+        bools=frozenset({"centered", "foreach", "maximize", "differentiable", "capturable", "has_complex"}),
+        floats=frozenset({"lr", "alpha", "eps", "weight_decay", "momentum"}),
+        kernel=("rmsprop", "rmsprop_hist"),
+        kernel_dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.complex64),
+        eps_ranges=(
+            EpsRangeDecl("rmsprop", _eps_pass, "sqrt(v)"),
+            EpsRangeDecl("rmsprop-centered", _eps_pass_centered, "sqrt(v - g_avg^2)"),
+        ),
+        default_states=("square_avgs",),
+    )
+)
 
 
 class RMSprop(HistogramMixin, torch.optim.RMSprop):
     __doc__ = drop_in_doc("RMSprop", "sqrt(v)\n    (centered: sqrt(v - grad_avg**2)), the value eps is added to")
 
-    _functional = staticmethod(rmsprop_hist)
-    _group_options = ("lr", "alpha", "eps", "weight_decay", "momentum")
-    _group_options += ("centered", "foreach", "maximize", "differentiable", "capturable")
+    declaration = RMSPROP
     _checks_graph_capture = True
 
     def __init__(

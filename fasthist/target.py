@@ -52,6 +52,11 @@ class HistTarget:
         """The target whose ``key`` this is, while it exists."""
         return _LIVE.get(key)
 
+    def over(self, step: Tensor, total: Tensor, rows: Tensor) -> HistTarget:
+        """A target over these windows and rows that shares this one's workspace (not its
+        marks): what a compiled step's opaque call rebuilds around the windows it is given."""
+        return HistTarget(self.bins, step, total, rows, self._workspace)
+
     def buffer(self, key: Hashable, make: Callable[[], Tensor]) -> Tensor:
         """The tensor kept under ``key``, made by ``make()`` on first use. Keys are the
         caller's (name them after the module, e.g. ``("fasthist.kernels.scratch", n)``);

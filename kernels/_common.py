@@ -1,15 +1,13 @@
 """What every fused optimizer-plus-histogram kernel shares besides the histogram
 (:mod:`._histogram`, whose names are re-exported here): the launch shape, the device helpers
-for a chunk, the multi-tensor launch tables and the one decision kernel-or-reference.
+for a chunk and the multi-tensor launch tables. Whether a kernel runs a call is decided by
+:mod:`fasthist.dispatch`; a launcher takes what it is given.
 
 - :func:`configure` / :data:`SHAPE`: the launch shape of every kernel (and the histogram
   strategy: ``"auto"`` or ``"tl"``).
 - :func:`chunk_header`/:func:`column`/:func:`load`/:func:`store` (``@triton.jit``): which
   tensor and which ``CHUNK`` elements of it a program updates, its columns' pointers advanced
   to the chunk, and unmasked vector access for full chunks.
-- :func:`kernel_supports`: the one place that decides whether a call runs on the kernels or
-  on the reference backend (bins beyond :data:`MAX_BINS`, autograd through the step, float64,
-  sparse gradients, betas held in device tensors, dtypes an op has no kernel for).
 - :func:`plan_groups`: per dtype a :class:`TensorTable` (table of ``data_ptr``s and chunk
   descriptors, cached while the tensors do not move) and the contiguous copies of tensors a
   flat walk cannot follow (:func:`write_back` after the launch).
@@ -20,7 +18,6 @@ for a chunk, the multi-tensor launch tables and the one decision kernel-or-refer
 from __future__ import annotations
 
 import os
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -79,7 +76,6 @@ __all__ = [
     "hist_begin",
     "hist_end",
     "histogram_strategy",
-    "kernel_supports",
     "launch",
     "launch_options",
     "lerp_coefficients",
@@ -241,40 +237,6 @@ def lerp_coefficients(weight: float) -> tuple[float, float, bool]:
     w = np.float32(weight)
     small = bool(abs(w) < 0.5)
     return float(w), float(w if small else w - np.float32(1)), small
-
-
-_KERNEL_DTYPES = {
-    "adam": (torch.float32, torch.bfloat16, torch.float16, torch.complex64),
-    "rmsprop": (torch.float32, torch.bfloat16, torch.float16, torch.complex64),
-    "adagrad": (torch.float32, torch.bfloat16, torch.float16, torch.complex64),
-    # float16 AdaBelief steps in float32 with float32 states (as the package does): reference
-    "adabelief": (torch.float32, torch.bfloat16),
-}
-
-
-_WARNED: set = set()
-
-
-def kernel_supports(op: str, hist: HistTarget | None, params: Sequence[Tensor], grads: Sequence[Tensor], **kw) -> bool:
-    """True when the fused kernel of ``op`` runs this call; False sends it to the reference
-    backend: bins beyond :data:`MAX_BINS` (with one warning per layout), ``differentiable``,
-    sparse gradients, betas held in device tensors (reading them would synchronise), and
-    parameter dtypes ``op`` has no kernel for (float64, complex128; float16 AdaBelief)."""
-    if hist is not None and hist.bins.num_bins > MAX_BINS:
-        if hist.bins not in _WARNED:
-            _WARNED.add(hist.bins)
-            warnings.warn(
-                f"fasthist: {hist.bins} has {hist.bins.num_bins} bins, more than the fused kernels take "
-                f"({MAX_BINS}); these groups run on the reference backend",
-                stacklevel=5,
-            )
-        return False
-    if kw.get("differentiable") or kw.get("has_sparse_grad") or any(g.is_sparse for g in grads):
-        return False
-    if any(isinstance(kw.get(k), Tensor) and kw[k].device.type != "cpu" for k in ("beta1", "beta2")):
-        return False
-    dtypes = _KERNEL_DTYPES[op]
-    return all(p.dtype in dtypes for p in params)
 
 
 def check_call(op: str, n: int, lists: dict[str, Sequence], device: torch.device, hist: HistTarget | None) -> None:

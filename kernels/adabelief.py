@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fasthist.reference.adabelief import adabelief_reference, adabelief_scale_inv, adabelief_step_size
+from fasthist.reference.adabelief import adabelief_scale_inv, adabelief_step_size
 from fasthist.target import HistTarget
 
 from ._common import (
@@ -45,7 +45,6 @@ from ._common import (
     hist_add,
     hist_begin,
     hist_end,
-    kernel_supports,
     launch,
     load,
     plan_groups,
@@ -280,23 +279,9 @@ def adabelief_hist(
     degenerated_to_sgd: bool,
 ) -> None:
     """:func:`fasthist.reference.adabelief.adabelief_reference` (same arguments) in one fused
-    launch per dtype (module docstring)."""
+    launch per dtype (module docstring), for what :mod:`fasthist.dispatch` gives it
+    (float32/bfloat16 parameters)."""
     if not params:
-        return
-    kwargs = dict(
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        amsgrad=amsgrad,
-        weight_decouple=weight_decouple,
-        fixed_decay=fixed_decay,
-        rectify=rectify,
-        degenerated_to_sgd=degenerated_to_sgd,
-    )
-    if not kernel_supports("adabelief", hist, params, grads):
-        adabelief_reference(params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps, hist=hist, **kwargs)
         return
     n = len(params)
     device = params[0].device

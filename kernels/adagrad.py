@@ -15,7 +15,7 @@ reference backend bit for bit, and ``p`` within an ulp or two (torch's CPU sqrt 
 correctly rounded). ``clr`` is computed where torch computes it: on the host in float64 when
 the step counts live on the CPU, on the device in float32 otherwise. ``found_inf`` nonzero
 masks every load and store of the step on the device (parameters, sums, step counts and
-histograms stay untouched). Sparse gradients run on the reference backend.
+histograms stay untouched). Sparse gradients never reach it (:mod:`fasthist.dispatch`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fasthist.reference.adagrad import adagrad_reference
 from fasthist.target import HistTarget
 
 from ._common import (
@@ -35,7 +34,6 @@ from ._common import (
     hist_add,
     hist_begin,
     hist_end,
-    kernel_supports,
     launch,
     load,
     plan_groups,
@@ -212,33 +210,10 @@ def adagrad_hist(
     has_complex: bool = False,
 ) -> None:
     """``torch.optim.adagrad.adagrad`` (same arguments) in one fused launch per dtype, plus
-    the histograms (module docstring). What :func:`fasthist.kernels._common.kernel_supports`
-    refuses (sparse gradients, ``differentiable=True``, float64 parameters, …) runs on the
-    reference backend; ``foreach``/``fused`` are accepted and ignored."""
+    the histograms (module docstring), for what :mod:`fasthist.dispatch` gives it (dense
+    gradients, no autograd, kernel dtypes); ``foreach``/``fused``/``differentiable``/
+    ``has_sparse_grad`` are accepted and ignored."""
     if not params:
-        return
-    if not kernel_supports(
-        "adagrad", hist, params, grads, differentiable=differentiable, has_sparse_grad=has_sparse_grad
-    ):
-        adagrad_reference(
-            params,
-            grads,
-            state_sums,
-            state_steps,
-            hist=hist,
-            lr=lr,
-            weight_decay=weight_decay,
-            lr_decay=lr_decay,
-            eps=eps,
-            maximize=maximize,
-            fused=fused,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            has_sparse_grad=has_sparse_grad,
-            foreach=foreach,
-            differentiable=differentiable,
-            has_complex=has_complex,
-        )
         return
     n = len(params)
     device = params[0].device

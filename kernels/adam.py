@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fasthist.reference.adam import adam_reference, bias_correction2_sqrt
+from fasthist.reference.adam import bias_correction2_sqrt
 from fasthist.target import HistTarget
 
 from ._common import (
@@ -64,7 +64,6 @@ from ._common import (
     hist_add,
     hist_begin,
     hist_end,
-    kernel_supports,
     launch,
     lerp_coefficients,
     load,
@@ -324,34 +323,13 @@ def adam_hist(
     """``torch.optim.adam.adam`` (same arguments) in one fused launch per dtype, plus the
     histograms of sqrt(v_hat) into ``hist`` (see the module docstring).
 
-    What :func:`fasthist.kernels._common.kernel_supports` refuses (``differentiable=True``,
-    float64 parameters, device-tensor betas, bins beyond ``MAX_BINS``) runs on the reference
-    backend; ``foreach`` and ``fused`` are accepted and ignored (the kernel is always
-    multi-tensor and fused).
+    Takes what :mod:`fasthist.dispatch` gives it (float32/bfloat16/float16/complex64
+    parameters, host betas, no autograd); ``foreach``, ``fused`` and ``differentiable`` are
+    accepted and ignored (the kernel is always multi-tensor and fused).
     """
     if not params:
         return
-    kwargs = dict(
-        amsgrad=amsgrad,
-        has_complex=has_complex,
-        beta1=beta1,
-        beta2=beta2,
-        lr=lr,
-        weight_decay=weight_decay,
-        eps=eps,
-        maximize=maximize,
-        foreach=foreach,
-        capturable=capturable,
-        differentiable=differentiable,
-        fused=fused,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-        decoupled_weight_decay=decoupled_weight_decay,
-    )
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-    if not kernel_supports("adam", hist, params, grads, **kwargs):
-        adam_reference(*lists, hist=hist, **kwargs)
-        return
     with torch.no_grad():
         _adam_hist(
             *lists,

@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fasthist.reference.rmsprop import rmsprop_reference
 from fasthist.target import HistTarget
 
 from ._common import (
@@ -40,7 +39,6 @@ from ._common import (
     hist_add,
     hist_begin,
     hist_end,
-    kernel_supports,
     launch,
     lerp_coefficients,
     load,
@@ -235,32 +233,9 @@ def rmsprop_hist(
     has_complex: bool = False,
 ) -> None:
     """``torch.optim.rmsprop.rmsprop`` (same arguments) in one fused launch per dtype, plus
-    the histograms (module docstring). What :func:`fasthist.kernels._common.kernel_supports`
-    refuses (``differentiable=True``, float64 parameters, …) runs on the reference backend;
-    ``foreach`` is accepted and ignored."""
+    the histograms (module docstring), for what :mod:`fasthist.dispatch` gives it (no
+    autograd, kernel dtypes); ``foreach`` and ``differentiable`` are accepted and ignored."""
     if not params:
-        return
-    if not kernel_supports("rmsprop", hist, params, grads, differentiable=differentiable):
-        rmsprop_reference(
-            params,
-            grads,
-            square_avgs,
-            grad_avgs,
-            momentum_buffer_list,
-            state_steps,
-            hist=hist,
-            lr=lr,
-            alpha=alpha,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            centered=centered,
-            foreach=foreach,
-            maximize=maximize,
-            differentiable=differentiable,
-            capturable=capturable,
-            has_complex=has_complex,
-        )
         return
     n = len(params)
     device = params[0].device

@@ -7,6 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fasthist.backend
+import fasthist.csrc
+import fasthist.dispatch
+
 # torch's fused CPU kernels, as its x86 wheels build them, are reproduced bit for bit; on
 # other builds the tests claim the dtype tolerances only
 EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2")
@@ -35,11 +39,10 @@ def grads(shapes, step, dtype):
     return out
 
 
-def run(cls, dtype, config, shapes, steps=6, scaler_skip_at=None, flag="1", monkeypatch=None):
-    """``steps`` fused steps of ``cls(params, fused=True, **config)`` with FASTHIST_CPU_KERNEL
-    set to ``flag``; returns (params, optimizer)."""
-    if monkeypatch is not None:
-        monkeypatch.setenv("FASTHIST_CPU_KERNEL", flag)
+def run(cls, dtype, config, shapes, steps=6, scaler_skip_at=None, backend="auto"):
+    """``steps`` fused steps of ``cls(params, fused=True, **config)`` under
+    ``fasthist.backend.use(backend)``; returns (params, optimizer). A fasthist optimizer must
+    have run on the compiled fused step (``auto``) or the pure torch ops (``reference``)."""
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
     opt = cls(params, fused=True, **config)
@@ -49,8 +52,17 @@ def run(cls, dtype, config, shapes, steps=6, scaler_skip_at=None, flag="1", monk
         if scaler_skip_at is not None:  # what a GradScaler sets on a fused optimizer
             opt.grad_scale = torch.tensor(2.0)
             opt.found_inf = torch.tensor(1.0 if step == scaler_skip_at else 0.0)
-        opt.step()
+        with fasthist.backend.use(backend):
+            opt.step()
+    if hasattr(opt, "backends"):
+        expected = fasthist.backend.FUSED_CPU if backend == "auto" else fasthist.backend.TORCH
+        assert {c.backend for c in opt.backends().values()} == {expected}, opt.backends()
     return params, opt
+
+
+def fused_chosen(decl, lists, target, kwargs) -> bool:
+    """Whether the dispatcher gives this CPU call to the compiled fused step."""
+    return fasthist.dispatch.choose(decl, torch.device("cpu"), lists, target, kwargs).backend == "fused_cpu"
 
 
 def assert_close(a, b, dtype, *, equal_nan=False):
@@ -60,3 +72,14 @@ def assert_close(a, b, dtype, *, equal_nan=False):
         return
     tol = 0.0 if EXACT else TOL[dtype]
     torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=equal_nan)
+
+
+def compiled_histogram_(target, values, scale, found_inf=None, *, sqrt=True, reciprocal=False) -> None:
+    """The compiled CPU histogram pass (``fasthist.csrc.histogram_``), which must take the call."""
+    assert fasthist.csrc.histogram_(target, values, scale, found_inf, sqrt=sqrt, reciprocal=reciprocal)
+
+
+def cpu_backend(on: bool) -> str:
+    """The backend a CPU test asks for: ``auto`` (the compiled passes where they take a call)
+    when ``on``, else ``reference`` (pure torch ops, the oracle)."""
+    return "auto" if on else "reference"

@@ -119,7 +119,6 @@ class OptimInfo:
     sparse_error: str | None = None  # what step() says to a sparse gradient; None: accepts them
     estimate_names: tuple[str, ...] = ()  # its names in fasthist.estimate's registry
     backend_config: dict[str, Any] = field(default_factory=dict)  # flags of the cross-backend test
-    kernel: str | None = None  # fasthist.kernels.<kernel>, the fused backend
     backends: tuple[str, ...] = ("torch", "triton")
 
     def __repr__(self) -> str:
@@ -163,7 +162,6 @@ ADAM = OptimInfo(
     sparse_error="Adam does not support sparse gradients",  # torch's AdamW says so too
     estimate_names=("adam",),
     backend_config={"lr": 1e-2, "amsgrad": True},
-    kernel="adam",
 )
 OPTIMS = [
     ADAM,
@@ -201,7 +199,6 @@ OPTIMS = [
         sparse_error="RMSprop does not support sparse gradients",
         estimate_names=("rmsprop", "rmsprop-centered"),
         backend_config={"lr": 1e-3, "centered": True, "momentum": 0.9},
-        kernel="rmsprop",
     ),
     OptimInfo(
         "adagrad",
@@ -226,7 +223,6 @@ OPTIMS = [
         [BadInput({"lr_decay": -1.0}, ValueError, "Invalid lr_decay value"), BadInput({"eps": -1.0})],
         estimate_names=("adagrad",),
         backend_config={"lr_decay": 1e-2},
-        kernel="adagrad",
     ),
     OptimInfo(
         "adabelief",
@@ -258,7 +254,6 @@ OPTIMS = [
         sparse_error="AdaBelief does not support sparse gradients",
         estimate_names=("adabelief",),
         backend_config={"weight_decay": 1e-2},
-        kernel="adabelief",
     ),
 ]
 BY_NAME = {info.name: info for info in OPTIMS}

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -12,10 +13,19 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(autouse=True)
 def _seed():
-    """Tests that set FASTHIST_BACKEND use monkeypatch (undone after each test); one set
-    outside, e.g. ``FASTHIST_BACKEND=triton TRITON_INTERPRET=1 pytest tests/test_adam.py``,
-    runs the whole file on that backend."""
+    """Tests pick a backend with ``fasthist.backend.use`` (or the ``use_backend`` fixture);
+    FASTHIST_BACKEND set outside, e.g. ``FASTHIST_BACKEND=triton TRITON_INTERPRET=1 pytest
+    tests/test_adam.py``, runs the rest of a file on that backend."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def use_backend():
+    """``use_backend(name)``: ``fasthist.backend.use(name)`` for the rest of the test."""
+    from fasthist import backend
+
+    with contextlib.ExitStack() as stack:
+        yield lambda name: stack.enter_context(backend.use(name))
 
 
 def _interpreter_fma_rounds_once() -> bool:

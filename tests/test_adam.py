@@ -511,14 +511,12 @@ def test_eps_range_outside_the_bins_is_flagged():
     assert res.ambiguous and res.high == 10.0 ** round(math.log10(4.0))  # the range bound 2**2, not 1e4
 
 
-def test_bins_beyond_the_kernels_run_on_the_reference(monkeypatch):
+def test_bins_beyond_the_kernels_run_on_the_reference():
     pytest.importorskip("triton")
-    monkeypatch.setenv("FASTHIST_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     from fasthist import backend
 
     kernels = backend.kernels_module(interpret=True)
-    if kernels is None or not backend._interpreting():
+    if kernels is None or not backend.interpreting():
         pytest.skip("kernels not importable under the interpreter in this process")
     fine = LogBins(-40, 10, 8)
     assert fine.num_bins > kernels.MAX_BINS
@@ -526,8 +524,10 @@ def test_bins_beyond_the_kernels_run_on_the_reference(monkeypatch):
     q = p.detach().clone().requires_grad_()
     a, b = fasthist.Adam([p], bins=fine), torch.optim.Adam([q])
     p.grad, q.grad = torch.ones(64), torch.ones(64)
-    with pytest.warns(UserWarning, match="run on the reference backend"):
+    with backend.use("triton"), pytest.warns(UserWarning, match="run on another backend"):
         a.step()
     b.step()
+    (choice,) = a.backends().values()
+    assert choice.backend != backend.TRITON and "bins, more than the kernels take" in choice.reason
     assert torch.equal(p, q)
     assert torch.equal(a.histogram(p).counts, expected_step_hist(a, p))

@@ -111,8 +111,8 @@ def run_with_resume(name, total, k, device="cpu", map_location=None, width=16):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_resume_is_exact_on_the_reference_backend(name, monkeypatch):
-    monkeypatch.setenv("FASTHIST_BACKEND", "torch")
+def test_resume_is_exact_on_the_reference_backend(name, use_backend):
+    use_backend("torch")
     model, opt = make_model(), None
     opt = make_optimizer(name, model)
     train(model, opt, range(12))
@@ -133,8 +133,8 @@ def test_resume_is_exact_on_the_reference_backend(name, monkeypatch):
             assert torch.equal(back[i]["hist_total"], opt2.state[params2[i]]["hist_total"])
 
 
-def test_resume_at_step_zero_and_after_the_last_step(monkeypatch):
-    monkeypatch.setenv("FASTHIST_BACKEND", "torch")
+def test_resume_at_step_zero_and_after_the_last_step(use_backend):
+    use_backend("torch")
     for k in (0, 6):
         model, opt = make_model(), None
         opt = make_optimizer("adam", model)
@@ -161,29 +161,30 @@ def _triton_kernel_available(op: str) -> bool:
 @pytest.mark.parametrize(
     "name", ["adam", "adamw-amsgrad", "rmsprop-centered-momentum", "adagrad", "adabelief-amsgrad-unrectified"]
 )
-def test_resume_is_exact_on_the_triton_backend(name, monkeypatch):
+def test_resume_is_exact_on_the_triton_backend(name, use_backend):
     op = name.split("-")[0].replace("adamw", "adam")
     if not _triton_kernel_available(op):
         pytest.skip(f"fasthist.kernels.{op} is not importable here")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("the kernels need TRITON_INTERPRET=1 on a machine without CUDA")
-    monkeypatch.setenv("FASTHIST_BACKEND", "triton")
+    use_backend("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     total, k, width = 4, 2, 4  # tiny: every interpreted launch is slow
     model = make_model(device, width)
     opt = make_optimizer(name, model)
     train(model, opt, range(total), device)
+    assert {c.backend for c in opt.backends().values()} == {"triton"}, opt.backends()
     uninterrupted = snapshot(model, opt)
     assert_same(uninterrupted, snapshot(*run_with_resume(name, total, k, device, width=width)))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["adam", "rmsprop-centered-momentum", "adabelief"])
-def test_gpu_checkpoint_loads_on_cpu(name, monkeypatch):
+def test_gpu_checkpoint_loads_on_cpu(name, use_backend):
     """Saved on CUDA, loaded with map_location="cpu": the run continues on the CPU and
     agrees with the uninterrupted GPU run (bit for bit on the histograms of the steps
     before the checkpoint; the parameters within float32 rounding of CPU vs GPU kernels)."""
-    monkeypatch.setenv("FASTHIST_BACKEND", "auto")
+    use_backend("auto")
     model, opt = make_model("cuda"), None
     opt = make_optimizer(name, model)
     train(model, opt, range(8), "cuda")

@@ -1,7 +1,7 @@
 """The Triton kernels inside a compiled step: one opaque operator, ``fasthist::functional_``
 (see :mod:`fasthist.compiled` for why not ``triton_op``).
 
-On a machine without CUDA they run under Triton's interpreter (``FASTHIST_BACKEND=triton``,
+On a machine without CUDA they run under Triton's interpreter (``fasthist.backend.use("triton")``,
 ``TRITON_INTERPRET=1``), on the ``aot_eager`` backend: the operator's declared writes go
 through functionalization, which is where a compiled step could lose an update. With a GPU,
 ``test_reduce_overhead_cuda_graphs`` runs the step under ``mode="reduce-overhead"``.
@@ -14,6 +14,8 @@ import torch
 from _kernel_helpers import INTERPRETING, ON_CPU
 from _optim_db import BY_NAME, grads_at, make_params
 from torch._dynamo.testing import CompileCounterWithBackend
+
+import fasthist.backend
 
 pytest.importorskip("triton")
 pytest.importorskip("fasthist.kernels.adam")
@@ -53,30 +55,35 @@ def _run(name: str, compile_kwargs: dict | None, steps: int, device: str = "cpu"
             p.grad = g  # the same tensors every step: copied into static places under CUDA graphs
         fn()
         sched.step()
+    if compile_kwargs is None:  # compiled steps are not recorded: the test counts their backend calls
+        assert {c.backend for c in opt.backends().values()} == {"triton"}, opt.backends()
     rows = [opt.histogram_rows(w).counts.cpu() for w in ("step", "total")]
     return [p.detach().cpu() for p in params], rows, counter
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernels_in_compiled_step(monkeypatch, name):
+def test_kernels_in_compiled_step(use_backend, monkeypatch, name):
     """Compiles once over 10 steps with a scheduler; parameters, states and both histogram
     windows bit for bit those of the eager kernel step (the operator runs the eager launch)."""
-    monkeypatch.setenv("FASTHIST_BACKEND", "triton")
+    use_backend("triton")
     p_eager, h_eager, _ = _run(name, None, 10)
+    ran, run = [], fasthist.backend.run
+    monkeypatch.setattr(fasthist.backend, "run", lambda name, *a: ran.append(name) or run(name, *a))
     p_comp, h_comp, counter = _run(name, {"backend": "aot_eager"}, 10)
     assert counter.frame_count == 1
+    assert ran == ["triton"] * 10
     for a, b in zip(h_comp + p_comp, h_eager + p_eager, strict=True):
         assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
-def test_reduce_overhead_cuda_graphs(monkeypatch, name):
+def test_reduce_overhead_cuda_graphs(use_backend, name):
     """``torch.compile(mode="reduce-overhead")`` on CUDA: one compilation, the step replayed
     as a CUDA graph (no cudagraph skip), and the same parameters and histograms as eager."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setenv("FASTHIST_BACKEND", "triton")
+    use_backend("triton")
     cuda = "cuda"
     p_eager, h_eager, _ = _run(name, None, 12, cuda)
     counters.clear()

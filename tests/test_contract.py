@@ -14,6 +14,7 @@ from _kernel_helpers import DEVICE, ON_CPU, assert_ulp  # sets TRITON_INTERPRET 
 from _optim_db import OPTIMS, STEPS, check_estimate_pass, config_cases, grads_at, make_params
 
 import fasthist
+from fasthist import backend
 
 by_optim = pytest.mark.parametrize("info", OPTIMS, ids=lambda info: info.name)
 
@@ -191,41 +192,40 @@ def _model(seed):
     return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(DEVICE)
 
 
-def _forced_triton_or_skip(monkeypatch):
+def _forced_triton_or_skip():
     pytest.importorskip("triton")
-    from fasthist import backend
-
-    monkeypatch.setenv("FASTHIST_BACKEND", "triton")
     kernels = backend.kernels_module(interpret=not torch.cuda.is_available())
-    if kernels is None or (ON_CPU and not backend._interpreting()):
+    if kernels is None or (ON_CPU and not backend.interpreting()):
         pytest.skip("fasthist.kernels not importable (under the interpreter) in this process")
 
 
 @pytest.mark.interpreter
 @by_optim
-def test_backends_agree(info, monkeypatch):
-    """The same optimizer on FASTHIST_BACKEND=triton and =torch, with save/reload of the
-    kernel-side optimizer midway: parameters within a few ulp (no teacher forcing, so
-    1-ulp differences from torch's CPU sqrt may add up), histograms exactly equal on the
-    CPU (on the GPU torch's model math rounds differently: counts only)."""
-    _forced_triton_or_skip(monkeypatch)
+def test_backends_agree(info):
+    """The same optimizer on the Triton kernels and on the reference (pure torch ops), with
+    save/reload of the kernel-side optimizer midway: parameters within a few ulp (no teacher
+    forcing, so 1-ulp differences from torch's CPU sqrt may add up), histograms exactly equal
+    on the CPU (on the GPU torch's model math rounds differently: counts only)."""
+    _forced_triton_or_skip()
     models = [_model(0), _model(0)]
     opts = [info.cls(m.parameters(), **info.backend_config) for m in models]
     x = torch.randn(16, 7, device=DEVICE)
     for step in range(4):
         prev = [p.detach().clone() for p in models[1].parameters()]
-        for backend, m, o in zip(("triton", "torch"), models, opts, strict=True):
-            monkeypatch.setenv("FASTHIST_BACKEND", backend)
-            o.zero_grad()
-            m(x + step).pow(2).sum().backward()
-            o.step()
+        for name, m, o in zip(("triton", "reference"), models, opts, strict=True):
+            with backend.use(name):
+                o.zero_grad()
+                m(x + step).pow(2).sum().backward()
+                o.step()
+        assert {c.backend for c in opts[0].backends().values()} == {backend.TRITON}
+        assert {c.backend for c in opts[1].backends().values()} == {backend.TORCH}
         if step == 1:  # save and reload the kernel-side optimizer
             sd = opts[0].state_dict()
             opts[0] = info.cls(models[0].parameters(), **info.backend_config)
             opts[0].load_state_dict(sd)
         # per step within ulps: checked on the CPU for all, on the GPU so far only for Adam
         # (the others' GPU runs were checked with the assert_close at the end)
-        if ON_CPU or info.kernel == "adam":
+        if ON_CPU or info.cls.declaration.kernel[0] == "adam":
             for a, b, pb in zip(models[0].parameters(), models[1].parameters(), prev, strict=True):
                 assert_ulp(a.detach(), b.detach(), 2.0 * (step + 1), f"param after step {step}", pb)
         numels = [p.numel() for p in models[0].parameters()]
@@ -241,12 +241,37 @@ def test_backends_agree(info, monkeypatch):
 
 
 @by_optim
-def test_backend_auto_and_torch_identical_on_cpu(info, monkeypatch):
+def test_backend_auto_and_torch_identical_on_cpu(info):
     results = []
-    for backend in ("auto", "torch"):
-        monkeypatch.setenv("FASTHIST_BACKEND", backend)
+    for name in ("auto", "torch", "reference"):
         params = make_params()
-        opt = stepped(info, params, 3, **info.backend_config)
+        with backend.use(name):
+            opt = stepped(info, params, 3, **info.backend_config)
         results.append((params, opt.histogram(window="total")))
+    assert all(torch.equal(p, q) for p, q in zip(results[0][0], results[2][0], strict=True))
+    assert results[0][1] == results[2][1]
     assert all(torch.equal(p, q) for p, q in zip(results[0][0], results[1][0], strict=True))
     assert results[0][1] == results[1][1]
+
+
+@by_optim
+def test_backends_records_what_ran_and_why(info):
+    """``opt.backends()``: per (group, device, dtype) the backend that ran the latest step and
+    why each faster one turned it down; ``reference`` runs the pure torch ops everywhere."""
+    wide = [torch.randn(3, dtype=torch.float64, requires_grad=True)]
+    narrow = [torch.randn(4, requires_grad=True)]
+    opt = info.cls([{"params": narrow}, {"params": wide}])
+    for p in narrow + wide:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    ran = opt.backends()
+    assert set(ran) == {(0, torch.device("cpu"), torch.float32), (1, torch.device("cpu"), torch.float64)}
+    wide_choice = ran[(1, torch.device("cpu"), torch.float64)]
+    assert wide_choice.backend == backend.TORCH and "float64" in wide_choice.reason, wide_choice
+    assert ran[(0, torch.device("cpu"), torch.float32)].backend == backend.CPU_HISTOGRAM
+    with backend.use("reference"):
+        opt.step()
+    assert {c.backend for c in opt.backends().values()} == {backend.TORCH}
+    assert all("FASTHIST_BACKEND=reference" in c.reason for c in opt.backends().values())
+    with pytest.raises(ValueError, match="Invalid backend: 'cuda'"), backend.use("cuda"):
+        pass

@@ -1,7 +1,7 @@
 """The fused CPU step (fasthist/csrc/fused_adam.cpp) that ``fused=True`` runs on CPU tensors:
 states and parameters against torch's own fused CPU step (bit-identical where torch's
 kernels are AVX512/AVX2, else within the dtype tolerances), and histograms against the
-reference (torch's fused step, then the torch-op histogram: ``FASTHIST_CPU_KERNEL=0``),
+reference (torch's fused step, then the torch-op histogram: ``fasthist.backend.use("reference")``),
 exactly.
 """
 
@@ -11,10 +11,11 @@ import shutil
 
 import pytest
 import torch
-from _cpu_helpers import EXACT, assert_close, grads, run, two_threads  # noqa: F401 (autouse)
+from _cpu_helpers import EXACT, assert_close, fused_chosen, grads, run, two_threads  # noqa: F401 (autouse)
 
 import fasthist
 from fasthist import csrc
+from fasthist.adam import ADAM
 from fasthist.target import HistTarget
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
@@ -35,9 +36,9 @@ CONFIGS = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(c) or "default")
 @pytest.mark.parametrize("cls", [fasthist.Adam, fasthist.AdamW], ids=lambda c: c.__name__)
-def test_states_match_torch_fused(monkeypatch, cls, dtype, config):
+def test_states_match_torch_fused(cls, dtype, config):
     base = torch.optim.Adam if cls is fasthist.Adam else torch.optim.AdamW
-    p1, o1 = run(cls, dtype, config, SHAPES, monkeypatch=monkeypatch)
+    p1, o1 = run(cls, dtype, config, SHAPES)
     p0, o0 = run(base, dtype, config, SHAPES)
     for a, b in zip(p1, p0, strict=True):
         assert_close(a.detach(), b.detach(), dtype)
@@ -48,30 +49,30 @@ def test_states_match_torch_fused(monkeypatch, cls, dtype, config):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(c) or "default")
 @pytest.mark.parametrize("cls", [fasthist.Adam, fasthist.AdamW], ids=lambda c: c.__name__)
-def test_histograms_match_reference(monkeypatch, cls, dtype, config):
+def test_histograms_match_reference(cls, dtype, config):
     """Every count equal to the reference's (torch's fused step, torch-op histogram)."""
-    _, o1 = run(cls, dtype, config, SHAPES, flag="1", monkeypatch=monkeypatch)
-    _, o0 = run(cls, dtype, config, SHAPES, flag="0", monkeypatch=monkeypatch)
+    _, o1 = run(cls, dtype, config, SHAPES, backend="auto")
+    _, o0 = run(cls, dtype, config, SHAPES, backend="reference")
     for window in ("step", "total"):
         assert torch.equal(o1.histogram_rows(window).counts, o0.histogram_rows(window).counts)
     assert int(o1.histogram_rows("step").counts.sum()) == sum(torch.Size(s).numel() for s in SHAPES)
 
 
-def test_many_small_tensors(monkeypatch):
+def test_many_small_tensors():
     g = torch.Generator().manual_seed(3)
     shapes = [(int(n),) for n in torch.randint(1, 3000, (300,), generator=g)]
-    p1, o1 = run(fasthist.Adam, torch.float32, {}, shapes, steps=3, flag="1", monkeypatch=monkeypatch)
-    p0, o0 = run(fasthist.Adam, torch.float32, {}, shapes, steps=3, flag="0", monkeypatch=monkeypatch)
+    p1, o1 = run(fasthist.Adam, torch.float32, {}, shapes, steps=3, backend="auto")
+    p0, o0 = run(fasthist.Adam, torch.float32, {}, shapes, steps=3, backend="reference")
     assert all(torch.equal(a, b) for a, b in zip(p1, p0, strict=True)) or not EXACT
     assert torch.equal(o1.histogram_rows("total").counts, o0.histogram_rows("total").counts)
 
 
 @pytest.mark.parametrize("skip_at", [None, 2])
-def test_grad_scaler_and_found_inf(monkeypatch, skip_at):
+def test_grad_scaler_and_found_inf(skip_at):
     """grad_scale divides (and writes the gradients back); found_inf = 1 skips the update,
     the step count and both windows, as torch's fused step and the reference do."""
-    p1, o1 = run(fasthist.Adam, torch.float32, {}, SHAPES, scaler_skip_at=skip_at, flag="1", monkeypatch=monkeypatch)
-    p0, o0 = run(fasthist.Adam, torch.float32, {}, SHAPES, scaler_skip_at=skip_at, flag="0", monkeypatch=monkeypatch)
+    p1, o1 = run(fasthist.Adam, torch.float32, {}, SHAPES, scaler_skip_at=skip_at, backend="auto")
+    p0, o0 = run(fasthist.Adam, torch.float32, {}, SHAPES, scaler_skip_at=skip_at, backend="reference")
     for a, b in zip(p1, p0, strict=True):
         assert_close(a.detach(), b.detach(), torch.float32)
         assert_close(a.grad, b.grad, torch.float32)
@@ -86,9 +87,9 @@ def test_takes_the_fused_path_and_turns_down_what_it_cannot(monkeypatch):
     never walked as if it were contiguous."""
     calls = []
     real = csrc.fused_step_
-    monkeypatch.setattr(csrc, "fused_step_", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(csrc, "fused_step_", lambda *a: calls.append(a[0]) or real(*a))
     run(fasthist.Adam, torch.float32, {}, [(5,)], steps=1)
-    assert calls == [True]
+    assert calls == ["adam"]
     bins = fasthist.LogBins()
     target = HistTarget(
         bins,
@@ -98,7 +99,7 @@ def test_takes_the_fused_path_and_turns_down_what_it_cannot(monkeypatch):
     )
     kwargs = {"fused": True, "beta1": 0.9, "beta2": 0.999, "lr": 1e-3, "weight_decay": 0.0, "eps": 1e-8}
     contiguous = [[torch.zeros(8, 3)] for _ in range(4)] + [[], [torch.tensor(1.0)]]
-    assert csrc.fused_supports("adam", contiguous, target, kwargs)
+    assert fused_chosen(ADAM, contiguous, target, kwargs)
     strided = [
         [torch.zeros(8, 3)],
         [torch.zeros(8, 6)[:, ::2]],
@@ -107,6 +108,6 @@ def test_takes_the_fused_path_and_turns_down_what_it_cannot(monkeypatch):
         [],
         [torch.tensor(1.0)],
     ]
-    assert not csrc.fused_supports("adam", strided, target, kwargs)
-    assert not csrc.fused_supports("adam", contiguous, target, {**kwargs, "fused": False})
-    assert not csrc.fused_supports("adam", contiguous, None, kwargs)
+    assert not fused_chosen(ADAM, strided, target, kwargs)
+    assert not fused_chosen(ADAM, contiguous, target, {**kwargs, "fused": False})
+    assert not fused_chosen(ADAM, contiguous, None, kwargs)

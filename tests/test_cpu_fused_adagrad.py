@@ -1,7 +1,7 @@
 """The fused CPU Adagrad step (fasthist/csrc/fused_adagrad.cpp) that ``fused=True`` runs on
 CPU tensors: states and parameters against torch's own fused CPU Adagrad (bit-identical where
 torch's kernels are AVX512/AVX2, else within the dtype tolerances), and histograms against
-the reference (torch's fused step, then the torch-op histogram: ``FASTHIST_CPU_KERNEL=0``),
+the reference (torch's fused step, then the torch-op histogram: ``fasthist.backend.use("reference")``),
 exactly.
 """
 
@@ -12,10 +12,11 @@ import shutil
 import pytest
 import torch
 from _cpu_helpers import assert_close as helpers_assert_close
-from _cpu_helpers import grads, run, two_threads  # noqa: F401 (autouse)
+from _cpu_helpers import fused_chosen, grads, run, two_threads  # noqa: F401 (autouse)
 
 import fasthist
 from fasthist import csrc
+from fasthist.adagrad import ADAGRAD
 from fasthist.target import HistTarget
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
@@ -49,8 +50,8 @@ def assert_same_histograms(o1, o0, shapes):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(c) or "default")
-def test_states_match_torch_fused(monkeypatch, dtype, config):
-    p1, o1 = run(fasthist.Adagrad, dtype, config, SHAPES, monkeypatch=monkeypatch)
+def test_states_match_torch_fused(dtype, config):
+    p1, o1 = run(fasthist.Adagrad, dtype, config, SHAPES)
     p0, o0 = run(torch.optim.Adagrad, dtype, config, SHAPES)
     for a, b in zip(p1, p0, strict=True):
         assert_close(a.detach(), b.detach(), dtype)
@@ -60,19 +61,19 @@ def test_states_match_torch_fused(monkeypatch, dtype, config):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(c) or "default")
-def test_histograms_match_reference(monkeypatch, dtype, config):
+def test_histograms_match_reference(dtype, config):
     """Every count equal to the reference's (torch's fused step, torch-op histogram)."""
-    _, o1 = run(fasthist.Adagrad, dtype, config, SHAPES, flag="1", monkeypatch=monkeypatch)
-    _, o0 = run(fasthist.Adagrad, dtype, config, SHAPES, flag="0", monkeypatch=monkeypatch)
+    _, o1 = run(fasthist.Adagrad, dtype, config, SHAPES, backend="auto")
+    _, o0 = run(fasthist.Adagrad, dtype, config, SHAPES, backend="reference")
     assert_same_histograms(o1, o0, SHAPES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_many_small_tensors(monkeypatch, dtype):
+def test_many_small_tensors(dtype):
     g = torch.Generator().manual_seed(3)
     shapes = [(int(n),) for n in torch.randint(1, 3000, (300,), generator=g)]
-    p1, o1 = run(fasthist.Adagrad, dtype, {}, shapes, steps=3, flag="1", monkeypatch=monkeypatch)
-    p0, o0 = run(fasthist.Adagrad, dtype, {}, shapes, steps=3, flag="0", monkeypatch=monkeypatch)
+    p1, o1 = run(fasthist.Adagrad, dtype, {}, shapes, steps=3, backend="auto")
+    p0, o0 = run(fasthist.Adagrad, dtype, {}, shapes, steps=3, backend="reference")
     for a, b in zip(p1, p0, strict=True):
         assert_close(a.detach(), b.detach(), dtype)
     assert_same_histograms(o1, o0, shapes)
@@ -80,12 +81,12 @@ def test_many_small_tensors(monkeypatch, dtype):
 
 @pytest.mark.parametrize("skip_at", [None, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_grad_scaler_and_found_inf(monkeypatch, dtype, skip_at):
+def test_grad_scaler_and_found_inf(dtype, skip_at):
     """grad_scale divides (and writes the gradients back); found_inf = 1 skips the update,
     the step count and both windows, as torch's fused step and the reference do."""
-    kw = {"scaler_skip_at": skip_at, "monkeypatch": monkeypatch}
-    p1, o1 = run(fasthist.Adagrad, dtype, {"lr_decay": 0.1}, SHAPES, flag="1", **kw)
-    p0, o0 = run(fasthist.Adagrad, dtype, {"lr_decay": 0.1}, SHAPES, flag="0", **kw)
+    kw = {"scaler_skip_at": skip_at}
+    p1, o1 = run(fasthist.Adagrad, dtype, {"lr_decay": 0.1}, SHAPES, **kw)
+    p0, o0 = run(fasthist.Adagrad, dtype, {"lr_decay": 0.1}, SHAPES, backend="reference", **kw)
     for a, b in zip(p1, p0, strict=True):
         assert_close(a.detach(), b.detach(), dtype)
         assert_close(a.grad, b.grad, dtype)
@@ -100,9 +101,9 @@ def test_takes_the_fused_path_and_turns_down_what_it_cannot(monkeypatch):
     goes to the reference), never walked as if it were contiguous."""
     calls = []
     real = csrc.fused_step_
-    monkeypatch.setattr(csrc, "fused_step_", lambda *a: calls.append(real(*a)) or calls[-1])
+    monkeypatch.setattr(csrc, "fused_step_", lambda *a: calls.append(a[0]) or real(*a))
     run(fasthist.Adagrad, torch.float32, {}, [(5,)], steps=1)
-    assert calls == [True]
+    assert calls == ["adagrad"]
     bins = fasthist.LogBins()
     target = HistTarget(
         bins,
@@ -112,12 +113,12 @@ def test_takes_the_fused_path_and_turns_down_what_it_cannot(monkeypatch):
     )
     kwargs = {"fused": True, "lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "eps": 1e-10}
     contiguous = [[torch.zeros(8, 3)] for _ in range(3)] + [[torch.tensor(1.0)]]
-    assert csrc.fused_supports("adagrad", contiguous, target, kwargs)
+    assert fused_chosen(ADAGRAD, contiguous, target, kwargs)
     strided = [[torch.zeros(8, 3)], [torch.zeros(8, 3)], [torch.zeros(8, 6)[:, ::2]], [torch.tensor(1.0)]]
-    assert not csrc.fused_supports("adagrad", strided, target, kwargs)
-    assert not csrc.fused_supports("adagrad", contiguous, target, {**kwargs, "has_sparse_grad": True})
-    assert not csrc.fused_supports("adagrad", contiguous, target, {**kwargs, "fused": False})
-    assert not csrc.fused_supports("adagrad", contiguous, None, kwargs)
+    assert not fused_chosen(ADAGRAD, strided, target, kwargs)
+    assert not fused_chosen(ADAGRAD, contiguous, target, {**kwargs, "has_sparse_grad": True})
+    assert not fused_chosen(ADAGRAD, contiguous, target, {**kwargs, "fused": False})
+    assert not fused_chosen(ADAGRAD, contiguous, None, kwargs)
 
 
 def test_torch_compile_traces_the_op():

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from _cpu_helpers import assert_close, two_threads  # noqa: F401 (autouse)
+from _cpu_helpers import assert_close, compiled_histogram_, two_threads  # noqa: F401 (autouse)
 from _optim_db import grads_at
 
 import fasthist
@@ -34,13 +34,11 @@ def values_at(call: int) -> list[torch.Tensor]:
     return [torch.rand(n, generator=g) * 10.0**decade for n in SIZES]
 
 
-def oracle(monkeypatch, values, scale, rows, nrows) -> torch.Tensor:
+def oracle(values, scale, rows, nrows) -> torch.Tensor:
     """The step window the torch-op path writes into zeroed windows."""
-    monkeypatch.setenv("FASTHIST_CPU_KERNEL", "0")
     z = torch.zeros(nrows, BINS.num_bins, dtype=torch.int64)
     t = HistTarget(BINS, z, z.clone(), rows)
     accumulate_(t, values, scale)
-    monkeypatch.setenv("FASTHIST_CPU_KERNEL", "1")
     return t.step
 
 
@@ -65,19 +63,12 @@ def _scribble_index_copy(target, call):  # what the torch-op path and merges do
 
 
 def _scribble_torch_ops(target, call):  # the torch-op path itself, on other values
-    import os
-
-    old = os.environ.get("FASTHIST_CPU_KERNEL")
-    os.environ["FASTHIST_CPU_KERNEL"] = "0"
-    try:
-        accumulate_(target, values_at(call + 100), [1.0] * len(SIZES))
-    finally:
-        os.environ["FASTHIST_CPU_KERNEL"] = old if old is not None else "1"
+    accumulate_(target, values_at(call + 100), [1.0] * len(SIZES))
 
 
 def _scribble_other_target(target, call):  # another target over the same rows and buffers
     other = HistTarget(BINS, target.step, target.total, target.rows)
-    accumulate_(other, values_at(call + 200), [0.5] * len(SIZES))
+    compiled_histogram_(other, values_at(call + 200), [0.5] * len(SIZES))
 
 
 def _scribble_op_without_spans(target, call):  # the op as a compiled step calls it: no spans
@@ -100,7 +91,7 @@ def _scribble_shared_workspace(target, call):
     """A target rebuilt around the same workspace (as a compiled step's opaque call does),
     writing copies of the windows: the real rows are untouched, and their spans too."""
     other = HistTarget(BINS, target.step.clone(), target.total.clone(), target.rows, target._workspace)
-    accumulate_(other, values_at(call + 400), [2.0] * len(SIZES))
+    compiled_histogram_(other, values_at(call + 400), [2.0] * len(SIZES))
 
 
 SCRIBBLES = {
@@ -117,37 +108,34 @@ SCRIBBLES = {
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("scribble", list(SCRIBBLES))
-def test_step_rows_exact_when_others_write(monkeypatch, threads, scribble):
+def test_step_rows_exact_when_others_write(threads, scribble):
     torch.set_num_threads(threads)
     assert csrc.available()
-    monkeypatch.setenv("FASTHIST_CPU_KERNEL", "1")
     target = new_target()
     write = SCRIBBLES[scribble]
     for call in range(6):
         values = values_at(call)
         scale = [0.3 + 0.1 * call] * len(SIZES)
-        accumulate_(target, values, scale)
-        expected = oracle(monkeypatch, values, scale, target.rows, target.step.shape[0])
+        compiled_histogram_(target, values, scale)
+        expected = oracle(values, scale, target.rows, target.step.shape[0])
         assert torch.equal(target.step[target.rows], expected[target.rows]), f"call {call}"
         if write is not None and call % 2 == 0:
             write(target, call)
 
 
-def test_skipped_step_keeps_rows_and_spans(monkeypatch):
+def test_skipped_step_keeps_rows_and_spans():
     """A step skipped by found_inf writes nothing; the spans stay those of the rows."""
-    monkeypatch.setenv("FASTHIST_CPU_KERNEL", "1")
     target = new_target()
-    accumulate_(target, values_at(0), [1.0] * len(SIZES))
+    compiled_histogram_(target, values_at(0), [1.0] * len(SIZES))
     before = target.step.clone()
-    accumulate_(target, values_at(1), [1.0] * len(SIZES), torch.tensor(1.0))
+    compiled_histogram_(target, values_at(1), [1.0] * len(SIZES), torch.tensor(1.0))
     assert torch.equal(target.step, before)
-    accumulate_(target, values_at(2), [1.0] * len(SIZES))
-    expected = oracle(monkeypatch, values_at(2), [1.0] * len(SIZES), target.rows, target.step.shape[0])
+    compiled_histogram_(target, values_at(2), [1.0] * len(SIZES))
+    expected = oracle(values_at(2), [1.0] * len(SIZES), target.rows, target.step.shape[0])
     assert torch.equal(target.step[target.rows], expected[target.rows])
 
 
-def _adam_steps(monkeypatch, flag, between):
-    monkeypatch.setenv("FASTHIST_CPU_KERNEL", flag)
+def _adam_steps(name, between):
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=g).requires_grad_() for s in [(100, 300), (7,), (70_001,), (0,), (3, 5)]]
     opt = fasthist.Adam(params)
@@ -155,7 +143,10 @@ def _adam_steps(monkeypatch, flag, between):
     for step in range(6):
         for p, gr in zip(params, grads_at(step, params), strict=True):
             p.grad = gr * 10.0 ** (3 * (step % 3) - 3)  # moving magnitudes: moving spans
-        opt.step()
+        with fasthist.backend.use(name):
+            opt.step()
+        expected = {"auto": {"fused_cpu", "torch+cpu_histogram"}, "reference": {"torch"}}[name]
+        assert {c.backend for c in opt.backends().values()} <= expected, opt.backends()
         out.append(opt.histogram_rows("step").counts.clone())
         opt = between(opt, params, step)
     return out
@@ -183,20 +174,19 @@ def _fused_flip(opt, params, step):
 
 
 @pytest.mark.parametrize("between", [_reset, _reload, _fused_flip], ids=lambda f: f.__name__)
-def test_optimizer_steps_exact(monkeypatch, between):
+def test_optimizer_steps_exact(between):
     """Through the optimizer: reset_histograms, load_state_dict and the fused step writing
     the rows between default steps; the step windows equal the torch-op path's."""
-    got = _adam_steps(monkeypatch, "1", between)
-    want = _adam_steps(monkeypatch, "0", between)
+    got = _adam_steps("auto", between)
+    want = _adam_steps("reference", between)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
 
 
-def _steps_in_inference_mode(cls, flag, monkeypatch, **config):
+def _steps_in_inference_mode(cls, name, **config):
     """Adam steps with moving magnitudes (moving spans), all under ``torch.inference_mode()``
     from the first (the state and the packed windows are then inference tensors, which have
     no version counter); returns the parameters and each step's step window (or None)."""
-    monkeypatch.setenv("FASTHIST_CPU_KERNEL", flag)
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=g) for s in [(100, 300), (7,), (70_001,), (0,), (3, 5)]]
     opt = cls(params, **config)
@@ -205,26 +195,27 @@ def _steps_in_inference_mode(cls, flag, monkeypatch, **config):
         for step in range(6):
             for p, gr in zip(params, grads_at(step, params), strict=True):
                 p.grad = gr * 10.0 ** (3 * (step % 3) - 3)
-            opt.step()
+            with fasthist.backend.use(name):
+                opt.step()
             rows.append(opt.histogram_rows("step").counts.clone() if isinstance(opt, fasthist.Adam) else None)
     return params, rows
 
 
 @pytest.mark.parametrize(
-    ("flag", "fused"), [("1", False), ("1", True), ("0", False)], ids=["cpp", "fused", "torch_ops"]
+    ("name", "fused"), [("auto", False), ("auto", True), ("reference", False)], ids=["cpp", "fused", "torch_ops"]
 )
-def test_inference_mode_steps_like_torch(monkeypatch, flag, fused):
+def test_inference_mode_steps_like_torch(name, fused):
     """``opt.step()`` under ``torch.inference_mode()`` steps as torch's Adam does there (the
     same parameters, bit for bit: the update is torch's own, or reproduces its fused step),
     and its step windows are the torch-op path's outside inference mode: with no version
     counter to trust, every step row is cleared in full."""
-    got, rows = _steps_in_inference_mode(fasthist.Adam, flag, monkeypatch, fused=fused)
-    want, _ = _steps_in_inference_mode(torch.optim.Adam, flag, monkeypatch, fused=fused)
+    got, rows = _steps_in_inference_mode(fasthist.Adam, name, fused=fused)
+    want, _ = _steps_in_inference_mode(torch.optim.Adam, name, fused=fused)
     for a, b in zip(got, want, strict=True):
         if fused:  # torch's fused CPU step, reproduced bit for bit where its kernels are x86's
             assert_close(a, b, torch.float32)
         else:  # torch's own update
             assert torch.equal(a, b)
-    oracle_rows = _adam_steps(monkeypatch, "0", lambda opt, params, step: opt)
+    oracle_rows = _adam_steps("reference", lambda opt, params, step: opt)
     for a, b in zip(rows, oracle_rows, strict=True):
         assert torch.equal(a, b)

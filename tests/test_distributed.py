@@ -118,9 +118,8 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     # The same under the Triton kernels (interpreted on the CPU): they get the local shards.
     out["fsdp_triton"] = None
     if _kernels_importable():
-        os.environ["FASTHIST_BACKEND"] = "triton"
         results = {}
-        try:
+        with fasthist.backend.use("triton"):
             for name, make in (
                 ("adam", lambda ps: fasthist.Adam(ps, lr=1e-2)),
                 ("rmsprop", lambda ps: fasthist.RMSprop(ps, lr=1e-3, centered=True, momentum=0.9)),
@@ -129,6 +128,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
                 fully_shard(tmodel, mesh=mesh)
                 topt = make(tmodel.parameters())
                 train(tmodel, topt, x, y, 2)
+                assert {c.backend for c in topt.backends().values()} == {"triton"}, topt.backends()
                 tparams = list(tmodel.parameters())
                 if name == "adam":
                     expected = [topt.bins.count(sqrt_vhat(topt, p, full=True)) for p in tparams]
@@ -139,8 +139,6 @@ def _worker(rank: int, port: int, outdir: str) -> None:
                         v, ga = st["square_avg"].full_tensor(), st["grad_avg"].full_tensor()
                         expected.append(topt.bins.count(v.addcmul(ga, ga, value=-1).double().sqrt().float()))
                 results[name] = (list(counts_of(topt.histograms(process_group=world)).values()), expected)
-        finally:
-            os.environ.pop("FASTHIST_BACKEND", None)
         out["fsdp_triton"] = results
 
     # A replicated DTensor is counted once.

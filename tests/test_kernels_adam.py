@@ -53,6 +53,8 @@ from _kernel_helpers import (  # before triton
 triton = pytest.importorskip("triton")
 
 import fasthist  # noqa: E402
+from fasthist import backend, dispatch  # noqa: E402
+from fasthist.adam import ADAM  # noqa: E402
 from fasthist.reference.adam import adam_reference, bias_correction2_sqrt  # noqa: E402
 
 K = pytest.importorskip("fasthist.kernels.adam")
@@ -449,10 +451,19 @@ def test_capturable_device_path():
         check(case, p_ulp=DEVICE_STEP_ULP)
 
 
+def _dispatched(lists, hist, kw, refused: str):
+    """The call as the dispatcher runs it with the kernels asked for: it must turn the
+    kernel down for ``refused`` and run the call elsewhere."""
+    with backend.use("triton"):
+        choice = dispatch.choose(ADAM, DEVICE, lists, hist, kw)
+    assert choice.backend != backend.TRITON and refused in choice.reason, choice
+    backend.run(choice.backend, ADAM, lists, hist, kw)
+
+
 def test_differentiable_routes_to_reference():
     case = Case([(4,), (2, 3)], seed=13)
     gk, gr = case.grads()
-    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(differentiable=True))
+    _dispatched(Case.args(case.k, gk), case.hk, hyper(differentiable=True), "differentiable=True")
     adam_reference(*Case.args(case.r, gr), hist=case.hr, **hyper(differentiable=True))
     for a, b in zip(case.k["params"], case.r["params"], strict=True):
         assert torch.equal(a, b)
@@ -558,10 +569,10 @@ def _model(seed):
     return torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(DEVICE)
 
 
-# fasthist.Adam/AdamW on FASTHIST_BACKEND=triton against =torch: test_contract.py::test_backends_agree
+# fasthist.Adam/AdamW on the kernels against the reference: test_contract.py::test_backends_agree
 
 
-def test_gradscaler_fused_protocol(monkeypatch):
+def test_gradscaler_fused_protocol():
     """torch.amp.GradScaler hands grad_scale/found_inf to a fused=True optimizer: on the
     kernel backend an overflowing step is skipped on the device (parameters, states, step
     count, histograms untouched) and the other steps follow the reference backend."""
@@ -576,12 +587,14 @@ def test_gradscaler_fused_protocol(monkeypatch):
         prev = [p.detach().clone() for p in models[1].parameters()]
         before = [p.detach().clone() for p in models[0].parameters()]
         totals = opts[0].histogram(window="total").counts.clone() if i else None
-        for backend, m, o, sc in zip(("triton", "torch"), models, opts, scalers, strict=True):
-            monkeypatch.setenv("FASTHIST_BACKEND", backend)
-            o.zero_grad()
-            sc.scale(m(xi).pow(2).mean()).backward()
-            sc.step(o)
-            sc.update()
+        for name, m, o, sc in zip(("triton", "reference"), models, opts, scalers, strict=True):
+            with backend.use(name):
+                o.zero_grad()
+                sc.scale(m(xi).pow(2).mean()).backward()
+                sc.step(o)
+                sc.update()
+        if i != 2:  # the skipped step never reaches the optimizer's step
+            assert {c.backend for c in opts[0].backends().values()} == {backend.TRITON}
         if i == 2:
             for p, b in zip(models[0].parameters(), before, strict=True):
                 assert torch.equal(p.detach(), b)
@@ -612,10 +625,9 @@ def test_low_precision_gpu(dtype):
 
 @gpu
 @pytest.mark.gpu
-def test_cuda_graph_capture_replay(monkeypatch):
+def test_cuda_graph_capture_replay():
     """capturable=True: opt.step() captured once in a CUDA graph and replayed; parameters and
     both histogram windows follow an eager run step for step."""
-    monkeypatch.setenv("FASTHIST_BACKEND", "auto")
     models = [_model(1), _model(1)]
     opts = [fasthist.Adam(m.parameters(), lr=1e-2, capturable=True) for m in models]
     xs = [torch.randn(16, 7, device=DEVICE) for _ in range(8)]
@@ -654,7 +666,7 @@ def test_cuda_graph_capture_replay(monkeypatch):
 def test_float64_runs_on_the_reference():
     case = Case([(5,), (2, 3)], dtype=torch.float64, seed=17)
     gk, gr = case.grads()
-    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper())
+    _dispatched(Case.args(case.k, gk), case.hk, hyper(), "no adam kernel for torch.float64")
     adam_reference(*Case.args(case.r, gr), hist=case.hr, **hyper())
     for a, b in zip(case.k["params"], case.r["params"], strict=True):
         assert torch.equal(a, b)

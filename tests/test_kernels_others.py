@@ -367,13 +367,15 @@ def test_adabelief_kernel_matches_reference(name):
 
 
 # -- through the optimizer classes: test_contract.py::test_backends_agree -------------------
-def test_kernels_are_dispatched(monkeypatch):
-    from fasthist import functional
+def test_kernels_are_dispatched():
+    from fasthist import backend
+    from fasthist.adabelief import ADABELIEF
+    from fasthist.adagrad import ADAGRAD
+    from fasthist.rmsprop import RMSPROP
 
-    monkeypatch.setenv("FASTHIST_BACKEND", "triton")
-    assert functional._kernel_op("rmsprop") is KR.rmsprop_hist
-    assert functional._kernel_op("adagrad") is KA.adagrad_hist
-    assert functional._kernel_op("adabelief") is KB.adabelief_hist
+    assert backend.kernel_function(RMSPROP) is KR.rmsprop_hist
+    assert backend.kernel_function(ADAGRAD) is KA.adagrad_hist
+    assert backend.kernel_function(ADABELIEF) is KB.adabelief_hist
 
 
 # -- compiled mode without a GPU ----------------------------------------------------------

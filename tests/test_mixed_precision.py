@@ -103,8 +103,8 @@ CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_low_precision_matches_reference_step_for_step(case, dtype, monkeypatch):
-    monkeypatch.setenv("FASTHIST_BACKEND", "torch")
+def test_low_precision_matches_reference_step_for_step(case, dtype, use_backend):
+    use_backend("torch")
     ours_cls, ref_cls, kw, value = CASES[case]
     if dtype == torch.float16 and case.startswith("adam") and not case.startswith("adab"):
         # torch's fp16 Adam adds eps in fp16: 1e-8 rounds to 0 and 0/0 or x/0 follow

@@ -1,8 +1,8 @@
 """The compiled CPU passes of fasthist: the histogram pass (``histogram.cpp``,
-:func:`accumulate_`), which the reference's :func:`fasthist.reference.histogram.accumulate_`
-runs on CPU tensors when it is available, and the fused tracked steps (``fused_adam.cpp``,
-``fused_adagrad.cpp``): what ``fused=True`` runs on CPU tensors (:func:`fused_step_`,
-decided by :func:`fused_supports`).
+:func:`histogram_`), the bins of :func:`fasthist.reference.histogram.accumulate_` in one
+parallel sweep, and the fused tracked steps (``fused_adam.cpp``, ``fused_adagrad.cpp``):
+what ``fused=True`` runs on CPU tensors (:func:`fused_step_`). Both are backends of
+:mod:`fasthist.backend`; :mod:`fasthist.dispatch` decides when each runs.
 
 Modules: :mod:`.library` finds, checks, builds and loads the library; :mod:`.build` says how
 it is built and stamped; :mod:`.histogram` and :mod:`.fused` call its ops. The C++ sources:
@@ -12,8 +12,8 @@ windows and their spans), ``sweep.h`` (the one parallel sweep), ``op_args.h``/``
 (what every op checks and reads), and one ``.cpp`` per op.
 """
 
-from .fused import fused_step_, fused_supports
-from .histogram import accumulate_
+from .fused import fused_step_
+from .histogram import histogram_
 from .library import available, enabled, library_path
 
-__all__ = ["accumulate_", "available", "enabled", "fused_step_", "fused_supports", "library_path"]
+__all__ = ["available", "enabled", "fused_step_", "histogram_", "library_path"]

@@ -1,6 +1,6 @@
-"""The compiled CPU histogram pass (``histogram.cpp``): what the reference's
-:func:`fasthist.reference.histogram.accumulate_` runs on CPU tensors when the library is
-available. It bins exactly what the torch-op path bins (IEEE square root and division, the
+"""The compiled CPU histogram pass (``histogram.cpp``): the bins of the reference's
+:func:`fasthist.reference.histogram.accumulate_` on CPU tensors, the backend
+:data:`fasthist.backend.CPU_HISTOGRAM`. It bins exactly what the torch-op path bins (IEEE square root and division, the
 LogBins bit layout) in one parallel sweep, and writes both windows itself.
 """
 
@@ -12,7 +12,7 @@ from torch import Tensor
 from ..target import HistTarget
 from .library import enabled, load
 
-__all__ = ["accumulate_"]
+__all__ = ["histogram_"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TAKES = frozenset(_DTYPES + (torch.complex64, torch.complex32))  # complex: binned as (re, im) pairs
@@ -21,7 +21,7 @@ _TAKES = frozenset(_DTYPES + (torch.complex64, torch.complex32))  # complex: bin
 _SPANS = "fasthist.csrc.spans"
 
 
-def accumulate_(
+def histogram_(
     target: HistTarget,
     values: list[Tensor],
     scale: list[float] | Tensor,

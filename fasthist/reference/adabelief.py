@@ -33,15 +33,24 @@ and subtracting it back in float32 would cancel); read the floor at ε according
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..declaration import HistInputs
 from ..target import HistTarget
-from .histogram import accumulate_
+from .histogram import record_
 
-__all__ = ["adabelief_reference", "adabelief_scale", "adabelief_scale_inv", "adabelief_step_size"]
+__all__ = [
+    "adabelief_hist_inputs",
+    "adabelief_reference",
+    "adabelief_update",
+    "adabelief_scale",
+    "adabelief_scale_inv",
+    "adabelief_step_size",
+]
 
 
 def adabelief_step_size(step: int, beta1: float, beta2: float, degenerated_to_sgd: bool) -> tuple[float, float]:
@@ -136,7 +145,7 @@ def _update_(
             p.add_(exp_avg, alpha=-step_size * lr)
 
 
-def adabelief_reference(
+def adabelief_update(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avgs: list[Tensor],
@@ -144,7 +153,6 @@ def adabelief_reference(
     max_exp_avg_vars: list[Tensor],
     state_steps: list[Tensor],
     *,
-    hist: HistTarget | None = None,
     lr: float,
     beta1: float,
     beta2: float,
@@ -161,7 +169,6 @@ def adabelief_reference(
     only the moments (and a ``fixed_decay`` weight decay) change: the package would add
     ``-0.0 * m/denom``, which is NaN where ``eps == 0`` and ``s == 0``."""
     lr = float(lr)
-    scales: list[float] = []
     for i, param in enumerate(params):
         grad = grads[i]
         if grad.is_sparse:
@@ -179,10 +186,29 @@ def adabelief_reference(
         _update_(p, exp_avg, exp_avg_var, var, step, lr, beta1, beta2, eps, rectify, degenerated_to_sgd)
         if half:
             param.copy_(p)
-        scales.append(adabelief_scale_inv(step, beta2))
 
-    if hist is None or not params:
-        return
-    with torch.no_grad():
-        values = max_exp_avg_vars if (amsgrad and not rectify) else exp_avg_vars
-        accumulate_(hist, [v.detach() for v in values], scales, sqrt=False, reciprocal=True)
+
+def adabelief_hist_inputs(lists: list[list[Tensor]], kwargs: dict[str, Any]) -> HistInputs:
+    """After the update: ``s`` (``s_max`` with amsgrad and not rectify) and the multipliers
+    :func:`adabelief_scale_inv` of each tensor's step count; the histogram holds ``s * scale_inv``."""
+    _, _, _, exp_avg_vars, max_exp_avg_vars, state_steps = lists
+    values = max_exp_avg_vars if (kwargs["amsgrad"] and not kwargs["rectify"]) else exp_avg_vars
+    scales = [adabelief_scale_inv(int(s.item()), kwargs["beta2"]) for s in state_steps]
+    return [v.detach() for v in values], scales, None
+
+
+def adabelief_reference(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_vars: list[Tensor],
+    max_exp_avg_vars: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    hist: HistTarget | None = None,
+    **kwargs: Any,
+) -> None:
+    """:func:`adabelief_update` (same keyword arguments), then the histogram pass in torch ops."""
+    lists = [params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps]
+    adabelief_update(*lists, **kwargs)
+    record_(hist, adabelief_hist_inputs, lists, kwargs, sqrt=False, reciprocal=True)

@@ -17,14 +17,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.optim.adagrad import adagrad as torch_adagrad
 
+from ..declaration import HistInputs
 from ..target import HistTarget
-from .histogram import accumulate_
+from .histogram import record_
 
-__all__ = ["adagrad_reference"]
+__all__ = ["adagrad_hist_inputs", "adagrad_reference"]
+
+
+def adagrad_hist_inputs(lists: list[list[Tensor]], kwargs: dict[str, Any]) -> HistInputs:
+    """After the update: the accumulators (their square roots meet ``eps``), scale 1, ``found_inf``."""
+    values = [v.detach() for v in lists[2]]
+    return values, [1.0] * len(values), kwargs.get("found_inf")
 
 
 def adagrad_reference(
@@ -36,9 +42,7 @@ def adagrad_reference(
     hist: HistTarget | None = None,
     **kwargs: Any,
 ) -> None:
-    torch_adagrad(params, grads, state_sums, state_steps, **kwargs)
-    if hist is None:
-        return
-    with torch.no_grad():
-        values = [v.detach() for v in state_sums]
-        accumulate_(hist, values, [1.0] * len(values), kwargs.get("found_inf"))
+    """``torch.optim.adagrad.adagrad`` (same keyword arguments), then the histogram pass in torch ops."""
+    lists = [params, grads, state_sums, state_steps]
+    torch_adagrad(*lists, **kwargs)
+    record_(hist, adagrad_hist_inputs, lists, kwargs)

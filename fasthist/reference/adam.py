@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 from torch.optim.adam import adam as torch_adam
 
+from ..declaration import HistInputs
 from ..target import HistTarget
-from .histogram import accumulate_
+from .histogram import record_
 
-__all__ = ["adam_reference", "bias_correction2_sqrt"]
+__all__ = ["adam_hist_inputs", "adam_reference", "bias_correction2_sqrt"]
 
 
 def _host_scales(state_steps: list[Tensor], beta2: float) -> list[float]:
@@ -85,6 +86,15 @@ def bias_correction2_sqrt(state_steps: list[Tensor], beta2: float | Tensor) -> l
     return _device_scales(state_steps, beta2)
 
 
+def adam_hist_inputs(lists: list[list[Tensor]], kwargs: dict[str, Any]) -> HistInputs:
+    """After the update: ``v`` (``max_exp_avg_sq`` with amsgrad), the bias corrections ``c``
+    (:func:`bias_correction2_sqrt`) and ``found_inf``; the histogram holds ``sqrt(v) / c``."""
+    _, _, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = lists
+    values = max_exp_avg_sqs if kwargs.get("amsgrad") else exp_avg_sqs
+    scale = bias_correction2_sqrt(state_steps, kwargs["beta2"])
+    return [v.detach() for v in values], scale, kwargs.get("found_inf")
+
+
 def adam_reference(
     params: list[Tensor],
     grads: list[Tensor],
@@ -96,12 +106,7 @@ def adam_reference(
     hist: HistTarget | None = None,
     **kwargs: Any,
 ) -> None:
-    torch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)
-    if hist is None:
-        return
-    with torch.no_grad():
-        values = max_exp_avg_sqs if kwargs.get("amsgrad") else exp_avg_sqs
-        scale = bias_correction2_sqrt(state_steps, kwargs["beta2"])
-        if isinstance(scale, Tensor):
-            scale = scale.to(hist.step.device)
-        accumulate_(hist, [v.detach() for v in values], scale, kwargs.get("found_inf"))
+    """``torch.optim.adam.adam`` (same keyword arguments), then the histogram pass in torch ops."""
+    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
+    torch_adam(*lists, **kwargs)
+    record_(hist, adam_hist_inputs, lists, kwargs)

@@ -20,22 +20,26 @@ zeros and the zero test costs nothing.
 which case both windows stay as they were. No value leaves the device and nothing
 synchronises the host.
 
-On CPU tensors the compiled pass of :mod:`fasthist.csrc` does all of this when it is
-available (the same bins, exactly); the torch ops below run otherwise, and stay the oracle.
+Pure torch ops: this is the oracle the other backends are tested against. (The dispatcher,
+:mod:`fasthist.dispatch`, runs the compiled CPU pass of :mod:`fasthist.csrc` instead where it
+takes the call: the same bins, exactly, in one sweep.)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .. import csrc
+from ..declaration import HistInputs
 from ..dtensor import local_tensor
 from ..target import HistTarget
 
 # HistTarget lives in fasthist.target; it is re-exported here, where it used to be
-__all__ = ["HistTarget", "accumulate_"]
+__all__ = ["HistTarget", "accumulate_", "record_"]
 _KEY = "fasthist.reference.workspace"
 
 
@@ -162,8 +166,8 @@ def accumulate_(
     if not all(v.device == device for v in values):
         bad = next(v.device for v in values if v.device != device)
         raise RuntimeError(f"fasthist: all tensors of one backend call must be on {device}, but got one on {bad}")
-    if device.type == "cpu" and csrc.accumulate_(target, values, scale, found_inf, sqrt=sqrt, reciprocal=reciprocal):
-        return  # the compiled pass (fasthist/csrc): the same bins, one parallel sweep
+    if isinstance(scale, Tensor):
+        scale = scale.to(device)
     flat_views = [torch.view_as_real(v).reshape(-1) if v.is_complex() else v.reshape(-1) for v in values]
     wide = [i for i, v in enumerate(flat_views) if v.dtype == torch.float64]
     if not wide:
@@ -187,3 +191,23 @@ def accumulate_(
         skipped = found_inf.to(device=device, dtype=torch.bool).reshape(())
         target.step.index_copy_(0, rows, torch.where(skipped, target.step.index_select(0, rows), delta))
         target.total.index_add_(0, rows, delta.masked_fill(skipped, 0))
+
+
+def record_(
+    hist: HistTarget | None,
+    hist_inputs: Callable[[list[list[Tensor]], dict[str, Any]], HistInputs],
+    lists: list[list[Tensor]],
+    kwargs: dict[str, Any],
+    *,
+    sqrt: bool = True,
+    reciprocal: bool = False,
+    accumulate: Callable[..., Any] = accumulate_,
+) -> None:
+    """The histogram pass of one functional call after its update: bins what
+    ``hist_inputs(lists, kwargs)`` returns (``values, scale, found_inf``) into ``hist`` with
+    ``accumulate`` (these torch ops by default); nothing when ``hist`` is None."""
+    if hist is None:
+        return
+    with torch.no_grad():
+        values, scale, found_inf = hist_inputs(lists, kwargs)
+        accumulate(hist, values, scale, found_inf, sqrt=sqrt, reciprocal=reciprocal)

@@ -24,10 +24,11 @@ import torch
 from torch import Tensor
 from torch.optim.rmsprop import rmsprop as torch_rmsprop
 
+from ..declaration import HistInputs
 from ..target import HistTarget
-from .histogram import accumulate_
+from .histogram import record_
 
-__all__ = ["rmsprop_reference", "rmsprop_denominator_squares"]
+__all__ = ["rmsprop_hist_inputs", "rmsprop_reference", "rmsprop_denominator_squares"]
 
 
 def rmsprop_denominator_squares(square_avgs: list[Tensor], grad_avgs: list[Tensor], centered: bool) -> list[Tensor]:
@@ -38,6 +39,15 @@ def rmsprop_denominator_squares(square_avgs: list[Tensor], grad_avgs: list[Tenso
     sq = [torch.view_as_real(v) if v.is_complex() else v for v in square_avgs]
     ga = [torch.view_as_real(v) if v.is_complex() else v for v in grad_avgs]
     return torch._foreach_addcmul(sq, ga, ga, value=-1)
+
+
+def rmsprop_hist_inputs(lists: list[list[Tensor]], kwargs: dict[str, Any]) -> HistInputs:
+    """After the update: the tensors whose square roots torch adds ``eps`` to, scale 1."""
+    square_avgs, grad_avgs = lists[2], lists[3]
+    sq = [v.detach() for v in square_avgs]
+    ga = [v.detach() for v in grad_avgs]
+    values = rmsprop_denominator_squares(sq, ga, bool(kwargs.get("centered")))
+    return values, [1.0] * len(values), None
 
 
 def rmsprop_reference(
@@ -51,11 +61,7 @@ def rmsprop_reference(
     hist: HistTarget | None = None,
     **kwargs: Any,
 ) -> None:
-    torch_rmsprop(params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps, **kwargs)
-    if hist is None:
-        return
-    with torch.no_grad():
-        sq = [v.detach() for v in square_avgs]
-        ga = [v.detach() for v in grad_avgs]
-        values = rmsprop_denominator_squares(sq, ga, bool(kwargs.get("centered")))
-        accumulate_(hist, values, [1.0] * len(values))
+    """``torch.optim.rmsprop.rmsprop`` (same keyword arguments), then the histogram pass in torch ops."""
+    lists = [params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps]
+    torch_rmsprop(*lists, **kwargs)
+    record_(hist, rmsprop_hist_inputs, lists, kwargs)

@@ -1,0 +1,113 @@
+"""Each fasthist optimizer declared once: what the dispatcher, the compiled op, the ε-range
+estimate, the benchmarks and the SASS report need to know about it, in one frozen record
+(:class:`OptimizerDecl`) that lives beside the optimizer's class.
+
+The histogrammed value of tensor ``i``, from the functional form's lists after the update::
+
+    values, scale, found_inf = decl.hist_inputs(lists, kwargs)
+    x_i = sqrt(values[i]) / scale[i]        (decl.sqrt, not decl.reciprocal)
+    x_i = values[i] * scale[i]              (not decl.sqrt, decl.reciprocal)
+
+which every backend bins (:mod:`fasthist.reference.histogram` states the rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["EpsRangeDecl", "OptimizerDecl", "register", "lookup", "registered"]
+
+HistInputs = tuple[list[Tensor], "list[float] | Tensor", "Tensor | None"]
+"""``(values, scale, found_inf)``: what the histogram pass of one call bins (module docstring)."""
+
+
+@dataclass(frozen=True)
+class EpsRangeDecl:
+    """One way to run the ε-range rule (:func:`fasthist.estimate_eps_range`) with this
+    optimizer: ``factory(params, betas=..., weight_decay=..., bins=...)`` builds an optimizer
+    whose step updates the moments and leaves the weights bit for bit unchanged; ``quantity``
+    names what its histograms hold."""
+
+    name: str
+    factory: Callable[..., torch.optim.Optimizer]
+    quantity: str
+
+
+@dataclass(frozen=True)
+class OptimizerDecl:
+    """One optimizer, declared once.
+
+    - ``name``: its key (the registry's, the compiled op's, the benchmarks').
+    - ``lists``: the positional list arguments of its functional form, in order: the
+      parameters first, the gradients second, the step counts last.
+    - ``value``: what its histograms hold, in words (messages, reports).
+    - ``update``: the pure torch update, the functional form's lists and keyword arguments
+      without ``hist`` (torch's own functional where there is one).
+    - ``hist_inputs``: ``(lists, kwargs) -> (values, scale, found_inf)`` after ``update``;
+      ``sqrt`` and ``reciprocal`` say how they combine (module docstring).
+    - ``bools``, ``floats``: its keyword arguments of those types (``floats`` may also
+      be given as one-element tensors, as ``lr`` may in torch).
+    - ``kernel``: ``(module under fasthist.kernels, function)`` of its Triton backend, None
+      for none; ``kernel_dtypes``: the parameter dtypes that kernel steps.
+    - ``fused_cpu``: the name of its fused tracked CPU op (``fasthist.csrc.fused_step_``),
+      run for ``fused=True``; None for none.
+    - ``opaque_update``: its update branches in Python on values a compiled graph must not
+      guard on (the step count), so under ``torch.compile`` its torch backend too runs as one
+      opaque operator (:mod:`fasthist.compiled`).
+    - ``eps_ranges``: the ε-range rule's ways to run it (:class:`EpsRangeDecl`).
+    - ``default_states``: the state lists its update reads and writes under its default
+      options (bytes moved per step, for the benchmarks).
+    """
+
+    name: str
+    lists: tuple[str, ...]
+    value: str
+    update: Callable[..., None]
+    hist_inputs: Callable[[list[list[Tensor]], dict[str, Any]], HistInputs]
+    bools: frozenset[str]
+    floats: frozenset[str]
+    sqrt: bool = True
+    reciprocal: bool = False
+    kernel: tuple[str, str] | None = None
+    kernel_dtypes: tuple[torch.dtype, ...] = ()
+    fused_cpu: str | None = None
+    opaque_update: bool = False
+    eps_ranges: tuple[EpsRangeDecl, ...] = ()
+    default_states: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.lists[:2] != ("params", "grads") or self.lists[-1] != "state_steps":
+            raise ValueError(f"Invalid lists: {self.lists}; expected params, grads, ..., state_steps")
+        if not set(self.default_states) <= set(self.lists[2:-1]):
+            raise ValueError(f"Invalid default_states: {self.default_states}; expected names from {self.lists[2:-1]}")
+
+
+_REGISTRY: dict[str, OptimizerDecl] = {}
+
+
+def register(decl: OptimizerDecl) -> OptimizerDecl:
+    """Add ``decl`` under its name (an optimizer's module does this when it is imported)."""
+    known = _REGISTRY.get(decl.name)
+    if known is not None and known is not decl:
+        raise ValueError(f"optimizer {decl.name!r} is already declared")
+    _REGISTRY[decl.name] = decl
+    return decl
+
+
+def lookup(name: str) -> OptimizerDecl:
+    """The declaration registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no fasthist optimizer declared as {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def registered() -> dict[str, OptimizerDecl]:
+    """Every declaration registered so far, by name (see :func:`fasthist.catalog.declarations`
+    for every built-in one)."""
+    return dict(_REGISTRY)
