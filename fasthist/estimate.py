@@ -5,7 +5,7 @@ for every batch the gradient of ``loss_fn(model, batch)`` is computed, clipped
 (``clip_grad_norm``) and, for optimizers with coupled weight decay, has
 ``weight_decay * θ`` added, exactly as the user's training would; the optimizer's
 moment estimates are updated, the weights are not. At the last step, per parameter
-tensor, the quantity ε competes with (``sqrt(v_hat)`` for Adam/AdamW) is histogrammed
+tensor, the quantity ε competes with (the declared value: ``sqrt(v_hat)`` by default) is histogrammed
 by the fasthist optimizer itself, exact zeros are dropped, and the rule of
 :mod:`fasthist.eps` gives the range: per-tensor ``a[floor(low*n)]`` and
 ``a[floor(high*n)]``, the envelope over tensors, decade rounding.
@@ -25,10 +25,17 @@ batch (finite numbers only), gradients at each step. Parameters and buffers (Bat
 running statistics, ...) are restored by name after the pass, whatever ended it, and each
 parameter's ``.grad`` is put back as it was.
 
+Every gradient must be finite, except those of the tensors ``exclude=`` names (checked
+against the model's names first, and applied before this check, as
+:func:`fasthist.eps.eps_range_from_counts` does): those are stepped and histogrammed as they
+are (NaN/inf show in their counts, which the rule then leaves out), and their weights are put
+back after each step whose update was not finite. ``clip_grad_norm`` takes every tensor's
+gradient into its norm, as in training, so there one non-finite gradient spreads to all.
+
 Other optimizers plug in through :func:`register_eps_optimizer`: a factory that builds a
 fasthist optimizer with the same moment update and a zero step. Each histograms what its ε
 is added to, in ε's units (the ``quantity`` of its registration below; the optimizer's
-docstring has the details), as the paper's rule carries over from Adam: Silva & Rodriguez,
+docstring has the details), as the paper's rule carries over from its optimizer: Silva & Rodriguez,
 "Fine-Tuning Adaptive Stochastic Optimizers: Determining the Optimal Hyperparameter ε via
 Gradient Magnitude Histogram Analysis" (arXiv 2311.11532, 2024).
 """
@@ -49,6 +56,7 @@ from .eps import EpsRange, Exclude, eps_range_from_counts, excluded_names
 from .progress import progress_bar
 
 __all__ = [
+    "DEFAULT_OPTIMIZER",
     "EpsOptimizer",
     "ModelSnapshot",
     "estimate_eps_range",
@@ -75,6 +83,9 @@ class EpsOptimizer:
 
 
 _REGISTRY: dict[str, EpsOptimizer] = {}
+
+#: The optimizer of the paper, and of ``optimizer=``'s default.
+DEFAULT_OPTIMIZER = "adam"
 
 
 def register_eps_optimizer(
@@ -210,39 +221,37 @@ def eps_pass(
     batches: Iterable[Any],
     loss_fn: Callable[[nn.Module, Any], Tensor],
     *,
-    optimizer: str = "adam",
+    optimizer: str = DEFAULT_OPTIMIZER,
     betas: tuple[float, float] = (0.9, 0.999),
     weight_decay: float = 0.0,
     clip_grad_norm: float | None = None,
     steps: int | None = None,
     progress: bool = True,
     bins: LogBins | None = None,
+    exclude: Exclude = None,
 ) -> torch.optim.Optimizer:
     """The pass of :func:`estimate_eps_range`, returning the fasthist optimizer whose
     moments and histograms it filled: query it with ``eps_range()``, ``histograms()``,
     ``quantiles()``, or plot it with :mod:`fasthist.plot`.
 
+    Gradients must be finite, but for the tensors ``exclude`` names (module docstring).
     Whatever happens (an error in ``loss_fn``, a non-finite gradient, Ctrl-C), the model's
     parameters and buffers are put back by name, objects and bits, as they were. If a
     parameter changed during a pass that otherwise succeeded (a weight decay that
     overflows, a module that edits its weights), the gradients were not all taken at the
     initial weights: RuntimeError."""
-    spec = _check_args(optimizer, betas, weight_decay, clip_grad_norm, steps)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("model has no parameter that requires grad")
-    params = [p for _, p in named]
-    opt = spec.factory(named, betas=tuple(float(b) for b in betas), weight_decay=float(weight_decay), bins=bins)
-
-    saved_grads = [p.grad for p in params]
-    negative_zeros = _negative_zeros(params)
+    spec = _check_args(optimizer, betas, weight_decay, clip_grad_norm, steps, model=model, exclude=exclude)
+    checked = _Checked(model, exclude, clip_grad_norm)
+    betas = tuple(float(b) for b in betas)
+    opt = spec.factory(checked.named, betas=betas, weight_decay=float(weight_decay), bins=bins)
+    saved_grads = [p.grad for p in checked.params]
     snapshot = ModelSnapshot(model)
     bar = progress_bar(_length(batches, steps), f"eps-range ({optimizer})", enabled=progress, unit="batch")
     done = 0
     failed = True
     try:
         for batch in batches:
-            _pass_step(model, batch, loss_fn, opt, params, negative_zeros, clip_grad_norm, done)
+            _pass_step(model, batch, loss_fn, opt, checked, done)
             done += 1
             if bar is not None:
                 bar.update(1)
@@ -252,7 +261,7 @@ def eps_pass(
     finally:
         if bar is not None:
             bar.close()
-        for p, g in zip(params, saved_grads, strict=True):
+        for p, g in zip(checked.params, saved_grads, strict=True):
             p.grad = g
         changed = snapshot.restore()
     if changed and not failed:
@@ -280,41 +289,73 @@ def _negative_zeros(params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
     return negative_zeros
 
 
+class _Checked:
+    """The pass's parameters (those of ``model`` that require grad), split by ``exclude=``:
+    the gradients of those kept must be finite; those left out may not be, and a left-out
+    tensor whose gradient is not finite gets its weights back after the step (its update
+    is NaN). The negative zeros are put back after every step too."""
+
+    def __init__(self, model: nn.Module, exclude: Exclude, clip_grad_norm: float | None) -> None:
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.named:
+            raise ValueError("model has no parameter that requires grad")
+        excluded = excluded_names([n for n, _ in self.named], exclude)
+        self.params = [p for _, p in self.named]
+        self.kept = [(n, p) for (n, p), x in zip(self.named, excluded, strict=True) if not x]
+        self.left_out = [p for (_, p), x in zip(self.named, excluded, strict=True) if x]
+        self.clip_grad_norm = clip_grad_norm
+        self.negative_zeros = _negative_zeros(self.params)
+
+    def clip_and_check(self, done: int) -> list[tuple[Tensor, Tensor]]:
+        """Clips (when asked), checks that every kept gradient is finite, and returns
+        ``(weights, copy)`` of the left-out tensors whose gradient is not."""
+        if self.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.params, float(self.clip_grad_norm))
+        bad = [n for n, p in self.kept if p.grad is not None and not _finite_tensor(p.grad)]
+        if bad:
+            spread = (
+                " (clip_grad_norm's total norm takes every tensor: one non-finite gradient makes all non-finite)"
+                if self.clip_grad_norm is not None
+                else ""
+            )
+            raise RuntimeError(
+                f"non-finite gradient at batch {done} in {', '.join(bad[:5])}; exclude= leaves such a tensor "
+                f"out{spread}; the ε-range rule needs finite gradients"
+            )
+        return [
+            (p.detach(), p.detach().clone()) for p in self.left_out if p.grad is not None and not _finite_tensor(p.grad)
+        ]
+
+
+def _finite_tensor(t: Tensor) -> bool:
+    return bool(torch.isfinite(t.detach()).all())
+
+
 def _pass_step(
     model: nn.Module,
     batch: Any,
     loss_fn: Callable[[nn.Module, Any], Tensor],
     opt: torch.optim.Optimizer,
-    params: list[Tensor],
-    negative_zeros: list[tuple[Tensor, Tensor]],
-    clip_grad_norm: float | None,
+    checked: _Checked,
     done: int,
 ) -> None:
     """One batch of the pass: the gradient of ``loss_fn(model, batch)`` at the unchanged
     weights, clipped and checked, then the optimizer's zero step (moments and histograms
-    only), and the negative zeros put back."""
-    for p in params:
+    only), and the weights it could not leave alone put back (left-out tensors with a
+    non-finite gradient; negative zeros)."""
+    for p in checked.params:
         p.grad = None
     loss = loss_fn(model, batch)
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         raise TypeError(f"loss_fn must return a one-element Tensor, but got {type(loss).__name__}")
     loss.backward()
-    _check_grads(params, clip_grad_norm, done)
+    saved = checked.clip_and_check(done)
     opt.step()
     with torch.no_grad():
-        for r, mask in negative_zeros:
+        for weights, copy in saved:
+            weights.copy_(copy)
+        for r, mask in checked.negative_zeros:
             r.masked_fill_(mask, -0.0)
-
-
-def _check_grads(params: list[Tensor], clip_grad_norm: float | None, done: int) -> None:
-    """Clips (when asked) and checks that every gradient is finite."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if clip_grad_norm is not None:
-        nn.utils.clip_grad_norm_(params, float(clip_grad_norm))
-    if grads:
-        peak = torch.stack([g.detach().abs().amax().to(torch.float32) for g in grads]).amax()
-        if not bool(torch.isfinite(peak)):
-            raise RuntimeError(f"non-finite gradient at batch {done}; the ε-range rule needs finite gradients")
 
 
 def estimate_eps_range(
@@ -322,7 +363,7 @@ def estimate_eps_range(
     batches: Iterable[Any],
     loss_fn: Callable[[nn.Module, Any], Tensor],
     *,
-    optimizer: str = "adam",
+    optimizer: str = DEFAULT_OPTIMIZER,
     betas: tuple[float, float] = (0.9, 0.999),
     weight_decay: float = 0.0,
     clip_grad_norm: float | None = None,
@@ -342,9 +383,7 @@ def estimate_eps_range(
         batches: an iterable of batches, one epoch of the training data (step 2).
         loss_fn: ``loss_fn(model, batch) -> Tensor``, the training loss of one batch
             (moving the batch to the model's device is up to it).
-        optimizer: whose ε the range is for: ``"adam"`` (coupled ``weight_decay``),
-            ``"adamw"`` (decoupled, so it does not enter the moments), or any name added
-            with :func:`register_eps_optimizer`.
+        optimizer: whose ε: a name of :func:`eps_optimizers` (default :data:`DEFAULT_OPTIMIZER`).
         betas, weight_decay: the optimizer's, as used in training.
         clip_grad_norm: max total gradient norm if training clips, else None.
         steps: stop after this many batches (default: all of ``batches``).
@@ -352,7 +391,8 @@ def estimate_eps_range(
         progress: a tqdm progress bar when tqdm is installed.
         bins: the histograms' :class:`~fasthist.LogBins` (default ``LogBins()``).
         exclude: tensors to leave out: a name or glob pattern, a list of them, or a
-            predicate ``name -> bool`` (checked against the model's names before the pass).
+            predicate ``name -> bool`` (checked against the model's names before the pass);
+            their gradients may be NaN/inf (module docstring).
         drop_dead: leave out the numerically dead values (rounding noise many decades below
             the model's bulk, :data:`fasthist.eps.DEAD_RATIO`); by default they are flagged
             (``rows[i].dead``, ``dead``) and counted, as in the paper.
@@ -375,6 +415,7 @@ def estimate_eps_range(
         steps=steps,
         progress=progress,
         bins=bins,
+        exclude=exclude,
     )
     return _rule_on_last_step(opt, low, high, exclude, drop_dead)
 

@@ -199,14 +199,10 @@ def batched_quantile(
     bins: LogBins,
     *,
     exclude_zeros: bool = False,
-    rule: str = "n",
 ) -> Tensor:
     """Quantiles of every row of ``counts`` ([R, num_bins]) at every ``q`` ([Q]) as one
-    device operation: float64 [R, Q], NaN for empty rows. See the module docstring.
-    ``rule`` names the one rank rule, ``"n"`` (``a[min(floor(q*n), n-1)]``); it is still
-    accepted from callers that spelled it out."""
-    if rule != "n":
-        raise ValueError(f"Invalid rule: {rule!r}; fasthist reads a[min(floor(q*n), n-1)] everywhere ('n')")
+    device operation: float64 [R, Q], NaN for empty rows. The one rank rule,
+    ``a[min(floor(q*n), n-1)]``: see the module docstring."""
     _require_values(counts)
     counts = _without_zeros(counts, bins, exclude_zeros)
     cum = counts.cumsum(dim=1)

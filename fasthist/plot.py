@@ -291,7 +291,7 @@ def adaptability(
     path: str | None = None,
 ) -> Figure:
     """Adaptability per tensor: the share of its sqrt(v_hat) above ε, for every ε (log x).
-    Where a curve is near 1 Adam is fully adaptive for that tensor; near 0 it is SGD with
+    Where a curve is near 1 the optimizer is fully adaptive for that tensor; near 0 it is SGD with
     momentum at learning rate ``lr/ε``. Exact at the bin edges, where it is evaluated.
     Which tensors, and the note on those left out: as :func:`histograms` (the ones that set
     ``eps_range``'s bounds are drawn thicker, their legend entries say which bound)."""
@@ -324,7 +324,7 @@ def adaptability(
     fig.legend(
         *ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7, ncols=2 if len(chosen) > 16 else 1
     )
-    ax.set_title(title or "Adaptability: how much of each tensor Adam normalises", fontsize=10)
+    ax.set_title(title or "Adaptability: how much of each tensor the optimizer normalises", fontsize=10)
     if note:  # below everything: the legend takes the top right
         fig.supxlabel(textwrap.fill(note, 90), fontsize=8, color="#444444")
     return _save(fig, path)

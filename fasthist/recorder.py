@@ -57,7 +57,7 @@ class QuantileRecorder:
     """Record per-tensor quantiles of ``opt``'s histograms every ``every`` steps.
 
     Args:
-        opt: a fasthist optimizer (``fasthist.Adam``, ``fasthist.AdamW``, ...).
+        opt: a fasthist optimizer (any declared in :mod:`fasthist.catalog`).
         qs: the quantiles (default 2%, 50%, 98%).
         every: record after every ``every``-th ``opt.step()`` (default 1).
         capacity: how many records the device buffer holds; later records overwrite the

@@ -220,3 +220,24 @@ def test_eps_range_exclude(tmp_path, capsys):
     assert "(excluded)" in out
     rc, out, err = run([*argv, "--exclude", "nope.*"], capsys)
     assert rc == 2 and "matches no tensor" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eps_range_table_reads_the_metrics_the_integrations_log():
+    # one "share above ε" and one median for the table, the callbacks and the figures: the
+    # table's rows are the integrations' per-tensor metrics at the table's ε, and both equal
+    # each tensor's Histogram queries (exact: the same counts, the same rule)
+    from fasthist.cli.eps_range import ADAPTIVE_SHARE_EPS, tensor_rows
+    from fasthist.estimate import eps_pass
+    from fasthist.integrations.metrics import snapshot, tensor_scalars
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    batches = [torch.randn(8, 6) for _ in range(3)]
+    opt = eps_pass(model, batches, lambda m, b: m(b).square().mean(), progress=False)
+    rows = tensor_rows(opt, opt.eps_range(), ADAPTIVE_SHARE_EPS)
+    logged = tensor_scalars(snapshot(opt, eps=ADAPTIVE_SHARE_EPS))
+    hists = opt.histograms()
+    for r in rows:
+        h = hists[r["name"]]
+        assert r["p50"] == logged[r["name"]]["p50"] == h.quantile(0.5, exclude_zeros=True)
+        assert r["adaptive_share"] == logged[r["name"]]["adaptive"] == h.fraction_above(ADAPTIVE_SHARE_EPS)

@@ -1,4 +1,4 @@
-"""The ``fasthist`` command's output folder and Ctrl-C (issue 9, items 11-15): the folder is
+"""The ``fasthist`` command's output folder and Ctrl-C: the folder is
 checked before any work, a run's outputs replace the previous run's all at once or not at
 all, Ctrl-C at any moment ends with one line and status 130, one folder per task by
 default, help text and timings that say what they mean."""
@@ -51,7 +51,7 @@ def no_work(*args, **kwargs):
     raise AssertionError("work started before the output folder was checked")
 
 
-# -- item 11: the output folder is checked and created before any work --------------------
+# -- the output folder is checked and created before any work --------------------
 @pytest.mark.parametrize("cmd", [["eps-range"], ["sweep", "--seeds", "1"]])
 def test_out_is_a_file_fails_before_any_work(cmd, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("fasthist.tasks.get_task", no_work)
@@ -89,7 +89,7 @@ def test_out_not_writable_fails_before_any_work(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "not writable" in err
 
 
-# -- item 12: all new, or the previous run's left as they were -----------------------------
+# -- all new, or the previous run's left as they were -----------------------------
 @pytest.fixture(scope="module")
 def previous(tmp_path_factory):
     """A finished eps-range run (seed 0) and the outputs of the same run at seed 1."""
@@ -162,7 +162,7 @@ def test_other_files_in_the_folder_are_left_alone(previous, tmp_path, capsys):
     assert contents(out) == {**new, "notes.txt": b"mine", "sweep.json": b"{}"}
 
 
-# -- item 13: Ctrl-C at any moment: one line, status 130 -----------------------------------
+# -- Ctrl-C at any moment: one line, status 130 -----------------------------------
 @pytest.mark.parametrize(
     "where",
     ["fasthist.tasks.get_task", "fasthist.estimate.eps_pass", "fasthist.cli.app.build_parser"],
@@ -225,7 +225,7 @@ def test_ctrl_c_at_several_moments(previous, tmp_path):
         assert got in (old, new), (delay, {k: got[k] == old.get(k) for k in got})
 
 
-# -- item 14: one folder per task by default ------------------------------------------------
+# -- one folder per task by default ------------------------------------------------
 def test_default_out_is_one_folder_per_task(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for task in ("digits", "charlm"):
@@ -236,7 +236,7 @@ def test_default_out_is_one_folder_per_task(tmp_path, capsys, monkeypatch):
         assert json.loads((tmp_path / "fasthist-out" / task / "eps_range.json").read_text())["task"] == task
 
 
-# -- item 15: help text and timings ----------------------------------------------------------
+# -- help text and timings ----------------------------------------------------------
 def test_help_has_no_doubled_percent_signs():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")  # argparse has no public accessor

@@ -1,6 +1,6 @@
-"""Bounds attributed to tensors, numerically dead values flagged and excludable (issue 11).
+"""Bounds attributed to tensors, numerically dead values flagged and excludable.
 
-The models are the cases the issue names: a Linear bias right before BatchNorm and the key
+The models are the cases that motivate the flag: a Linear bias right before BatchNorm and the key
 bias of attention (gradients exactly zero in exact arithmetic, rounding noise in float32:
 flagged), a fused q/k/v bias as in GPT-2's ``c_attn`` (its key third dead), a live tensor
 whose gradients are 1000x smaller than the rest (not flagged) and an embedding with unused

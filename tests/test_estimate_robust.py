@@ -1,4 +1,4 @@
-"""estimate_eps_range with what users pass it (issue 9, items 8-10): iterables of unknown
+"""estimate_eps_range with what users pass it: iterables of unknown
 length, bad arguments rejected before any work, and the model left exactly as it was
 (parameters and buffers, by name) whatever fails."""
 
@@ -229,4 +229,54 @@ def test_replaced_parameter_restored_by_name():
     with pytest.raises(RuntimeError, match="changed"):  # the gradients were not at the initial weights
         fasthist.estimate_eps_range(model, [torch.ones(3)] * 2, lambda m, b: m(b), progress=False)
     assert model.w is w and model.v is v
+    assert_same(model, before)
+
+
+class NaNGradient(nn.Module):
+    """``good`` gets ordinary gradients; ``bad``'s gradient is NaN (a backward hook), while
+    the loss and every forward value stay finite: a tensor that ``exclude=`` should be able
+    to leave out of the rule, as it can in ``opt.eps_range(exclude=...)``."""
+
+    def __init__(self, nan: bool = True) -> None:
+        super().__init__()
+        self.good = nn.Parameter(torch.linspace(0.5, 2.0, 16))
+        self.bad = nn.Parameter(torch.linspace(-1.0, 1.0, 8))
+        if nan:
+            self.bad.register_hook(lambda g: torch.full_like(g, math.nan))
+
+    def forward(self, x):
+        return (self.good * x).square().sum() + self.bad.sum()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_exclude_leaves_out_a_tensor_with_nan_gradients(optimizer):
+    # exclude= is applied before the finiteness check, as eps_range_from_counts does it:
+    # the excluded tensor's NaN gradients neither stop the pass nor reach its weights
+    # (its NaN update is undone after each step), and the range is the good tensor's.
+    model = NaNGradient()
+    before = snapshot(model)
+    batches = [torch.randn(16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with pytest.raises(RuntimeError, match="non-finite gradient at batch 0 in bad; exclude="):
+        fasthist.estimate_eps_range(model, batches, sum_loss, optimizer=optimizer, progress=False)
+    assert_same(model, before)
+    res = fasthist.estimate_eps_range(model, batches, sum_loss, optimizer=optimizer, progress=False, exclude="bad")
+    assert_same(model, before)  # bit for bit, the NaN-updated tensor too
+    assert res.excluded == ["bad"] and res.low_tensor == res.high_tensor == "good"
+    assert res.paper is None  # over every tensor the rule has no answer (bad's percentiles are NaN)
+    finite = fasthist.estimate_eps_range(
+        NaNGradient(nan=False), batches, sum_loss, optimizer=optimizer, progress=False, exclude="bad"
+    )
+    assert (res.low_raw, res.high_raw) == (finite.low_raw, finite.high_raw)  # good's moments, bad's left out
+    assert res.rows[0] == finite.rows[0] and math.isnan(res.rows[1].low) and not math.isnan(finite.rows[1].low)
+
+
+def test_clipping_spreads_an_excluded_nan_gradient_and_fails():
+    # clip_grad_norm's total norm takes every tensor, as the training it mirrors does: one
+    # NaN gradient makes every clipped gradient NaN, and the pass says so
+    model = NaNGradient()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="non-finite gradient at batch 0 in good.*clip_grad_norm"):
+        fasthist.estimate_eps_range(
+            model, [torch.randn(16)], sum_loss, clip_grad_norm=1.0, progress=False, exclude="bad"
+        )
     assert_same(model, before)

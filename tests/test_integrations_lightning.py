@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fasthist
+from fasthist.catalog import declarations
 from tests._integration_helpers import Tiny, data, optimizer, record_expected
 
 L = pytest.importorskip("lightning.pytorch")
@@ -96,9 +97,11 @@ def test_tensorboard_logger_gets_scalars_and_histograms(tmp_path):
 
 def test_a_non_fasthist_optimizer_is_refused_before_the_first_step(tmp_path):
     module = Module(lambda m: torch.optim.Adam(m.parameters()))
-    with pytest.raises(TypeError, match="needs a fasthist optimizer.*got Adam"):
+    with pytest.raises(TypeError, match="needs a fasthist optimizer.*got Adam") as info:
         fit(tmp_path, HistogramCallback(), CSVLogger(str(tmp_path)), module=module)
     assert not module.opt.state
+    # the optimizers it names are the declared ones (a new declaration shows up there)
+    assert f"(declared: {', '.join(declarations())})" in str(info.value)
 
 
 def test_bad_options():

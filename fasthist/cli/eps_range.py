@@ -31,12 +31,12 @@ __all__ = ["ADAPTIVE_SHARE_EPS", "FILES", "add_parser", "range_lines", "run", "t
 #: Every file the command writes (a run replaces all of them, see :class:`.output.Outputs`).
 FILES = ("eps_range.json", "histograms.png", "adaptability.png")
 
-#: The ε of the table's "share above ε" column (Adam's default).
+#: The ε of the table's "share above ε" column (the conventional default ε).
 ADAPTIVE_SHARE_EPS = 1e-8
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    from ..estimate import eps_optimizers
+    from ..estimate import DEFAULT_OPTIMIZER, eps_optimizers
 
     p = sub.add_parser(
         "eps-range",
@@ -45,7 +45,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         description="Run the paper's ε-range rule: one epoch of gradients at the initial weights, "
         "per-tensor 2%/98% points of sqrt(v_hat) (zeros dropped), envelope, decade rounding.",
     )
-    p.add_argument("--optimizer", default="adam", choices=eps_optimizers(), help="default: adam")
+    p.add_argument(
+        "--optimizer", default=DEFAULT_OPTIMIZER, choices=eps_optimizers(), help=f"default: {DEFAULT_OPTIMIZER}"
+    )
     p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="as in training (default: 0)")
     p.add_argument("--clip-grad-norm", type=positive_float, default=None, help="as in training (default: none)")
     p.add_argument("--steps", type=positive_int, default=None, help="at most this many batches (default: one epoch)")
@@ -66,14 +68,13 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def tensor_rows(opt: Any, rng: EpsRange, eps: float) -> list[dict]:
     """Per tensor: size, zeros, the 2/50/98% points of the histogrammed quantity (zeros
-    dropped) and the share of its elements above ``eps``."""
-    from ..histogram import batched_fraction_above, batched_quantile
+    dropped) and the share of its elements above ``eps``: the median and the share are
+    those every integration logs (:func:`fasthist.integrations.metrics.snapshot`)."""
+    from ..integrations.metrics import QUANTILES, snapshot
 
-    _, _, counts = opt.histogram_rows("step")
-    bins = opt.bins
-    p50 = batched_quantile(counts, torch.tensor([0.5], dtype=torch.float64), bins, exclude_zeros=True, rule="n")
-    share = batched_fraction_above(counts, eps, bins)
-    p50, share = p50[:, 0].cpu().tolist(), share.cpu().tolist()
+    snap = snapshot(opt, "step", eps=eps)
+    p50 = snap.quantiles[:, QUANTILES.index(0.5)].tolist()
+    share = snap.adaptive.tolist()
     return [
         {
             "name": r.name,

@@ -36,9 +36,11 @@ def fasthist_optimizer(opt: Any, owner: str) -> Any:
     try:
         return unwrap(opt)
     except TypeError as e:
+        from ..catalog import declarations  # imports every optimizer: only on this error
+
         raise TypeError(
-            f"{owner} needs a fasthist optimizer (fasthist.Adam, AdamW, RMSprop, Adagrad or AdaBelief) "
-            f"to read histograms from; the trainer's optimizer is not one: {e}"
+            f"{owner} needs a fasthist optimizer (declared: {', '.join(declarations())}) to read histograms "
+            f"from; the trainer's optimizer is not one: {e}"
         ) from None
 
 

@@ -76,20 +76,23 @@ def group_eps(opt: Any, params: list[torch.Tensor | None]) -> list[float]:
     return [by_param.get(p, math.nan) for p in params]
 
 
-def snapshot(opt: Any, window: str = "step") -> Snapshot | None:
+def snapshot(opt: Any, window: str = "step", *, eps: float | None = None) -> Snapshot | None:
     """The histograms of ``opt`` (a fasthist optimizer or a wrapper of one) for ``window``
-    ("step" or "total"), or None when no tensor has been stepped yet. The percentiles and
-    shares are computed on the histograms' device, then copied to the host with the counts."""
+    ("step" or "total"), or None when no tensor has been stepped yet. ``adaptive`` is the
+    share above each tensor's group ε, or above ``eps`` for every tensor when given (an
+    optimizer built for a pass, whose own ε is a placeholder). The percentiles and shares
+    are computed on the histograms' device, then copied to the host with the counts."""
     opt = unwrap(opt)
     names, params, counts = opt.histogram_rows(window)
     if counts is None:
         return None
     bins = opt.bins
     q = batched_quantile(counts, torch.tensor(QUANTILES, dtype=torch.float64), bins, exclude_zeros=True)
-    eps = torch.tensor(group_eps(opt, params), dtype=torch.float64)
-    adaptive = batched_fraction_above(counts, eps.to(counts.device), bins)
+    per_tensor = group_eps(opt, params) if eps is None else [float(eps)] * len(names)
+    eps_rows = torch.tensor(per_tensor, dtype=torch.float64)
+    adaptive = batched_fraction_above(counts, eps_rows.to(counts.device), bins)
     host = counts.cpu().numpy()
-    return Snapshot(list(names), host, eps.numpy(), q.cpu().numpy(), adaptive.cpu().numpy(), bins)
+    return Snapshot(list(names), host, eps_rows.numpy(), q.cpu().numpy(), adaptive.cpu().numpy(), bins)
 
 
 def tensor_scalars(snap: Snapshot) -> dict[str, dict[str, float]]:
