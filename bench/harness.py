@@ -2,7 +2,8 @@
 bytes per step, parameters with gradients, timing (CUDA events on a GPU) and the
 device-to-device copy bandwidth that GB/s figures are compared with.
 
-Imports no fasthist: ``gpu_report.py`` may have to find fasthist in a bare checkout first.
+Reads the optimizers' declarations (:mod:`fasthist.catalog`) for the bytes a step moves, so
+``gpu_report.py`` imports it only once it has found fasthist (in a bare checkout, too).
 """
 
 from __future__ import annotations

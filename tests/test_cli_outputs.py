@@ -343,7 +343,7 @@ def test_bad_exclude_writes_nothing(tmp_path, capsys):
 
 @pytest.mark.parametrize("seconds", [0.0, 1.0])
 def test_a_kernel_build_is_announced_before_the_run(seconds, tmp_path, capsys, monkeypatch):
-    """The first use builds the compiled CPU kernel (~25 s): one line says so, before the
+    """The first use builds the compiled CPU kernel (55 s on 2 cores): one line says so, before the
     pass, instead of a progress bar that stalls; a cached library loads silently."""
     from fasthist import csrc
 
@@ -358,5 +358,5 @@ def test_a_kernel_build_is_announced_before_the_run(seconds, tmp_path, capsys, m
     monkeypatch.setattr(csrc, "available", slow_load)
     rc, _, err = run(["eps-range", "--steps", "1", "--quiet", "--no-figures", "--out", str(tmp_path)], capsys)
     assert rc == 0 and calls
-    building = "building fasthist's CPU kernel (first use, ~30 s)"
+    building = "building fasthist's CPU kernel (first use, about a minute on 2 cores)"
     assert (building in err) == (seconds > 0), err

@@ -207,8 +207,8 @@ def draw_figures(outputs: Outputs, draw: Sequence[tuple[str, Callable[[str], Any
 
 def load_cpu_kernel(device: str, note_after: float = 0.5) -> None:
     """Loads fasthist's compiled CPU kernel before the run's work (on the CPU, unless
-    ``FASTHIST_CPU_KERNEL=0``). On first use this builds it (one compiler call, 23-28 s
-    measured on 2 cores), which would otherwise happen silently inside the first step,
+    ``FASTHIST_CPU_KERNEL=0``). On first use this builds it (one compiler call: 55 s measured
+    on a quiet 2-core machine), which would otherwise happen silently inside the first step,
     behind a progress bar whose estimate it inflates. Loading a built library takes well
     under ``note_after`` seconds, so when it takes longer a build is under way and one line
     says so on stderr."""
@@ -228,7 +228,7 @@ def load_cpu_kernel(device: str, note_after: float = 0.5) -> None:
 
     threading.Thread(target=load, name="fasthist-cpu-kernel", daemon=True).start()
     if not done.wait(note_after):
-        print("building fasthist's CPU kernel (first use, ~30 s)", file=sys.stderr, flush=True)
+        print("building fasthist's CPU kernel (first use, about a minute on 2 cores)", file=sys.stderr, flush=True)
         done.wait()
 
 
