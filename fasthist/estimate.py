@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,6 +51,7 @@ from torch import Tensor, nn
 
 from .bins import LogBins
 from .catalog import declarations
+from .declaration import EpsRangeDecl
 from .eps import EpsRange, Exclude, eps_range_from_counts, excluded_names
 from .progress import progress_bar
 
@@ -66,20 +66,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class EpsOptimizer:
-    """How the rule runs for one optimizer.
-
-    ``factory(named_params, betas=..., weight_decay=..., bins=...)`` returns a fasthist
-    optimizer (with the histogram queries of :class:`fasthist.optimizer.HistogramMixin`)
-    whose ``step()`` updates the moments as the real optimizer would and leaves every
-    weight bit for bit unchanged (zero learning rate). ``quantity`` names what its
-    histograms hold, for messages and plots.
-    """
-
-    name: str
-    factory: Callable[..., torch.optim.Optimizer]
-    quantity: str
+#: How the rule runs for one optimizer: the record each optimizer declares
+#: (:class:`fasthist.declaration.EpsRangeDecl`: ``name``, ``factory``, ``quantity``), which
+#: :func:`register_eps_optimizer` builds for any other.
+EpsOptimizer = EpsRangeDecl
 
 
 _REGISTRY: dict[str, EpsOptimizer] = {}
@@ -96,7 +86,7 @@ def register_eps_optimizer(
         raise ValueError(f"Invalid optimizer name: {name!r}; expected a non-empty str")
     if name in _REGISTRY and not replace:
         raise ValueError(f"optimizer {name!r} is already registered; pass replace=True to replace it")
-    _REGISTRY[name] = EpsOptimizer(name, factory, quantity)
+    _REGISTRY[name] = EpsRangeDecl(name, factory, quantity)
 
 
 def eps_optimizers() -> list[str]:
