@@ -230,8 +230,8 @@ def eps_pass(
     parameter changed during a pass that otherwise succeeded (a weight decay that
     overflows, a module that edits its weights), the gradients were not all taken at the
     initial weights: RuntimeError."""
-    spec = _check_args(optimizer, betas, weight_decay, clip_grad_norm, steps, model=model, exclude=exclude)
-    checked = _Checked(model, exclude, clip_grad_norm)
+    spec = _check_args(optimizer, betas, weight_decay, clip_grad_norm, steps)
+    checked = _Checked(model, exclude, clip_grad_norm)  # checks exclude against the names
     betas = tuple(float(b) for b in betas)
     opt = spec.factory(checked.named, betas=betas, weight_decay=float(weight_decay), bins=bins)
     saved_grads = [p.grad for p in checked.params]
