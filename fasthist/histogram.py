@@ -39,6 +39,7 @@ __all__ = [
     "Histogram",
     "as_quantiles",
     "batched_quantile",
+    "batched_count_above",
     "batched_fraction_above",
     "int_arg",
     "invalid_rows",
@@ -235,9 +236,30 @@ def batched_fraction_above(
       row first (numerator and denominator).
 
     NaN for an empty row and for a NaN ε. The denominator is every element counted
-    (non-finite ones included). One cumulative sum per row and a binary search per ε:
-    the representatives increase with the bin index (zero, below, log bins, above).
+    (non-finite ones included): the share is ``above / n`` of :func:`batched_count_above`.
     """
+    above, n, nan_eps, per_row = _count_above(counts, eps, bins, exclude_zeros)
+    share = (above.to(torch.float64) / n.to(torch.float64)).masked_fill_(nan_eps, float("nan"))
+    return share[:, 0] if per_row else share
+
+
+def batched_count_above(
+    counts: Tensor, eps: float | Tensor, bins: LogBins, *, exclude_zeros: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``(above, n)``, int64: per row the number of elements above ε by the rule of
+    :func:`batched_fraction_above` (0 for a NaN ε), shaped as its result, and the row's
+    element count ``[R]``. Shares over several rows, each with its own ε, are exact
+    from these: ``above.sum() / n.sum()``."""
+    above, n, _, per_row = _count_above(counts, eps, bins, exclude_zeros)
+    return (above[:, 0] if per_row else above), n[:, 0]
+
+
+def _count_above(
+    counts: Tensor, eps: float | Tensor, bins: LogBins, exclude_zeros: bool
+) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """``(above [R, K], n [R, 1], NaN ε [R, K], one ε per row)``: one cumulative sum per row
+    and a binary search per ε, the representatives increasing with the bin index (zero,
+    below, log bins, above)."""
     _require_values(counts)
     counts = _without_zeros(counts, bins, exclude_zeros)
     device = counts.device
@@ -249,9 +271,7 @@ def batched_fraction_above(
     cum = torch.nn.functional.pad(counts[:, :finite].cumsum(dim=1), (1, 0))  # [R, finite + 1]
     first_above = torch.searchsorted(bins.representatives_on(device)[:finite], e, right=True)
     above = cum[:, -1:] - cum.gather(1, first_above)
-    n = counts.sum(dim=1, keepdim=True)
-    share = (above.to(torch.float64) / n.to(torch.float64)).masked_fill_(e.isnan(), float("nan"))
-    return share[:, 0] if per_row else share
+    return above, counts.sum(dim=1, keepdim=True), e.isnan(), per_row
 
 
 class Histogram:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import fasthist
 from fasthist import Histogram, LogBins
-from fasthist.histogram import batched_fraction_above
+from fasthist.histogram import batched_count_above, batched_fraction_above
 
 BINS = [LogBins(), LogBins(mantissa_bits=3), LogBins(-30, 2, 7)]
 
@@ -239,6 +239,33 @@ def test_share_above_special_values():
     assert batched_fraction_above(c[:1], 1e-35, b)[0] == 4 / 7
     assert batched_fraction_above(c[:1], b.high, b)[0] == 0.0
     assert batched_fraction_above(c[:1], 1e-8, b, exclude_zeros=True)[0] == 2 / 6
+
+
+def test_counts_above_are_the_shares_numerators_and_merge_exactly():
+    """batched_count_above counts, per row and ε, the elements whose bin representative
+    exceeds ε (the oracle: a mask over the representatives); the share is that count over
+    the row's total, bit for bit; and the share of several rows with their own ε, the
+    integrations' summary, is exact from the counts."""
+    b = LogBins()
+    x = torch.tensor([0.0, 1e-30, 1e-9, 1e-3, 1e-3, 1e10, math.nan, math.inf])
+    rows = torch.stack([b.count(x), b.count(x[2:]), b.count(x[:5]), torch.zeros(b.num_bins, dtype=torch.int64)])
+    eps = torch.tensor([-1.0, 1e-8, math.nan, 1e-8], dtype=torch.float64)
+    above, n = batched_count_above(rows, eps, b)
+    reps = b.representatives_on("cpu")
+    want = torch.stack([r[reps > e].sum() for r, e in zip(rows, eps.tolist(), strict=True)])  # NaN ε: none
+    assert above.dtype == torch.int64 and torch.equal(above, want) and torch.equal(n, rows.sum(dim=1))
+    share = batched_fraction_above(rows, eps, b)
+    assert torch.equal(share[:2], above[:2].double() / n[:2].double())
+    assert share[2].isnan() and share[3].isnan()  # NaN ε; empty row
+    both = rows[:2]
+    over_both = int(batched_count_above(both, eps[:2], b)[0].sum()) / int(both.sum())
+    assert over_both == (6 + 3) / (8 + 6)  # zeros, tiny, 1e-9, 1e-3 twice, 1e10 above -1; 1e-3 twice, 1e10 above 1e-8
+    # K thresholds per row: [R, K] counts, as batched_fraction_above's shares
+    edges = b.edges[[10, 500, 1000]].double().expand(2, -1)
+    k_above, _ = batched_count_above(both, edges, b)
+    assert k_above.shape == (2, 3) and torch.equal(
+        batched_fraction_above(both, edges, b), k_above.double() / both.sum(dim=1, keepdim=True).double()
+    )
 
 
 def test_one_quantile_rule_for_the_eps_range_and_every_query():

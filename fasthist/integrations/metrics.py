@@ -27,7 +27,7 @@ import torch
 
 from ..bins import LogBins
 from ..eps import eps_range_from_counts, names_matching
-from ..histogram import batched_fraction_above, batched_quantile
+from ..histogram import batched_count_above, batched_fraction_above, batched_quantile
 from ..wrapped import unwrap
 
 __all__ = [
@@ -56,13 +56,15 @@ class Snapshot:
     ``bins.num_bins``) belongs to ``names[i]``, whose param group has ε ``eps[i]`` (NaN
     for an optimizer without ε); ``quantiles[i]`` are its :data:`QUANTILES` and
     ``adaptive[i]`` its share above ``eps[i]``
-    (:func:`fasthist.histogram.batched_fraction_above`, NaN without ε)."""
+    (:func:`fasthist.histogram.batched_fraction_above`, NaN without ε), of the ``above[i]``
+    elements above it (int64, :func:`fasthist.histogram.batched_count_above`)."""
 
     names: list[str]
     counts: np.ndarray
     eps: np.ndarray
     quantiles: np.ndarray
     adaptive: np.ndarray
+    above: np.ndarray
     bins: LogBins
 
 
@@ -91,8 +93,9 @@ def snapshot(opt: Any, window: str = "step", *, eps: float | None = None) -> Sna
     per_tensor = group_eps(opt, params) if eps is None else [float(eps)] * len(names)
     eps_rows = torch.tensor(per_tensor, dtype=torch.float64)
     adaptive = batched_fraction_above(counts, eps_rows.to(counts.device), bins)
-    host = counts.cpu().numpy()
-    return Snapshot(list(names), host, eps_rows.numpy(), q.cpu().numpy(), adaptive.cpu().numpy(), bins)
+    above, _ = batched_count_above(counts, eps_rows.to(counts.device), bins)
+    host = [t.cpu().numpy() for t in (counts, q, adaptive, above)]
+    return Snapshot(list(names), host[0], eps_rows.numpy(), host[1], host[2], host[3], bins)
 
 
 def tensor_scalars(snap: Snapshot) -> dict[str, dict[str, float]]:
@@ -113,11 +116,10 @@ def summary_scalars(snap: Snapshot) -> dict[str, float]:
     merged = torch.from_numpy(snap.counts.sum(axis=0, keepdims=True))
     q = batched_quantile(merged, torch.tensor(QUANTILES, dtype=torch.float64), snap.bins, exclude_zeros=True)
     out = {k: float(v) for k, v in zip(STATS[:3], q[0].tolist(), strict=True)}
-    # each tensor's share weighted by its size: every element compared with its own group's ε
-    n = snap.counts.sum(axis=1)
-    total = int(n.sum())
+    # every element compared with its own group's ε: the counts above, over all elements
+    total = int(snap.counts.sum())
     ok = total and np.isfinite(snap.eps).all()
-    out["adaptive"] = float((snap.adaptive[n > 0] * n[n > 0]).sum() / total) if ok else math.nan
+    out["adaptive"] = int(snap.above.sum()) / total if ok else math.nan
     try:
         rng = eps_range_from_counts(snap.names, torch.from_numpy(snap.counts), snap.bins)
     except RuntimeError:  # nothing but exact zeros recorded: the rule has no range yet
