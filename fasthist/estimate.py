@@ -289,19 +289,21 @@ class _Checked:
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.named:
             raise ValueError("model has no parameter that requires grad")
-        excluded = excluded_names([n for n, _ in self.named], exclude)
+        self.excluded = excluded_names([n for n, _ in self.named], exclude)
         self.params = [p for _, p in self.named]
-        self.kept = [(n, p) for (n, p), x in zip(self.named, excluded, strict=True) if not x]
-        self.left_out = [p for (_, p), x in zip(self.named, excluded, strict=True) if x]
         self.clip_grad_norm = clip_grad_norm
         self.negative_zeros = _negative_zeros(self.params)
 
     def clip_and_check(self, done: int) -> list[tuple[Tensor, Tensor]]:
         """Clips (when asked), checks that every kept gradient is finite, and returns
-        ``(weights, copy)`` of the left-out tensors whose gradient is not."""
+        ``(weights, copy)`` of the left-out tensors whose gradient is not. One host read."""
         if self.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.params, float(self.clip_grad_norm))
-        bad = [n for n, p in self.kept if p.grad is not None and not _finite_tensor(p.grad)]
+        stepped = [(n, p, x) for (n, p), x in zip(self.named, self.excluded, strict=True) if p.grad is not None]
+        if not stepped:
+            return []
+        finite = torch.stack([torch.isfinite(p.grad.detach()).all() for _, p, _ in stepped]).tolist()
+        bad = [n for (n, _, x), ok in zip(stepped, finite, strict=True) if not ok and not x]
         if bad:
             spread = (
                 " (clip_grad_norm's total norm takes every tensor: one non-finite gradient makes all non-finite)"
@@ -312,13 +314,7 @@ class _Checked:
                 f"non-finite gradient at batch {done} in {', '.join(bad[:5])}; exclude= leaves such a tensor "
                 f"out{spread}; the ε-range rule needs finite gradients"
             )
-        return [
-            (p.detach(), p.detach().clone()) for p in self.left_out if p.grad is not None and not _finite_tensor(p.grad)
-        ]
-
-
-def _finite_tensor(t: Tensor) -> bool:
-    return bool(torch.isfinite(t.detach()).all())
+        return [(p.detach(), p.detach().clone()) for (_, p, x), ok in zip(stepped, finite, strict=True) if x and not ok]
 
 
 def _pass_step(
