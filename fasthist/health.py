@@ -32,6 +32,11 @@ non-finite one makes the estimate NaN.
 from __future__ import annotations
 
 import math
+import statistics
+import warnings
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -39,7 +44,7 @@ from torch import Tensor
 
 from .bins import LogBins
 
-__all__ = ["RMSEstimate", "rms_from_counts", "staleness_bound"]
+__all__ = ["AlertEpisode", "RMSEstimate", "StalenessAlert", "rms_from_counts", "staleness_bound"]
 
 
 def staleness_bound(beta2: float, step: int | float) -> float:
@@ -92,3 +97,113 @@ def rms_from_counts(counts: Tensor, bins: LogBins) -> RMSEstimate:
     lower = torch.where(bad, math.nan, lower / n).sqrt()
     upper = torch.where(bad, math.nan, upper / n).sqrt()
     return RMSEstimate((lower * upper).sqrt(), lower, upper)
+
+
+@dataclass
+class AlertEpisode:
+    """One alert: the step it fired at, the step it ended at (None while it lasts), the
+    statistic and its baseline when it fired, its peak ratio, and the tensors that were
+    stalest when it fired."""
+
+    start: int
+    value: float
+    baseline: float
+    peak: float
+    tensors: list[str] = field(default_factory=list)
+    end: int | None = None
+
+
+class StalenessAlert:
+    r"""Warns, once per episode, when the gradients jump past what ``v̂`` expects.
+
+    The statistic of a step is the median over tensors of their RMS staleness (the median,
+    not the maximum: LayerNorm weights and biases cross StableAdamW's RMS > 1 all the time in
+    healthy runs, one at a time). It is compared with its own recent history, not with a
+    fixed number: the alert fires at the first step where
+
+        median_tensors(RMS_t) >= ratio * median(statistic over the previous ``window`` steps)
+
+    holds ``patience`` steps in a row, and the episode ends after ``cooldown`` steps in a row
+    below it. The history holds only steps below the threshold outside episodes (a spike
+    must not become the new normal), and nothing fires before ``window`` steps have been
+    seen. Being a ratio of
+    staleness to staleness, the rule reads the same under any β2, although the bound
+    ``B(β2, t)`` (:func:`staleness_bound`) on the staleness itself differs: 31.6 at
+    β2 = 0.999 and 4.47 at 0.95.
+
+    Feed it with :meth:`update` at every step you log (a host read of one small vector per
+    call; nothing else syncs). :attr:`episodes` keeps every episode, the current one last.
+    """
+
+    def __init__(
+        self, *, ratio: float = 2.0, window: int = 50, patience: int = 1, cooldown: int = 10, warn: bool = True
+    ) -> None:
+        if not ratio > 1.0:
+            raise ValueError(f"Invalid ratio: {ratio}; the alert compares a step with its history, so it must be > 1")
+        for name, value in (("window", window), ("patience", patience), ("cooldown", cooldown)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value}")
+        self.ratio, self.window, self.patience, self.cooldown, self.warn = ratio, window, patience, cooldown, warn
+        self.episodes: list[AlertEpisode] = []
+        self._history: deque[float] = deque(maxlen=window)
+        self._above = 0  # consecutive steps at or above the threshold
+        self._below = 0  # consecutive steps below it, within an episode
+
+    @property
+    def active(self) -> bool:
+        """Whether an episode is going on."""
+        return bool(self.episodes) and self.episodes[-1].end is None
+
+    def update(self, step: int, rms: Mapping[str, float] | Sequence[float] | Tensor) -> AlertEpisode | None:
+        """Take step ``step``'s per-tensor RMS staleness (a name -> value mapping, or values);
+        returns the episode when one starts at this step, else None. NaN values (tensors
+        with nothing counted) are left out; a step with none left is skipped."""
+        names, values = _named_values(rms)
+        kept = [(v, n) for v, n in zip(values, names, strict=True) if not math.isnan(v)]
+        if not kept:
+            return None
+        stat = statistics.median(v for v, _ in kept)
+        if len(self._history) < self.window:
+            self._history.append(stat)
+            return None
+        baseline = self._baseline
+        high = stat >= self.ratio * baseline
+        if self.active:
+            return self._continue(step, stat, baseline, high)
+        if not high:  # a high step that has not fired yet (patience) must not raise the baseline
+            self._history.append(stat)
+        self._above = self._above + 1 if high else 0
+        if self._above < self.patience:
+            return None
+        stalest = [n for _, n in sorted(kept, reverse=True)[:3]]
+        episode = AlertEpisode(step, stat, baseline, stat / baseline, stalest)
+        self.episodes.append(episode)
+        if self.warn:
+            warnings.warn(
+                f"fasthist: at step {step} the gradients jumped past what Adam's second moment expects: "
+                f"median RMS staleness {stat:.3g}, {stat / baseline:.2g}x its median over the last "
+                f"{self.window} steps ({baseline:.3g}); stalest: {', '.join(stalest)}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return episode
+
+    @property
+    def _baseline(self) -> float:
+        return max(statistics.median(self._history), 1e-30)
+
+    def _continue(self, step: int, stat: float, baseline: float, high: bool) -> None:
+        episode = self.episodes[-1]
+        episode.peak = max(episode.peak, stat / baseline)
+        self._below = 0 if high else self._below + 1
+        if self._below >= self.cooldown:
+            episode.end = step
+            self._above = self._below = 0
+        return None
+
+
+def _named_values(rms: Mapping[str, float] | Sequence[float] | Tensor) -> tuple[list[str], list[float]]:
+    if isinstance(rms, Mapping):
+        return [str(k) for k in rms], [float(v) for v in rms.values()]
+    values = rms.detach().reshape(-1).tolist() if isinstance(rms, Tensor) else [float(v) for v in rms]
+    return [str(i) for i in range(len(values))], values
