@@ -136,7 +136,7 @@ class StalenessAlert:
     """
 
     def __init__(
-        self, *, ratio: float = 2.0, window: int = 50, patience: int = 1, cooldown: int = 10, warn: bool = True
+        self, *, ratio: float = 3.0, window: int = 50, patience: int = 1, cooldown: int = 10, warn: bool = True
     ) -> None:
         if not ratio > 1.0:
             raise ValueError(f"Invalid ratio: {ratio}; the alert compares a step with its history, so it must be > 1")

@@ -23,7 +23,7 @@ __all__ = ["FILES", "RULE", "add_parser", "run"]
 
 FILES = ["staleness.json", "staleness.png"]
 #: The alert rule replayed on every signal (StalenessAlert's defaults, said here once).
-RULE = {"ratio": 2.0, "window": 50, "patience": 1, "cooldown": 10}
+RULE = {"ratio": 3.0, "window": 50, "patience": 1, "cooldown": 10}
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
