@@ -52,7 +52,8 @@ the default bins (:attr:`Result.seconds`; ``fasthist check`` prints it). On a GP
 estimate, not a measurement: the kernel's first compile (seconds, which happens anyway) plus
 ~100 small launches, tens of milliseconds.
 
-Off: ``FASTHIST_SELFTEST=0`` (read at each new specialisation). Skipped, without caching,
+Off: ``FASTHIST_SELFTEST=0`` (read at each new specialisation; what was tested before
+stays decided). Skipped, without caching,
 while ``torch.compile`` traces or a CUDA graph is being captured, and for untracked calls
 (no histogram). Not thread-safe: the ``tl`` retry and the ``tl`` runs set the shared
 ``SHAPE.histogram`` for the duration of a launch.
@@ -121,7 +122,8 @@ def results() -> dict[tuple, Verdict]:
 
 
 def _flag(value: Any) -> Any:
-    if isinstance(value, bool) or value is None:
+    """What of one keyword argument can change the compiled kernel (module docstring)."""
+    if value is None or value is True or value is False:
         return value
     if isinstance(value, Tensor):
         return ("tensor", value.device.type, value.dtype)
@@ -133,28 +135,37 @@ def _flag(value: Any) -> Any:
 def key(decl: OptimizerDecl, device: torch.device, dtype: torch.dtype, bins: LogBins, kwargs: dict) -> tuple:
     """The specialisation of a call (module docstring)."""
     shape = backend.kernels_module().SHAPE
-    flags = tuple((k, _flag(v)) for k, v in kwargs.items())
+    # runs at every step: the values only (a call site passes its keywords in one order),
+    # the common bools and Nones without a call
+    flags = tuple([v if v is None or v is True or v is False else _flag(v) for v in kwargs.values()])
     return (decl.name, dtype, bins, (shape.block, shape.iters, shape.num_warps, shape.histogram), device, flags)
+
+
+def _may_run(device: torch.device) -> bool:
+    """Whether a new specialisation can be self-tested now (module docstring)."""
+    if not enabled() or torch.compiler.is_compiling():
+        return False
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
 def check(decl: OptimizerDecl, device: torch.device, lists: list[list[Tensor]], hist: Any, kwargs: dict) -> str | None:
     """For :mod:`fasthist.dispatch`, once Triton takes the call: None when it may run as
     configured, :data:`TL_NOTE` when it runs with ``tl`` (:func:`histogram`), else why the
     Triton backend is turned down. Self-tests each new specialisation of the call first."""
-    if hist is None or not enabled() or torch.compiler.is_compiling():
+    if hist is None:
         return None
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    notes = set()
-    for dtype in dict.fromkeys(p.dtype for p in lists[0]):
+    tl = False
+    for dtype in {p.dtype for p in lists[0]}:
         k = key(decl, device, dtype, hist.bins, kwargs)
         verdict = _VERDICTS.get(k)
         if verdict is None:
+            if not _may_run(device):
+                return None
             verdict = _VERDICTS[k] = _decide(decl, device, dtype, lists, hist.bins, kwargs)
         if verdict.refusal is not None:
             return verdict.refusal
-        notes.add(verdict.histogram)
-    return TL_NOTE if "tl" in notes else None
+        tl = tl or verdict.histogram == "tl"
+    return TL_NOTE if tl else None
 
 
 @contextlib.contextmanager
