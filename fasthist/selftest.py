@@ -89,13 +89,16 @@ UPDATE_ULP = 2.0
 class Result(NamedTuple):
     """One self-test run: ``ok`` when everything agreed; ``detail`` says what differed;
     ``edges`` is (bin-edge values reached, asked for); ``seconds`` its wall time;
-    ``guard``: the shared-histogram guard's warnings raised while it ran (CUDA only)."""
+    ``guard``: the shared-histogram guard's warnings raised while it ran (CUDA only);
+    ``compared`` False when the synthetic call could not run (``detail`` says why: e.g.
+    torch's reference refuses ``capturable=True`` on CPU tensors), which is no mismatch."""
 
     ok: bool
     detail: str
     edges: tuple[int, int]
     seconds: float
     guard: tuple[str, ...] = ()
+    compared: bool = True
 
 
 class Verdict(NamedTuple):
@@ -187,11 +190,11 @@ def _decide(
     decl: OptimizerDecl, device: torch.device, dtype: torch.dtype, lists: list, bins: LogBins, kwargs: dict
 ) -> Verdict:
     """Self-test; on a mismatch retry with ``tl``; one warning when anything differed."""
-    first = self_test(decl, device, dtype, lists, bins, kwargs)
+    first = _attempt(decl, device, dtype, lists, bins, kwargs)
     if first.ok:
         return Verdict("auto", None, first, None)
     with histogram(TL_NOTE):
-        retry = self_test(decl, device, dtype, lists, bins, kwargs)
+        retry = _attempt(decl, device, dtype, lists, bins, kwargs)
     what = f"the Triton {decl.name} kernel ({dtype}, {bins}, {device})"
     if retry.ok:
         outcome = "with tl.histogram it agreed: this specialisation runs with tl.histogram"
@@ -201,6 +204,16 @@ def _decide(
         verdict = Verdict("", f"self-test differed from the reference: {first.detail}", first, retry)
     warnings.warn(f"fasthist: self-test of {what} differed from the reference: {first.detail}; {outcome}", stacklevel=2)
     return verdict
+
+
+def _attempt(*args: Any) -> Result:
+    """:func:`self_test`, or a Result that says why the synthetic call could not run (the
+    user's call then runs as chosen: if the kernel cannot run it either, it raises there)."""
+    try:
+        return self_test(*args)
+    except Exception as e:  # noqa: BLE001 - anything: a self-test must never break a step
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return Result(True, f"not compared: {type(e).__name__}: {first}", (0, 0), 0.0, compared=False)
 
 
 def self_test(

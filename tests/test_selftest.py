@@ -132,3 +132,20 @@ def test_real_kernels_pass_on_the_device(cls, dtype):
     assert [c.backend for c in opt.backends().values()] == ["triton"]
     (verdict,) = selftest.results().values()
     assert verdict.first.ok and verdict.histogram == "auto", verdict.first.detail
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="torch's reference refuses capturable=True on CPU tensors only")
+def test_a_call_the_reference_cannot_run_is_not_compared():
+    """torch's Adam refuses capturable=True on CPU tensors: nothing to compare with, so no
+    mismatch and no warning; the kernel runs the step as chosen."""
+    p = torch.randn(50, requires_grad=True)
+    opt = fasthist.Adam([p], lr=1e-3, capturable=True)
+    p.grad = torch.randn_like(p)
+    with warnings.catch_warnings(record=True) as caught, backend.use("triton"):
+        warnings.simplefilter("always")
+        opt.step()
+    assert [c for c in opt.backends().values()] == [(backend.TRITON, "")]
+    assert not [w for w in caught if "self-test" in str(w.message)]
+    (verdict,) = selftest.results().values()
+    assert not verdict.first.compared and verdict.first.detail.startswith("not compared: AssertionError: ")

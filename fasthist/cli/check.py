@@ -110,7 +110,8 @@ def _row(decl: Any, cls: Any, dtype: torch.dtype, device: str) -> dict[str, Any]
     strategy, guard = _strategy(verdict, device.startswith("cuda"))
     if verdict is not None:
         r = verdict.first
-        test = {"ok": r.ok, "detail": r.detail, "edges": list(r.edges), "seconds": round(r.seconds, 3)}
+        ok = r.ok if r.compared else None
+        test = {"ok": ok, "detail": r.detail, "edges": list(r.edges), "seconds": round(r.seconds, 3)}
         if verdict.retry is not None:
             test["retry_tl"] = {"ok": verdict.retry.ok, "detail": verdict.retry.detail}
     elif not selftest.enabled():
