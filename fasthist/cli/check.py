@@ -108,6 +108,8 @@ def _row(decl: Any, cls: Any, dtype: torch.dtype, device: str) -> dict[str, Any]
     new = [v for k, v in selftest.results().items() if k not in before and k[0] == decl.name]
     verdict = new[0] if new else None
     strategy, guard = _strategy(verdict, device.startswith("cuda"))
+    if choice.backend != backend.TRITON:  # the histogram is the other backend's own
+        strategy = "-"
     if verdict is not None:
         r = verdict.first
         ok = r.ok if r.compared else None
