@@ -14,7 +14,9 @@ Per device, the call goes to the fastest backend that takes it, in this order:
    compiled pass bins (float32, bfloat16, float16 and complex64 ones);
 4. :data:`~fasthist.backend.TORCH` otherwise, and everywhere with ``FASTHIST_BACKEND=reference``.
 
-``FASTHIST_CPU_KERNEL=0`` turns 2 and 3 down. Each call's choice is a :class:`Choice`: the
+Before the Triton kernel first runs a specialisation it is self-tested against 4 on the
+same device (:mod:`fasthist.selftest`): a mismatch runs it with ``tl.histogram``, or turns
+1 down. ``FASTHIST_CPU_KERNEL=0`` turns 2 and 3 down. Each call's choice is a :class:`Choice`: the
 backend, and why each faster one was turned down; the optimizer keeps the latest per
 (group, device, dtype) (``opt.backends()``).
 """
@@ -27,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import backend, compiled, csrc
+from . import backend, compiled, csrc, selftest
 from .backend import CPU_HISTOGRAM, FUSED_CPU, TORCH, TRITON
 from .declaration import OptimizerDecl
 from .dtensor import is_dtensor
@@ -79,7 +81,8 @@ def run(
         if compiling and (choice.backend == TRITON or (decl.opaque_update and choice.backend != FUSED_CPU)):
             compiled.functional_(decl.name, choice.backend, sub, target, kwargs)  # one graph node
         else:
-            backend.run(choice.backend, decl, sub, target, kwargs)
+            with selftest.histogram(choice.reason if choice.backend == TRITON else None):
+                backend.run(choice.backend, decl, sub, target, kwargs)
 
 
 def choose(
@@ -94,6 +97,11 @@ def choose(
         (CPU_HISTOGRAM, _cpu_histogram_refusal),
     ):
         why = refusal(requested, decl, device, lists, hist, kwargs)
+        if why is None and name == TRITON:  # first use of a specialisation: is it right here?
+            note = selftest.check(decl, device, lists, hist, kwargs)
+            if note is None or note == selftest.TL_NOTE:
+                return Choice(name, note or "")
+            why = note
         if why is None:
             return Choice(name, "; ".join(refused))
         if why:  # "" : not a candidate here at all, nothing worth saying

@@ -24,7 +24,7 @@ from .args import Parser, UsageError, nonneg_int, out_path, positive_int
 __all__ = ["COMMANDS", "build_parser", "command", "main"]
 
 #: Subcommand name -> its module in this package (``add_parser(sub, parents)``, ``run(args) -> int``).
-COMMANDS = {"eps-range": "eps_range", "sweep": "sweep", "bench": "bench", "staleness": "staleness"}
+COMMANDS = {"eps-range": "eps_range", "sweep": "sweep", "bench": "bench", "check": "check", "staleness": "staleness"}
 
 #: Exit status after Ctrl-C (128 + SIGINT, as a shell reports it).
 INTERRUPTED = 130
@@ -64,11 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(prog="fasthist", description="Adam's ε from histograms of sqrt(v_hat) (Silva & Rodriguez, 2024).")
     parser.add_argument("--version", action="version", version=f"fasthist {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{eps-range,sweep,bench,staleness}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     sub.required = True
     command("eps-range").add_parser(sub, [task, common])
     command("sweep").add_parser(sub, [task, common])
     command("bench").add_parser(sub, [common])
+    command("check").add_parser(sub, [common])
     command("staleness").add_parser(sub, [task, common])
     return parser
 
