@@ -19,6 +19,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_selftest(monkeypatch):
+    """The device self-test (fasthist.selftest) off, except where a test module turns it back
+    on (tests/test_selftest.py, tests/test_cli_check.py): the kernel tests compare every
+    kernel with its reference themselves, so the self-test would only repeat that at 1.5-5 s
+    per specialisation under the interpreter, and a self-test that routed a call away from
+    the kernel would leave those tests checking the reference against itself."""
+    monkeypatch.setenv("FASTHIST_SELFTEST", "0")
+
+
 @pytest.fixture
 def use_backend():
     """``use_backend(name)``: ``fasthist.backend.use(name)`` for the rest of the test."""
