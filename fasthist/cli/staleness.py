@@ -60,8 +60,8 @@ def _check(args: argparse.Namespace) -> list[str]:
 
 def _signals() -> dict[str, Any]:
     return {
-        "staleness": lambda trial, t: trial.rms[t],
-        "staleness (histogram)": lambda trial, t: trial.rms_hist[t],
+        "staleness": lambda trial, t: dict(zip(trial.names, trial.rms[t], strict=True)),
+        "staleness (histogram)": lambda trial, t: dict(zip(trial.names, trial.rms_hist[t], strict=True)),
         "gradient norm": lambda trial, t: [trial.grad_norm[t]],
     }
 

@@ -23,6 +23,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -154,7 +155,7 @@ class Verdict:
         return 1000.0 * self.false_alarms / max(1, self.steps)
 
 
-def evaluate(trials: Sequence[Trial], signal: Callable[[Trial, int], Sequence[float]], **rule: float) -> Verdict:
+def evaluate(trials: Sequence[Trial], signal: Callable[[Trial, int], Any], **rule: float) -> Verdict:
     """Replay :class:`~fasthist.health.StalenessAlert` (``rule``: its keyword arguments) over
     each trial's ``signal(trial, t)`` (the per-tensor values of step ``t``). A spike is warned
     of when an episode starts at most :data:`LEAD` steps before its onset (the onset step
