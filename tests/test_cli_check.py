@@ -27,7 +27,7 @@ def fresh(monkeypatch):
     monkeypatch.delenv("FASTHIST_SELFTEST", raising=False)
 
 
-ARGS = ["check", "--device", DEVICE.type, "--optimizers", "adam", "--dtypes", "float32"]
+ARGS = ["check", "--device", DEVICE.type, "--optimizers", "adam", "--dtypes", "float32", "--no-bench"]
 
 
 @pytest.mark.interpreter
@@ -68,3 +68,18 @@ def test_bad_dtype_is_a_one_line_error(capsys):
     assert err == [
         "fasthist check: error: --dtypes 'float64': expected names from float32, bfloat16, float16, complex64"
     ]
+
+
+def test_overhead_benchmark(tmp_path, capsys):
+    """The overhead lines: the tracked step against torch's fused and fasthist's untracked
+    one, measured with the backend a user gets; in the JSON too."""
+    out = tmp_path / "check.json"
+    args = [*ARGS[:-1], "--bench-params", "20000", "--json", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "x torch's fused step" in text and "x untracked" in text
+    bench = json.loads(out.read_text())["overhead"]
+    assert bench["params"] >= 20000 and set(bench["ms"]) == {"torch fused", "untracked", "tracked"}
+    assert all(v > 0 for v in bench["ms"].values())
+    assert bench["tracked_vs_torch_fused"] == pytest.approx(bench["ms"]["tracked"] / bench["ms"]["torch fused"])
+    assert ("copy_bytes_per_s" in bench) == (DEVICE.type == "cuda")

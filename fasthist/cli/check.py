@@ -9,18 +9,26 @@ asks for ``auto`` (what a user gets); on the CPU for ``triton``, which runs the 
 Triton's interpreter (``TRITON_INTERPRET=1``, set before the kernels are imported): the CPU
 has no guard to run (it reads the PTX of a GPU compile) and uses the interpreter's twin of
 the shared histogram. Exit status 0 when every self-test agreed, 1 when any differed.
+
+Then (unless ``--no-bench``) a short overhead benchmark of Adam on ``--bench-params``
+float32 parameters with the backend a user gets (``auto``): the tracked step against torch's
+fused step and against fasthist's untracked step (best of 3 interleaved rounds, as
+``fasthist bench``); on a GPU also the tracked step's bytes/s (7 float32 words per element:
+parameter, moments read and written, gradient read) against a measured device copy
+(``copy_`` of 256 MiB, read and write counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from typing import Any
 
 import torch
 
-from .args import UsageError, resolve_device
+from .args import UsageError, positive_int, resolve_device
 from .output import json_text, table
 
 __all__ = ["add_parser", "run"]
@@ -39,6 +47,13 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the findings as JSON to PATH")
     p.add_argument("--optimizers", default=None, help="comma-separated optimizer names (default: all)")
     p.add_argument("--dtypes", default=None, help=f"comma-separated dtypes (default: all of {', '.join(_DTYPES)})")
+    p.add_argument("--no-bench", action="store_true", help="skip the overhead benchmark")
+    p.add_argument(
+        "--bench-params",
+        type=positive_int,
+        default=None,
+        help="parameters of the overhead benchmark (default: 1,000,000 on the CPU, 64,000,000 on a GPU)",
+    )
 
 
 def _names(text: str | None, known: list[str], what: str) -> list[str]:
@@ -143,6 +158,60 @@ def _cell(test: dict[str, Any]) -> str:
     return f"DIFFERED: {detail}{after}"
 
 
+def _copy_bandwidth(device: str) -> float:
+    """Bytes/s of a device-to-device ``copy_`` of 256 MiB (read and write), best of 5."""
+    src = torch.empty(64 << 20, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def _overhead(device: str, total: int) -> dict[str, Any]:
+    """The tracked Adam step against torch's fused one and fasthist's untracked one."""
+    from .. import backend
+    from ..adam import Adam
+    from .bench import ROUNDS, bench_params, time_steps
+
+    params = bench_params(total, device)
+    configs = {
+        "torch fused": lambda: torch.optim.Adam(params, lr=1e-3, fused=True),
+        "untracked": lambda: Adam(params, lr=1e-3, fused=True, track=False),
+        "tracked": lambda: Adam(params, lr=1e-3, fused=True),
+    }
+    best: dict[str, float] = {}
+    with backend.use("auto"):
+        for _ in range(ROUNDS):
+            for name, make in configs.items():
+                best[name] = min(best.get(name, float("inf")), time_steps(make(), 5, device))
+    elements = sum(p.numel() for p in params)
+    out = {"params": elements, "ms": {k: 1e3 * v for k, v in best.items()}}
+    out["tracked_vs_torch_fused"] = best["tracked"] / best["torch fused"]
+    out["tracked_vs_untracked"] = best["tracked"] / best["untracked"]
+    if device.startswith("cuda"):
+        out["tracked_bytes_per_s"] = 7 * 4 * elements / best["tracked"]
+        out["copy_bytes_per_s"] = _copy_bandwidth(device)
+    return out
+
+
+def _print_overhead(bench: dict[str, Any], device: str) -> None:
+    ms = bench["ms"]
+    print()
+    print(
+        f"overhead, Adam(fused=True) on {bench['params']:,} float32 parameters, {device}, best of 3 rounds: "
+        f"tracked {ms['tracked']:.2f} ms = {bench['tracked_vs_torch_fused']:.2f}x torch's fused step "
+        f"({ms['torch fused']:.2f} ms), {bench['tracked_vs_untracked']:.2f}x untracked ({ms['untracked']:.2f} ms)"
+    )
+    if "copy_bytes_per_s" in bench:
+        tracked, copy = bench["tracked_bytes_per_s"], bench["copy_bytes_per_s"]
+        print(f"tracked step: {tracked / 1e9:.0f} GB/s, {tracked / copy:.0%} of a device copy ({copy / 1e9:.0f} GB/s)")
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import backend, catalog
 
@@ -169,11 +238,16 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         if r["reason"]:
             print(f"{r['optimizer']} {r['dtype']}: {r['reason']}")
+    bench = None
+    if not args.no_bench:
+        total = args.bench_params or (64_000_000 if device.startswith("cuda") else 1_000_000)
+        bench = _overhead(device, total)
+        _print_overhead(bench, device)
     failed = [r for r in rows if r["selftest"]["ok"] is False]
     ok = not failed
     if args.json is not None:
         with open(args.json, "w") as f:
-            f.write(json_text(dict(env, ok=ok, rows=rows)))
+            f.write(json_text(dict(env, ok=ok, rows=rows, overhead=bench)))
     if failed:
         print(f"fasthist check: {len(failed)} of {len(rows)} self-tests differed from the reference", file=sys.stderr)
         return 1
