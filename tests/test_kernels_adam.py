@@ -46,9 +46,9 @@ from _kernel_helpers import (  # before triton
     assert_ulp,
     compile_without_a_gpu,
     ieee_sqrt,
+    on_triton,
     same,
     target,
-    on_triton,
 )
 
 triton = pytest.importorskip("triton")

@@ -30,10 +30,10 @@ from _kernel_helpers import (  # before triton
     assert_ulp,
     compile_without_a_gpu,
     ieee_sqrt,
+    on_triton,
     same,
     target,
     ulp,
-    on_triton,
 )
 from torch import Tensor
 
