@@ -473,6 +473,24 @@ def test_differentiable_routes_to_reference():
     assert torch.equal(case.hk.total, case.hr.total)
 
 
+def test_the_launcher_leaves_the_step_counts_to_the_backend():
+    """The launcher takes ready inputs: called bare it reads the step counts as already
+    incremented and leaves them; :func:`fasthist.backend.stepped` around it adds one, and
+    takes it back on a step skipped by ``found_inf`` (torch's ``_fused_adam``)."""
+    case = Case([(5,), (70,)], seed=31)
+    steps = case.k["state_steps"]
+    for s in steps:
+        s.fill_(3.0)
+    gk, _ = case.grads()
+    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper())
+    assert [float(s) for s in steps] == [3.0, 3.0]
+    skipped = torch.tensor(1.0, device=DEVICE)
+    on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper(found_inf=skipped, fused=True))
+    assert [float(s) for s in steps] == [3.0, 3.0]
+    on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper(found_inf=skipped * 0, fused=True))
+    assert [float(s) for s in steps] == [4.0, 4.0]
+
+
 # -- launch structure ---------------------------------------------------------------------
 class _Counting:
     def __init__(self, fn):
