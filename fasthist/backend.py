@@ -3,7 +3,9 @@
 Each backend takes the call as :mod:`fasthist.dispatch` hands it over (one device, the
 lists of the optimizer's functional form, its :class:`~fasthist.target.HistTarget` or
 None, its keyword arguments) and runs it; none checks whether it should, and none falls
-back on another: choosing is the dispatcher's, which records why.
+back on another: choosing is the dispatcher's, which records why. The torch backends run
+torch's functional, which keeps the step counts itself; around the others, :func:`stepped`
+keeps them as torch's fused step does and readies ``found_inf``, ``grad_scale`` and ``lr``.
 
 - :data:`TRITON`: the optimizer's Triton kernel (``fasthist.kernels``), update and
   histogram fused, one launch per dtype; CUDA tensors, or CPU tensors under Triton's

@@ -5,14 +5,19 @@ for a chunk and the multi-tensor launch tables. Whether a kernel runs a call is 
 
 - :func:`configure` / :data:`SHAPE`: the launch shape of every kernel (and the histogram
   strategy: ``"auto"`` or ``"tl"``).
-- :func:`chunk_header`/:func:`column`/:func:`load`/:func:`store` (``@triton.jit``): which
-  tensor and which ``CHUNK`` elements of it a program updates, its columns' pointers advanced
-  to the chunk, and unmasked vector access for full chunks.
+- :func:`fused_step_kernel` (``@triton.jit``): the one kernel of every optimizer. A program
+  finds its tensor and ``CHUNK`` elements of it (:func:`chunk_header`, :func:`column`), loads
+  its loop-invariant values once (the optimizer's ``prepare``), masks everything off on a
+  ``found_inf`` step, runs the optimizer's ``update`` on each block of a full chunk (no
+  masks: vector :func:`load`/:func:`store`) or of the tail chunk, and histograms the value
+  each block returns. An optimizer supplies only its :class:`StepBody`.
 - :func:`plan_groups`: per dtype a :class:`TensorTable` (table of ``data_ptr``s and chunk
   descriptors, cached while the tensors do not move) and the contiguous copies of tensors a
   flat walk cannot follow (:func:`write_back` after the launch).
-- :func:`launch`: one main launch per dtype with the histogram strategy picked, then the
-  histogram windows (:func:`finalize_histograms`).
+- :func:`launch`: one launch of :func:`fused_step_kernel` per dtype with the histogram
+  strategy picked, then the histogram windows (:func:`finalize_histograms`);
+  :func:`constexprs`: its constexprs (also for ``bench/sass_report.py`` and the tests'
+  compiles).
 """
 
 from __future__ import annotations
