@@ -86,24 +86,26 @@ DTYPES = {"float32": (tl.float32, 4), "bfloat16": (tl.bfloat16, 2), "float16": (
 DECLS = declarations()
 
 
-def _jit_kernel(optimizer: str):
-    """The ``@triton.jit`` kernel of ``optimizer``'s declared kernel module, ``_<module>_hist_kernel``."""
-    module = DECLS[optimizer].kernel[0]
-    return getattr(importlib.import_module(f"{K.__name__}.{module}"), f"_{module}_hist_kernel")
+def _kernel_module(optimizer: str):
+    """``optimizer``'s declared kernel module (its ``BODY`` runs in ``fused_step_kernel``)."""
+    return importlib.import_module(f"{K.__name__}.{DECLS[optimizer].kernel[0]}")
+
+
+def _body(optimizer: str, **flags) -> tuple:
+    """``(body, flags)``: ``optimizer``'s kernel body (``BODY``) and its switches, by name."""
+    body = _kernel_module(optimizer).BODY
+    return body, body.flags(**flags)
 
 
 # The kernels with the flags of their optimizer's defaults (AdamW: decoupled weight decay),
 # and the global accesses per element of a step (read p, g, states; write p, states).
 KERNELS = {
-    "adam": (_jit_kernel("adam"), dict(AMSGRAD=False, MAXIMIZE=False, WD_MODE=0, LERP_SMALL=True,
-                                       HAS_GRAD_SCALE=False, HAS_FOUND_INF=False), 7),
-    "adamw": (_jit_kernel("adam"), dict(AMSGRAD=False, MAXIMIZE=False, WD_MODE=2, LERP_SMALL=True,
-                                        HAS_GRAD_SCALE=False, HAS_FOUND_INF=False), 7),
-    "rmsprop": (_jit_kernel("rmsprop"), dict(CENTERED=False, MOMENTUM=False, MAXIMIZE=False, HAS_WD=False,
-                                             LERP_SMALL=False, LR_FROM_PTR=False), 5),
-    "adagrad": (_jit_kernel("adagrad"), dict(MAXIMIZE=False, HAS_WD=False, HAS_GRAD_SCALE=False,
-                                             HAS_FOUND_INF=False), 5),
-    "adabelief": (_jit_kernel("adabelief"), dict(AMSGRAD=False, RECTIFY=True, WD_MODE=0), 7),
+    "adam": (_body("adam", AMSGRAD=False, MAXIMIZE=False, WD_MODE=0, LERP_SMALL=True), 7),
+    "adamw": (_body("adam", AMSGRAD=False, MAXIMIZE=False, WD_MODE=2, LERP_SMALL=True), 7),
+    "rmsprop": (_body("rmsprop", CENTERED=False, MOMENTUM=False, MAXIMIZE=False, HAS_WD=False, LERP_SMALL=False,
+                      LR_FROM_PTR=False), 5),
+    "adagrad": (_body("adagrad", MAXIMIZE=False, HAS_WD=False), 5),
+    "adabelief": (_body("adabelief", AMSGRAD=False, RECTIFY=True, WD_MODE=0), 7),
 }  # fmt: skip
 # (kernel, dtype) pairs its optimizer's declaration has no kernel for (another backend runs them)
 NO_KERNEL = {
@@ -118,7 +120,9 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_kernel(fn, constexprs: dict, arch: int, num_warps: int):
+def compile_kernel(constexprs: dict, arch: int, num_warps: int, fn=None):
+    """``fn`` (default: the shared ``fused_step_kernel``) compiled for ``sm_<arch>``."""
+    fn = fn if fn is not None else C.fused_step_kernel
     sig = {
         a: "constexpr" if a in constexprs else ("*i64" if a in _I64_PTRS else "*fp32") if a.endswith("_ptr") else "fp32"
         for a in fn.arg_names
@@ -206,14 +210,14 @@ def predicted_ratio(tracked: float, untracked: float, bytes_per_elem: int) -> fl
 
 
 def report_kernel(name: str, dtype: str, arch: int, fallback: bool) -> dict:
-    fn, flags, accesses = KERNELS[name]
+    (body, flags), accesses = KERNELS[name]
     shape = C.SHAPE
     tl_dt, size = DTYPES[dtype]
     spec = C.BinSpec(LogBins()).kwargs()
-    base = dict(flags, DTYPE=tl_dt, BLOCK=shape.block, ITERS=shape.iters, ALIGNED=True)
 
     def run(hist: int, bins: dict):
-        return compile_kernel(fn, dict(base, HIST=hist, **C.slab_kwargs(bins, shape.num_warps)), arch, shape.num_warps)
+        layout = C.bin_layout(bins, shape.num_warps)
+        return compile_kernel(C.constexprs(body, flags, tl_dt, layout, hist=hist), arch, shape.num_warps)
 
     def figures(ck) -> dict:
         return measure(ck, shape.block, shape.iters, shape.num_warps)
@@ -221,9 +225,9 @@ def report_kernel(name: str, dtype: str, arch: int, fallback: bool) -> dict:
     off = figures(run(C.HIST_OFF, C.NO_BINS))
     shared_ck = run(C.HIST_SHARED, spec)
     probe = run(C.HIST_PROBE, spec)
-    slab = C.slab_kwargs(spec, shape.num_warps)
+    layout = C.bin_layout(spec, shape.num_warps)
     problems = C.shared_histogram_problems(
-        shared_ck.asm["ptx"], shared_ck.asm["ttgir"], shared_ck.metadata.shared, slab["DUMP"], slab["SLAB"]
+        shared_ck.asm["ptx"], shared_ck.asm["ttgir"], shared_ck.metadata.shared, layout.DUMP, layout.SLAB
     )
     row = {"kernel": name, "dtype": dtype, "bytes_per_elem": accesses * size, "untracked": off}
     shared = figures(shared_ck)

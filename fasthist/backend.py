@@ -3,7 +3,9 @@
 Each backend takes the call as :mod:`fasthist.dispatch` hands it over (one device, the
 lists of the optimizer's functional form, its :class:`~fasthist.target.HistTarget` or
 None, its keyword arguments) and runs it; none checks whether it should, and none falls
-back on another: choosing is the dispatcher's, which records why.
+back on another: choosing is the dispatcher's, which records why. The torch backends run
+torch's functional, which keeps the step counts itself; around the others, :func:`stepped`
+keeps them as torch's fused step does and readies ``found_inf``, ``grad_scale`` and ``lr``.
 
 - :data:`TRITON`: the optimizer's Triton kernel (``fasthist.kernels``), update and
   histogram fused, one launch per dtype; CUDA tensors, or CPU tensors under Triton's
@@ -34,6 +36,7 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from . import csrc
@@ -42,7 +45,18 @@ from .dtensor import is_dtensor, local_tensor
 from .reference.histogram import accumulate_, record_
 from .target import HistTarget
 
-__all__ = ["BACKENDS", "CPU_HISTOGRAM", "FUSED_CPU", "TORCH", "TRITON", "kernels_module", "requested", "run", "use"]
+__all__ = [
+    "BACKENDS",
+    "CPU_HISTOGRAM",
+    "FUSED_CPU",
+    "TORCH",
+    "TRITON",
+    "kernels_module",
+    "requested",
+    "run",
+    "stepped",
+    "use",
+]
 
 BACKENDS = ("auto", "torch", "reference", "triton")
 TRITON, FUSED_CPU, CPU_HISTOGRAM, TORCH = "triton", "fused_cpu", "torch+cpu_histogram", "torch"
@@ -132,17 +146,65 @@ def _compiled_histogram_(target: HistTarget, values: list[Tensor], scale: Any, f
 
 
 def run(backend: str, decl: OptimizerDecl, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict) -> None:
-    """Run one per-device call of ``decl`` on ``backend`` (module docstring)."""
+    """Run one per-device call of ``decl`` on ``backend`` (module docstring). The torch
+    backends run the optimizer's torch functional, which keeps its own step counts; the
+    others get their inputs readied by :func:`stepped`."""
     if backend == TRITON:
         kernel = kernel_function(decl)
         assert kernel is not None, "the dispatcher chose a kernel that does not import"
-        kernel(*local_lists(lists), hist=hist, **kwargs)
+        local = local_lists(lists)
+        stepped(lists, kwargs, local[0][0].device, lambda ready: kernel(*local, hist=hist, **ready))
     elif backend == FUSED_CPU:
         assert decl.fused_cpu is not None and hist is not None
-        csrc.fused_step_(decl.fused_cpu, lists, hist, kwargs)
+        op = decl.fused_cpu
+        stepped(lists, kwargs, torch.device("cpu"), lambda ready: csrc.fused_step_(op, lists, hist, ready))
     else:
         decl.update(*lists, **kwargs)
         accumulate = _compiled_histogram_ if backend == CPU_HISTOGRAM else accumulate_
         record_(
             hist, decl.hist_inputs, lists, kwargs, sqrt=decl.sqrt, reciprocal=decl.reciprocal, accumulate=accumulate
         )
+
+
+def stepped(
+    lists: list[list[Tensor]], kwargs: dict[str, Any], device: torch.device, step: Callable[[dict[str, Any]], None]
+) -> None:
+    """torch's fused-step protocol (``torch.optim.adam._fused_adam``), written once around
+    ``step``, a backend that takes ready inputs:
+
+    - ``state_steps += 1`` before the step, ``state_steps -= found_inf`` after it;
+    - ``found_inf`` and ``grad_scale``: None, or one value on ``device``, where the backend
+      reads it (``found_inf`` nonzero: the backend leaves parameters, states and histograms
+      untouched, with no host sync). With the step counts on the host and ``found_inf`` on
+      another device, the flag is read here instead (a sync; torch's GradScaler syncs there
+      too): a nonzero flag skips the whole call, step counts included;
+    - a tensor ``lr``: one value, detached, on its own device (each backend reads it where
+      torch computes with it: the host, or the device when the step counts live there).
+
+    ``step`` gets ``kwargs`` with these replaced."""
+    steps = lists[-1]
+    found_inf, grad_scale, lr = kwargs.get("found_inf"), kwargs.get("grad_scale"), kwargs.get("lr")
+    ready = dict(kwargs)
+    with torch.no_grad():
+        if found_inf is not None and not found_inf.is_cpu and all(s.is_cpu for s in steps):
+            if float(found_inf.item()) != 0.0:  # host step counts cannot be rolled back on the device
+                return
+            found_inf = None
+        if found_inf is not None:
+            found_inf = found_inf.to(device=device, non_blocking=True).reshape(())
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device=device, non_blocking=True).reshape(())
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise RuntimeError(
+                    f"fasthist: lr must be a float or a one-element Tensor, but got shape {tuple(lr.shape)}"
+                )
+            ready["lr"] = lr.detach().reshape(())
+        for key, value in (("found_inf", found_inf), ("grad_scale", grad_scale)):
+            if key in kwargs:
+                ready[key] = value
+        torch._foreach_add_(steps, 1)
+        step(ready)
+        if found_inf is not None:
+            flag = found_inf.to(steps[0].device)
+            torch._foreach_sub_(steps, [flag] * len(steps))

@@ -8,14 +8,21 @@ interpreter rounds ``tl.fma`` twice, so the bit-exact CPU tests need Triton >= 3
 
 One module per optimizer, named as the optimizer's declaration names it
 (:class:`fasthist.declaration.OptimizerDecl`, ``kernel``), each laid out as: module
-docstring (the math) → ``@triton.jit`` kernel → launcher → ``<op>_hist`` wrapper taking
+docstring (the math) → its switches (a ``NamedTuple``) → ``@triton.jit`` ``prepare`` and
+``update`` bodies (``BODY``, a :class:`._common.StepBody`) → ``<op>_hist`` launcher taking
 exactly the arguments of the optimizer's functional form plus ``hist`` (a
-:class:`fasthist.target.HistTarget` or None). They are imported when first used.
+:class:`fasthist.target.HistTarget` or None), its inputs readied by
+:func:`fasthist.backend.stepped` (step counts, ``found_inf``, ``grad_scale``, ``lr``). They
+are imported when first used.
 
-Everything they share lives in :mod:`._common`: the histogram (:mod:`._histogram`: a private
-shared-memory histogram per program on the GPU, its twin on the interpreter, ``tl.histogram``
-as the fallback), the launch shape (:func:`configure`, for every kernel) and the multi-tensor
-tables. Which calls they run is :mod:`fasthist.dispatch`'s decision, not theirs.
+Everything they share lives in :mod:`._common`: the one kernel every optimizer runs in
+(:func:`._common.fused_step_kernel`: the chunk, its columns, the ``found_inf`` mask, full and
+tail chunks, the histogram; the body passed as a constexpr function), the histogram
+(:mod:`._histogram`: a private shared-memory histogram per program on the GPU, its twin on
+the interpreter, ``tl.histogram`` as the fallback; its layout one constexpr,
+:class:`._histogram.BinLayout`), the launch shape (:func:`configure`, for every kernel) and
+the multi-tensor tables. Which calls they run is :mod:`fasthist.dispatch`'s decision, not
+theirs.
 """
 
 import triton  # noqa: F401

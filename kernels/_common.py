@@ -5,22 +5,27 @@ for a chunk and the multi-tensor launch tables. Whether a kernel runs a call is 
 
 - :func:`configure` / :data:`SHAPE`: the launch shape of every kernel (and the histogram
   strategy: ``"auto"`` or ``"tl"``).
-- :func:`chunk_header`/:func:`column`/:func:`load`/:func:`store` (``@triton.jit``): which
-  tensor and which ``CHUNK`` elements of it a program updates, its columns' pointers advanced
-  to the chunk, and unmasked vector access for full chunks.
+- :func:`fused_step_kernel` (``@triton.jit``): the one kernel of every optimizer. A program
+  finds its tensor and ``CHUNK`` elements of it (:func:`chunk_header`, :func:`column`), loads
+  its loop-invariant values once (the optimizer's ``prepare``), masks everything off on a
+  ``found_inf`` step, runs the optimizer's ``update`` on each block of a full chunk (no
+  masks: vector :func:`load`/:func:`store`) or of the tail chunk, and histograms the value
+  each block returns. An optimizer supplies only its :class:`StepBody`.
 - :func:`plan_groups`: per dtype a :class:`TensorTable` (table of ``data_ptr``s and chunk
   descriptors, cached while the tensors do not move) and the contiguous copies of tensors a
   flat walk cannot follow (:func:`write_back` after the launch).
-- :func:`launch`: one main launch per dtype with the histogram strategy picked, then the
-  histogram windows (:func:`finalize_histograms`).
+- :func:`launch`: one launch of :func:`fused_step_kernel` per dtype with the histogram
+  strategy picked, then the histogram windows (:func:`finalize_histograms`);
+  :func:`constexprs`: its constexprs (also for ``bench/sass_report.py`` and the tests'
+  compiles).
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,8 +44,10 @@ from ._histogram import (  # noqa: F401 - re-exported: the kernels import everyt
     MAX_BINS,
     MAX_WINDOW,
     NO_BINS,
+    BinLayout,
     BinSpec,
     bin_index,
+    bin_layout,
     finalize_histograms,
     hist_add,
     hist_begin,
@@ -48,7 +55,6 @@ from ._histogram import (  # noqa: F401 - re-exported: the kernels import everyt
     histogram_strategy,
     scratch_for,
     shared_histogram_problems,
-    slab_kwargs,
     smem_word,
 )
 
@@ -62,16 +68,21 @@ __all__ = [
     "MAX_WINDOW",
     "NO_BINS",
     "SHAPE",
+    "BinLayout",
     "BinSpec",
     "Plan",
+    "StepBody",
     "TensorTable",
     "bin_index",
+    "bin_layout",
     "check_call",
     "chunk_header",
     "column",
     "configure",
+    "constexprs",
     "dense_views",
     "finalize_histograms",
+    "fused_step_kernel",
     "hist_add",
     "hist_begin",
     "hist_end",
@@ -85,7 +96,6 @@ __all__ = [
     "scalar",
     "scratch_for",
     "shared_histogram_problems",
-    "slab_kwargs",
     "smem_word",
     "store",
     "tl_dtype",
@@ -153,6 +163,96 @@ def store(base, offs, value, mask, MASKED: tl.constexpr, ALIGNED: tl.constexpr):
         tl.store(ptrs, value, mask=mask)
     else:
         tl.store(ptrs, value)
+
+
+@triton.jit
+def _blocks(
+    acc,
+    UPDATE: tl.constexpr,
+    cols,
+    numel,
+    k,
+    FLAGS: tl.constexpr,
+    DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+    MASKED: tl.constexpr,  # False: a full chunk, no masks (vector loads and stores)
+    ALIGNED: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HIST: tl.constexpr,
+    BINS: tl.constexpr,
+):
+    """The blocks of one chunk: ``UPDATE`` on each, its value counted into ``acc``."""
+    trips = ITERS
+    if MASKED:  # the tail chunk: only its live blocks
+        trips = tl.cdiv(numel, BLOCK)
+    for it in range(trips):
+        offs = it * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        x = UPDATE(cols, offs, mask, k, FLAGS, DTYPE, MASKED, ALIGNED, HAS_GRAD_SCALE)
+        if HIST != 0:
+            acc = hist_add(acc, x, mask, MASKED, HIST, BINS)
+    return acc
+
+
+@triton.jit
+def fused_step_kernel(
+    table_ptr,  # int64 [n, 7]: five column pointers (0 the parameter, 1 the grad), numel, slot
+    chunk_ptr,  # int64 [num_chunks, 2]: table row, first element
+    scratch_ptr,  # int64 [num_slots, NUM_BINS]
+    coef_ptr,  # float32 [num_slots, NCOEF]: the optimizer's per-tensor coefficients
+    grad_scale_ptr,  # float32 [1] (HAS_GRAD_SCALE)
+    found_inf_ptr,  # float32 [1] (HAS_FOUND_INF): nonzero, the step touches nothing
+    s0,
+    s1,
+    s2,
+    s3,
+    s4,
+    s5,
+    s6,
+    s7,  # the optimizer's scalar hyper-parameters, in the order its PREPARE reads them
+    PREPARE: tl.constexpr,  # (coef, scalars, grad_scale, FLAGS) -> k, once per program
+    UPDATE: tl.constexpr,  # (cols, offs, mask, k, FLAGS, DTYPE, MASKED, ALIGNED, HAS_GRAD_SCALE) -> x
+    FLAGS: tl.constexpr,  # the optimizer's structural switches (a tuple its bodies read)
+    NCOEF: tl.constexpr,
+    DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every tensor of the launch starts 16-byte aligned
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HIST: tl.constexpr,  # HIST_OFF, HIST_TL, HIST_SHARED (HIST_PROBE), HIST_WORDS
+    BINS: tl.constexpr,  # BinLayout
+):
+    """One program: ``CHUNK`` elements of one tensor stepped by the optimizer's ``UPDATE``
+    (which returns the value histogrammed), the histogram flushed once into the tensor's
+    scratch row."""
+    row, start, numel, slot = chunk_header(table_ptr, chunk_ptr, 7, BLOCK * ITERS)
+    row_ptr = scratch_ptr + slot * BINS.NUM_BINS  # this program's histogram, zeroed first: fewer live registers
+    acc = hist_begin(start < 0, row_ptr, HIST, BINS)
+    cols = (
+        column(row, 0, start, DTYPE),
+        column(row, 1, start, DTYPE),
+        column(row, 2, start, DTYPE),
+        column(row, 3, start, DTYPE),
+        column(row, 4, start, DTYPE),
+    )
+    grad_scale = 1.0
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    k = PREPARE(coef_ptr + NCOEF * slot, (s0, s1, s2, s3, s4, s5, s6, s7), grad_scale, FLAGS)
+    if HAS_FOUND_INF:  # a skipped step touches nothing: every element is masked off
+        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
+    if numel == BLOCK * ITERS:  # a full chunk (most of them): no masks
+        acc = _blocks(
+            acc, UPDATE, cols, numel, k, FLAGS, DTYPE, BLOCK, ITERS, False, ALIGNED, HAS_GRAD_SCALE, HIST, BINS
+        )
+    else:
+        acc = _blocks(
+            acc, UPDATE, cols, numel, k, FLAGS, DTYPE, BLOCK, ITERS, True, ALIGNED, HAS_GRAD_SCALE, HIST, BINS
+        )
+    if HIST != 0:
+        hist_end(acc, row_ptr, HIST, BINS)
 
 
 class LaunchShape:
@@ -418,40 +518,105 @@ def write_back(plan: Plan, grads_written: bool = False) -> None:
             orig.copy_(tmp)
 
 
+class StepBody(NamedTuple):
+    """An optimizer's part of :func:`fused_step_kernel`: ``prepare(coef, scalars, grad_scale,
+    FLAGS)`` (``@triton.jit``) returns the program's loop-invariant values ``k`` (its tensor's
+    ``ncoef`` coefficients, its scalars), once per program; ``update(cols, offs, mask, k,
+    FLAGS, DTYPE, MASKED, ALIGNED, HAS_GRAD_SCALE)`` (``@triton.jit``) steps one block of the
+    five columns in place and returns the float32 value histogrammed; ``flags``, the
+    NamedTuple of its structural switches (``FLAGS``)."""
+
+    prepare: Any
+    update: Any
+    flags: type
+    ncoef: int
+
+
+def constexprs(
+    body: StepBody,
+    flags: tuple,
+    dtype: Any,
+    bins: BinLayout,
+    *,
+    aligned: bool = True,
+    hist: int = HIST_OFF,
+    grad_scale: bool = False,
+    found_inf: bool = False,
+) -> dict[str, Any]:
+    """The constexprs of :func:`fused_step_kernel` for ``body`` with its ``flags``, on
+    ``dtype`` (a torch or Triton dtype) with the current launch shape."""
+    return {
+        "PREPARE": body.prepare,
+        "UPDATE": body.update,
+        "FLAGS": flags,
+        "NCOEF": body.ncoef,
+        "DTYPE": dtype if isinstance(dtype, tl.dtype) else tl_dtype(dtype),
+        "BLOCK": SHAPE.block,
+        "ITERS": SHAPE.iters,
+        "ALIGNED": aligned,
+        "HAS_GRAD_SCALE": grad_scale,
+        "HAS_FOUND_INF": found_inf,
+        "HIST": hist,
+        "BINS": bins,
+    }
+
+
+_SCALARS = 8  # s0 .. s7 of fused_step_kernel
+
+
 def launch(
-    kernel: Any,
+    body: StepBody,
+    flags: tuple,
     plan: Plan,
     hist: HistTarget | None,
-    args: Callable[[TensorTable, Tensor], tuple],
-    constexprs: dict[str, Any],
     device: torch.device,
+    *,
+    scalars: Sequence[float] = (),
+    coef: Tensor | None = None,
+    grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
-    """One launch of ``kernel`` per dtype group of ``plan`` (positional arguments
-    ``args(tables, scratch)``, which start with the table, the chunks and the scratch), then
-    the histogram windows. Every kernel takes the shape, dtype, alignment and histogram
-    constexprs added here."""
+    """One launch of :func:`fused_step_kernel` with ``body`` per dtype group of ``plan``, the
+    histogram strategy picked, then the histogram windows (:func:`finalize_histograms`) and
+    the write-back of working copies. ``coef`` (float32 ``[n, body.ncoef]``; ``ncoef`` 0: one
+    row every program reads), ``grad_scale`` and ``found_inf`` (0-d float32 on ``device``, or
+    None) are the dispatcher's ready inputs (:mod:`fasthist.backend`)."""
+    if len(scalars) > _SCALARS:
+        raise ValueError(f"Invalid scalars: {len(scalars)}; expected at most {_SCALARS}")
+    values = tuple(float(x) for x in scalars) + (0.0,) * (_SCALARS - len(scalars))
     num_tensors = sum(tables.table.shape[0] for _, tables, _ in plan.groups)
     scratch = scratch_for(hist, num_tensors) if hist is not None else None
-    bin_kwargs = BinSpec(hist.bins).kwargs() if hist is not None else NO_BINS
+    bins = bin_layout(BinSpec(hist.bins).kwargs() if hist is not None else NO_BINS, SHAPE.num_warps)
     for dtype, tables, aligned in plan.groups:
         if tables.num_chunks == 0:
             continue
         grid = (tables.num_chunks,)
-        call_args = args(tables, scratch if scratch is not None else tables.table)
+        spare = tables.table  # stands for every pointer the launch does not read
+        call_args = (
+            tables.table,
+            tables.chunks,
+            scratch if scratch is not None else spare,
+            coef if coef is not None else spare,
+            grad_scale if grad_scale is not None else spare,
+            found_inf if found_inf is not None else spare,
+            *values,
+        )
         kw = dict(
-            constexprs,
-            DTYPE=tl_dtype(dtype),
-            BLOCK=SHAPE.block,
-            ITERS=SHAPE.iters,
-            ALIGNED=aligned,
-            HIST=HIST_OFF,
+            constexprs(
+                body,
+                flags,
+                dtype,
+                bins,
+                aligned=aligned,
+                grad_scale=grad_scale is not None,
+                found_inf=found_inf is not None,
+            ),
             num_warps=SHAPE.num_warps,
-            **slab_kwargs(bin_kwargs, SHAPE.num_warps),
             **launch_options(device),
         )
         if hist is not None:
-            kw["HIST"] = histogram_strategy(kernel, grid, call_args, kw, device, SHAPE.histogram)
-        kernel[grid](*call_args, **kw)
+            kw["HIST"] = histogram_strategy(fused_step_kernel, grid, call_args, kw, device, SHAPE.histogram)
+        fused_step_kernel[grid](*call_args, **kw)
     if hist is not None:
         finalize_histograms(hist, scratch, found_inf)
+    write_back(plan, grads_written=grad_scale is not None)

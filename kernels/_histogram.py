@@ -50,7 +50,7 @@ import io
 import re
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -71,8 +71,10 @@ __all__ = [
     "MAX_BINS",
     "MAX_WINDOW",
     "NO_BINS",
+    "BinLayout",
     "BinSpec",
     "bin_index",
+    "bin_layout",
     "finalize_histograms",
     "hist_add",
     "hist_begin",
@@ -80,7 +82,6 @@ __all__ = [
     "histogram_strategy",
     "scratch_for",
     "shared_histogram_problems",
-    "slab_kwargs",
     "smem_word",
 ]
 
@@ -173,27 +174,21 @@ def smem_word(
 
 
 @triton.jit
-def hist_begin(
-    never,
-    spare_ptr,
-    HIST: tl.constexpr,
-    HIST_BINS: tl.constexpr,
-    DUMP: tl.constexpr,
-    SMEM_BINS: tl.constexpr,
-    SLAB: tl.constexpr,
-):
+def hist_begin(never, spare_ptr, HIST: tl.constexpr, BINS: tl.constexpr):
     """Start a program's histogram: the ``tl.histogram`` accumulator (``HIST_TL``; over
     words for ``HIST_WORDS``), or zeroed shared words 0..DUMP (``HIST_SHARED``, four per
     store, ``SLAB`` = one quad per thread at a time; ``never`` is a runtime-false condition
-    guarding the branch that reserves them, ``spare_ptr`` any int64 pointer it may name)."""
+    guarding the branch that reserves them, ``spare_ptr`` any int64 pointer it may name).
+    ``BINS`` is the layout (:class:`BinLayout`)."""
+    SMEM_BINS: tl.constexpr = BINS.SMEM_BINS
     acc = tl.zeros([1], dtype=tl.int32)
     if HIST == 1:
-        acc = tl.zeros([HIST_BINS], dtype=tl.int32)
+        acc = tl.zeros([BINS.HIST_BINS], dtype=tl.int32)
     if HIST == 4:
         acc = tl.zeros([SMEM_BINS], dtype=tl.int32)
     if HIST == 2 or HIST == 3:
-        for s in range(0, DUMP // 4 + 1, SLAB):
-            q = s + tl.arange(0, SLAB)
+        for s in range(0, BINS.DUMP // 4 + 1, BINS.SLAB):
+            q = s + tl.arange(0, BINS.SLAB)
             if HIST == 2:
                 tl.inline_asm_elementwise(_SMEM_ZERO, "=r,r", [q], dtype=tl.int32, is_pure=False, pack=1)
             else:
@@ -211,78 +206,50 @@ def hist_begin(
 
 
 @triton.jit
-def hist_add(
-    acc,
-    x,
-    mask,
-    MASKED: tl.constexpr,
-    HIST: tl.constexpr,
-    SHIFT: tl.constexpr,
-    LOW_KEY: tl.constexpr,
-    ABOVE: tl.constexpr,
-    NONFINITE: tl.constexpr,
-    HIST_BINS: tl.constexpr,
-    WINDOW: tl.constexpr,
-    DUMP: tl.constexpr,
-    SMEM_BINS: tl.constexpr,
-    WORD_ASM: tl.constexpr,
-):
+def hist_add(acc, x, mask, MASKED: tl.constexpr, HIST: tl.constexpr, BINS: tl.constexpr):
     """Count the bin of every live element of a block of float32 values ``x``."""
     if HIST == 1:
-        idx = bin_index(x, SHIFT, LOW_KEY, ABOVE, NONFINITE)
+        idx = bin_index(x, BINS.SHIFT, BINS.LOW_KEY, BINS.ABOVE, BINS.NONFINITE)
         if MASKED:
-            acc += tl.histogram(idx, HIST_BINS, mask=mask)
+            acc += tl.histogram(idx, BINS.HIST_BINS, mask=mask)
         else:
-            acc += tl.histogram(idx, HIST_BINS)
-    if (HIST == 2 or HIST == 3) and WINDOW and not MASKED:
+            acc += tl.histogram(idx, BINS.HIST_BINS)
+    if (HIST == 2 or HIST == 3) and BINS.WINDOW and not MASKED:
         bits = x.to(tl.int32, bitcast=True)
         if HIST == 2:
             tl.inline_asm_elementwise(
-                _WORD_PRE + WORD_ASM + _SMEM_WORD_POST, "=r,r", [bits], dtype=tl.int32, is_pure=False, pack=1
+                _WORD_PRE + BINS.WORD_ASM + _SMEM_WORD_POST, "=r,r", [bits], dtype=tl.int32, is_pure=False, pack=1
             )
         else:
             tl.inline_asm_elementwise(
-                _WORD_PRE + WORD_ASM + _PROBE_WORD_POST, "=r,r", [bits], dtype=tl.int32, is_pure=False, pack=1
+                _WORD_PRE + BINS.WORD_ASM + _PROBE_WORD_POST, "=r,r", [bits], dtype=tl.int32, is_pure=False, pack=1
             )
     elif HIST >= 2:
-        w = smem_word(x, SHIFT, LOW_KEY, ABOVE, NONFINITE, WINDOW)
+        w = smem_word(x, BINS.SHIFT, BINS.LOW_KEY, BINS.ABOVE, BINS.NONFINITE, BINS.WINDOW)
         if MASKED:  # dead lanes count in the dump word, past every real one
-            w = tl.where(mask, w, DUMP)
+            w = tl.where(mask, w, BINS.DUMP)
         if HIST == 2:
             tl.inline_asm_elementwise(_SMEM_INC, "=r,r", [w], dtype=tl.int32, is_pure=False, pack=1)
         if HIST == 3:
             tl.inline_asm_elementwise(_PROBE_INC, "=r,r", [w], dtype=tl.int32, is_pure=False, pack=1)
         if HIST == 4:
-            acc += tl.histogram(w, SMEM_BINS)
+            acc += tl.histogram(w, BINS.SMEM_BINS)
     return acc
 
 
 @triton.jit
-def _fold(b, SHIFT: tl.constexpr, LOW_KEY: tl.constexpr, ABOVE: tl.constexpr, NONFINITE: tl.constexpr):
+def _fold(b, BINS: tl.constexpr):
     """The bin of window word ``b``: itself up to ``ABOVE``; finite keys above the range to
     ``ABOVE``, non-finite ones to ``NONFINITE``."""
-    return tl.where(b >= (0x7F800000 >> SHIFT) - LOW_KEY + 2, NONFINITE, tl.minimum(b, ABOVE))
+    return tl.where(b >= (0x7F800000 >> BINS.SHIFT) - BINS.LOW_KEY + 2, BINS.NONFINITE, tl.minimum(b, BINS.ABOVE))
 
 
 @triton.jit
-def _flush_quads(
-    row_ptr,
-    start,
-    stop,
-    FOLD: tl.constexpr,
-    CHECK: tl.constexpr,
-    HIST: tl.constexpr,
-    SHIFT: tl.constexpr,
-    LOW_KEY: tl.constexpr,
-    ABOVE: tl.constexpr,
-    NONFINITE: tl.constexpr,
-    DUMP: tl.constexpr,
-    SLAB: tl.constexpr,
-):
+def _flush_quads(row_ptr, start, stop, FOLD: tl.constexpr, CHECK: tl.constexpr, HIST: tl.constexpr, BINS: tl.constexpr):
     """Add shared words ``4*start .. 4*stop`` to their bins of the row (``FOLD``: words past
     the log bins; ``CHECK``: the range reaches the dump word, which is not added)."""
-    for s in range(start, stop, SLAB):
-        q = s + tl.arange(0, SLAB)
+    for s in range(start, stop, BINS.SLAB):
+        q = s + tl.arange(0, BINS.SLAB)
         if HIST == 2:
             words = tl.inline_asm_elementwise(
                 _SMEM_READ, "=r,=r,=r,=r,r", [q], dtype=(tl.int32,) * 4, is_pure=False, pack=1
@@ -296,49 +263,35 @@ def _flush_quads(
             live = words[j] != 0
             bins = b
             if FOLD:
-                bins = _fold(b, SHIFT, LOW_KEY, ABOVE, NONFINITE)
+                bins = _fold(b, BINS)
             if CHECK:
-                live = live & (b < DUMP)
+                live = live & (b < BINS.DUMP)
             tl.atomic_add(row_ptr + bins, words[j].to(tl.int64), mask=live, sem="relaxed")
 
 
 @triton.jit
-def hist_end(
-    acc,
-    row_ptr,
-    HIST: tl.constexpr,
-    SHIFT: tl.constexpr,
-    LOW_KEY: tl.constexpr,
-    ABOVE: tl.constexpr,
-    NONFINITE: tl.constexpr,
-    NUM_BINS: tl.constexpr,
-    HIST_BINS: tl.constexpr,
-    WINDOW: tl.constexpr,
-    DUMP: tl.constexpr,
-    SMEM_BINS: tl.constexpr,
-    SLAB: tl.constexpr,
-):
+def hist_end(acc, row_ptr, HIST: tl.constexpr, BINS: tl.constexpr):
     """``row_ptr[bin] += count`` for the non-zero bins of the program (int64 row): from the
     ``tl.histogram`` accumulator, or from the shared words, four per load, the words past
     the log bins folded (``WINDOW``) in a second loop."""
     if HIST == 1:
-        b = tl.arange(0, HIST_BINS)
-        tl.atomic_add(row_ptr + b, acc.to(tl.int64), mask=(acc != 0) & (b < NUM_BINS), sem="relaxed")
+        b = tl.arange(0, BINS.HIST_BINS)
+        tl.atomic_add(row_ptr + b, acc.to(tl.int64), mask=(acc != 0) & (b < BINS.NUM_BINS), sem="relaxed")
     if HIST == 4:  # the interpreter's twin of the shared words
-        b = tl.arange(0, SMEM_BINS)
+        b = tl.arange(0, BINS.SMEM_BINS)
         bins = b
-        if WINDOW:
-            bins = _fold(b, SHIFT, LOW_KEY, ABOVE, NONFINITE)
-        tl.atomic_add(row_ptr + bins, acc.to(tl.int64), mask=(acc != 0) & (b < DUMP), sem="relaxed")
+        if BINS.WINDOW:
+            bins = _fold(b, BINS)
+        tl.atomic_add(row_ptr + bins, acc.to(tl.int64), mask=(acc != 0) & (b < BINS.DUMP), sem="relaxed")
     if HIST == 2 or HIST == 3:
         tl.debug_barrier()
-        quads = DUMP // 4 + 1
+        quads = BINS.DUMP // 4 + 1
         plain = quads
-        if WINDOW:
-            plain = (ABOVE // 4) // SLAB * SLAB  # whole slabs of words below ABOVE: no fold
-        _flush_quads(row_ptr, 0, plain, False, not WINDOW, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, DUMP, SLAB)
-        if WINDOW:
-            _flush_quads(row_ptr, plain, quads, True, True, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, DUMP, SLAB)
+        if BINS.WINDOW:
+            plain = (BINS.ABOVE // 4) // BINS.SLAB * BINS.SLAB  # whole slabs of words below ABOVE: no fold
+        _flush_quads(row_ptr, 0, plain, False, not BINS.WINDOW, HIST, BINS)
+        if BINS.WINDOW:
+            _flush_quads(row_ptr, plain, quads, True, True, HIST, BINS)
 
 
 @triton.jit
@@ -427,12 +380,31 @@ NO_BINS = {
 }
 
 
-def slab_kwargs(bin_kwargs: dict[str, Any], num_warps: int) -> dict[str, Any]:
-    """``bin_kwargs`` plus ``SLAB`` (one element per thread: the shared histogram is zeroed,
-    read and flushed a quad of words per thread at a time, never two threads on one quad) and
-    ``SMEM_BINS`` raised to whole slabs of quads."""
+class BinLayout(NamedTuple):
+    """Every constexpr of the histogram's device code, passed to a kernel as one constexpr
+    (``BINS``) and read there by name (``BINS.SHIFT``): the :class:`BinSpec` fields, plus
+    ``SLAB`` (one element per thread: the shared histogram is zeroed, read and flushed a quad
+    of words per thread at a time, never two threads on one quad) with ``SMEM_BINS`` raised to
+    whole slabs of quads."""
+
+    SHIFT: int
+    LOW_KEY: int
+    ABOVE: int
+    NONFINITE: int
+    NUM_BINS: int
+    HIST_BINS: int
+    WINDOW: bool
+    DUMP: int
+    SMEM_BINS: int
+    SLAB: int
+    WORD_ASM: str
+
+
+def bin_layout(bin_kwargs: dict[str, Any], num_warps: int) -> BinLayout:
+    """The :class:`BinLayout` of ``bin_kwargs`` (:meth:`BinSpec.kwargs` or :data:`NO_BINS`)
+    for programs of ``num_warps`` warps."""
     slab = 32 * num_warps
-    return dict(bin_kwargs, SLAB=slab, SMEM_BINS=max(bin_kwargs["SMEM_BINS"], 4 * slab))
+    return BinLayout(**dict(bin_kwargs, SLAB=slab, SMEM_BINS=max(bin_kwargs["SMEM_BINS"], 4 * slab)))
 
 
 _STRATEGY: dict = {}
@@ -478,7 +450,7 @@ def histogram_strategy(
         try:
             real = _compile_shared(kernel, grid, args, kwargs)
             problems = shared_histogram_problems(
-                real.asm["ptx"], real.asm["ttgir"], real.metadata.shared, kwargs["DUMP"], kwargs["SLAB"]
+                real.asm["ptx"], real.asm["ttgir"], real.metadata.shared, kwargs["BINS"].DUMP, kwargs["BINS"].SLAB
             )
         except Exception as e:  # noqa: BLE001 - any compile failure means: not this strategy
             problems = [f"compiling it failed: {_why_compile_failed(e)}"]

@@ -14,11 +14,13 @@ The FMAs are the ones torch's CPU kernels make, so ``sum`` and the histograms ma
 reference backend bit for bit, and ``p`` within an ulp or two (torch's CPU sqrt is not
 correctly rounded). ``clr`` is computed where torch computes it: on the host in float64 when
 the step counts live on the CPU, on the device in float32 otherwise. ``found_inf`` nonzero
-masks every load and store of the step on the device (parameters, sums, step counts and
-histograms stay untouched). Sparse gradients never reach it (:mod:`fasthist.dispatch`).
+masks every load and store of the step on the device (parameters, sums and histograms stay
+untouched; the step counts' increment and rollback are :mod:`fasthist.backend`'s). Sparse gradients never reach it (:mod:`fasthist.dispatch`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -27,155 +29,60 @@ from torch import Tensor
 
 from fasthist.target import HistTarget
 
-from ._common import (
-    check_call,
-    chunk_header,
-    column,
-    hist_add,
-    hist_begin,
-    hist_end,
-    launch,
-    load,
-    plan_groups,
-    rne,
-    scalar,
-    store,
-    write_back,
-)
+from ._common import StepBody, check_call, launch, load, plan_groups, rne, scalar, store
 
-__all__ = ["adagrad_hist"]
+__all__ = ["BODY", "AdagradFlags", "adagrad_hist"]
+
+
+class AdagradFlags(NamedTuple):
+    """The structural switches of the Adagrad kernel (``FLAGS``)."""
+
+    MAXIMIZE: bool
+    HAS_WD: bool
 
 
 @triton.jit
-def _adagrad_chunk(
-    acc,
-    p_ptr,
-    g_ptr,
-    s_ptr,
-    numel,
-    neg_clr,
-    grad_scale,
-    eps,
-    weight_decay,
+def _adagrad_prepare(coef, s, grad_scale, FLAGS: tl.constexpr):
+    """Per program: ``-clr`` of its tensor (``coef``), the grad scale, the scalars ``eps``, ``weight_decay``."""
+    return (tl.load(coef), grad_scale, s[0], s[1])
+
+
+@triton.jit
+def _adagrad_update(
+    cols,
+    offs,
+    mask,
+    k,
+    FLAGS: tl.constexpr,
     DTYPE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ITERS: tl.constexpr,
     MASKED: tl.constexpr,
     ALIGNED: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    HAS_WD: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
-    HIST: tl.constexpr,
-    SHIFT: tl.constexpr,
-    LOW_KEY: tl.constexpr,
-    ABOVE: tl.constexpr,
-    NONFINITE: tl.constexpr,
-    HIST_BINS: tl.constexpr,
-    WINDOW: tl.constexpr,
-    DUMP: tl.constexpr,
-    SMEM_BINS: tl.constexpr,
-    WORD_ASM: tl.constexpr,
 ):
-    trips = ITERS
-    if MASKED:  # the tail chunk: only its live blocks
-        trips = tl.cdiv(numel, BLOCK)
-    for it in range(trips):
-        offs = it * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        g = load(g_ptr, offs, mask, MASKED, ALIGNED)
-        if HAS_GRAD_SCALE:
-            g = rne(tl.div_rn(g, grad_scale), DTYPE)
-            store(g_ptr, offs, g, mask, MASKED, ALIGNED)
-            g = g.to(tl.float32)
-        if MAXIMIZE:
-            g = -g
-        p = load(p_ptr, offs, mask, MASKED, ALIGNED)
-        if HAS_WD:
-            g = rne(tl.fma(p, weight_decay, g), DTYPE).to(tl.float32)
-        s = load(s_ptr, offs, mask, MASKED, ALIGNED)
-        s = rne(tl.fma(g, g, s), DTYPE)
-        store(s_ptr, offs, s, mask, MASKED, ALIGNED)
-        x = tl.sqrt_rn(s.to(tl.float32))
-        std = rne((rne(x, DTYPE).to(tl.float32) + eps), DTYPE).to(tl.float32)
-        p = p + tl.div_rn(neg_clr * g, std)
-        store(p_ptr, offs, rne(p, DTYPE), mask, MASKED, ALIGNED)
-        if HIST != 0:
-            acc = hist_add(
-                acc,
-                x,
-                mask,
-                MASKED,
-                HIST,
-                SHIFT,
-                LOW_KEY,
-                ABOVE,
-                NONFINITE,
-                HIST_BINS,
-                WINDOW,
-                DUMP,
-                SMEM_BINS,
-                WORD_ASM,
-            )
-    return acc
-
-
-@triton.jit
-def _adagrad_hist_kernel(
-    table_ptr,  # int64 [n, 5]: param, grad, sum, numel, slot
-    chunk_ptr,  # int64 [num_chunks, 2]: table row, first element
-    scratch_ptr,  # int64 [num_slots, NUM_BINS]
-    clr_ptr,  # float32 [num_slots]: -clr
-    grad_scale_ptr,
-    found_inf_ptr,
-    eps,
-    weight_decay,
-    DTYPE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ITERS: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    HAS_WD: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
-    HIST: tl.constexpr,
-    SHIFT: tl.constexpr,
-    LOW_KEY: tl.constexpr,
-    ABOVE: tl.constexpr,
-    NONFINITE: tl.constexpr,
-    NUM_BINS: tl.constexpr,
-    HIST_BINS: tl.constexpr,
-    WINDOW: tl.constexpr,
-    DUMP: tl.constexpr,
-    SMEM_BINS: tl.constexpr,
-    SLAB: tl.constexpr,
-    WORD_ASM: tl.constexpr,
-):
-    row, start, numel, slot = chunk_header(table_ptr, chunk_ptr, 5, BLOCK * ITERS)
-    row_ptr = scratch_ptr + slot * NUM_BINS  # this program's histogram, zeroed first: fewer live registers
-    acc = hist_begin(start < 0, row_ptr, HIST, HIST_BINS, DUMP, SMEM_BINS, SLAB)
-    p_ptr = column(row, 0, start, DTYPE)
-    g_ptr = column(row, 1, start, DTYPE)
-    s_ptr = column(row, 2, start, DTYPE)
-    neg_clr = tl.load(clr_ptr + slot)
-    if HAS_FOUND_INF:  # a skipped step touches nothing: every element is masked off
-        numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
-    grad_scale = 1.0
+    """One block of the update (module docstring); returns ``x``, the value histogrammed."""
+    p_ptr, g_ptr, s_ptr = cols[0], cols[1], cols[2]
+    neg_clr, grad_scale, eps, weight_decay = k
+    g = load(g_ptr, offs, mask, MASKED, ALIGNED)
     if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
-    if numel == BLOCK * ITERS:  # a full chunk: no masks
-        acc = _adagrad_chunk(
-            acc, p_ptr, g_ptr, s_ptr, numel, neg_clr, grad_scale, eps, weight_decay, DTYPE, BLOCK, ITERS, False,
-            ALIGNED, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS, WORD_ASM,
-        )  # fmt: skip
-    else:
-        acc = _adagrad_chunk(
-            acc, p_ptr, g_ptr, s_ptr, numel, neg_clr, grad_scale, eps, weight_decay, DTYPE, BLOCK, ITERS, True,
-            ALIGNED, MAXIMIZE, HAS_WD, HAS_GRAD_SCALE, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, HIST_BINS, WINDOW, DUMP, SMEM_BINS, WORD_ASM,
-        )  # fmt: skip
-    if HIST != 0:
-        hist_end(
-            acc, row_ptr, HIST, SHIFT, LOW_KEY, ABOVE, NONFINITE, NUM_BINS, HIST_BINS, WINDOW, DUMP, SMEM_BINS, SLAB
-        )
+        g = rne(tl.div_rn(g, grad_scale), DTYPE)
+        store(g_ptr, offs, g, mask, MASKED, ALIGNED)
+        g = g.to(tl.float32)
+    if FLAGS.MAXIMIZE:
+        g = -g
+    p = load(p_ptr, offs, mask, MASKED, ALIGNED)
+    if FLAGS.HAS_WD:
+        g = rne(tl.fma(p, weight_decay, g), DTYPE).to(tl.float32)
+    s = load(s_ptr, offs, mask, MASKED, ALIGNED)
+    s = rne(tl.fma(g, g, s), DTYPE)
+    store(s_ptr, offs, s, mask, MASKED, ALIGNED)
+    x = tl.sqrt_rn(s.to(tl.float32))
+    std = rne((rne(x, DTYPE).to(tl.float32) + eps), DTYPE).to(tl.float32)
+    p = p + tl.div_rn(neg_clr * g, std)
+    store(p_ptr, offs, rne(p, DTYPE), mask, MASKED, ALIGNED)
+    return x
+
+
+BODY = StepBody(_adagrad_prepare, _adagrad_update, AdagradFlags, 1)
 
 
 def _neg_clr(state_steps: list[Tensor], device: torch.device, lr: float | Tensor, lr_decay: float) -> Tensor:
@@ -211,52 +118,26 @@ def adagrad_hist(
 ) -> None:
     """``torch.optim.adagrad.adagrad`` (same arguments) in one fused launch per dtype, plus
     the histograms (module docstring), for what :mod:`fasthist.dispatch` gives it (dense
-    gradients, no autograd, kernel dtypes); ``foreach``/``fused``/``differentiable``/
-    ``has_sparse_grad`` are accepted and ignored."""
+    gradients, no autograd, kernel dtypes) as :mod:`fasthist.backend` readies it (the step
+    counts already incremented and decremented by ``found_inf`` after; ``found_inf`` and
+    ``grad_scale`` None or one value on the parameters' device);
+    ``foreach``/``fused``/``differentiable``/``has_sparse_grad`` are accepted and ignored."""
     if not params:
         return
     n = len(params)
     device = params[0].device
     check_call("Adagrad", n, {"grads": grads, "state_sums": state_sums, "state_steps": state_steps}, device, hist)
     with torch.no_grad():
-        steps_on_host = all(s.device.type == "cpu" for s in state_steps)
-        if found_inf is not None:
-            if steps_on_host and found_inf.device.type != "cpu":
-                # host step counts cannot be rolled back on the device: read the flag (a sync)
-                if float(found_inf.item()) != 0.0:
-                    return
-                found_inf = None
-            else:
-                found_inf = found_inf.to(device=device, non_blocking=True).reshape(())
-        if grad_scale is not None:
-            grad_scale = grad_scale.to(device=device, non_blocking=True).reshape(())
-        torch._foreach_add_(state_steps, 1)
         neg_clr = _neg_clr(state_steps, device, lr, float(lr_decay))
-        plan = plan_groups("Adagrad", device, [params, grads, state_sums])
+        plan = plan_groups("Adagrad", device, [params, grads, state_sums, [None] * n, [None] * n])
         launch(
-            _adagrad_hist_kernel,
+            BODY,
+            AdagradFlags(bool(maximize), weight_decay != 0),
             plan,
             hist,
-            lambda tables, scratch: (
-                tables.table,
-                tables.chunks,
-                scratch,
-                neg_clr,
-                grad_scale if grad_scale is not None else neg_clr,
-                found_inf if found_inf is not None else neg_clr,
-                float(eps),
-                float(weight_decay),
-            ),
-            {
-                "MAXIMIZE": bool(maximize),
-                "HAS_WD": weight_decay != 0,
-                "HAS_GRAD_SCALE": grad_scale is not None,
-                "HAS_FOUND_INF": found_inf is not None,
-            },
             device,
-            found_inf,
+            scalars=(eps, weight_decay),
+            coef=neg_clr,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
         )
-        write_back(plan, grads_written=grad_scale is not None)
-        if found_inf is not None:
-            flag = found_inf.to(state_steps[0].device)
-            torch._foreach_sub_(state_steps, [flag] * n)

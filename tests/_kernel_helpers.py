@@ -153,3 +153,16 @@ def compile_without_a_gpu(script: str, *, timeout: int, env: dict[str, str] | No
         full_env.setdefault(k, v)
     out = subprocess.run([sys.executable, "-c", script], env=full_env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def on_triton(launcher: Callable[..., None]) -> Callable[..., None]:
+    """A kernel's launcher (``fasthist.kernels.<op>.<op>_hist``) called as the Triton backend
+    calls it: :func:`fasthist.backend.stepped` increments the step counts (and rolls them
+    back by ``found_inf``) and readies ``found_inf``/``grad_scale``/``lr`` around it."""
+    from fasthist import backend
+
+    def call(*lists: list[Tensor], hist: HistTarget | None, **kwargs: Any) -> None:
+        device = lists[0][0].device if lists[0] else torch.device("cpu")
+        backend.stepped(list(lists), kwargs, device, lambda ready: launcher(*lists, hist=hist, **ready))
+
+    return call

@@ -14,7 +14,7 @@ import torch
 from _cpu_helpers import EXACT, assert_close, fused_chosen, grads, run, two_threads  # noqa: F401 (autouse)
 
 import fasthist
-from fasthist import csrc
+from fasthist import backend, csrc
 from fasthist.adam import ADAM
 from fasthist.target import HistTarget
 
@@ -111,3 +111,27 @@ def test_takes_the_fused_path_and_turns_down_what_it_cannot(monkeypatch):
     assert not fused_chosen(ADAM, strided, target, kwargs)
     assert not fused_chosen(ADAM, contiguous, target, {**kwargs, "fused": False})
     assert not fused_chosen(ADAM, contiguous, None, kwargs)
+
+
+def test_the_fused_op_leaves_the_step_counts_to_the_backend():
+    """``csrc.fused_step_`` takes ready inputs: it reads the step counts as already
+    incremented and leaves them (:func:`fasthist.backend.stepped` increments them, and takes
+    the increment back on a step skipped by ``found_inf``, as torch's ``_fused_adam`` does)."""
+    if not csrc.available():
+        pytest.skip("the compiled CPU library did not load")
+    bins = fasthist.LogBins()
+    target = HistTarget(
+        bins,
+        torch.zeros(1, bins.num_bins, dtype=torch.int64),
+        torch.zeros(1, bins.num_bins, dtype=torch.int64),
+        torch.tensor([0]),
+    )
+    steps = [torch.tensor(3.0)]
+    lists = [[torch.ones(8)], [torch.ones(8)], [torch.zeros(8)], [torch.zeros(8)], [], steps]
+    kwargs = {"beta1": 0.9, "beta2": 0.999, "lr": 1e-3, "weight_decay": 0.0, "eps": 1e-8, "found_inf": None}
+    csrc.fused_step_("adam", lists, target, kwargs)
+    assert float(steps[0]) == 3.0
+    for found_inf, expected in ((torch.tensor(1.0), 3.0), (torch.tensor(0.0), 4.0)):
+        ready = dict(kwargs, found_inf=found_inf)
+        backend.stepped(lists, ready, torch.device("cpu"), lambda r: csrc.fused_step_("adam", lists, target, r))
+        assert float(steps[0]) == expected

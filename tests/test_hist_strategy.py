@@ -32,7 +32,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
-from _kernel_helpers import DEVICE, INTERPRETING, ON_CPU, compile_without_a_gpu, same  # noqa: E402
+from _kernel_helpers import DEVICE, INTERPRETING, ON_CPU, compile_without_a_gpu, on_triton, same  # noqa: E402
 
 from fasthist.bins import LogBins  # noqa: E402
 from fasthist.reference.adam import adam_reference  # noqa: E402
@@ -220,7 +220,7 @@ def _adam_case(n_steps: int, bins: LogBins) -> None:
         ]
         for gr in grads[:1]:
             gr.view(-1)[:100] = 0.0
-        KA.adam_hist(params, [x.clone() for x in grads], *states, [], steps_k, hist=hk, **kw)
+        on_triton(KA.adam_hist)(params, [x.clone() for x in grads], *states, [], steps_k, hist=hk, **kw)
         adam_reference(ref[0], [x.clone() for x in grads], *ref[1:], [], steps_r, hist=hr, **kw)
         assert torch.equal(hk.step, hr.step) and torch.equal(hk.total, hr.total)
         for a, b in zip(states[1], ref[2], strict=True):
@@ -252,7 +252,7 @@ def test_interpreter_rmsprop_fallback_matches_reference():
         hk, hr = target(2), target(2)
         kw = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False)
         grads = [torch.randn(p.shape, generator=g) for p in params]
-        KR.rmsprop_hist(params, grads, sq, [], [], [torch.tensor(0.0)] * 2, hist=hk, **kw)
+        on_triton(KR.rmsprop_hist)(params, grads, sq, [], [], [torch.tensor(0.0)] * 2, hist=hk, **kw)
         rmsprop_reference(refs[0], grads, refs[1], [], [], [torch.tensor(0.0)] * 2, hist=hr, **kw)
         assert torch.equal(hk.step, hr.step)
     finally:
@@ -365,7 +365,7 @@ class _FakeKernel:
 def test_strategy_checks_once_and_falls_back_with_one_warning():
     cuda = torch.device("cuda", 0)  # only its type is read: nothing runs
     args = (torch.zeros(4),)
-    kw = {"SMEM_BINS": 8192, "DUMP": DUMP, "SLAB": SLAB, "DTYPE": "fp32"}
+    kw = {"BINS": C.BinLayout(**dict(C.NO_BINS, SMEM_BINS=8192, DUMP=DUMP, SLAB=SLAB)), "DTYPE": "fp32"}
     good = _FakeKernel(GOOD_PTX)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -390,12 +390,12 @@ sys.path.insert(0, "bench")
 import sass_report as S
 from fasthist.bins import LogBins
 C = S.C
-spec = C.slab_kwargs(C.BinSpec(LogBins()).kwargs(), C.SHAPE.num_warps)
+layout = C.bin_layout(C.BinSpec(LogBins()).kwargs(), C.SHAPE.num_warps)
 for name in ("adamw", "adagrad"):
-    fn, flags, _ = S.KERNELS[name]
-    base = dict(flags, DTYPE=S.tl.bfloat16, BLOCK=C.SHAPE.block, ITERS=C.SHAPE.iters, ALIGNED=True, **spec)
-    real = S.compile_kernel(fn, dict(base, HIST=C.HIST_SHARED), 90, C.SHAPE.num_warps)
-    problems = C.shared_histogram_problems(real.asm["ptx"], real.asm["ttgir"], real.metadata.shared, spec["DUMP"], spec["SLAB"])
+    (body, flags), _ = S.KERNELS[name]
+    kw = C.constexprs(body, flags, S.tl.bfloat16, layout, hist=C.HIST_SHARED)
+    real = S.compile_kernel(kw, 90, C.SHAPE.num_warps)
+    problems = C.shared_histogram_problems(real.asm["ptx"], real.asm["ttgir"], real.metadata.shared, layout.DUMP, layout.SLAB)
     assert problems == [], (name, problems)
     ptx = real.asm["ptx"]
     per_thread = C.SHAPE.block // (32 * C.SHAPE.num_warps)
@@ -449,7 +449,7 @@ def mutant_kernels(name, edit):
     assert src.count(edit[0]) == 1, edit[0]
     open(path, "w").write(src.replace(edit[0], edit[1]))
     sys.path.insert(0, root)
-    return __import__(pkg + ".adam")
+    return __import__(pkg + ".adam")  # the package: its adam (BODY) and _common (the kernel)
 
 
 class Compiled:  # what the runtime's warmup would return for this mutant
@@ -462,20 +462,21 @@ class Compiled:  # what the runtime's warmup would return for this mutant
 
 for name, (edit, launch, rule) in MUTANTS.items():
     K = mutant_kernels(name, edit)
-    spec = C.slab_kwargs(C.BinSpec(LogBins()).kwargs(), 4)
-    kw = dict(S.KERNELS["adam"][1], DTYPE=S.tl.float32, BLOCK=1024, ITERS=16, ALIGNED=True, **spec)
-    kw.update(launch)
-    real = S.compile_kernel(K.adam._adam_hist_kernel, dict(kw, HIST=C.HIST_SHARED), 90, 4)
-    probe = S.compile_kernel(K.adam._adam_hist_kernel, dict(kw, HIST=C.HIST_PROBE), 90, 4)
+    layout = C.bin_layout(C.BinSpec(LogBins()).kwargs(), 4)
+    layout = layout._replace(**{k: v for k, v in launch.items() if k in layout._fields})
+    kw = C.constexprs(K.adam.BODY, S.KERNELS["adam"][0][1], S.tl.float32, layout)
+    kw.update({k: v for k, v in launch.items() if k not in layout._fields}, ITERS=16)
+    real = S.compile_kernel(dict(kw, HIST=C.HIST_SHARED), 90, 4, fn=K._common.fused_step_kernel)
+    probe = S.compile_kernel(dict(kw, HIST=C.HIST_PROBE), 90, 4, fn=K._common.fused_step_kernel)
     ptx = real.asm["ptx"]
     counting_guard_accepts = (
         probe.metadata.shared == 0
-        and real.metadata.shared >= 4 * kw["SMEM_BINS"]
+        and real.metadata.shared >= 4 * layout.SMEM_BINS
         and ptx.count("bar.sync") >= 2
         and all(op in ptx for op in ("red.shared.add.u32", "ld.shared.v4.u32", "st.shared.v4.u32"))
     )
     assert counting_guard_accepts, name
-    problems = C.shared_histogram_problems(ptx, real.asm["ttgir"], real.metadata.shared, kw["DUMP"], kw["SLAB"])
+    problems = C.shared_histogram_problems(ptx, real.asm["ttgir"], real.metadata.shared, layout.DUMP, layout.SLAB)
     print(name, problems)
     if rule is None:
         assert problems == [], problems
@@ -516,13 +517,13 @@ import torch
 import sass_report as S
 from fasthist.bins import LogBins
 C = S.C
-spec = C.slab_kwargs(C.BinSpec(LogBins()).kwargs(), 1)
-kw = dict(S.KERNELS["adam"][1], DTYPE=S.tl.float32, BLOCK=1024, ITERS=16, ALIGNED=True, **spec)
+(body, flags), _ = S.KERNELS["adam"]
+kw = dict(C.constexprs(body, flags, S.tl.float32, C.bin_layout(C.BinSpec(LogBins()).kwargs(), 1)), BLOCK=1024, ITERS=16)
 
 
 class OneWarp:  # compiles for sm_90 where the runtime's warmup would compile for the device
     def warmup(self, *args, grid, **kwargs):
-        return S.compile_kernel(S.KERNELS["adam"][0], {k: v for k, v in kwargs.items() if k != "num_warps"}, 90, 1)
+        return S.compile_kernel({k: v for k, v in kwargs.items() if k != "num_warps"}, 90, 1)
 
 
 out = io.StringIO()
@@ -568,8 +569,8 @@ def test_low_precision_states_round_to_nearest_even(dtype):
     kw.update(grad_scale=None, found_inf=None, decoupled_weight_decay=True)
     low = [[t.clone() for t in lst] for lst in (params, grads, m0, v0, vmax0)]
     wide = [[t.float() for t in lst] for lst in (params, grads, m0, v0, vmax0)]
-    KA.adam_hist(*low, [torch.tensor(0.0) for _ in shapes], hist=target(3), **kw)
-    KA.adam_hist(*wide, [torch.tensor(0.0) for _ in shapes], hist=target(3), **kw)
+    on_triton(KA.adam_hist)(*low, [torch.tensor(0.0) for _ in shapes], hist=target(3), **kw)
+    on_triton(KA.adam_hist)(*wide, [torch.tensor(0.0) for _ in shapes], hist=target(3), **kw)
     for name, k in (("exp_avg", 2), ("exp_avg_sq", 3), ("max_exp_avg_sq", 4)):
         for i, (a, b) in enumerate(zip(low[k], wide[k], strict=True)):
             assert same(a, b.to(dtype)), (
@@ -597,7 +598,7 @@ def test_gpu_shared_strategy_runs_and_matches_the_fallback():
             kw = dict(amsgrad=False, has_complex=False, beta1=0.9, beta2=0.999, lr=1e-2, weight_decay=0.0, eps=1e-8)
             kw.update(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
             kw.update(grad_scale=None, found_inf=None, decoupled_weight_decay=False)
-            KA.adam_hist(p, grads, m, v, [], [torch.tensor(0.0)], hist=h, **kw)
+            on_triton(KA.adam_hist)(p, grads, m, v, [], [torch.tensor(0.0)], hist=h, **kw)
             results[histogram] = h.step.clone()
         finally:
             C.configure()
@@ -617,7 +618,7 @@ def test_adabelief_quotient_underflow_is_below_range_as_in_the_reference():
     kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=0.0, weight_decay=0.0, amsgrad=False)
     kw.update(weight_decouple=True, fixed_decay=False, rectify=False, degenerated_to_sgd=True)
     hists = []
-    for fn in (KB.adabelief_hist, adabelief_reference):
+    for fn in (on_triton(KB.adabelief_hist), adabelief_reference):
         p, g, m, s = (
             torch.ones(n, device=DEVICE),
             torch.zeros(n, device=DEVICE),

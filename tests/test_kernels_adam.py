@@ -46,6 +46,7 @@ from _kernel_helpers import (  # before triton
     assert_ulp,
     compile_without_a_gpu,
     ieee_sqrt,
+    on_triton,
     same,
     target,
 )
@@ -195,7 +196,7 @@ def run_steps(case: Case, steps: int, **kw):
     ref_kw = dict(kw)
     for _ in range(steps):
         gk, gr = case.grads()
-        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(**kw))
+        on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper(**kw))
         reference(*Case.args(case.r, gr), hist=case.hr, **hyper(**ref_kw))
         check(case, beta2=kw.get("beta2", 0.999))
 
@@ -261,7 +262,7 @@ def test_flags(amsgrad, maximize, wd, tensor_lr):
     for step in range(3):
         lr = torch.tensor(1e-2 / (step + 1)) if tensor_lr else 1e-2 / (step + 1)
         gk, gr = case.grads()
-        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(lr=lr, **kw))
+        on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper(lr=lr, **kw))
         reference(*Case.args(case.r, gr), hist=case.hr, **hyper(lr=lr, **kw))
         check(case, p_ulp=TENSOR_LR_ULP if tensor_lr else None)
 
@@ -341,7 +342,7 @@ def test_nonfinite_and_extremes_counted():
     gk, gr = case.grads()
     for g in (gk[0], gr[0]):
         g[0], g[1], g[2], g[3], g[4], g[5] = float("inf"), float("nan"), 1e30, 1e-30, 0.0, -0.0
-    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper())
+    on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper())
     reference(*Case.args(case.r, gr), hist=case.hr, **hyper())
     assert case.hk.step.sum() == B + 5
     assert case.hk.step[0, BINS.nonfinite] >= 2
@@ -377,7 +378,7 @@ def test_grad_scale_and_found_inf(steps_on_device):
         gk, gr = case.grads(scale=1024.0)
         before = {k: [t.clone() for t in v] for k, v in case.k.items()}
         hist_before = (case.hk.step.clone(), case.hk.total.clone())
-        K.adam_hist(
+        on_triton(K.adam_hist)(
             *Case.args(case.k, gk),
             hist=case.hk,
             **hyper(amsgrad=True, grad_scale=scale, found_inf=found_inf, capturable=steps_on_device),
@@ -427,7 +428,9 @@ def test_fused_reference_with_grad_scale():
     for inf in (0.0, 1.0, 0.0):
         found = torch.tensor(inf, device=DEVICE)
         gk, gr = case.grads(scale=64.0)
-        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(grad_scale=scale, found_inf=found, fused=True))
+        on_triton(K.adam_hist)(
+            *Case.args(case.k, gk), hist=case.hk, **hyper(grad_scale=scale, found_inf=found, fused=True)
+        )
         reference(*Case.args(case.r, gr), hist=case.hr, **hyper(grad_scale=scale, found_inf=found, fused=True))
         for a, b in zip(gk, gr, strict=True):
             assert_ulp(a, b, 0, "unscaled grad")
@@ -442,7 +445,7 @@ def test_capturable_device_path():
         lr = torch.tensor(1e-2 / (step + 1), device=DEVICE)
         gk, gr = case.grads()
         kw = dict(amsgrad=True, weight_decay=0.1, decoupled_weight_decay=True)
-        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(lr=lr, capturable=True, **kw))
+        on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper(lr=lr, capturable=True, **kw))
         reference(
             *Case.args(case.r, gr),
             hist=case.hr,
@@ -470,6 +473,24 @@ def test_differentiable_routes_to_reference():
     assert torch.equal(case.hk.total, case.hr.total)
 
 
+def test_the_launcher_leaves_the_step_counts_to_the_backend():
+    """The launcher takes ready inputs: called bare it reads the step counts as already
+    incremented and leaves them; :func:`fasthist.backend.stepped` around it adds one, and
+    takes it back on a step skipped by ``found_inf`` (torch's ``_fused_adam``)."""
+    case = Case([(5,), (70,)], seed=31)
+    steps = case.k["state_steps"]
+    for s in steps:
+        s.fill_(3.0)
+    gk, _ = case.grads()
+    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper())
+    assert [float(s) for s in steps] == [3.0, 3.0]
+    skipped = torch.tensor(1.0, device=DEVICE)
+    on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper(found_inf=skipped, fused=True))
+    assert [float(s) for s in steps] == [3.0, 3.0]
+    on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper(found_inf=skipped * 0, fused=True))
+    assert [float(s) for s in steps] == [4.0, 4.0]
+
+
 # -- launch structure ---------------------------------------------------------------------
 class _Counting:
     def __init__(self, fn):
@@ -482,14 +503,14 @@ class _Counting:
 
 
 def test_constant_launches_and_cached_table(monkeypatch):
-    main = _Counting(K._adam_hist_kernel)
+    main = _Counting(_common.fused_step_kernel)
     fin = _Counting(_histogram._finalize_kernel)
-    monkeypatch.setattr(K, "_adam_hist_kernel", main)
+    monkeypatch.setattr(_common, "fused_step_kernel", main)
     monkeypatch.setattr(_histogram, "_finalize_kernel", fin)
     shapes = [(n,) for n in range(1, 41)] + [(C + 7,)]
     case = Case(shapes, seed=14)
     gk, _ = case.grads()
-    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper())
+    on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper())
     assert (main.launches, fin.launches) == (1, 1)
     assert main.grids[0] == (len(shapes) - 1 + 2,)  # one program per chunk: 40 small + 2 for the big one
     t1 = _common.TensorTable.get(
@@ -499,7 +520,7 @@ def test_constant_launches_and_cached_table(monkeypatch):
         list(range(len(shapes))),
         K.CHUNK,
     )
-    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper())  # same tensors: table reused
+    on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper())  # same tensors: table reused
     t2 = _common.TensorTable.get(
         DEVICE,
         [case.k["params"], gk, case.k["exp_avgs"], case.k["exp_avg_sqs"], case.k["exp_avg_sqs"]],
@@ -512,15 +533,15 @@ def test_constant_launches_and_cached_table(monkeypatch):
 
 
 def test_mixed_dtypes_one_launch_per_dtype(monkeypatch):
-    main = _Counting(K._adam_hist_kernel)
-    monkeypatch.setattr(K, "_adam_hist_kernel", main)
+    main = _Counting(_common.fused_step_kernel)
+    monkeypatch.setattr(_common, "fused_step_kernel", main)
     case = Case([(5,), (6,)], seed=15)
     for d in (case.k,):
         d["params"][1] = d["params"][1].to(torch.bfloat16)
         d["exp_avgs"][1] = torch.zeros_like(d["params"][1])
         d["exp_avg_sqs"][1] = torch.zeros_like(d["params"][1])
     gk, _ = case.grads()
-    K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper())
+    on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper())
     assert main.launches == 2
     assert int(case.hk.step.sum()) == 11
 
@@ -530,7 +551,7 @@ def test_without_histograms():
     case = Case(SIZES["mixed"], amsgrad=True, seed=18)
     for _ in range(2):
         gk, gr = case.grads()
-        K.adam_hist(*Case.args(case.k, gk), hist=None, **hyper(amsgrad=True))
+        on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=None, **hyper(amsgrad=True))
         reference(*Case.args(case.r, gr), hist=None, **hyper(amsgrad=True))
         for i, (a, b, prev) in enumerate(zip(case.k["params"], case.r["params"], case.prev, strict=True)):
             if ON_CPU:  # exact, as check() argues
@@ -551,7 +572,7 @@ def test_low_precision_interpreter(dtype):
     case = Case(SIZES["mixed"], dtype=dtype, amsgrad=True, seed=19)
     for _ in range(2):
         gk, gr = case.grads()
-        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **hyper(amsgrad=True, lr=1e-3, eps=1e-4))
+        on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper(amsgrad=True, lr=1e-3, eps=1e-4))
         reference(*Case.args(case.r, gr), hist=case.hr, **hyper(amsgrad=True, lr=1e-3, eps=1e-4))
         check(case, p_ulp=3.0, state_exact=False, hist_vs_reference=False)
 
@@ -560,7 +581,7 @@ def test_errors():
     case = Case([(3,)], seed=16)
     gk, _ = case.grads()
     with pytest.raises(TypeError, match="grad 0"):
-        K.adam_hist(*Case.args(case.k, [gk[0].double().float().to(torch.float16)]), hist=None, **hyper())
+        on_triton(K.adam_hist)(*Case.args(case.k, [gk[0].double().float().to(torch.float16)]), hist=None, **hyper())
 
 
 # -- through the optimizer ----------------------------------------------------------------
@@ -618,7 +639,7 @@ def test_low_precision_gpu(dtype):
     for _ in range(3):
         gk, gr = case.grads()
         kw = hyper(amsgrad=True, lr=1e-3, eps=1e-4)  # eps: see test_low_precision_interpreter
-        K.adam_hist(*Case.args(case.k, gk), hist=case.hk, **kw)
+        on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **kw)
         reference(*Case.args(case.r, gr), hist=case.hr, **kw)
         check(case, p_ulp=2.0, state_exact=False, hist_vs_reference=False)
 
@@ -702,9 +723,10 @@ def compile_(fn, consts, num_warps):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "enable_fp_fusion": False})
 
 for dtype, track, ams, wd in [(tl.float32, True, True, 1), (tl.bfloat16, True, False, 2), (tl.float16, False, True, 0)]:
-    consts = dict(DTYPE=dtype, BLOCK=K.BLOCK, ITERS=K.ITERS, ALIGNED=True, AMSGRAD=ams, MAXIMIZE=True, WD_MODE=wd, LERP_SMALL=True,
-                  HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, HIST=C.HIST_SHARED if track else C.HIST_OFF, **C.slab_kwargs(spec if track else C.NO_BINS, C.SHAPE.num_warps))
-    ptx = compile_(K._adam_hist_kernel, consts, C.SHAPE.num_warps).asm["ptx"]
+    consts = C.constexprs(K.BODY, K.AdamFlags(AMSGRAD=ams, MAXIMIZE=True, WD_MODE=wd, LERP_SMALL=True), dtype,
+                          C.bin_layout(spec if track else C.NO_BINS, C.SHAPE.num_warps), grad_scale=True, found_inf=True,
+                          hist=C.HIST_SHARED if track else C.HIST_OFF)
+    ptx = compile_(C.fused_step_kernel, consts, C.SHAPE.num_warps).asm["ptx"]
     for bad in ("sqrt.approx", "div.full", "div.approx"):
         assert bad not in ptx, f"{dtype}: imprecise {bad} in the PTX"
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx and "fma.rn.f32" in ptx

@@ -30,6 +30,7 @@ from _kernel_helpers import (  # before triton
     assert_ulp,
     compile_without_a_gpu,
     ieee_sqrt,
+    on_triton,
     same,
     target,
     ulp,
@@ -136,7 +137,7 @@ def run(
         previous_state = {name: [t.clone() for t in r_state[name]] for name in ulp_names}
         grads = grads_for(params, gen)
         more = extra(step) if extra is not None else {}
-        kernel(
+        on_triton(kernel)(
             params, [g.clone() for g in grads], *(k_state[n] for n in state_names), k_steps, hist=hk, **kwargs, **more
         )
         reference(
@@ -263,7 +264,7 @@ def test_rmsprop_kernel_complex():
         q.copy_(p)
         for k in st:
             sr[k][0].copy_(st[k][0])
-        KR.rmsprop_hist([p], [g.clone()], st["v"], st["ga"], st["buf"], [torch.tensor(0.0)], hist=hk, **kw)
+        on_triton(KR.rmsprop_hist)([p], [g.clone()], st["v"], st["ga"], st["buf"], [torch.tensor(0.0)], hist=hk, **kw)
         rmsprop_reference([q], [g.clone()], sr["v"], sr["ga"], sr["buf"], [torch.tensor(0.0)], hist=hr, **kw)
         assert same(st["v"][0], sr["v"][0]) and same(st["ga"][0], sr["ga"][0])
         assert torch.equal(hk.step, hr.step)
@@ -398,25 +399,26 @@ def compile_(fn, consts):
     opts = {"num_warps": C.SHAPE.num_warps, "enable_fp_fusion": False}
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
     for bad in ("sqrt.approx", "div.full", "div.approx"):
-        assert bad not in ptx, f"{fn.__name__} {consts.get('DTYPE')}: imprecise {bad} in the PTX"
-    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx, fn.__name__
+        assert bad not in ptx, f"{consts['FLAGS']} {consts['DTYPE']}: imprecise {bad} in the PTX"
+    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx, consts["FLAGS"]
     if consts["HIST"]:
         assert "red.global" in ptx or "atom.global" in ptx, "no histogram flush"
 
-base = dict(BLOCK=C.SHAPE.block, ITERS=C.SHAPE.iters, ALIGNED=True)
 for dtype, track in [(tl.float32, True), (tl.bfloat16, True), (tl.float16, False)]:
-    bins = C.slab_kwargs(spec if track else C.NO_BINS, C.SHAPE.num_warps)
+    bins = C.bin_layout(spec if track else C.NO_BINS, C.SHAPE.num_warps)
+    hist = C.HIST_SHARED if track else C.HIST_OFF
     for centered, momentum, small in [(True, True, True), (False, False, False), (True, False, False)]:
-        compile_(R._rmsprop_hist_kernel, dict(base, DTYPE=dtype, CENTERED=centered, MOMENTUM=momentum, MAXIMIZE=True,
-                                              HAS_WD=True, LERP_SMALL=small, LR_FROM_PTR=momentum, HIST=C.HIST_SHARED if track else C.HIST_OFF,
-                                              **bins))
+        flags = R.RMSpropFlags(CENTERED=centered, MOMENTUM=momentum, MAXIMIZE=True, HAS_WD=True, LERP_SMALL=small,
+                               LR_FROM_PTR=momentum)
+        compile_(C.fused_step_kernel, C.constexprs(R.BODY, flags, dtype, bins, hist=hist))
     for scaled in (True, False):
-        compile_(A._adagrad_hist_kernel, dict(base, DTYPE=dtype, MAXIMIZE=True, HAS_WD=True, HAS_GRAD_SCALE=scaled,
-                                              HAS_FOUND_INF=scaled, HIST=C.HIST_SHARED if track else C.HIST_OFF, **bins))
+        flags = A.AdagradFlags(MAXIMIZE=True, HAS_WD=True)
+        compile_(C.fused_step_kernel, C.constexprs(A.BODY, flags, dtype, bins, hist=hist, grad_scale=scaled,
+                                                   found_inf=scaled))
     if dtype is not tl.float16:
         for ams, rect, wd in [(True, True, 1), (True, False, 2), (False, True, 0)]:
-            compile_(B._adabelief_hist_kernel, dict(base, DTYPE=dtype, AMSGRAD=ams, RECTIFY=rect, WD_MODE=wd,
-                                                    HIST=C.HIST_SHARED if track else C.HIST_OFF, **bins))
+            flags = B.AdaBeliefFlags(AMSGRAD=ams, RECTIFY=rect, WD_MODE=wd)
+            compile_(C.fused_step_kernel, C.constexprs(B.BODY, flags, dtype, bins, hist=hist))
 print("ok")
 """
 

@@ -34,16 +34,14 @@ def _tail_mod(op: str) -> int:
 
 def fused_step_(op: str, lists: list[list[Tensor]], hist: HistTarget, kwargs: dict[str, Any]) -> None:
     """One fused tracked step of ``op`` (``"adam"``: Adam/AdamW by ``decoupled_weight_decay``;
-    ``"adagrad"``) on ``lists`` (the functional form's lists), as torch's ``_fused_adam`` /
-    ``_fused_adagrad`` do it: the step counts are incremented first, and decremented by
-    ``found_inf`` after. The call must be one :mod:`fasthist.dispatch` gave it: contiguous
-    CPU tensors of one float32/bfloat16/float16 dtype, scalar hyper-parameters."""
-    steps, found_inf = lists[-1], kwargs.get("found_inf")
+    ``"adagrad"``) on ``lists`` (the functional form's lists), as torch's ``_fused_adam_`` /
+    ``_fused_adagrad_`` ops do it: ``found_inf == 1`` leaves parameters and states untouched
+    (any nonzero value the histogram windows). The call must be one :mod:`fasthist.dispatch`
+    gave it (contiguous CPU tensors of one float32/bfloat16/float16 dtype, scalar
+    hyper-parameters), readied by :func:`fasthist.backend.stepped`: the step counts already
+    incremented (and decremented by ``found_inf`` after)."""
     with torch.no_grad():
-        torch._foreach_add_(steps, 1)
         _OP_CALLS[op](lists, hist, kwargs)
-        if found_inf is not None:
-            torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
 def _common(op: str, hist: HistTarget, kwargs: dict[str, Any]) -> dict[str, Any]:
