@@ -175,8 +175,21 @@ def test_staleness_command_end_to_end(tmp_path, capsys):
 def test_staleness_command_refuses_bad_input(capsys):
     from fasthist.cli import main
 
-    assert main(["staleness", "--task", "digits"]) == 2
+    with pytest.raises(SystemExit) as e:  # argparse's own exit
+        main(["staleness", "--task", "digits"])
+    assert e.value.code == 2
     assert main(["staleness", "--scenarios", "lr10,bogus"]) == 2
     assert main(["staleness", "--at", "10"]) == 2
     err = capsys.readouterr().err
-    assert "language model" in err and "bogus" in err and "--at" in err
+    assert "invalid choice: 'digits'" in err and "bogus" in err and "--at" in err
+
+
+def test_staleness_default_task_is_its_own():
+    """The trial's default task (gpt) is not every command's: argparse shares a parent
+    parser's actions with each child, so a default set on one would change them all."""
+    from fasthist.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["staleness"]).task == "gpt"
+    assert parser.parse_args(["eps-range"]).task == "digits"
+    assert parser.parse_args(["sweep"]).task == "digits"

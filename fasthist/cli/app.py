@@ -21,7 +21,7 @@ from typing import Any
 from .. import __version__
 from .args import Parser, UsageError, nonneg_int, out_path, positive_int
 
-__all__ = ["COMMANDS", "build_parser", "command", "main"]
+__all__ = ["COMMANDS", "build_parser", "command", "main", "task_options"]
 
 #: Subcommand name -> its module in this package (``add_parser(sub, parents)``, ``run(args) -> int``).
 COMMANDS = {"eps-range": "eps_range", "sweep": "sweep", "bench": "bench", "check": "check", "staleness": "staleness"}
@@ -35,21 +35,14 @@ def command(name: str) -> ModuleType:
     return importlib.import_module(f".{COMMANDS[name]}", __package__)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def task_options(default: str = "digits", choices: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The options of a command that runs a task (``--task``, ``--seed``, ``--out``,
+    ``--no-figures``), a fresh parent parser per command: argparse shares a parent's actions
+    with every child, so one command's default must not be set on another's."""
     from ..tasks import TASKS
 
-    common = Parser(add_help=False)
-    common.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    common.add_argument("--quiet", action="store_true", help="no progress bars")
-    common.add_argument(
-        "--threads",
-        type=positive_int,
-        default=1,
-        help="CPU threads for torch (default: 1; more threads than free cores make every small op wait "
-        "for a descheduled thread)",
-    )
     task = Parser(add_help=False)
-    task.add_argument("--task", default="digits", choices=TASKS, help="embedded task (default: digits)")
+    task.add_argument("--task", default=default, choices=choices or TASKS, help=f"embedded task (default: {default})")
     task.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default: 0)")
     task.add_argument(
         "--out",
@@ -61,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument(
         "--no-figures", action="store_true", help="write the JSON only, no PNG figures (removes a previous run's)"
     )
+    return task
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = Parser(add_help=False)
+    common.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="CPU threads for torch (default: 1; more threads than free cores make every small op wait "
+        "for a descheduled thread)",
+    )
+    task = task_options()
 
     parser = Parser(prog="fasthist", description="Adam's ε from histograms of sqrt(v_hat) (Silva & Rodriguez, 2024).")
     parser.add_argument("--version", action="version", version=f"fasthist {__version__}")
@@ -70,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("sweep").add_parser(sub, [task, common])
     command("bench").add_parser(sub, [common])
     command("check").add_parser(sub, [common])
-    command("staleness").add_parser(sub, [task, common])
+    command("staleness").add_parser(sub, [task_options("gpt", ("gpt", "charlm")), common])
     return parser
 
 

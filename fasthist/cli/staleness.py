@@ -37,7 +37,6 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         f"({'; '.join(f'{k}: {v}' for k, v in SCENARIOS.items())}), and compare the staleness alert with "
         "the same rule on the gradient norm: spikes warned of, steps ahead, false alarms.",
     )
-    p.set_defaults(task="gpt")
     p.add_argument("--seeds", type=positive_int, default=5, help="runs per scenario, seeds seed..seed+N-1 (default: 5)")
     p.add_argument("--steps", type=positive_int, default=500, help="steps per run (default: 500)")
     p.add_argument("--at", type=positive_int, default=250, help="step of the change (default: 250)")
@@ -47,8 +46,6 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def _check(args: argparse.Namespace) -> list[str]:
     from ..tasks.spikes import SCENARIOS, SPIKE_WINDOW
 
-    if args.task not in ("gpt", "charlm"):
-        raise UsageError(f"the staleness trial trains a language model: --task gpt or charlm, not {args.task}")
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     bad = [s for s in scenarios if s not in SCENARIOS]
     if bad or not scenarios:
