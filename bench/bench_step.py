@@ -3,7 +3,7 @@
     python -m pytest bench/bench_step.py                        # measure (CPU or GPU)
     python -m pytest bench/bench_step.py --benchmark-disable     # smoke run (CI)
     python bench/bench_step.py [a b] [--steps 15]                # CPU: interleaved ratios
-    python bench/bench_step.py a b --compiled --cpu-time         # compiled steps (issue 10)
+    python bench/bench_step.py a b --compiled --cpu-time         # compiled steps
 
 On a GPU, ``test_step`` times the Adam providers (``providers.ADAM_PROVIDERS``):
 torch.optim.Adam foreach / fused, fasthist.Adam with track=False / True (``fused=True``),
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--cpu-time", action="store_true", help="CPU time of all threads instead of wall time")
     parser.add_argument("--groups", default="", help="comma-separated groups (default: all), e.g. 'adam fused'")
-    parser.add_argument("--compiled", action="store_true", help="the torch.compile groups (issue 10) instead")
+    parser.add_argument("--compiled", action="store_true", help="the torch.compile groups instead")
     args = parser.parse_args(argv)
     wanted = [g.strip() for g in args.groups.split(",") if g.strip()]
     clock = time.process_time if args.cpu_time else time.perf_counter

@@ -36,7 +36,9 @@ fills at most one:
 - ``<name>_tensor``, ``Tensor?``: a Tensor given by the caller (``lr`` may be one, as in
   torch), passed as it is.
 
-A new flag in a declaration therefore needs no edit here.
+The operator hands the backend every keyword argument the declaration names, None for
+one the call did not give (every declared flag of torch's functional forms means the same
+when None as when left out). A new flag in a declaration therefore needs no edit here.
 
 Why an opaque operator rather than ``torch.library.triton_op``/``wrap_triton``: those
 trace the launcher's Python with dynamo, and this launcher's per-step Python (plan and
@@ -122,8 +124,8 @@ def _implementation(decl: OptimizerDecl) -> Callable[..., None]:
         if args["hist_step"] is not None:
             bins = LogBins(*args["hist_bins"])
             hist = HistTarget(bins, args["hist_step"], args["hist_total"], args["hist_rows"])
-        kwargs = {n: args[n] for n in (*decl.bools, *decl.tensors) if args[n] is not None}
-        kwargs.update((n, v) for n in decl.floats if (v := _float_value(args, n)) is not None)
+        kwargs = {n: args[n] for n in (*decl.bools, *decl.tensors)}
+        kwargs.update((n, _float_value(args, n)) for n in decl.floats)
         backends.run(backend, decl, [args[n] for n in decl.lists], hist, kwargs)
 
     run.__name__ = f"{decl.name}_step"
