@@ -165,7 +165,7 @@ def functional_(
     the declaration gives (a TypeError otherwise: the operator would drop it)."""
     defined, names = _op_and_names(decl)
     for k in kwargs:
-        if k not in names:
+        if k not in decl.bools and k not in decl.floats and k not in decl.tensors:
             raise TypeError(f"fasthist {decl.name}: keyword argument {k!r} is not declared by the optimizer")
     args: dict[str, Any] = dict(zip(decl.lists, lists, strict=True))
     bins = hist.bins if hist is not None else LogBins()
