@@ -3,7 +3,8 @@
     python -m pytest bench/bench_step.py                        # measure (CPU or GPU)
     python -m pytest bench/bench_step.py --benchmark-disable     # smoke run (CI)
     python bench/bench_step.py [a b] [--steps 15]                # CPU: interleaved ratios
-    python bench/bench_step.py a b --compiled --cpu-time         # compiled steps (issue 10)
+    python bench/bench_step.py a b --compiled --cpu-time         # compiled steps
+    python bench/bench_step.py a b --compiled --groups "adam compiled" --cpu-time --threads 1
 
 On a GPU, ``test_step`` times the Adam providers (``providers.ADAM_PROVIDERS``):
 torch.optim.Adam foreach / fused, fasthist.Adam with track=False / True (``fused=True``),
@@ -75,8 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--cpu-time", action="store_true", help="CPU time of all threads instead of wall time")
     parser.add_argument("--groups", default="", help="comma-separated groups (default: all), e.g. 'adam fused'")
-    parser.add_argument("--compiled", action="store_true", help="the torch.compile groups (issue 10) instead")
+    parser.add_argument("--compiled", action="store_true", help="the torch.compile groups instead")
+    parser.add_argument("--threads", type=int, default=0, help="torch's intra-op threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:  # one thread: no OpenMP barrier spins in the CPU time of a loaded machine
+        torch.set_num_threads(args.threads)
     wanted = [g.strip() for g in args.groups.split(",") if g.strip()]
     clock = time.process_time if args.cpu_time else time.perf_counter
     what = "CPU time" if args.cpu_time else "wall time"

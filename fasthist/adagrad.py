@@ -57,6 +57,7 @@ ADAGRAD = register(
         hist_inputs=adagrad_hist_inputs,
         bools=frozenset({"foreach", "maximize", "differentiable", "fused", "has_sparse_grad", "has_complex"}),
         floats=frozenset({"lr", "weight_decay", "lr_decay", "eps"}),
+        tensors=frozenset({"grad_scale", "found_inf"}),
         kernel=("adagrad", "adagrad_hist"),
         kernel_dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.complex64),
         fused_cpu="adagrad",

@@ -68,6 +68,7 @@ ADAM = register(
             | {"decoupled_weight_decay"}
         ),
         floats=frozenset({"lr", "beta1", "beta2", "weight_decay", "eps"}),
+        tensors=frozenset({"grad_scale", "found_inf"}),
         kernel=("adam", "adam_hist"),
         kernel_dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.complex64),
         fused_cpu="adam",

@@ -1,139 +1,178 @@
-"""Backend calls that ``torch.compile`` runs as one opaque operator, ``fasthist::functional_``.
+"""Backend calls that ``torch.compile`` runs as one opaque operator per optimizer,
+``fasthist::<name>_step``, generated from its :class:`~fasthist.declaration.OptimizerDecl`.
 
 Two kinds of backend calls cannot be traced into a graph that compiles once: the Triton
-kernels (their host code keeps launch tables, workspaces and strategy caches keyed on data
-pointers, which dynamo would guard on) and the torch update of an optimizer declared
+kernels (their host code keeps launch tables and strategy caches keyed on data pointers,
+which dynamo would guard on) and the torch update of an optimizer declared
 ``opaque_update`` (AdaBelief's branches on the step count in Python: RAdam's
-``N_sma >= 5``, ``lr == 0``). Under ``torch.compile``
-:func:`functional_` hands the whole per-device call to a custom operator whose
-implementation is the eager call itself, so:
+``N_sma >= 5``, ``lr == 0``). Under ``torch.compile`` :func:`functional_` hands the whole
+per-device call to the optimizer's custom operator, whose implementation is the eager
+call itself, so:
 
 - the compiled step computes exactly what the eager step computes, bit for bit (it *is*
   the eager code, run by the operator);
 - nothing in it is guarded on, so a new step count never recompiles (a float ``lr`` that
   a scheduler changes recompiles once, as ``torch.optim`` does, then is passed as a
   symbolic float; a Tensor ``lr`` never does);
-- the call declares what it writes (parameters, states, step counts, both histogram
+- the call declares what it writes (the lists other than the gradients, both histogram
   windows), so the compiler orders it correctly against the traced ops, and it is one
   node of the graph: no graph break, and CUDA graphs (``mode="reduce-overhead"``)
   capture its launches like any other kernel's.
 
+The operator's schema follows from the declaration (:func:`schema`): one typed argument
+per list of the functional form (``Tensor(x!)[]`` where the call writes it), the
+histogram target as its two windows, its rows and its bins, and one argument per keyword
+argument, under its own name: ``bool?`` for ``decl.bools``, ``Tensor?`` for
+``decl.tensors``; a float of ``decl.floats`` has three typed slots, of which a call
+fills at most one:
+
+- ``<name>``, ``float?``: a Python float kept as a constant of the graph (Triton calls: a
+  CPU tensor input would keep CUDA graphs from capturing the step; a new value
+  recompiles, as the docs say: use a Tensor ``lr``);
+- ``<name>_float``, ``Tensor?``: a Python float carried as a float64 CPU scalar (the other
+  backends: a custom operator's float argument is specialised, guarded on, and a
+  scheduler's every new ``lr`` would recompile; a tensor is an input), read back exactly
+  with ``float()``;
+- ``<name>_tensor``, ``Tensor?``: a Tensor given by the caller (``lr`` may be one, as in
+  torch), passed as it is.
+
+The operator hands the backend every keyword argument the declaration names, None for
+one the call did not give (every declared flag of torch's functional forms means the same
+when None as when left out). A new flag in a declaration therefore needs no edit here.
+
 Why an opaque operator rather than ``torch.library.triton_op``/``wrap_triton``: those
 trace the launcher's Python with dynamo, and this launcher's per-step Python (plan and
-table caches on data pointers, the histogram strategy lookup) is exactly what must not be guarded on; the kernels are already
-one fused launch per dtype, so inductor has nothing to fuse them with.
+table caches on data pointers, the histogram strategy lookup) is exactly what must not be
+guarded on; the kernels are already one fused launch per dtype, so inductor has nothing to
+fuse them with. The operator rebuilds its :class:`~fasthist.target.HistTarget` from the
+windows, rows and bins it is given, with an empty workspace: a backend's reusable buffers
+(the Triton kernels' zeroed scratch, the torch-op pass's value buffers) are made again on
+each compiled call.
 """
 
 from __future__ import annotations
 
+import string
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import backend as backends
-from .declaration import lookup
+from .bins import LogBins
+from .declaration import OptimizerDecl
 from .target import HistTarget
 
-__all__ = ["functional_"]
+__all__ = ["functional_", "op", "schema"]
 
 
-# The keyword arguments travel in typed groups of (names, values): tensors; floats carried as
-# float64 CPU scalar tensors ("scalars": a custom op's float argument is always specialized,
-# guarded on, a tensor is not); floats kept as graph constants; bools; ints; Nones.
-_GROUPS = ("tensor", "scalar", "float", "bool", "int", "none")
-_SCHEMA = (
-    "(str op, str backend, Tensor(a!)[] written, Tensor[] grads, int[] sizes, Tensor(b!)[] windows, "
-    "Tensor? rows, int target_key, str[] tensor_names, Tensor[] tensors, str[] scalar_names, Tensor[] scalars, "
-    "str[] float_names, float[] floats, str[] bool_names, bool[] bools, str[] int_names, int[] ints, "
-    "str[] none_names) -> ()"
-)
+def _written(decl: OptimizerDecl) -> list[str]:
+    """The lists a call writes: every one but the gradients."""
+    return [name for name in decl.lists if name != "grads"]
 
 
-@torch.library.custom_op("fasthist::functional_", mutates_args=("written", "windows"), schema=_SCHEMA)
-def _functional_op(
-    op: str,
-    backend: str,
-    written: list[Tensor],
-    grads: list[Tensor],
-    sizes: list[int],
-    windows: list[Tensor],
-    rows: Tensor | None,
-    target_key: int,
-    tensor_names: list[str],
-    tensors: list[Tensor],
-    scalar_names: list[str],
-    scalars: list[Tensor],
-    float_names: list[str],
-    floats: list[float],
-    bool_names: list[str],
-    bools: list[bool],
-    int_names: list[str],
-    ints: list[int],
-    none_names: list[str],
-) -> None:
-    """Rebuild the call (lists, ``hist``, keyword arguments) and run it eagerly."""
-    it = iter(written)
-    lists = [grads if i == 1 else [next(it) for _ in range(n)] for i, n in enumerate(sizes)]
-    hist = None
-    if windows:
-        live = HistTarget.live(target_key)
-        assert rows is not None and live is not None, "fasthist::functional_: its HistTarget is gone"
-        hist = live.over(windows[0], windows[1], rows)
-    kwargs: dict[str, Any] = dict(zip(tensor_names, tensors, strict=True))
-    kwargs.update((k, float(t)) for k, t in zip(scalar_names, scalars, strict=True))
-    for names, values in ((float_names, floats), (bool_names, bools), (int_names, ints)):
-        kwargs.update(zip(names, values, strict=True))
-    kwargs.update(dict.fromkeys(none_names))
-    backends.run(backend, lookup(op), lists, hist, kwargs)
+# a float's slots (module docstring): (schema type, suffix of its argument's name)
+_FLOAT_SLOTS = (("float?", ""), ("Tensor?", "_float"), ("Tensor?", "_tensor"))
 
 
-@_functional_op.register_fake
-def _(op, backend, written, grads, sizes, windows, rows, target_key, *args) -> None:
-    return None
+def _arguments(decl: OptimizerDecl) -> list[tuple[str, str]]:
+    """``(type, name)`` of each argument of ``decl``'s operator after ``backend``, in
+    order: its lists, the histogram target, then its bools, tensors and floats, each kind
+    in name order (positional all: a custom operator takes no keyword-only tensors)."""
+    aliases = iter(string.ascii_lowercase)
+    lists = [("Tensor[]" if n == "grads" else f"Tensor({next(aliases)}!)[]", n) for n in decl.lists]
+    hist = [(f"Tensor({next(aliases)}!)?", "hist_step"), (f"Tensor({next(aliases)}!)?", "hist_total")]
+    hist += [("Tensor?", "hist_rows"), ("int[]", "hist_bins")]
+    options = [("bool?", n) for n in sorted(decl.bools)] + [("Tensor?", n) for n in sorted(decl.tensors)]
+    options += [(t, n + suffix) for n in sorted(decl.floats) for t, suffix in _FLOAT_SLOTS]
+    return lists + hist + options
 
 
-def _group(value: Any, triton: bool) -> tuple[str, Any]:
-    """The typed group of a keyword argument's value, and the value as that group carries it."""
-    if isinstance(value, Tensor):
-        return "tensor", value
+def schema(decl: OptimizerDecl) -> str:
+    """The schema of ``decl``'s operator (module docstring, :func:`_arguments`)."""
+    return f"(str backend, {', '.join(f'{t} {n}' for t, n in _arguments(decl))}) -> ()"
+
+
+def _float_slots(name: str, value: Any, constant: bool) -> dict[str, Any]:
+    """The filled slot of the float ``name`` (module docstring); none for None."""
     if value is None:
-        return "none", None
-    if isinstance(value, bool):
-        return "bool", value
-    if isinstance(value, int):
-        return "int", value
-    if triton:  # a constant of the graph: a new value recompiles (use a Tensor lr)
-        return "float", float(value)
-    # a float64 CPU scalar: a float that changes (lr) becomes an input after one recompile
-    return "scalar", torch.tensor(value, dtype=torch.float64)
+        return {}
+    if isinstance(value, Tensor):
+        return {f"{name}_tensor": value}
+    if constant:
+        return {name: float(value)}
+    return {f"{name}_float": torch.tensor(value, dtype=torch.float64)}
 
 
-def functional_(op: str, backend: str, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict) -> None:
-    """Run the per-device call of the optimizer declared as ``op`` on ``backend``
-    (:func:`fasthist.backend.run`) as the opaque operator ``fasthist::functional_``:
-    ``lists`` are the functional form's positional lists (grads second), ``hist`` its
-    target or None."""
-    triton = backend == backends.TRITON
-    written = [t for i, lst in enumerate(lists) if i != 1 for t in lst]
-    windows = [hist.step, hist.total] if hist is not None else []
-    groups: dict[str, tuple[list[str], list[Any]]] = {k: ([], []) for k in _GROUPS}
-    for k, v in kwargs.items():
-        kind, carried = _group(v, triton)
-        groups[kind][0].append(k)
-        groups[kind][1].append(carried)
-    typed: list[Any] = []
-    for kind in _GROUPS[:-1]:
-        typed.extend(groups[kind])
-    _functional_op(
-        op,
-        backend,
-        written,
-        lists[1],
-        [len(lst) for lst in lists],
-        windows,
-        hist.rows if hist is not None else None,
-        hist.key if hist is not None else -1,
-        *typed,
-        groups["none"][0],
+def _float_value(args: dict[str, Any], name: str) -> Any:
+    """The float ``name`` as the caller gave it, read back from its slots."""
+    carried = args[f"{name}_float"]
+    if carried is not None:
+        return float(carried)
+    tensor = args[f"{name}_tensor"]
+    return tensor if tensor is not None else args[name]
+
+
+def _implementation(decl: OptimizerDecl) -> Callable[..., None]:
+    """The operator's body: rebuild the call (lists, target, keyword arguments) and run it eagerly."""
+    names = [n for _, n in _arguments(decl)]
+
+    def run(backend: str, *values: Any) -> None:
+        args = dict(zip(names, values, strict=True))
+        hist = None
+        if args["hist_step"] is not None:
+            bins = LogBins(*args["hist_bins"])
+            hist = HistTarget(bins, args["hist_step"], args["hist_total"], args["hist_rows"])
+        kwargs = {n: args[n] for n in (*decl.bools, *decl.tensors)}
+        kwargs.update((n, _float_value(args, n)) for n in decl.floats)
+        backends.run(backend, decl, [args[n] for n in decl.lists], hist, kwargs)
+
+    run.__name__ = f"{decl.name}_step"
+    return run
+
+
+_OPS: dict[str, tuple[Any, tuple[str, ...]]] = {}
+
+
+def op(decl: OptimizerDecl) -> Any:
+    """``decl``'s operator, ``torch.ops.fasthist.<name>_step``, defined on first use (call it
+    before tracing: an optimizer does at construction)."""
+    return _op_and_names(decl)[0]
+
+
+def _op_and_names(decl: OptimizerDecl) -> tuple[Any, tuple[str, ...]]:
+    found = _OPS.get(decl.name)
+    if found is not None:
+        return found
+    if not decl.name.isidentifier():
+        raise ValueError(f"Invalid optimizer name for a custom operator: {decl.name!r}")
+    mutated = (*_written(decl), "hist_step", "hist_total")
+    defined = torch.library.custom_op(f"fasthist::{decl.name}_step", mutates_args=mutated, schema=schema(decl))(
+        _implementation(decl)
     )
+    defined.register_fake(lambda *args: None)  # writes in place, returns nothing
+    found = _OPS[decl.name] = (defined, tuple(n for _, n in _arguments(decl)))
+    return found
+
+
+def functional_(
+    decl: OptimizerDecl, backend: str, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict
+) -> None:
+    """Run one per-device call of ``decl`` on ``backend`` (:func:`fasthist.backend.run`) as
+    its operator ``fasthist::<name>_step``: ``lists`` are the functional form's positional
+    lists, ``hist`` its target or None, ``kwargs`` its keyword arguments, each one a name
+    the declaration gives (a TypeError otherwise: the operator would drop it)."""
+    defined, names = _op_and_names(decl)
+    for k in kwargs:
+        if k not in decl.bools and k not in decl.floats and k not in decl.tensors:
+            raise TypeError(f"fasthist {decl.name}: keyword argument {k!r} is not declared by the optimizer")
+    args: dict[str, Any] = dict(zip(decl.lists, lists, strict=True))
+    bins = hist.bins if hist is not None else LogBins()
+    args.update(hist_step=None, hist_total=None, hist_rows=None, hist_bins=list(bins.spec))
+    if hist is not None:
+        args.update(hist_step=hist.step, hist_total=hist.total, hist_rows=hist.rows)
+    constant = backend == backends.TRITON
+    for k, v in kwargs.items():
+        args.update(_float_slots(k, v, constant) if k in decl.floats else {k: v})
+    defined(backend, *(args.get(n) for n in names))

@@ -50,8 +50,9 @@ class OptimizerDecl:
       without ``hist`` (torch's own functional where there is one).
     - ``hist_inputs``: ``(lists, kwargs) -> (values, scale, found_inf)`` after ``update``;
       ``sqrt`` and ``reciprocal`` say how they combine (module docstring).
-    - ``bools``, ``floats``: its keyword arguments of those types (``floats`` may also
-      be given as one-element tensors, as ``lr`` may in torch).
+    - ``bools``, ``floats``, ``tensors``: its keyword arguments of those types (``floats``
+      may also be given as one-element tensors, as ``lr`` may in torch; ``tensors`` may be
+      None, e.g. ``torch.amp.GradScaler``'s ``grad_scale`` and ``found_inf``).
     - ``kernel``: ``(module under fasthist.kernels, function)`` of its Triton backend, None
       for none; ``kernel_dtypes``: the parameter dtypes that kernel steps.
     - ``fused_cpu``: the name of its fused tracked CPU op (``fasthist.csrc.fused_step_``),
@@ -71,6 +72,7 @@ class OptimizerDecl:
     hist_inputs: Callable[[list[list[Tensor]], dict[str, Any]], HistInputs]
     bools: frozenset[str]
     floats: frozenset[str]
+    tensors: frozenset[str] = frozenset()
     sqrt: bool = True
     reciprocal: bool = False
     kernel: tuple[str, str] | None = None
@@ -85,6 +87,9 @@ class OptimizerDecl:
             raise ValueError(f"Invalid lists: {self.lists}; expected params, grads, ..., state_steps")
         if not set(self.default_states) <= set(self.lists[2:-1]):
             raise ValueError(f"Invalid default_states: {self.default_states}; expected names from {self.lists[2:-1]}")
+        kinds = (set(self.lists), self.bools, self.floats, self.tensors)
+        if sum(map(len, kinds)) != len(set().union(*kinds)):
+            raise ValueError(f"Invalid keyword arguments of {self.name}: a name is declared twice")
 
 
 _REGISTRY: dict[str, OptimizerDecl] = {}

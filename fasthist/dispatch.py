@@ -79,7 +79,7 @@ def run(
             for dtype in {p.dtype for p in sub[0]}:
                 record[(group, device, dtype)] = choice
         if compiling and (choice.backend == TRITON or (decl.opaque_update and choice.backend != FUSED_CPU)):
-            compiled.functional_(decl.name, choice.backend, sub, target, kwargs)  # one graph node
+            compiled.functional_(decl, choice.backend, sub, target, kwargs)  # one graph node
         else:
             with selftest.histogram(choice.reason if choice.backend == TRITON else None):
                 backend.run(choice.backend, decl, sub, target, kwargs)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from . import dispatch
+from . import compiled, dispatch
 from .bins import LogBins
 from .declaration import OptimizerDecl
 from .dispatch import Choice
@@ -218,6 +218,7 @@ class HistogramMixin(HistogramQueries):
         self.defaults["track"] = self._track_default  # type: ignore[attr-defined]
         self._set_hist_defaults()
         self._register_state_dict_hooks()
+        compiled.op(self.declaration)  # defined here, never while dynamo traces a step
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._check_param_group(param_group)
@@ -232,6 +233,7 @@ class HistogramMixin(HistogramQueries):
         self._set_hist_defaults()
         self.__dict__.pop("_fh_store", None)
         self._register_state_dict_hooks()  # torch's pickling keeps no hooks
+        compiled.op(self.declaration)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # type: ignore[misc]

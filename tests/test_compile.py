@@ -20,6 +20,7 @@ from _optim_db import BY_NAME, grads_at, make_params
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fasthist
+from fasthist.declaration import OptimizerDecl
 
 STEPS = 50
 # Tensor lr (no recompile in torch either); betas/eps/flags that change what is traced
@@ -142,3 +143,83 @@ def test_compiled_step_keeps_state_dict_and_queries():
     for a, b in zip(_windows(fresh), _windows(opt), strict=True):
         assert torch.equal(a, b)
     assert opt.histogram(window="total").count == 5 * sum(p.numel() for p in params)
+
+
+def _toy_update(params, grads, bufs, state_steps, *, lr, rho, flip=None, found_inf=None):
+    """A heavy-ball step with flags of its own: what a newly declared optimizer brings."""
+    for p, g, b, s in zip(params, grads, bufs, state_steps, strict=True):
+        s.add_(1)
+        b.mul_(rho).add_(g)
+        p.add_(b, alpha=lr if flip else -lr)
+
+
+TOY = OptimizerDecl(
+    name="toy_heavy_ball",
+    lists=("params", "grads", "bufs", "state_steps"),
+    value="|buf|",
+    update=_toy_update,
+    hist_inputs=lambda lists, kwargs: ([b.abs() for b in lists[2]], [1.0] * len(lists[2]), None),
+    sqrt=False,
+    bools=frozenset({"flip"}),
+    floats=frozenset({"lr", "rho"}),
+    tensors=frozenset({"found_inf"}),
+)
+
+
+def test_operator_schema_follows_from_the_declaration():
+    """A declaration nobody else knows gets its operator, typed from its lists and flags
+    (no list of flags elsewhere): lists written in place but the gradients, the windows
+    written, one slot per bool and tensor, three per float (constant, carried, Tensor)."""
+    from fasthist import compiled
+
+    schema = compiled.op(TOY)._opoverload._schema
+    args = {a.name: a for a in schema.arguments}
+    assert list(args) == [
+        "backend",
+        *("params", "grads", "bufs", "state_steps"),
+        *("hist_step", "hist_total", "hist_rows", "hist_bins"),
+        "flip",
+        "found_inf",
+        *("lr", "lr_float", "lr_tensor", "rho", "rho_float", "rho_tensor"),
+    ]
+    written = {n for n, a in args.items() if a.alias_info is not None and a.alias_info.is_write}
+    assert written == {"params", "bufs", "state_steps", "hist_step", "hist_total"}
+    types = {n: str(a.type) for n, a in args.items()}
+    assert {types[n] for n in ("params", "grads", "bufs", "state_steps")} == {"List[Tensor]"}
+    assert types["flip"] == "Optional[bool]" and types["found_inf"] == "Optional[Tensor]"
+    assert (types["lr"], types["lr_float"], types["lr_tensor"]) == ("Optional[float]", *["Optional[Tensor]"] * 2)
+    assert types["hist_bins"] == "List[int]"
+
+
+def test_declared_operator_runs_the_eager_call_compiled():
+    """The toy's operator under ``torch.compile``: one compilation while its Tensor ``lr``
+    changes every step (its float ``rho`` carried as a tensor), and the parameters, buffers
+    and both windows bit for bit those of the eager call (the operator runs it)."""
+    from fasthist import backend, compiled
+    from fasthist.target import HistTarget
+
+    def make():
+        torch.manual_seed(0)
+        lists = [[torch.randn(5, 3)], [torch.randn(5, 3)], [torch.zeros(5, 3)], [torch.zeros(())]]
+        bins = fasthist.LogBins()
+        windows = [torch.zeros(1, bins.num_bins, dtype=torch.int64) for _ in range(2)]
+        return lists, HistTarget(bins, *windows, torch.zeros(1, dtype=torch.int64)), torch.tensor(0.1)
+
+    def call(lists, hist, lr, run):
+        run(TOY, backend.TORCH, lists, hist, {"lr": lr, "rho": 0.5, "flip": True})
+
+    torch._dynamo.reset()
+    compiled.op(TOY)  # as an optimizer does at construction: never defined inside a trace
+    counter = CompileCounterWithBackend("aot_eager")
+    traced = torch.compile(lambda lists, hist, lr: call(lists, hist, lr, compiled.functional_), backend=counter)
+    (got, got_hist, got_lr), (want, want_hist, want_lr) = make(), make()
+    for _ in range(4):
+        traced(got, got_hist, got_lr)
+        call(want, want_hist, want_lr, lambda decl, name, *a: backend.run(name, decl, *a))
+        got_lr.mul_(0.5), want_lr.mul_(0.5)
+    assert counter.frame_count == 1
+    got_all = [t for lst in got for t in lst] + [got_hist.step, got_hist.total]
+    want_all = [t for lst in want for t in lst] + [want_hist.step, want_hist.total]
+    for a, b in zip(got_all, want_all, strict=True):
+        assert torch.equal(a, b)
+    assert int(got_hist.total.sum()) == 4 * 15
