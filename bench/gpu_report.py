@@ -351,10 +351,10 @@ LAUNCH_SHAPES = [(1024, 16, 4), (1024, 8, 4), (1024, 32, 4), (2048, 8, 8), (2048
 def sweep_launch_shapes(run: Run) -> int:
     """ms/step of fasthist_track (and torch_fused, the yardstick) per launch shape
     (BLOCK, ITERS, NUM_WARPS) of every fused kernel (``fasthist.kernels.configure``)."""
-    from fasthist.kernels import adam as kernel
+    from fasthist.kernels import SHAPE, configure
 
     args, device = run.args, run.device
-    default = (kernel.BLOCK, kernel.ITERS, kernel.NUM_WARPS)
+    default = (SHAPE.block, SHAPE.iters, SHAPE.num_warps)
     rows = []
     try:
         for s in run.sets:
@@ -363,7 +363,7 @@ def sweep_launch_shapes(run: Run) -> int:
                 fused = measure(ADAM_PROVIDERS["torch_fused"], params, args.steps, args.warmup, device)
                 print(f"set {s} {d}: torch_fused {fused:.3f} ms")
                 for block, iters, warps in LAUNCH_SHAPES:
-                    kernel.configure(block, iters, warps)
+                    configure(block, iters, warps)
                     ms = measure(ADAM_PROVIDERS["fasthist_track"], params, args.steps, args.warmup, device)
                     shape = {"block": block, "iters": iters, "num_warps": warps}
                     rows.append({"set": s, "dtype": d, **shape, "ms": ms, "x_fused": ms / fused})
@@ -374,7 +374,7 @@ def sweep_launch_shapes(run: Run) -> int:
                 del params
                 free_memory(device)
     finally:
-        kernel.configure(*default)
+        configure(*default)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     path = run.out_path(date, "-sweep")
     path.write_text(json.dumps({"date": date, "rows": rows}, indent=1) + "\n")

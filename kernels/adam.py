@@ -44,7 +44,7 @@ histograms stay untouched without a host sync; the step counts' increment and ro
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,8 +56,6 @@ from fasthist.reference.adam import bias_correction2_sqrt
 from fasthist.target import HistTarget
 
 from ._common import (
-    PLANS,
-    SHAPE,
     StepBody,
     check_call,
     configure,
@@ -71,16 +69,6 @@ from ._common import (
 )
 
 __all__ = ["BODY", "AdamFlags", "adam_hist", "configure"]
-
-_PLANS = PLANS  # the shared plan cache (kept under this name for the tests)
-
-
-def __getattr__(name: str) -> Any:
-    """``BLOCK``, ``ITERS``, ``CHUNK``, ``NUM_WARPS``: the current shared launch shape."""
-    shape = {"BLOCK": "block", "ITERS": "iters", "CHUNK": "chunk", "NUM_WARPS": "num_warps"}
-    if name in shape:
-        return getattr(SHAPE, shape[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class AdamFlags(NamedTuple):

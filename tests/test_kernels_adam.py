@@ -70,7 +70,7 @@ if ON_CPU and not INTERPRETING:
 pytestmark = pytest.mark.interpreter if ON_CPU else []
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-B, C = K.BLOCK, K.CHUNK
+B, C = _common.SHAPE.block, _common.SHAPE.chunk
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def test_small_launch_shape():
         run_steps(Case([(4093,), (513,), (1,), (7, 75)], amsgrad=True, seed=21), 2, amsgrad=True)
     finally:
         K.configure()
-    assert (K.BLOCK, K.ITERS, K.CHUNK) == (1024, 16, 16384)  # the defaults
+    assert (_common.SHAPE.block, _common.SHAPE.iters, _common.SHAPE.chunk) == (1024, 16, 16384)  # the defaults
     with pytest.raises(ValueError, match="block"):
         K.configure(block=1000)
 
@@ -307,7 +307,7 @@ def test_misaligned_views():
         d["exp_avg_sqs"] = [torch.zeros_like(p) for p in d["params"]]
     assert case.k["params"][0].data_ptr() % 16 != 0
     run_steps(case, 2)
-    flags = [aligned for plan in K._PLANS.values() for _, _, aligned in plan.groups]
+    flags = [aligned for plan in _common.PLANS.values() for _, _, aligned in plan.groups]
     assert False in flags
 
 
@@ -518,7 +518,7 @@ def test_constant_launches_and_cached_table(monkeypatch):
         [case.k["params"], gk, case.k["exp_avgs"], case.k["exp_avg_sqs"], case.k["exp_avg_sqs"]],
         [p.numel() for p in case.k["params"]],
         list(range(len(shapes))),
-        K.CHUNK,
+        _common.SHAPE.chunk,
     )
     on_triton(K.adam_hist)(*Case.args(case.k, gk), hist=case.hk, **hyper())  # same tensors: table reused
     t2 = _common.TensorTable.get(
@@ -526,7 +526,7 @@ def test_constant_launches_and_cached_table(monkeypatch):
         [case.k["params"], gk, case.k["exp_avgs"], case.k["exp_avg_sqs"], case.k["exp_avg_sqs"]],
         [p.numel() for p in case.k["params"]],
         list(range(len(shapes))),
-        K.CHUNK,
+        _common.SHAPE.chunk,
     )
     assert t1 is t2
     assert (main.launches, fin.launches) == (2, 2)
