@@ -39,10 +39,14 @@ __all__ = ["Choice", "choose", "run"]
 
 
 class Choice(NamedTuple):
-    """The backend that ran a call, and why the faster ones did not (empty: none was faster)."""
+    """The backend that ran a call, why the faster ones did not (empty: none was faster), and
+    for the Triton backend the histogram strategy its launch used (``"shared"``,
+    ``"tl.histogram"``, or ``"words"``, the shared strategy's twin under the interpreter;
+    empty for the other backends, whose histogram is their own pass)."""
 
     backend: str
     reason: str
+    strategy: str = ""
 
 
 Record = dict[tuple[int, torch.device, torch.dtype], Choice]
@@ -83,6 +87,10 @@ def run(
         else:
             with selftest.histogram(choice.reason if choice.backend == TRITON else None):
                 backend.run(choice.backend, decl, sub, target, kwargs)
+            if record is not None and choice.backend == TRITON and target is not None:
+                strategy = choice._replace(strategy=target.marks.get(HistTarget.STRATEGY, ""))
+                for dtype in {p.dtype for p in sub[0]}:
+                    record[(group, device, dtype)] = strategy
 
 
 def choose(

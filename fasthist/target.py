@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -39,6 +40,9 @@ class HistTarget:
     # shared with another HistTarget (fasthist.csrc: each step row's span and the step
     # buffer's version after writing them); keyed like buffer()
     marks: dict = field(default_factory=dict, repr=False, compare=False)
+    #: key of ``marks`` under which the Triton backend leaves the histogram strategy its last
+    #: launch used ("shared", "tl.histogram" or "words", joined by "+" when dtypes differed)
+    STRATEGY: ClassVar[str] = "fasthist.histogram_strategy"
 
     def buffer(self, key: Hashable, make: Callable[[], Tensor]) -> Tensor:
         """The tensor kept under ``key``, made by ``make()`` on first use. Keys are the

@@ -36,6 +36,7 @@ from torch import Tensor
 from fasthist.target import HistTarget
 
 from ._histogram import (  # noqa: F401 - re-exported: the kernels import everything shared from here
+    HIST_NAMES,
     HIST_OFF,
     HIST_PROBE,
     HIST_SHARED,
@@ -587,6 +588,7 @@ def launch(
     num_tensors = sum(tables.table.shape[0] for _, tables, _ in plan.groups)
     scratch = scratch_for(hist, num_tensors) if hist is not None else None
     bins = bin_layout(BinSpec(hist.bins).kwargs() if hist is not None else NO_BINS, SHAPE.num_warps)
+    used: set[int] = set()
     for dtype, tables, aligned in plan.groups:
         if tables.num_chunks == 0:
             continue
@@ -616,7 +618,9 @@ def launch(
         )
         if hist is not None:
             kw["HIST"] = histogram_strategy(fused_step_kernel, grid, call_args, kw, device, SHAPE.histogram)
+            used.add(kw["HIST"])
         fused_step_kernel[grid](*call_args, **kw)
     if hist is not None:
+        hist.marks[HistTarget.STRATEGY] = "+".join(sorted(HIST_NAMES[h] for h in used))
         finalize_histograms(hist, scratch, found_inf)
     write_back(plan, grads_written=grad_scale is not None)

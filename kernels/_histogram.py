@@ -97,6 +97,8 @@ MAX_WINDOW = 8192
 
 
 HIST_OFF, HIST_TL, HIST_SHARED, HIST_PROBE, HIST_WORDS = 0, 1, 2, 3, 4
+#: what ``opt.backends()`` calls each strategy a launch used
+HIST_NAMES = {HIST_TL: "tl.histogram", HIST_SHARED: "shared", HIST_PROBE: "shared (probe)", HIST_WORDS: "words"}
 
 
 def _smem_asm(base: str, access: str) -> tl.constexpr:

@@ -473,6 +473,29 @@ def test_differentiable_routes_to_reference():
     assert torch.equal(case.hk.total, case.hr.total)
 
 
+@pytest.mark.parametrize("forced", [False, True], ids=["auto", "tl"])
+def test_backends_says_which_histogram_strategy_ran(forced):
+    """``opt.backends()`` carries the histogram strategy of the Triton launch: the shared
+    one (its interpreter twin, ``words``, on the CPU; on a GPU ``tl.histogram`` where the
+    guard refused the shared one, with its warning) or ``tl.histogram`` when asked for."""
+    p = torch.randn(300, device=DEVICE, requires_grad=True)
+    p.grad = torch.randn_like(p)
+    opt = fasthist.Adam([p])
+    if forced:
+        K.configure(histogram="tl")
+    try:
+        with backend.use("triton"):
+            opt.step()
+    finally:
+        K.configure()
+    (choice,) = opt.backends().values()
+    assert choice.backend == "triton"
+    if forced:
+        assert choice.strategy == "tl.histogram"
+    else:
+        assert choice.strategy == ("words" if ON_CPU else "shared")
+
+
 def test_the_launcher_leaves_the_step_counts_to_the_backend():
     """The launcher takes ready inputs: called bare it reads the step counts as already
     incremented and leaves them; :func:`fasthist.backend.stepped` around it adds one, and
