@@ -142,6 +142,17 @@ def _ignore_further_interrupts() -> None:
         pass
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in ``e``'s chain (matplotlib, for one, can catch one
+    mid-draw and raise a ValueError from it)."""
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -159,6 +170,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         raise
     except Exception as e:
+        if _interrupted(e):  # a library turned our KeyboardInterrupt into its own error
+            raise KeyboardInterrupt from e
         if os.environ.get("FASTHIST_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
