@@ -80,14 +80,11 @@ setup(
         "demo": ["matplotlib", "tqdm", "scikit-learn", "tensorboard"],
         # fasthist.integrations: each imported only when used; install torch first, or pin
         # it on the same command line, so that none of these replaces it
-        # transformers < 5.25: 5.25 requires Hugging Face's `kernels` package, which this
-        # checkout's top-level kernels/ folder shadows wherever the checkout's root is on
-        # sys.path (`python -m pytest` from the root): transformers then fails to import
-        "transformers": ["transformers>=4.40,<5.25", "accelerate>=0.26"],
+        "transformers": ["transformers>=4.40", "accelerate>=0.26"],
         "lightning": ["lightning>=2.0"],
         "wandb": ["wandb>=0.16"],
         "integrations": [
-            "transformers>=4.40,<5.25",
+            "transformers>=4.40",
             "accelerate>=0.26",
             "lightning>=2.0",
             "wandb>=0.16",

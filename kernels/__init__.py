@@ -25,8 +25,20 @@ the multi-tensor tables. Which calls they run is :mod:`fasthist.dispatch`'s deci
 theirs.
 """
 
-import triton  # noqa: F401
+import sys
 
-from ._common import MAX_BINS, SHAPE, configure  # noqa: F401
+if __name__ == "kernels":  # pragma: no cover - exercised in a subprocess by the tests
+    # Imported as a top-level ``kernels``: this folder was found only because a checkout's
+    # root is on sys.path (a script or ``python -m`` run from it). The name belongs to
+    # whatever ``kernels`` is installed (Hugging Face's, which transformers >= 5.25
+    # imports), so step aside for it; this package is ``fasthist.kernels``.
+    from ._shadow import step_aside
+
+    sys.modules[__name__] = step_aside(__file__)
+    del sys.modules[__name__ + "._shadow"]  # fasthist's, not a submodule of what replaced it
+else:
+    import triton  # noqa: F401
+
+    from ._common import MAX_BINS, SHAPE, configure  # noqa: F401
 
 __all__ = ["MAX_BINS", "SHAPE", "configure"]

@@ -128,6 +128,44 @@ def test_interrupted_while_writing_leaves_the_previous_run(where, previous, tmp_
     assert contents(out) == old  # nothing new, nothing half-written, no staging folder left
 
 
+def test_ctrl_c_mid_figure_waits_for_the_figure_then_interrupts(previous, tmp_path, capsys, monkeypatch):
+    """A real SIGINT while matplotlib lays out a figure: the figure is finished first (an
+    interrupt inside matplotlib can leave its state broken and end in an unrelated error),
+    then the run stops with 130 and the previous run's files."""
+    import fasthist.plot
+
+    old, _ = previous
+    out = fresh(tmp_path, old)
+    real = fasthist.plot.histograms
+    finished = []
+
+    def histograms(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at once to the main thread, mid-draw
+        result = real(*args, **kwargs)
+        finished.append(True)
+        return result
+
+    monkeypatch.setattr("fasthist.plot.histograms", histograms)
+    rc, _, err = run(["eps-range", "--steps", "2", "--quiet", "--seed", "1", "--out", str(out)], capsys)
+    assert finished == [True]
+    assert rc == 130 and err.strip().splitlines() == ["fasthist: interrupted"]
+    assert contents(out) == old
+
+
+def test_an_error_raised_from_an_interrupt_is_an_interrupt(tmp_path, capsys, monkeypatch):
+    """A library that turns a KeyboardInterrupt into its own error still ends as Ctrl-C."""
+
+    def wrapped(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ValueError("Invalid affine transformation matrix") from e
+
+    monkeypatch.setattr("fasthist.tasks.get_task", wrapped)
+    rc, _, err = run(["eps-range", "--steps", "2", "--quiet", "--out", str(tmp_path)], capsys)
+    assert rc == 130 and err.strip().splitlines() == ["fasthist: interrupted"]
+
+
 def test_interrupt_during_the_renames_is_ignored_the_run_is_complete(previous, tmp_path, capsys, monkeypatch):
     old, new = previous
     out = fresh(tmp_path, old)

@@ -3,6 +3,7 @@ tables, the JSON result file, the figures and the closing "wrote ..." line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "decades",
     "draw_figures",
     "ignore_interrupts",
+    "interrupts_held",
     "json_safe",
     "json_text",
     "load_cpu_kernel",
@@ -104,6 +106,31 @@ def ignore_interrupts() -> None:
         return
     for sig in HELD_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends, then act as they would have (main thread
+    only; elsewhere the block runs as is). For code an interrupt must not cut in the middle:
+    matplotlib, interrupted while it lays out a figure, can leave its state broken and fail
+    with an unrelated error (``Invalid affine transformation matrix``) instead of stopping.
+    The wait lasts at most the block (one figure: about a second)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:  # the first one decides, as it would have without the wait
+        handler = previous[caught[0]]
+        if callable(handler):
+            handler(caught[0], None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(caught[0])
 
 
 class Outputs:
@@ -200,7 +227,8 @@ def draw_figures(outputs: Outputs, draw: Sequence[tuple[str, Callable[[str], Any
         return []
     written = []
     for name, fn in draw:
-        fn(outputs.path(name))
+        with interrupts_held():
+            fn(outputs.path(name))
         written.append(name)
     return written
 

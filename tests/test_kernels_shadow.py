@@ -1,0 +1,39 @@
+"""The checkout's top-level ``kernels/`` folder is installed as ``fasthist.kernels``; run from
+the checkout's root (``python -m pytest``, a script there), ``import kernels`` must still
+give the installed top-level ``kernels`` (Hugging Face's, which transformers >= 5.25
+imports), not fasthist's folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, pythonpath: Path | None) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(pythonpath) if pythonpath else ""}
+    # -c puts the working directory (the checkout's root) first on sys.path, ahead of PYTHONPATH
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_import_kernels_from_the_root_finds_the_installed_package(tmp_path):
+    pkg = tmp_path / "kernels"
+    (pkg / "layers").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from .layers import NAME\nWHO = 'installed'\n")
+    (pkg / "layers" / "__init__.py").write_text("NAME = 'layers'\n")
+    out = _run(
+        "import sys, kernels, kernels.layers; "
+        "print(kernels.WHO, kernels.NAME, kernels.layers.__name__, kernels.__file__, 'kernels._shadow' in sys.modules)",
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["installed", "layers", "kernels.layers", str(pkg / "__init__.py"), "False"]
+
+
+def test_import_kernels_from_the_root_without_one_installed_says_what_the_folder_is():
+    out = _run("import kernels", None)
+    assert out.returncode == 1
+    assert "ImportError: No module named 'kernels' outside" in out.stderr
+    assert "imported as fasthist.kernels" in out.stderr
