@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.adam import Adam as TorchAdam
 from torch.optim.adam import adam as torch_adam
 from torch.optim.optimizer import ParamsT
 
@@ -107,8 +108,9 @@ class Adam(HistogramMixin, torch.optim.Adam):
     ) -> None:
         self._init_tracking(track, bins)
         # torch.optim.Adam's own __init__ (not super()): in fasthist.AdamW the next class in
-        # the MRO is torch.optim.AdamW, whose __init__ takes no decoupled_weight_decay.
-        torch.optim.Adam.__init__(
+        # the MRO is torch.optim.AdamW, whose __init__ takes no decoupled_weight_decay. Bound at
+        # import: torch.optim.Adam may since have been replaced by this class (a drop-in swap).
+        TorchAdam.__init__(
             self,
             params,
             lr,

@@ -7,6 +7,7 @@ every backend (the Triton kernels under the interpreter on a machine without CUD
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -162,6 +163,32 @@ def test_torch_error_inputs_with_fasthist_substituted():
         expect = pytest.warns if issubclass(case.error_type, Warning) else pytest.raises
         with expect(case.error_type, match=case.error_regex):
             run()
+
+
+TORCH_REPLACED = [i for i in OPTIMS if i.reference.__module__.startswith("torch.optim.")]
+
+
+@pytest.mark.parametrize("info", TORCH_REPLACED, ids=lambda info: info.name)
+def test_stands_in_for_torch_class_assigned_by_name(info, monkeypatch):
+    # How frameworks (and PyTorch's test_optim.py run with fasthist substituted) swap optimizers
+    # in: all at once, by assigning each to torch.optim.<Name> and torch.optim.<module>.<Name>.
+    # Construction must not look torch's class up there again: it would find itself and recurse.
+    for each in TORCH_REPLACED:
+        monkeypatch.setattr(torch.optim, each.reference.__name__, each.cls)
+        monkeypatch.setattr(importlib.import_module(each.reference.__module__), each.reference.__name__, each.cls)
+    name = info.reference.__name__
+    ours_p = make_params()
+    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    ours, ref = torch.optim.__dict__[name](ours_p), info.reference(ref_p)
+    assert type(ours) is info.cls
+    for step in range(3):
+        for p, q, g in zip(ours_p, ref_p, grads_at(step, ours_p), strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    (rtol, atol) = info.param_tol  # the tolerance of test_matches_reference_step_for_step
+    for p, q in zip(ours_p, ref_p, strict=True):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("info", [i for i in OPTIMS if i.sparse_error], ids=lambda info: info.name)
