@@ -14,7 +14,7 @@ replaced: the same selection runs torch's own classes, the baseline that tells a
 between the copy of ``test_optim.py`` and the installed torch from a fasthist defect.
 
 The copy of ``test_optim.py`` may come from another torch commit than the installed one. The
-one mismatch handled here: files from early 2024 import ``TestOptim``, ``TestLRScheduler`` and
+one mismatch handled here: files since early 2024 import ``TestOptim``, ``TestLRScheduler`` and
 friends from sibling files (``test/optim/*.py``) that a lone copy lacks; those modules are
 stood in for by empty, non-collected classes (only ``TestOptimRenewed`` runs). Anything else
 that differs shows up as a failure of the ``--torch`` baseline.
