@@ -83,6 +83,7 @@ def _arguments(decl: OptimizerDecl) -> list[tuple[str, str]]:
     aliases = iter(string.ascii_lowercase)
     lists = [("Tensor[]" if n == "grads" else f"Tensor({next(aliases)}!)[]", n) for n in decl.lists]
     hist = [(f"Tensor({next(aliases)}!)?", "hist_step"), (f"Tensor({next(aliases)}!)?", "hist_total")]
+    hist += [(f"Tensor({next(aliases)}!)?", "staleness_step"), (f"Tensor({next(aliases)}!)?", "staleness_total")]
     hist += [("Tensor?", "hist_rows"), ("int[]", "hist_bins")]
     options = [("bool?", n) for n in sorted(decl.bools)] + [("Tensor?", n) for n in sorted(decl.tensors)]
     options += [(t, n + suffix) for n in sorted(decl.floats) for t, suffix in _FLOAT_SLOTS]
@@ -123,7 +124,9 @@ def _implementation(decl: OptimizerDecl) -> Callable[..., None]:
         hist = None
         if args["hist_step"] is not None:
             bins = LogBins(*args["hist_bins"])
-            hist = HistTarget(bins, args["hist_step"], args["hist_total"], args["hist_rows"])
+            stale = args["staleness_step"]
+            staleness = (stale, args["staleness_total"]) if stale is not None else None
+            hist = HistTarget(bins, args["hist_step"], args["hist_total"], args["hist_rows"], staleness=staleness)
         kwargs = {n: args[n] for n in (*decl.bools, *decl.tensors)}
         kwargs.update((n, _float_value(args, n)) for n in decl.floats)
         backends.run(backend, decl, [args[n] for n in decl.lists], hist, kwargs)
@@ -147,7 +150,7 @@ def _op_and_names(decl: OptimizerDecl) -> tuple[Any, tuple[str, ...]]:
         return found
     if not decl.name.isidentifier():
         raise ValueError(f"Invalid optimizer name for a custom operator: {decl.name!r}")
-    mutated = (*_written(decl), "hist_step", "hist_total")
+    mutated = (*_written(decl), "hist_step", "hist_total", "staleness_step", "staleness_total")
     defined = torch.library.custom_op(f"fasthist::{decl.name}_step", mutates_args=mutated, schema=schema(decl))(
         _implementation(decl)
     )
@@ -170,8 +173,11 @@ def functional_(
     args: dict[str, Any] = dict(zip(decl.lists, lists, strict=True))
     bins = hist.bins if hist is not None else LogBins()
     args.update(hist_step=None, hist_total=None, hist_rows=None, hist_bins=list(bins.spec))
+    args.update(staleness_step=None, staleness_total=None)
     if hist is not None:
         args.update(hist_step=hist.step, hist_total=hist.total, hist_rows=hist.rows)
+        if hist.staleness is not None:
+            args.update(staleness_step=hist.staleness[0], staleness_total=hist.staleness[1])
     constant = backend == backends.TRITON
     for k, v in kwargs.items():
         args.update(_float_slots(k, v, constant) if k in decl.floats else {k: v})

@@ -17,10 +17,11 @@ import torch
 from torch import Tensor
 
 from .bins import LogBins
+from .declaration import QUANTITIES, quantities
 from .eps import EpsRange, Exclude, eps_range_from_counts
 from .histogram import Histogram, as_quantiles, batched_quantile, invalid_rows
 from .names import tracked, why_untracked
-from .store import HIST_KEYS, HistogramStore
+from .store import ROW_KEYS, HistogramStore
 
 __all__ = ["HistogramQueries", "HistogramRows"]
 
@@ -64,16 +65,34 @@ class HistogramQueries:
             store = self.__dict__["_fh_store"] = HistogramStore(self._bins)
         return store
 
-    def _tracked(self) -> list[tuple[str, Tensor]]:
-        return tracked(self.param_groups, self.state)
+    def _tracked(self) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+        """Every tracked tensor, and those tracking staleness (what the store packs)."""
+        return tracked(self.param_groups, self.state), tracked(self.param_groups, self.state, "staleness")
+
+    def _check_quantity(self, quantity: str) -> None:
+        """Refuse a quantity no param group tracks (or no such quantity)."""
+        if quantity not in QUANTITIES:
+            raise ValueError(f"Invalid quantity: {quantity!r}; expected one of {QUANTITIES}")
+        if quantity != "sqrt_v" and not any(quantity in quantities(g["track"]) for g in self.param_groups):
+            raise ValueError(
+                f"Invalid quantity: {quantity!r} is not tracked by any param group; pass "
+                f"track=('sqrt_v', {quantity!r}) to the optimizer or the group"
+            )
 
     def histogram_rows(
-        self, window: str = "step", *, process_group: Any = None, sharded: bool | None = None
+        self,
+        window: str = "step",
+        *,
+        quantity: str = "sqrt_v",
+        process_group: Any = None,
+        sharded: bool | None = None,
     ) -> HistogramRows:
-        """All histograms of ``window`` ("step" or "total") as one ``[R, num_bins]`` int64
-        matrix with the tensors' names, without copying them off the device; with
-        ``process_group``, merged across its ranks (see :meth:`histograms`)."""
-        names, params, counts = self._hist_store().rows(self.state, self._tracked(), window)
+        """All histograms of ``quantity`` (``"sqrt_v"`` or ``"staleness"``, see ``track``) in
+        ``window`` ("step" or "total") as one ``[R, num_bins]`` int64 matrix with the tensors'
+        names, without copying them off the device; with ``process_group``, merged across its
+        ranks (see :meth:`histograms`). A quantity no group tracks raises ``ValueError``."""
+        self._check_quantity(quantity)
+        names, params, counts = self._hist_store().rows(self.state, *self._tracked(), window, quantity)
         if process_group is None:
             return HistogramRows(list(names), list(params), counts)
         from .distributed import global_rows  # torch.distributed only when asked for
@@ -84,9 +103,11 @@ class HistogramQueries:
         local = dict(zip(names, params, strict=True))
         return HistogramRows(merged_names, [local.get(n) for n in merged_names], merged)
 
-    def _checked_rows(self, window: str, process_group: Any, sharded: bool | None) -> HistogramRows:
+    def _checked_rows(
+        self, window: str, process_group: Any, sharded: bool | None, quantity: str = "sqrt_v"
+    ) -> HistogramRows:
         """:meth:`histogram_rows`, refusing rows whose counts wrapped past int64."""
-        rows = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        rows = self.histogram_rows(window, quantity=quantity, process_group=process_group, sharded=sharded)
         if rows.counts is not None:
             _refuse_overflow(rows.names, rows.counts, window)
         return rows
@@ -98,7 +119,12 @@ class HistogramQueries:
         return self._bins
 
     def histograms(
-        self, *, window: str = "step", process_group: Any = None, sharded: bool | None = None
+        self,
+        *,
+        window: str = "step",
+        quantity: str = "sqrt_v",
+        process_group: Any = None,
+        sharded: bool | None = None,
     ) -> dict[str, Histogram]:
         """Histogram of every tracked tensor, by name: the names given to the optimizer
         (``model.named_parameters()``), else ``"{group}.{index}"``: ``model.parameters()``
@@ -113,8 +139,11 @@ class HistogramQueries:
         every rank; a collective, so call it on every rank. Replicated tensors (DDP) count
         once, shards (DTensor/FSDP2) add up to the whole tensor; ``sharded`` overrides the
         per-tensor default. See :mod:`fasthist.distributed`. None (default): this rank only.
+
+        ``quantity`` (every query accepts it): ``"sqrt_v"`` (default) or ``"staleness"``, the
+        tensors of the groups tracking it (``track=("sqrt_v", "staleness")``).
         """
-        names, _, counts = self._checked_rows(window, process_group, sharded)
+        names, _, counts = self._checked_rows(window, process_group, sharded, quantity)
         if counts is None:
             return {}
         # a copy per row: each histogram owns its counts (saving one writes one row)
@@ -125,15 +154,18 @@ class HistogramQueries:
         param: Tensor | str | None = None,
         *,
         window: str = "step",
+        quantity: str = "sqrt_v",
         process_group: Any = None,
         sharded: bool | None = None,
     ) -> Histogram:
-        """Histogram of one tracked tensor (by tensor or name), or of all merged (None)."""
+        """Histogram of ``quantity`` of one tracked tensor (by tensor or name), or of all merged (None)."""
         if param is None:
-            return self._merged_histogram(window, process_group, sharded)
+            return self._merged_histogram(window, process_group, sharded, quantity)
         if not isinstance(param, (Tensor, str)):
             raise TypeError(f"param must be a Tensor, a str or None, but got {type(param).__name__}")
-        names, order, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        names, order, counts = self.histogram_rows(
+            window, quantity=quantity, process_group=process_group, sharded=sharded
+        )
         if isinstance(param, str):
             r = names.index(param) if param in names else None
         else:
@@ -146,9 +178,9 @@ class HistogramQueries:
         _refuse_overflow([names[r]], row, window)
         return Histogram(row[0].clone(), self._bins, validate=False)
 
-    def _merged_histogram(self, window: str, process_group: Any, sharded: bool | None) -> Histogram:
+    def _merged_histogram(self, window: str, process_group: Any, sharded: bool | None, quantity: str) -> Histogram:
         """The histogram of every tracked tensor's values together."""
-        names, _, counts = self._checked_rows(window, process_group, sharded)
+        names, _, counts = self._checked_rows(window, process_group, sharded, quantity)
         if counts is None:
             return Histogram.empty(self._bins)
         merged = counts.sum(dim=0)
@@ -161,6 +193,7 @@ class HistogramQueries:
         qs: float | list[float] | Tensor,
         *,
         window: str = "step",
+        quantity: str = "sqrt_v",
         exclude_zeros: bool = False,
         process_group: Any = None,
         sharded: bool | None = None,
@@ -169,7 +202,7 @@ class HistogramQueries:
         on the histograms' device, computed in one batched operation (rule and guarantee
         of :class:`Histogram`)."""
         qt, _ = as_quantiles(qs)
-        names, _, counts = self._checked_rows(window, process_group, sharded)
+        names, _, counts = self._checked_rows(window, process_group, sharded, quantity)
         if counts is None:
             return [], torch.empty(0, qt.numel(), dtype=torch.float64)
         chunks = counts.split(_CHECK_ROWS)  # its running sums a bounded number of rows at a time
@@ -202,10 +235,10 @@ class HistogramQueries:
         )
 
     def reset_histograms(self) -> None:
-        """Zero both windows of every tensor, in every group (tracked now or not)."""
+        """Zero both windows of both quantities of every tensor, in every group (tracked now or not)."""
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p, {})
-                for key in HIST_KEYS:
+                for key in ROW_KEYS:
                     if key in st:  # rows of the packed buffers, or loaded tensors
                         st[key].zero_()
