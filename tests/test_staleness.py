@@ -178,7 +178,7 @@ def test_per_group_track():
     w, v = torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)
     opt = fasthist.Adam([{"params": [w], "track": ["staleness", "sqrt_v"]}, {"params": [v]}], weight_decay=0.1)
     assert opt.param_groups[0]["track"] == BOTH and opt.param_groups[1]["track"] is True
-    for step in range(3):
+    for _ in range(3):
         w.grad, v.grad = torch.randn(4, 3), torch.randn(5)
         before = w.detach().clone()
         opt.step()
