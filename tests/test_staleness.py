@@ -283,3 +283,27 @@ def test_staleness_tracked_later_in_a_group():
     opt.step()
     assert int(opt.histogram(p, window="total", quantity="staleness").counts.sum()) == 4
     assert int(opt.histogram(p, window="total").counts.sum()) == int(before.sum()) + 4
+
+
+def test_staleness_rms_brackets_the_exact_rms():
+    """opt.staleness_rms(): the exact RMS of the oracle's s lies in [lower, upper], and the
+    estimate is within 2**-(m+1) of it (all values in range here)."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g).requires_grad_() for s in SHAPES]
+    opt = fasthist.AdamW(params, track=BOTH, eps=1e-12)
+    for step in range(STEPS):
+        grads = _grads(step, torch.float32)
+        for p, gr in zip(params, grads, strict=True):
+            p.grad = gr
+        before = [p.detach().clone() for p in params]
+        opt.step()
+    names, rms = opt.staleness_rms()
+    assert names == ["0.0", "0.1", "0.2", "0.3"] and rms.estimate.dtype == torch.float64
+    group = opt.param_groups[0]
+    for i, p in enumerate(params):
+        a = _entering(before[i], grads[i], group, None).abs().float()
+        s = a / torch.maximum(_sqrt_v_hat(opt.state[p], group), torch.tensor(1e-12))
+        exact = s.double().square().mean().sqrt()
+        assert rms.lower[i] <= exact <= rms.upper[i]
+        assert abs(float(rms.estimate[i] / exact) - 1) < 2.0 ** -(opt.bins.mantissa_bits + 1)
+    assert opt.staleness_rms(window="total")[1].estimate.shape == (4,)
