@@ -65,8 +65,13 @@ def _workspace(target: HistTarget, sizes: tuple[int, ...]) -> tuple[Tensor, Tens
 
 def _sqrt_rn_(t: Tensor) -> None:
     """Correctly rounded sqrt in place. torch's CPU float32 sqrt (MKL VML) can be 1 ulp off
-    round-to-nearest, and the bins must match the kernels' ``sqrt_rn`` exactly."""
-    if t.device.type == "cpu":
+    round-to-nearest, and the bins must match the kernels' ``sqrt_rn`` exactly. Under
+    ``torch.compile``, which traces numpy calls into torch ops, a float32 one goes through
+    float64 (rounded once to float32: correctly rounded, as 53 >= 2*24 + 2 bits, even from a
+    float64 sqrt 1 ulp off)."""
+    if torch.compiler.is_compiling() and t.dtype == torch.float32:
+        t.copy_(t.double().sqrt())
+    elif t.device.type == "cpu":
         np.sqrt(t.numpy(), out=t.numpy())
     else:
         t.sqrt_()
@@ -75,7 +80,8 @@ def _sqrt_rn_(t: Tensor) -> None:
 def _values_into_(flat: Tensor, views: list[Tensor], sizes: tuple[int, ...], sqrt: bool) -> list[Tensor]:
     """``flat[segment i] = sqrt(views[i])`` (float32), one pass where possible; the segments."""
     parts = list(flat.split(sizes))
-    if sqrt and len(views) <= 64 and all(v.dtype == torch.float32 for v in views):
+    compiling = torch.compiler.is_compiling()
+    if sqrt and not compiling and len(views) <= 64 and all(v.dtype == torch.float32 for v in views):
         for v, part in zip(views, parts, strict=True):  # few big tensors: sqrt straight into place
             if v.device.type == "cpu":
                 np.sqrt(v.detach().numpy(), out=part.numpy())
@@ -180,7 +186,10 @@ def binned_values(
     narrow = [i for i, v in enumerate(flat_views) if v.dtype != torch.float64]
     if narrow:
         sizes = tuple(flat_views[i].numel() for i in narrow)
-        flat = _workspace(target, sizes)[0]
+        if torch.compiler.is_compiling():  # no workspace first made in a trace: a recompilation
+            flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+        else:
+            flat = _workspace(target, sizes)[0]
         parts = _values_into_(flat, [flat_views[i] for i in narrow], sizes, sqrt)
         _divide_(parts, _sub_scale(scale, narrow), reciprocal)
         for i, part in zip(narrow, parts, strict=True):

@@ -48,6 +48,8 @@ def staleness_target(hist: HistTarget) -> HistTarget:
     that bins one quantity per target (kept in ``hist.marks``: its own marks, so a backend's
     record of one quantity's rows is never taken for the other's; the workspace is shared)."""
     assert hist.staleness is not None
+    if torch.compiler.is_compiling():  # a new one: a compiled step must not write the marks (a recompile)
+        return HistTarget(hist.bins, *hist.staleness, hist.rows)
     found = hist.marks.get(_KEY)
     if found is None or found.step is not hist.staleness[0] or found.rows is not hist.rows:
         step, total = hist.staleness
@@ -77,7 +79,8 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 def magnitudes_(target: HistTarget, grads: list[Tensor]) -> list[Tensor]:
     """``|g|`` of each tensor, flattened (complex as (re, im)), widened to float32 (float64
-    for float64 tensors), in the target's workspace."""
+    for float64 tensors), in the target's workspace (a new tensor in a compiled step, where
+    a workspace first made in the trace would cost a recompilation)."""
     flats = []
     for g in grads:
         g = local_tensor(g) if type(g) is not Tensor else g
@@ -89,7 +92,7 @@ def magnitudes_(target: HistTarget, grads: list[Tensor]) -> list[Tensor]:
             continue
         sizes = tuple(flats[i].numel() for i in idx)
         make = functools.partial(torch.empty, sum(sizes), dtype=dtype, device=target.step.device)
-        buf = target.buffer((_KEY, "a", dtype, sizes), make)
+        buf = make() if torch.compiler.is_compiling() else target.buffer((_KEY, "a", dtype, sizes), make)
         for i, part in zip(idx, buf.split(sizes), strict=True):
             part.copy_(flats[i].detach())
             out[i] = part.abs_()
