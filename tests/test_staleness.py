@@ -392,3 +392,15 @@ def test_compiled_step(compiler):
             expected = _expected(opt.bins, p.detach(), grads[i], opt.state[p], group, None)  # no decay: g = grad
             assert torch.equal(opt.histogram(p, quantity="staleness").counts, expected), (t, i)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("says, takes", [(None, False), (("rmsprop",), False), (("adam",), True), (True, True)])
+def test_a_backend_takes_staleness_only_where_its_module_says_so(monkeypatch, says, takes):
+    """``TRACKS_STALENESS`` of a backend's module (here the fused CPU step's): True, or the
+    names of the optimizers it tracks staleness for; absent, the call goes elsewhere, said why."""
+    if says is not None:
+        monkeypatch.setattr(fasthist.csrc, "TRACKS_STALENESS", says, raising=False)
+    _, opt = _run(fasthist.Adam, {"fused": True}, backend="torch", steps=1, check=not takes)
+    (choice,) = opt.backends().values()
+    assert (choice.backend == FUSED_CPU) == takes, choice
+    assert ("staleness: not in this backend yet" in choice.reason) != takes
