@@ -91,6 +91,10 @@ ADABELIEF = register(
         opaque_update=True,
         eps_ranges=(EpsRangeDecl("adabelief", _eps_pass, "(1-beta2)*s_hat"),),
         default_states=("exp_avgs", "exp_avg_vars"),
+        no_staleness=(
+            "its second moment averages (g - m)^2, the gradient's deviation from its momentum, not g^2; "
+            "|g| / sqrt(s_hat) compares unlike quantities"
+        ),
     )
 )
 
@@ -117,7 +121,12 @@ class AdaBelief(HistogramMixin, Optimizer):
         "            with momentum step instead of none (default: True).\n"
         "        print_change_log (bool): accepted for compatibility; nothing is printed.\n"
         f"{TRACKING_ARGS_DOC}\n"
-        "    fp16 parameters are stepped in float32 with float32 states, as the package does.\n"
+        "    fp16 parameters are stepped in float32 with float32 states, as the package does.\n\n"
+        '    No staleness (``track`` refuses ``"staleness"``): AdaBelief\'s ``s_t`` averages\n'
+        "    ``(g - m)**2``, the gradient's deviation from its own momentum, plus ``eps``; ``|g|``\n"
+        "    over ``sqrt(s_hat)`` compares the gradient with its noise, not with what the state\n"
+        "    expects of it (the analogue, ``|g - m| / sqrt(s_hat)``, would need ``m`` of the step\n"
+        "    before, which no backend keeps).\n"
     )
     declaration = ADABELIEF
 
@@ -135,7 +144,7 @@ class AdaBelief(HistogramMixin, Optimizer):
         degenerated_to_sgd: bool = True,
         print_change_log: bool = False,
         *,
-        track: bool = True,
+        track: bool | tuple[str, ...] = True,
         bins: LogBins | None = None,
     ) -> None:
         if not 0.0 <= lr:

@@ -63,6 +63,10 @@ ADAGRAD = register(
         fused_cpu="adagrad",
         eps_ranges=(EpsRangeDecl("adagrad", _eps_pass, "sqrt(sum g^2)"),),
         default_states=("state_sums",),
+        no_staleness=(
+            "its state is a sum, not an average: |g| / sqrt(sum g^2) shrinks like 1/sqrt(step) "
+            "whatever the gradients do, so it does not say whether the state still describes them"
+        ),
     )
 )
 
@@ -72,7 +76,11 @@ class Adagrad(HistogramMixin, torch.optim.Adagrad):
         "Adagrad",
         "sqrt(sum),\n    the value eps is added to",
         note="torch's Adagrad creates every state at construction, so\n"
-        "    every tracked tensor has an (empty) row before the first step.",
+        "    every tracked tensor has an (empty) row before the first step.\n\n"
+        '    No staleness (``track`` refuses ``"staleness"``): Adagrad\'s state is the sum of every\n'
+        "    ``g**2`` so far, not a running average, so ``|g| / sqrt(sum)`` decays like ``1/sqrt(t)``\n"
+        "    whatever the gradients do; it measures the age of the run, not whether the state\n"
+        "    still describes the gradients.",
     )
 
     declaration = ADAGRAD
@@ -90,7 +98,7 @@ class Adagrad(HistogramMixin, torch.optim.Adagrad):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
-        track: bool = True,
+        track: bool | tuple[str, ...] = True,
         bins: LogBins | None = None,
     ) -> None:
         self._init_tracking(track, bins)

@@ -25,7 +25,7 @@ from . import dispatch
 from .bins import LogBins
 from .declaration import EpsRangeDecl, OptimizerDecl, register
 from .optimizer import HistogramMixin, drop_in_doc
-from .reference.adam import adam_hist_inputs
+from .reference.adam import adam_entering_grads, adam_hist_inputs
 from .target import DeviceTargets
 
 __all__ = ["Adam", "AdamW", "adam"]
@@ -78,12 +78,26 @@ ADAM = register(
             EpsRangeDecl("adamw", _eps_pass_w, "sqrt(v_hat)"),
         ),
         default_states=("exp_avgs", "exp_avg_sqs"),
+        entering_grads=adam_entering_grads,
     )
 )
 
 
 class Adam(HistogramMixin, torch.optim.Adam):
-    __doc__ = drop_in_doc("Adam", "sqrt(v_hat)")
+    __doc__ = drop_in_doc(
+        "Adam",
+        "sqrt(v_hat)",
+        note="See ``torch.optim.Adam`` for the algorithm.\n\n"
+        '    Staleness (``track=("sqrt_v", "staleness")``, :mod:`fasthist.health`): per element\n'
+        "    ``s = |g| / max(x, eps)``, with ``x`` exactly the ``sqrt(v_hat)`` value binned above (the\n"
+        "    AMSGrad maximum with ``amsgrad``) and ``g`` the gradient as it enters ``v``: unscaled by\n"
+        "    ``grad_scale``, negated under ``maximize``, plus ``weight_decay * param`` (the parameter\n"
+        "    before the update) for Adam's coupled decay, computed as torch computes it (in the\n"
+        "    parameter's dtype, or in float32 in the fused step), widened to float32; ``s`` is one\n"
+        "    float32 IEEE division (float64 for float64 parameters), binned with the same bins,\n"
+        '    exactly. ``s <= sqrt((1 - beta2**t) / (1 - beta2))``. Query it with ``quantity="staleness"``\n'
+        "    and :meth:`staleness_rms`.",
+    )
 
     declaration = ADAM
     _checks_graph_capture = True
@@ -103,7 +117,7 @@ class Adam(HistogramMixin, torch.optim.Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
-        track: bool = True,
+        track: bool | tuple[str, ...] = True,
         bins: LogBins | None = None,
     ) -> None:
         self._init_tracking(track, bins)
@@ -139,7 +153,8 @@ class AdamW(Adam, torch.optim.AdamW):
     __doc__ = (
         "Drop-in replacement for :class:`torch.optim.AdamW` (Adam with decoupled weight decay,\n"
         "    default 1e-2) that records log-binned histograms of sqrt(v_hat); see\n"
-        "    :class:`fasthist.Adam` for ``track`` and ``bins``.\n"
+        "    :class:`fasthist.Adam` for ``track`` (staleness included: the decoupled decay never\n"
+        "    enters ``g``) and ``bins``.\n"
     )
 
     def __init__(
@@ -156,7 +171,7 @@ class AdamW(Adam, torch.optim.AdamW):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
-        track: bool = True,
+        track: bool | tuple[str, ...] = True,
         bins: LogBins | None = None,
     ) -> None:
         super().__init__(

@@ -17,6 +17,10 @@ keeps them as torch's fused step does and readies ``found_inf``, ``grad_scale`` 
 - :data:`TORCH`: the torch update, then the histogram pass in torch ops
   (:mod:`fasthist.reference`): the oracle, and what runs wherever nothing faster does.
 
+The two torch backends also write the staleness windows of a target that has them
+(:mod:`fasthist.reference.staleness`, binned by their own histogram pass); the Triton and
+fused CPU backends take such a call only where they say they do (:mod:`fasthist.dispatch`).
+
 The user's knob is ``FASTHIST_BACKEND`` (read at every step), or :func:`use` in code:
 
 - ``auto`` (default): the fastest backend that takes the call;
@@ -43,6 +47,7 @@ from . import csrc
 from .declaration import OptimizerDecl
 from .dtensor import is_dtensor, local_tensor
 from .reference.histogram import accumulate_, record_
+from .reference.staleness import record_staleness_
 from .target import HistTarget
 
 __all__ = [
@@ -159,11 +164,15 @@ def run(backend: str, decl: OptimizerDecl, lists: list[list[Tensor]], hist: Hist
         op = decl.fused_cpu
         stepped(lists, kwargs, torch.device("cpu"), lambda ready: csrc.fused_step_(op, lists, hist, ready))
     else:
-        decl.update(*lists, **kwargs)
         accumulate = _compiled_histogram_ if backend == CPU_HISTOGRAM else accumulate_
-        record_(
-            hist, decl.hist_inputs, lists, kwargs, sqrt=decl.sqrt, reciprocal=decl.reciprocal, accumulate=accumulate
-        )
+
+        def update() -> None:
+            decl.update(*lists, **kwargs)
+            record_(
+                hist, decl.hist_inputs, lists, kwargs, sqrt=decl.sqrt, reciprocal=decl.reciprocal, accumulate=accumulate
+            )
+
+        record_staleness_(hist, decl, lists, kwargs, update, accumulate)
 
 
 def stepped(

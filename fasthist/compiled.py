@@ -21,7 +21,9 @@ call itself, so:
 
 The operator's schema follows from the declaration (:func:`schema`): one typed argument
 per list of the functional form (``Tensor(x!)[]`` where the call writes it), the
-histogram target as its two windows, its rows and its bins, and one argument per keyword
+histogram target as its two windows, its rows and its bins (and, where the optimizer
+declares staleness, ``decl.entering_grads``, the two staleness windows, None when not
+tracked), and one argument per keyword
 argument, under its own name: ``bool?`` for ``decl.bools``, ``Tensor?`` for
 ``decl.tensors``; a float of ``decl.floats`` has three typed slots, of which a call
 fills at most one:
@@ -72,6 +74,8 @@ def _written(decl: OptimizerDecl) -> list[str]:
     return [name for name in decl.lists if name != "grads"]
 
 
+# the staleness windows' arguments, after the histogram target's
+_STALENESS = ("staleness_step", "staleness_total")
 # a float's slots (module docstring): (schema type, suffix of its argument's name)
 _FLOAT_SLOTS = (("float?", ""), ("Tensor?", "_float"), ("Tensor?", "_tensor"))
 
@@ -83,6 +87,8 @@ def _arguments(decl: OptimizerDecl) -> list[tuple[str, str]]:
     aliases = iter(string.ascii_lowercase)
     lists = [("Tensor[]" if n == "grads" else f"Tensor({next(aliases)}!)[]", n) for n in decl.lists]
     hist = [(f"Tensor({next(aliases)}!)?", "hist_step"), (f"Tensor({next(aliases)}!)?", "hist_total")]
+    if decl.entering_grads is not None:  # the staleness windows, where the optimizer has staleness
+        hist += [(f"Tensor({next(aliases)}!)?", n) for n in _STALENESS]
     hist += [("Tensor?", "hist_rows"), ("int[]", "hist_bins")]
     options = [("bool?", n) for n in sorted(decl.bools)] + [("Tensor?", n) for n in sorted(decl.tensors)]
     options += [(t, n + suffix) for n in sorted(decl.floats) for t, suffix in _FLOAT_SLOTS]
@@ -123,7 +129,9 @@ def _implementation(decl: OptimizerDecl) -> Callable[..., None]:
         hist = None
         if args["hist_step"] is not None:
             bins = LogBins(*args["hist_bins"])
-            hist = HistTarget(bins, args["hist_step"], args["hist_total"], args["hist_rows"])
+            stale = args.get("staleness_step")
+            staleness = (stale, args["staleness_total"]) if stale is not None else None
+            hist = HistTarget(bins, args["hist_step"], args["hist_total"], args["hist_rows"], staleness=staleness)
         kwargs = {n: args[n] for n in (*decl.bools, *decl.tensors)}
         kwargs.update((n, _float_value(args, n)) for n in decl.floats)
         backends.run(backend, decl, [args[n] for n in decl.lists], hist, kwargs)
@@ -147,7 +155,7 @@ def _op_and_names(decl: OptimizerDecl) -> tuple[Any, tuple[str, ...]]:
         return found
     if not decl.name.isidentifier():
         raise ValueError(f"Invalid optimizer name for a custom operator: {decl.name!r}")
-    mutated = (*_written(decl), "hist_step", "hist_total")
+    mutated = (*_written(decl), "hist_step", "hist_total", *(_STALENESS if decl.entering_grads is not None else ()))
     defined = torch.library.custom_op(f"fasthist::{decl.name}_step", mutates_args=mutated, schema=schema(decl))(
         _implementation(decl)
     )
@@ -172,6 +180,8 @@ def functional_(
     args.update(hist_step=None, hist_total=None, hist_rows=None, hist_bins=list(bins.spec))
     if hist is not None:
         args.update(hist_step=hist.step, hist_total=hist.total, hist_rows=hist.rows)
+        if hist.staleness is not None:
+            args.update(zip(_STALENESS, hist.staleness, strict=True))
     constant = backend == backends.TRITON
     for k, v in kwargs.items():
         args.update(_float_slots(k, v, constant) if k in decl.floats else {k: v})

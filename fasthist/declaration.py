@@ -9,6 +9,14 @@ The histogrammed value of tensor ``i``, from the functional form's lists after t
     x_i = values[i] * scale[i]              (not decl.sqrt, decl.reciprocal)
 
 which every backend bins (:mod:`fasthist.reference.histogram` states the rounding).
+
+A second quantity, the staleness of the second moment (:mod:`fasthist.health`), is tracked
+where the declaration says how the gradient enters the second moment
+(``decl.entering_grads``, read *before* the update)::
+
+    s_i = |g_i| / max(x_i, eps)           (float32 IEEE division; float64 for float64 tensors)
+
+with ``x_i`` the histogrammed value above and ``eps`` the group's ε (:mod:`fasthist.reference.staleness`).
 """
 
 from __future__ import annotations
@@ -20,7 +28,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["EpsRangeDecl", "OptimizerDecl", "register", "lookup", "registered"]
+__all__ = ["QUANTITIES", "EpsRangeDecl", "OptimizerDecl", "quantities", "register", "lookup", "registered"]
+
+QUANTITIES = ("sqrt_v", "staleness")
+"""The quantities an optimizer can histogram, by the names ``track=`` takes: ``"sqrt_v"``, the
+value ε is added to (module docstring), and ``"staleness"``, ``|g| / max(√v̂, ε)``."""
+
+
+def quantities(track: bool | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The quantities a (checked) ``track`` value records: ``True`` is ``("sqrt_v",)``,
+    ``False`` none, names as given."""
+    if isinstance(track, bool):
+        return ("sqrt_v",) if track else ()
+    return tuple(track)
+
 
 HistInputs = tuple[list[Tensor], "list[float] | Tensor", "Tensor | None"]
 """``(values, scale, found_inf)``: what the histogram pass of one call bins (module docstring)."""
@@ -63,6 +84,11 @@ class OptimizerDecl:
     - ``eps_ranges``: the ε-range rule's ways to run it (:class:`EpsRangeDecl`).
     - ``default_states``: the state lists its update reads and writes under its default
       options (bytes moved per step, for the benchmarks).
+    - ``entering_grads``: ``(lists, kwargs) -> list[Tensor]``, the gradient of each tensor
+      as it enters the second moment (unscaled, negated under ``maximize``, with coupled
+      weight decay, in the precision the update computes it), read *before* the update; it
+      makes ``"staleness"`` trackable. None: the optimizer has no staleness, and
+      ``no_staleness`` says why (the message of the ``ValueError`` refusing it).
     """
 
     name: str
@@ -81,6 +107,13 @@ class OptimizerDecl:
     opaque_update: bool = False
     eps_ranges: tuple[EpsRangeDecl, ...] = ()
     default_states: tuple[str, ...] = ()
+    entering_grads: Callable[[list[list[Tensor]], dict[str, Any]], list[Tensor]] | None = None
+    no_staleness: str = ""
+
+    @property
+    def trackable(self) -> tuple[str, ...]:
+        """The quantities (:data:`QUANTITIES`) this optimizer can histogram."""
+        return QUANTITIES if self.entering_grads is not None else ("sqrt_v",)
 
     def __post_init__(self) -> None:
         if self.lists[:2] != ("params", "grads") or self.lists[-1] != "state_steps":

@@ -6,10 +6,12 @@ Per device, the call goes to the fastest backend that takes it, in this order:
    CUDA tensors (``auto``) where ``fasthist.kernels`` imports, unless the kernel cannot take
    the call: more bins than :data:`fasthist.kernels.MAX_BINS` (one warning per layout),
    ``differentiable``, sparse gradients, betas held in device tensors (reading them would
-   synchronise), parameter dtypes it has no kernel for (``decl.kernel_dtypes``);
+   synchronise), parameter dtypes it has no kernel for (``decl.kernel_dtypes``), a target
+   with staleness windows where ``fasthist.kernels.TRACKS_STALENESS`` is not true;
 2. :data:`~fasthist.backend.FUSED_CPU` for a tracked ``fused=True`` call of an optimizer
    with a fused CPU op, on one float32/bfloat16/float16 dtype of plain contiguous CPU
-   tensors with scalar hyper-parameters (``lr`` and the GradScaler's tensors on the CPU);
+   tensors with scalar hyper-parameters (``lr`` and the GradScaler's tensors on the CPU),
+   and no staleness windows unless ``fasthist.csrc.TRACKS_STALENESS`` is true;
 3. :data:`~fasthist.backend.CPU_HISTOGRAM` for a tracked call on the CPU whose states the
    compiled pass bins (float32, bfloat16, float16 and complex64 ones);
 4. :data:`~fasthist.backend.TORCH` otherwise, and everywhere with ``FASTHIST_BACKEND=reference``.
@@ -144,7 +146,20 @@ def _triton_refusal(
         )
     if backend.kernel_function(decl) is None:
         return f"fasthist.kernels.{decl.kernel[0]} does not import"
-    return _kernel_refusal(decl, kernels.MAX_BINS, lists, hist, kwargs)
+    return _staleness_refusal(decl, hist, kernels) or _kernel_refusal(decl, kernels.MAX_BINS, lists, hist, kwargs)
+
+
+def _staleness_refusal(decl: OptimizerDecl, hist: HistTarget | None, module: Any) -> str | None:
+    """Why a backend cannot write the staleness windows of ``hist``, or None: it has them and
+    the backend's module does not say it tracks staleness for ``decl``, by
+    ``TRACKS_STALENESS = True`` (every optimizer that declares staleness) or a collection of
+    optimizer names."""
+    if hist is None or hist.staleness is None:
+        return None
+    says = getattr(module, "TRACKS_STALENESS", False)
+    if says is True or (not isinstance(says, bool) and decl.name in says):
+        return None
+    return "staleness: not in this backend yet"
 
 
 def _kernel_refusal(
@@ -216,6 +231,7 @@ def _fused_cpu_refusal(
     if not kwargs.get("fused") or decl.fused_cpu is None:
         return ""
     passes = _cpu_passes_refusal(requested, hist)
+    passes = _staleness_refusal(decl, hist, csrc) if passes is None else passes
     if passes is not None:
         return passes
     if kwargs.get("differentiable") or kwargs.get("has_sparse_grad"):

@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
+from .declaration import quantities
+
 __all__ = ["check_unique_names", "declared", "tracked", "why_untracked"]
 
 
@@ -19,13 +21,14 @@ def _names(gi: int, group: dict[str, Any]) -> list[str]:
     return list(names) if names is not None else [f"{gi}.{pi}" for pi in range(len(group["params"]))]
 
 
-def tracked(param_groups: list[dict[str, Any]], state: Any) -> list[tuple[str, Tensor]]:
-    """``(name, param)`` of every parameter with state in a group with ``track=True``, each
-    tensor once (under the name of its first place)."""
+def tracked(param_groups: list[dict[str, Any]], state: Any, quantity: str = "sqrt_v") -> list[tuple[str, Tensor]]:
+    """``(name, param)`` of every parameter with state in a group whose ``track`` records
+    ``quantity`` (``"sqrt_v"``: every tracked group), each tensor once (under the name of
+    its first place)."""
     out = []
     seen: set[int] = set()
     for gi, group in enumerate(param_groups):
-        if not group.get("track", True):
+        if quantity not in quantities(group.get("track", True)):
             continue
         for n, p in zip(_names(gi, group), group["params"], strict=True):
             if id(p) not in seen and len(state.get(p, {})):

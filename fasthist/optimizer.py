@@ -21,17 +21,20 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import compiled, dispatch
 from .bins import LogBins
-from .declaration import OptimizerDecl
+from .declaration import QUANTITIES, OptimizerDecl, quantities
 from .dispatch import Choice
 from .names import check_unique_names
 from .queries import HistogramQueries, HistogramRows
-from .store import HIST_KEYS, loadable_counts, saved_rows, split_saved_counts
+from .store import ROW_KEYS, loadable_counts, saved_rows, split_saved_counts
 
 __all__ = ["HistogramMixin", "HistogramRows", "TRACKING_ARGS_DOC", "drop_in_doc"]
 
 TRACKING_ARGS_DOC = """\
-        track (bool): record histograms (default: True). A group option too: a param
-            group with ``track=False`` records nothing and costs nothing.
+        track (bool or tuple of str): record histograms (default: True, which records
+            ``"sqrt_v"`` alone); a tuple of names from ``("sqrt_v", "staleness")`` (with
+            ``"sqrt_v"``) records the staleness ``|g| / max(sqrt(v_hat), eps)`` too, where the
+            optimizer has one (:mod:`fasthist.health`). A group option too: a param group with
+            ``track=False`` records nothing and costs nothing.
         bins (LogBins, optional): the binning (default: ``LogBins()``, [1e-20, 1e4]
             at 1.54% relative accuracy).
 """
@@ -54,11 +57,24 @@ def drop_in_doc(torch_name: str, value: str, note: str | None = None) -> str:
     )
 
 
-def _check_track(track: Any) -> bool:
-    """``track`` (an optimizer argument or a group option), refused unless a bool."""
-    if not isinstance(track, bool):
-        raise ValueError(f"Invalid track value: {track}; expected a bool")
-    return track
+def _check_track(track: Any, decl: OptimizerDecl) -> bool | tuple[str, ...]:
+    """``track`` (an optimizer argument or a group option), normalised: a bool as it is,
+    names of :data:`~fasthist.declaration.QUANTITIES` as a tuple in that order; refused
+    unless one of those, with ``"sqrt_v"`` among the names and each name one ``decl`` tracks."""
+    if isinstance(track, bool):
+        return track
+    if not isinstance(track, (tuple, list)) or not all(isinstance(q, str) for q in track):
+        raise ValueError(f"Invalid track value: {track!r}; expected a bool or a tuple of names from {QUANTITIES}")
+    unknown = [q for q in track if q not in QUANTITIES]
+    if unknown:
+        raise ValueError(
+            f"Invalid track value: {track!r}; unknown quantity {unknown[0]!r}, expected names from {QUANTITIES}"
+        )
+    if "sqrt_v" not in track:
+        raise ValueError(f"Invalid track value: {track!r}; 'sqrt_v' must be tracked with any other quantity")
+    if "staleness" in track and "staleness" not in decl.trackable:
+        raise ValueError(f"Invalid track value: {track!r}; {decl.name} has no staleness: {decl.no_staleness}")
+    return tuple(q for q in QUANTITIES if q in track)
 
 
 def _torch_grad_mode(step: Callable) -> Callable:
@@ -115,18 +131,19 @@ class HistogramMixin(HistogramQueries):
         happens here, and the traced step only reads it: no recompilation on the next step."""
         ret = super()._init_group(group, params, *lists)  # type: ignore[misc]
         if group["track"] and params:
-            self._prepare_tracking(params)
+            self._prepare_tracking(params, "staleness" in quantities(group["track"]))
         return ret
 
-    def _prepare_tracking(self, params: list[Tensor]) -> None:
+    def _prepare_tracking(self, params: list[Tensor], staleness: bool = False) -> None:
         """Build (or find) the packed rows and targets of ``params`` and load the compiled
         CPU histogram where one of them is on the CPU. Idempotent, cheap when nothing changed.
-        The targets are kept for the step that called ``_init_group`` (:meth:`_step_targets`)."""
-        targets = self._hist_store().targets_for(self.state, self._tracked, params)
-        self._fh_prepared = (params, targets)
+        The targets are kept for the step that called ``_init_group`` (:meth:`_step_targets`);
+        ``staleness``: they carry the staleness windows too."""
+        targets = self._hist_store().targets_for(self.state, self._tracked, params, staleness)
+        self._fh_prepared = (params, staleness, targets)
         for _, target in targets.values():
             if target.step.device.type == "cuda":  # CUDA graphs (reduce-overhead) write them in place
-                for t in (target.step, target.total, target.rows):
+                for t in (target.step, target.total, target.rows, *(target.staleness or ())):
                     torch._dynamo.mark_static_address(t)
         if any(p.device.type == "cpu" for p in params):
             from . import csrc  # its first call builds or loads the library, outside any trace
@@ -158,7 +175,8 @@ class HistogramMixin(HistogramQueries):
             params = lists[0]
             if not params:
                 continue
-            targets = self._step_targets(params) if group["track"] else None
+            track = group["track"]
+            targets = self._step_targets(params, "staleness" in quantities(track)) if track else None
             dispatch.run(self.declaration, lists, targets, kwargs, record=record, group=i)
 
         return loss
@@ -170,14 +188,15 @@ class HistogramMixin(HistogramQueries):
         compiled with ``torch.compile`` are not recorded."""
         return dict(self.__dict__.get("_fh_backends", {}))
 
-    def _step_targets(self, params: list[Tensor]) -> Any:
+    def _step_targets(self, params: list[Tensor], staleness: bool) -> Any:
         """The targets of this step's ``params``: those :meth:`_prepare_tracking` just found
         for the same list in eager mode (the store's validity check walks every parameter, so
         it runs once per step, not twice), else the store's."""
         prepared, self._fh_prepared = self.__dict__.get("_fh_prepared"), None
-        if prepared is not None and prepared[0] is params and not torch.compiler.is_compiling():
-            return prepared[1]
-        return self._hist_store().targets_for(self.state, self._tracked, params)
+        if prepared is not None and prepared[0] is params and prepared[1] == staleness:
+            if not torch.compiler.is_compiling():
+                return prepared[2]
+        return self._hist_store().targets_for(self.state, self._tracked, params, staleness)
 
     # -- construction helpers ------------------------------------------------------------
     @staticmethod
@@ -201,17 +220,17 @@ class HistogramMixin(HistogramQueries):
                     f"{type(self).__name__} can only optimize floating point or complex parameters, "
                     f"but parameter {i} of the group has dtype {t.dtype}"
                 )
-        _check_track(param_group.get("track", True))
+        _check_track(param_group.get("track", True), self.declaration)
         if params and all(isinstance(p, tuple) for p in params):
             groups = self.param_groups
             names = [*(g.get("param_names") for g in groups), [p[0] for p in params]]
             tensors = [*(g["params"] for g in groups), [p[1] for p in params]]
             check_unique_names(names, [len(g["params"]) for g in groups] + [len(params)], tensors)
 
-    def _init_tracking(self, track: bool, bins: LogBins | None) -> None:
+    def _init_tracking(self, track: bool | tuple[str, ...], bins: LogBins | None) -> None:
         """Validate ``track``/``bins``; call before ``torch.optim.Optimizer.__init__``."""
         self._bins = self._check_bins(bins)
-        self._track_default = _check_track(track)
+        self._track_default = _check_track(track, self.declaration)
 
     def _finish_tracking(self) -> None:
         """Record the tracking options in ``defaults`` and every group; call after it."""
@@ -223,7 +242,8 @@ class HistogramMixin(HistogramQueries):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._check_param_group(param_group)
         super().add_param_group(param_group)  # type: ignore[misc]
-        param_group.setdefault("track", getattr(self, "_track_default", True))
+        track = param_group.setdefault("track", getattr(self, "_track_default", True))
+        param_group["track"] = _check_track(track, self.declaration)  # normalised: a bool or a tuple
         param_group["hist_bins"] = self._bins.spec
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -303,8 +323,8 @@ class HistogramMixin(HistogramQueries):
         buffer would make ``torch.save`` write the whole buffer with it)."""
         state = state_dict["state"]
         for k, st in state.items():
-            if isinstance(st, dict) and any(key in st for key in HIST_KEYS):
-                state[k] = {**st, **saved_rows({key: st[key] for key in HIST_KEYS if key in st})}
+            if isinstance(st, dict) and any(key in st for key in ROW_KEYS):
+                state[k] = {**st, **saved_rows({key: st[key] for key in ROW_KEYS if key in st})}
         return state_dict
 
     def _load_param_state(self, p: Tensor, saved: dict[str, Any]) -> None:

@@ -17,10 +17,12 @@ import torch
 from torch import Tensor
 
 from .bins import LogBins
+from .declaration import QUANTITIES, quantities
 from .eps import EpsRange, Exclude, eps_range_from_counts
+from .health import RMSEstimate, rms_from_counts
 from .histogram import Histogram, as_quantiles, batched_quantile, invalid_rows
 from .names import tracked, why_untracked
-from .store import HIST_KEYS, HistogramStore
+from .store import ROW_KEYS, HistogramStore
 
 __all__ = ["HistogramQueries", "HistogramRows"]
 
@@ -64,16 +66,34 @@ class HistogramQueries:
             store = self.__dict__["_fh_store"] = HistogramStore(self._bins)
         return store
 
-    def _tracked(self) -> list[tuple[str, Tensor]]:
-        return tracked(self.param_groups, self.state)
+    def _tracked(self) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+        """Every tracked tensor, and those tracking staleness (what the store packs)."""
+        return tracked(self.param_groups, self.state), tracked(self.param_groups, self.state, "staleness")
+
+    def _check_quantity(self, quantity: str) -> None:
+        """Refuse a quantity no param group tracks (or no such quantity)."""
+        if quantity not in QUANTITIES:
+            raise ValueError(f"Invalid quantity: {quantity!r}; expected one of {QUANTITIES}")
+        if quantity != "sqrt_v" and not any(quantity in quantities(g["track"]) for g in self.param_groups):
+            raise ValueError(
+                f"Invalid quantity: {quantity!r} is not tracked by any param group; pass "
+                f"track=('sqrt_v', {quantity!r}) to the optimizer or the group"
+            )
 
     def histogram_rows(
-        self, window: str = "step", *, process_group: Any = None, sharded: bool | None = None
+        self,
+        window: str = "step",
+        *,
+        quantity: str = "sqrt_v",
+        process_group: Any = None,
+        sharded: bool | None = None,
     ) -> HistogramRows:
-        """All histograms of ``window`` ("step" or "total") as one ``[R, num_bins]`` int64
-        matrix with the tensors' names, without copying them off the device; with
-        ``process_group``, merged across its ranks (see :meth:`histograms`)."""
-        names, params, counts = self._hist_store().rows(self.state, self._tracked(), window)
+        """All histograms of ``quantity`` (``"sqrt_v"`` or ``"staleness"``, see ``track``) in
+        ``window`` ("step" or "total") as one ``[R, num_bins]`` int64 matrix with the tensors'
+        names, without copying them off the device; with ``process_group``, merged across its
+        ranks (see :meth:`histograms`). A quantity no group tracks raises ``ValueError``."""
+        self._check_quantity(quantity)
+        names, params, counts = self._hist_store().rows(self.state, *self._tracked(), window, quantity)
         if process_group is None:
             return HistogramRows(list(names), list(params), counts)
         from .distributed import global_rows  # torch.distributed only when asked for
@@ -84,9 +104,11 @@ class HistogramQueries:
         local = dict(zip(names, params, strict=True))
         return HistogramRows(merged_names, [local.get(n) for n in merged_names], merged)
 
-    def _checked_rows(self, window: str, process_group: Any, sharded: bool | None) -> HistogramRows:
+    def _checked_rows(
+        self, window: str, process_group: Any, sharded: bool | None, quantity: str = "sqrt_v"
+    ) -> HistogramRows:
         """:meth:`histogram_rows`, refusing rows whose counts wrapped past int64."""
-        rows = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        rows = self.histogram_rows(window, quantity=quantity, process_group=process_group, sharded=sharded)
         if rows.counts is not None:
             _refuse_overflow(rows.names, rows.counts, window)
         return rows
@@ -98,7 +120,12 @@ class HistogramQueries:
         return self._bins
 
     def histograms(
-        self, *, window: str = "step", process_group: Any = None, sharded: bool | None = None
+        self,
+        *,
+        window: str = "step",
+        quantity: str = "sqrt_v",
+        process_group: Any = None,
+        sharded: bool | None = None,
     ) -> dict[str, Histogram]:
         """Histogram of every tracked tensor, by name: the names given to the optimizer
         (``model.named_parameters()``), else ``"{group}.{index}"``: ``model.parameters()``
@@ -113,8 +140,11 @@ class HistogramQueries:
         every rank; a collective, so call it on every rank. Replicated tensors (DDP) count
         once, shards (DTensor/FSDP2) add up to the whole tensor; ``sharded`` overrides the
         per-tensor default. See :mod:`fasthist.distributed`. None (default): this rank only.
+
+        ``quantity`` (every query accepts it): ``"sqrt_v"`` (default) or ``"staleness"``, the
+        tensors of the groups tracking it (``track=("sqrt_v", "staleness")``).
         """
-        names, _, counts = self._checked_rows(window, process_group, sharded)
+        names, _, counts = self._checked_rows(window, process_group, sharded, quantity)
         if counts is None:
             return {}
         # a copy per row: each histogram owns its counts (saving one writes one row)
@@ -125,15 +155,18 @@ class HistogramQueries:
         param: Tensor | str | None = None,
         *,
         window: str = "step",
+        quantity: str = "sqrt_v",
         process_group: Any = None,
         sharded: bool | None = None,
     ) -> Histogram:
-        """Histogram of one tracked tensor (by tensor or name), or of all merged (None)."""
+        """Histogram of ``quantity`` of one tracked tensor (by tensor or name), or of all merged (None)."""
         if param is None:
-            return self._merged_histogram(window, process_group, sharded)
+            return self._merged_histogram(window, process_group, sharded, quantity)
         if not isinstance(param, (Tensor, str)):
             raise TypeError(f"param must be a Tensor, a str or None, but got {type(param).__name__}")
-        names, order, counts = self.histogram_rows(window, process_group=process_group, sharded=sharded)
+        names, order, counts = self.histogram_rows(
+            window, quantity=quantity, process_group=process_group, sharded=sharded
+        )
         if isinstance(param, str):
             r = names.index(param) if param in names else None
         else:
@@ -146,9 +179,9 @@ class HistogramQueries:
         _refuse_overflow([names[r]], row, window)
         return Histogram(row[0].clone(), self._bins, validate=False)
 
-    def _merged_histogram(self, window: str, process_group: Any, sharded: bool | None) -> Histogram:
+    def _merged_histogram(self, window: str, process_group: Any, sharded: bool | None, quantity: str) -> Histogram:
         """The histogram of every tracked tensor's values together."""
-        names, _, counts = self._checked_rows(window, process_group, sharded)
+        names, _, counts = self._checked_rows(window, process_group, sharded, quantity)
         if counts is None:
             return Histogram.empty(self._bins)
         merged = counts.sum(dim=0)
@@ -161,6 +194,7 @@ class HistogramQueries:
         qs: float | list[float] | Tensor,
         *,
         window: str = "step",
+        quantity: str = "sqrt_v",
         exclude_zeros: bool = False,
         process_group: Any = None,
         sharded: bool | None = None,
@@ -169,11 +203,36 @@ class HistogramQueries:
         on the histograms' device, computed in one batched operation (rule and guarantee
         of :class:`Histogram`)."""
         qt, _ = as_quantiles(qs)
-        names, _, counts = self._checked_rows(window, process_group, sharded)
+        names, _, counts = self._checked_rows(window, process_group, sharded, quantity)
         if counts is None:
             return [], torch.empty(0, qt.numel(), dtype=torch.float64)
         chunks = counts.split(_CHECK_ROWS)  # its running sums a bounded number of rows at a time
         return names, torch.cat([batched_quantile(c, qt, self._bins, exclude_zeros=exclude_zeros) for c in chunks])
+
+    def staleness_rms(
+        self, window: str = "step", *, process_group: Any = None, sharded: bool | None = None
+    ) -> tuple[list[str], RMSEstimate]:
+        """Per tensor tracking staleness, its RMS staleness ``sqrt(mean(s**2))`` read off its
+        histogram (:func:`fasthist.health.rms_from_counts`): ``(names, RMSEstimate)``, the
+        estimate and its bounds as float64 ``[num_tensors]`` tensors on the histograms' device.
+
+        Accuracy: ``lower <= RMS <= upper`` always; the estimate ``sqrt(lower * upper)`` is
+        within a relative ``sqrt(1 + 2**-m) - 1 < 2**-(m+1)`` of the true RMS (1.55% with the
+        default ``m = 5`` mantissa bits) when the tensor's below-range, above-range and
+        non-finite bins are empty; below-range elements only widen ``upper`` (by at most
+        ``bins.low`` each), an above-range one makes it infinite, a non-finite one makes all
+        three NaN. No host sync: nothing is read back (the rows are not checked for int64
+        overflow, which a "step" row cannot reach), so it can run every step; a tensor with
+        nothing counted yet gives NaN. ``process_group``/``sharded``: merged across ranks
+        first, as :meth:`histograms` (a collective)."""
+        names, _, counts = self.histogram_rows(
+            window, quantity="staleness", process_group=process_group, sharded=sharded
+        )
+        if counts is None:
+            empty = torch.empty(0, dtype=torch.float64)
+            return [], RMSEstimate(empty, empty, empty)
+        parts = [rms_from_counts(c, self._bins) for c in counts.split(_CHECK_ROWS)]
+        return list(names), RMSEstimate(*(torch.cat(t) for t in zip(*parts, strict=True)))
 
     def eps_range(
         self,
@@ -202,10 +261,10 @@ class HistogramQueries:
         )
 
     def reset_histograms(self) -> None:
-        """Zero both windows of every tensor, in every group (tracked now or not)."""
+        """Zero both windows of both quantities of every tensor, in every group (tracked now or not)."""
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p, {})
-                for key in HIST_KEYS:
+                for key in ROW_KEYS:
                     if key in st:  # rows of the packed buffers, or loaded tensors
                         st[key].zero_()

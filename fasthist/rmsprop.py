@@ -26,6 +26,7 @@ from .bins import LogBins
 from .declaration import EpsRangeDecl, OptimizerDecl, register
 from .optimizer import HistogramMixin, drop_in_doc
 from .reference.rmsprop import rmsprop_hist_inputs
+from .reference.staleness import coupled_entering_grads
 from .target import DeviceTargets
 
 __all__ = ["RMSprop", "rmsprop"]
@@ -74,12 +75,22 @@ RMSPROP = register(
             EpsRangeDecl("rmsprop-centered", _eps_pass_centered, "sqrt(v - g_avg^2)"),
         ),
         default_states=("square_avgs",),
+        entering_grads=coupled_entering_grads,
     )
 )
 
 
 class RMSprop(HistogramMixin, torch.optim.RMSprop):
-    __doc__ = drop_in_doc("RMSprop", "sqrt(v)\n    (centered: sqrt(v - grad_avg**2)), the value eps is added to")
+    __doc__ = drop_in_doc(
+        "RMSprop",
+        "sqrt(v)\n    (centered: sqrt(v - grad_avg**2)), the value eps is added to",
+        note="See ``torch.optim.RMSprop`` for the algorithm.\n\n"
+        '    Staleness (``track=("sqrt_v", "staleness")``): ``|g| / max(x, eps)`` with ``g`` the gradient\n'
+        "    as it enters ``v`` (negated under ``maximize``, with weight decay) and ``x`` the value above.\n"
+        "    Plain RMSprop's ``v_t >= (1 - alpha) g**2`` bounds it by ``1 / sqrt(1 - alpha)`` (10 at the\n"
+        "    default 0.99; no bias correction, so no dependence on the step); centered, the\n"
+        "    denominator subtracts ``grad_avg**2`` and no such bound holds.",
+    )
 
     declaration = RMSPROP
     _checks_graph_capture = True
@@ -98,7 +109,7 @@ class RMSprop(HistogramMixin, torch.optim.RMSprop):
         maximize: bool = False,
         differentiable: bool = False,
         *,
-        track: bool = True,
+        track: bool | tuple[str, ...] = True,
         bins: LogBins | None = None,
     ) -> None:
         self._init_tracking(track, bins)

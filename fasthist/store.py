@@ -12,6 +12,16 @@ again, keeping their counts.
 Cost: two int64 rows of ``bins.num_bins`` per tracked tensor whatever its size (41.5 KB with
 the default 2,596 bins), in memory and in a saved state dict, plus one scratch row per device.
 
+Staleness (``track=("sqrt_v", "staleness")``, :mod:`fasthist.health`) has its own rows,
+``staleness_step`` and ``staleness_total``, in the state of the tensors of groups that track
+it, packed like √v̂'s and indexed by the same row numbers (the target's ``staleness``
+windows). On a device where any tensor tracks staleness the staleness buffers have as many
+rows as √v̂'s, so the memory cost there is two more rows per tracked tensor of that device
+(41.5 KB each by default, whether its group tracks staleness or not), plus one scratch row;
+a saved state dict holds them only for the tensors that track staleness. The backends' own
+workspace for staleness (:mod:`fasthist.reference.staleness`) is one float32 value per
+element of the tensors stepped together (float64 for float64 tensors).
+
 A :class:`HistogramStore` is derived data: it can be dropped at any time (after a load,
 on unpickling) and is rebuilt from the state on next use.
 
@@ -41,10 +51,24 @@ from .bins import LogBins
 from .histogram import invalid_rows
 from .target import DeviceTargets, HistTarget
 
-__all__ = ["HIST_KEYS", "WINDOWS", "HistogramStore", "loadable_counts", "saved_rows", "split_saved_counts"]
+__all__ = [
+    "HIST_KEYS",
+    "ROW_KEYS",
+    "STALENESS_KEYS",
+    "WINDOWS",
+    "HistogramStore",
+    "loadable_counts",
+    "saved_rows",
+    "split_saved_counts",
+]
 
 HIST_KEYS = ("hist_step", "hist_total")
-"""The state keys of the two windows, in the order of :data:`WINDOWS`."""
+"""The state keys of the two windows of √v̂, in the order of :data:`WINDOWS`."""
+STALENESS_KEYS = ("staleness_step", "staleness_total")
+"""The state keys of the two windows of the staleness, in the order of :data:`WINDOWS`."""
+ROW_KEYS = HIST_KEYS + STALENESS_KEYS
+"""Every state key holding a histogram row."""
+_KEYS = {"sqrt_v": HIST_KEYS, "staleness": STALENESS_KEYS}
 WINDOWS = ("step", "total")
 _MAX_TARGETS = 8
 
@@ -68,50 +92,81 @@ class HistogramStore:
         self.views: dict[Tensor, Tensor] = {}  # the exact tensor object put in state["hist_step"]
         self.buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.scratch: dict[torch.device, tuple[Tensor, Tensor]] = {}  # the buffers with the scratch row
+        # the staleness rows, where a group tracks it: same row numbers as the buffers above
+        self.stale_views: dict[Tensor, Tensor] = {}  # state["staleness_step"] of each such tensor
+        self.stale_scratch: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.stale_rows: dict[torch.device, list[int]] = {}
         # per set of parameters stepped together (usually one per group); bounded, since
         # each holds workspace and the set can change every step (experts, frozen branches)
         self.targets: OrderedDict[tuple, DeviceTargets] = OrderedDict()
 
-    def _valid_for(self, state: Any, params: Iterable[Tensor]) -> bool:
-        views = self.views
+    def _valid_for(self, state: Any, params: Iterable[Tensor], staleness: bool = False) -> bool:
+        views, stale = self.views, self.stale_views
         for p in params:
             v = views.get(p)
-            if v is None or state[p].get("hist_step") is not v:
+            st = state[p]
+            if v is None or st.get("hist_step") is not v:
+                return False
+            sv = stale.get(p)
+            if (staleness and sv is None) or (sv is not None and st.get("staleness_step") is not sv):
                 return False
         return True
 
-    def _rebuild(self, state: Any, tracked: Tracked) -> None:
-        # Every parameter with state in a tracked group gets a row, keeping the counts it has.
+    def _place(self, st: dict, bufs: list[Tensor], r: int, keys: tuple[str, ...]) -> None:
+        """Row ``r`` of ``bufs`` under ``keys`` of ``st``, keeping the counts it held."""
+        for buf, key in zip(bufs, keys, strict=True):
+            old = st.get(key)
+            if isinstance(old, Tensor) and old.shape == (self.bins.num_bins,):
+                buf[r].copy_(old)
+            st[key] = buf[r]
+
+    def _rebuild(self, state: Any, tracked: Tracked, stale: Tracked) -> None:
+        # Every parameter with state in a tracked group gets a row, keeping the counts it has;
+        # those of groups tracking staleness a staleness row too, at the same row number.
         self._clear()
         nb = self.bins.num_bins
+        stale_ids = {id(p) for _, p in stale}
         per_device: dict[torch.device, Tracked] = {}
         for name, p in tracked:
             per_device.setdefault(p.device, []).append((name, p))
         for device, items in per_device.items():
             # one row more than tracked: a tensor given twice to one step writes its first
             # pass there (never read), so it is counted once per step
-            full = [torch.zeros(len(items) + 1, nb, dtype=torch.int64, device=device) for _ in HIST_KEYS]
-            bufs = [b[: len(items)] for b in full]
+            shape = (len(items) + 1, nb)
+            full = [torch.zeros(shape, dtype=torch.int64, device=device) for _ in WINDOWS]
+            stale_full = None
+            if any(id(p) in stale_ids for _, p in items):
+                stale_full = [torch.zeros(shape, dtype=torch.int64, device=device) for _ in WINDOWS]
             for r, (name, p) in enumerate(items):
                 st = state[p]
-                for buf, key in zip(bufs, HIST_KEYS, strict=True):
-                    old = st.get(key)
-                    if isinstance(old, Tensor) and old.shape == (nb,):
-                        buf[r].copy_(old)
-                    st[key] = buf[r]
+                self._place(st, full, r, HIST_KEYS)
                 self.views[p] = st["hist_step"]
+                if stale_full is not None and id(p) in stale_ids:
+                    self._place(st, stale_full, r, STALENESS_KEYS)
+                    self.stale_views[p] = st["staleness_step"]
+                    self.stale_rows.setdefault(device, []).append(r)
                 self.row[p] = (device, r)
                 self.params.append(p)
                 self.names.append(name)
-            self.buffers[device] = (bufs[0], bufs[1])
+            self.buffers[device] = (full[0][: len(items)], full[1][: len(items)])
             self.scratch[device] = (full[0], full[1])
+            if stale_full is not None:
+                self.stale_scratch[device] = (stale_full[0], stale_full[1])
 
-    def targets_for(self, state: Any, tracked: Callable[[], Tracked], params: list[Tensor]) -> DeviceTargets:
+    def targets_for(
+        self,
+        state: Any,
+        tracked: Callable[[], tuple[Tracked, Tracked]],
+        params: list[Tensor],
+        staleness: bool = False,
+    ) -> DeviceTargets:
         """Where one step call over ``params`` (all with state, in tracked groups) writes:
-        per device, (their indices, the target). ``tracked()`` is read only to rebuild."""
-        if not self._valid_for(state, params):
-            self._rebuild(state, tracked())
-        key = tuple(map(id, params))
+        per device, (their indices, the target), with the staleness windows when
+        ``staleness``. ``tracked()`` (every tracked tensor, and those tracking staleness)
+        is read only to rebuild."""
+        if not self._valid_for(state, params, staleness):
+            self._rebuild(state, *tracked())
+        key = (staleness, *map(id, params))
         cached = self.targets.get(key)
         if cached is not None:
             self.targets.move_to_end(key)
@@ -125,26 +180,52 @@ class HistogramStore:
             step, total = self.scratch[device]
             scratch = step.shape[0] - 1
             row = [self.row[params[i]][1] if last[id(params[i])] == i else scratch for i in idx]
-            out[device] = (idx, HistTarget(self.bins, step, total, torch.tensor(row, dtype=torch.int64, device=device)))
+            rows = torch.tensor(row, dtype=torch.int64, device=device)
+            stale = self.stale_scratch[device] if staleness else None
+            out[device] = (idx, HistTarget(self.bins, step, total, rows, staleness=stale))
         self.targets[key] = out
         if len(self.targets) > _MAX_TARGETS:
             self.targets.popitem(last=False)
         return out
 
-    def rows(self, state: Any, tracked: Tracked, window: str) -> tuple[list[str], list[Tensor], Tensor | None]:
-        """``(names, params, counts)``: every tracked row of ``window`` ("step" or "total")
-        as one ``[R, num_bins]`` matrix (None when nothing is tracked), a view where one
-        device holds them all."""
+    def rows(
+        self, state: Any, tracked: Tracked, stale: Tracked, window: str, quantity: str = "sqrt_v"
+    ) -> tuple[list[str], list[Tensor], Tensor | None]:
+        """``(names, params, counts)``: every row of ``quantity`` ("sqrt_v" or "staleness")
+        in ``window`` ("step" or "total") as one ``[R, num_bins]`` matrix (None when nothing
+        is tracked), a view where one device holds them all (and, for staleness, every
+        tracked tensor of it tracks staleness)."""
         if window not in WINDOWS:
             raise ValueError(f"Invalid window: {window!r}; expected 'step' or 'total'")
-        if {p for _, p in tracked} != set(self.params) or not self._valid_for(state, self.params):
-            self._rebuild(state, tracked)
+        if quantity not in _KEYS:
+            raise ValueError(f"Invalid quantity: {quantity!r}; expected one of {tuple(_KEYS)}")
+        stale_set = {p for _, p in stale}
+        if (
+            {p for _, p in tracked} != set(self.params)
+            or stale_set != set(self.stale_views)
+            or not self._valid_for(state, self.params)
+        ):
+            self._rebuild(state, tracked, stale)
         i = WINDOWS.index(window)
-        mats = [bufs[i] for bufs in self.buffers.values()]
+        if quantity == "sqrt_v":
+            names, params = self.names, self.params
+            mats = [bufs[i] for bufs in self.buffers.values()]
+        else:
+            names = [n for n, p in zip(self.names, self.params, strict=True) if p in stale_set]
+            params = [p for p in self.params if p in stale_set]
+            mats = [self._stale_mat(device, i) for device in self.stale_rows]
         if not mats:
             return [], [], None
         counts = torch.cat([m.to(mats[0].device) for m in mats]) if len(mats) > 1 else mats[0]
-        return self.names, self.params, counts
+        return names, params, counts
+
+    def _stale_mat(self, device: torch.device, window: int) -> Tensor:
+        """The staleness rows of ``device`` in ``window`` (index into :data:`WINDOWS`): a view
+        where they are the first rows in order, else a copy."""
+        rows, buf = self.stale_rows[device], self.stale_scratch[device][window]
+        if rows == list(range(len(rows))):
+            return buf[: len(rows)]
+        return buf.index_select(0, torch.tensor(rows, dtype=torch.int64, device=device))
 
 
 _BYTE_SHIFTS = tuple(range(0, 64, 8))
@@ -183,9 +264,9 @@ def split_saved_counts(saved_state: dict[Any, Any]) -> tuple[dict[Any, Any], dic
     hists: dict[Any, dict[str, Tensor]] = {}
     stripped = {}
     for k, v in saved_state.items():
-        if isinstance(v, dict) and any(h in v for h in HIST_KEYS):
-            hists[k] = {h: v[h] for h in HIST_KEYS if h in v}
-            v = {kk: vv for kk, vv in v.items() if kk not in HIST_KEYS}
+        if isinstance(v, dict) and any(h in v for h in ROW_KEYS):
+            hists[k] = {h: v[h] for h in ROW_KEYS if h in v}
+            v = {kk: vv for kk, vv in v.items() if kk not in ROW_KEYS}
         stripped[k] = v
     return stripped, hists
 

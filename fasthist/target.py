@@ -28,12 +28,18 @@ class HistTarget:
 
     ``rows[i]`` is the row of the i-th tensor of the call; ``step``/``total`` are the
     "step" and "total" windows. All on one device.
+
+    ``staleness``: None, or the (step, total) windows of the second quantity, the staleness
+    ``|g| / max(x, eps)`` (:mod:`fasthist.health`, :mod:`fasthist.reference.staleness`):
+    packed int64 ``[R, num_bins]`` buffers indexed by the same ``rows``, binned with the same
+    ``bins``. A backend given a target with ``staleness`` set writes both quantities.
     """
 
     bins: LogBins
     step: Tensor
     total: Tensor
     rows: Tensor
+    staleness: tuple[Tensor, Tensor] | None = None
     # the buffers of buffer(), read through it
     _workspace: dict = field(default_factory=dict, repr=False)
     # what a backend keeps about this very target between calls, unlike the workspace never

@@ -5,6 +5,7 @@ callback logs, computed from the optimizer's own queries."""
 from __future__ import annotations
 
 import json
+import statistics
 import struct
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ class Tiny(nn.Module):
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
-def optimizer(model: nn.Module) -> fasthist.Adam:
+def optimizer(model: nn.Module, track: bool | tuple[str, ...] = True) -> fasthist.Adam:
     """fasthist.Adam over ``model`` (a ``Tiny`` or a module holding one as ``.tiny``) with the
     first layer at ε=1e-3 and the second at the default 1e-8, every tensor named."""
     named = dict(model.named_parameters())
@@ -44,7 +45,29 @@ def optimizer(model: nn.Module) -> fasthist.Adam:
             {"params": [named[n] for n in second], "param_names": second},
         ],
         lr=1e-2,
+        track=track,
     )
+
+
+def staleness_optimizer(model: nn.Module) -> fasthist.Adam:
+    """:func:`optimizer` tracking staleness too."""
+    return optimizer(model, ("sqrt_v", "staleness"))
+
+
+def expected_staleness(opt: fasthist.Adam, prefix: str = "fasthist") -> dict[str, float]:
+    """The staleness metrics a HistogramCallback logs for ``opt`` now, from its own queries:
+    per tensor the RMS (``staleness_rms``) and p99 of its histogram, the merged p99, and the
+    median and maximum of the per-tensor RMS."""
+    names, rms = opt.staleness_rms()
+    hists = opt.histograms(quantity="staleness")
+    out = {f"{prefix}/staleness_p99": opt.histogram(quantity="staleness").quantile(0.99)}
+    values = rms.estimate.tolist()
+    out[f"{prefix}/staleness_rms_median"] = statistics.median(values)
+    out[f"{prefix}/staleness_rms_max"] = max(values)
+    for name, value in zip(names, values, strict=True):
+        out[f"{prefix}.staleness_rms/{name}"] = value
+        out[f"{prefix}.staleness_p99/{name}"] = hists[name].quantile(0.99)
+    return out
 
 
 def data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +102,10 @@ def expected(opt: fasthist.Adam, prefix: str = "fasthist") -> dict[str, float]:
     return out
 
 
-def record_expected(opt: fasthist.Adam) -> dict[int, dict[str, float]]:
-    """``{step: expected(opt)}`` after every ``opt.step()`` from now on (steps from 1)."""
+def record_expected(opt: fasthist.Adam, oracle=expected) -> dict[int, dict[str, float]]:
+    """``{step: oracle(opt)}`` after every ``opt.step()`` from now on (steps from 1)."""
     seen: dict[int, dict[str, float]] = {}
-    opt.register_step_post_hook(lambda o, args, kwargs: seen.setdefault(len(seen) + 1, expected(o)))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.setdefault(len(seen) + 1, oracle(o)))
     return seen
 
 

@@ -31,6 +31,8 @@ WORLD = 2
 DDP_STEPS = 8
 QS = [0.02, 0.25, 0.5, 0.75, 0.98]
 
+STALENESS = ("sqrt_v", "staleness")
+
 
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)
@@ -89,9 +91,11 @@ def _worker(rank: int, port: int, outdir: str) -> None:
 
     # DDP: each rank trains on its half of the batch; gradients are averaged.
     model = DDP(make_model())
-    opt = fasthist.Adam(model.parameters(), lr=1e-2)
+    opt = fasthist.Adam(model.parameters(), lr=1e-2, track=STALENESS)  # staleness beside: sqrt_v unchanged
     half = slice(rank * 8, (rank + 1) * 8)
     train(model, opt, x[half], y[half], DDP_STEPS)
+    out["ddp_stale_local"] = counts_of(opt.histograms(quantity="staleness"))
+    out["ddp_stale_global"] = counts_of(opt.histograms(quantity="staleness", process_group=world))
     out["ddp_local"] = counts_of(opt.histograms())
     out["ddp_global"] = counts_of(opt.histograms(process_group=world))
     out["ddp_global_total"] = counts_of(opt.histograms(window="total", process_group=world))
@@ -104,8 +108,10 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     mesh = init_device_mesh("cpu", (WORLD,))
     fsdp = make_model()
     fully_shard(fsdp, mesh=mesh)
-    fopt = fasthist.Adam(fsdp.parameters(), lr=1e-2)
+    fopt = fasthist.Adam(fsdp.parameters(), lr=1e-2, track=STALENESS)
     train(fsdp, fopt, x, y, 3)
+    out["fsdp_stale_local"] = counts_of(fopt.histograms(window="total", quantity="staleness"))
+    out["fsdp_stale_global"] = counts_of(fopt.histograms(window="total", quantity="staleness", process_group=world))
     params = list(fsdp.parameters())
     out["fsdp_placements"] = [str(p.placements) for p in params]
     out["fsdp_local_numel"] = [p.to_local().numel() for p in params]
@@ -219,6 +225,20 @@ def _worker(rank: int, port: int, outdir: str) -> None:
 
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def test_staleness_merges_like_sqrt_v(ranks):
+    """Replicated (DDP) staleness rows count once; FSDP2 shards add up, as the sqrt(v_hat) ones."""
+    for r in ranks:
+        assert set(r["ddp_stale_global"]) == set(r["ddp_local"])
+        for name, counts in r["ddp_stale_global"].items():
+            assert torch.equal(counts, r["ddp_stale_local"][name]), name
+    first, second = (r["fsdp_stale_local"] for r in ranks)
+    for name, counts in ranks[0]["fsdp_stale_global"].items():
+        assert torch.equal(counts, first[name] + second[name]), name
+        assert torch.equal(counts, ranks[1]["fsdp_stale_global"][name]), name
+    numel = sum(p.numel() for p in make_model().parameters())
+    assert sum(int(c.sum()) for c in ranks[0]["fsdp_stale_global"].values()) == 3 * numel
 
 
 def _free_port() -> int:

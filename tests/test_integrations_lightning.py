@@ -12,7 +12,7 @@ import torch
 
 import fasthist
 from fasthist.catalog import declarations
-from tests._integration_helpers import Tiny, data, optimizer, record_expected
+from tests._integration_helpers import Tiny, data, expected_staleness, optimizer, record_expected, staleness_optimizer
 
 L = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
@@ -109,3 +109,26 @@ def test_bad_options():
         HistogramCallback(optimizer_index=True)  # a bool is no index
     with pytest.raises(ValueError, match="Invalid max_tensors: False"):
         HistogramCallback(max_tensors=False)
+
+
+def test_csv_gets_staleness(tmp_path):
+    """With staleness tracked, the RMS staleness and p99 reach the CSV as the optimizer's
+    own queries give them; an alert is fed every logging step."""
+    module = Module(staleness_optimizer)
+    module.configure_optimizers = lambda: _recording(module)
+    logger = CSVLogger(str(tmp_path))
+    callback = HistogramCallback(alert=fasthist.health.StalenessAlert(window=50))
+    trainer, module = fit(tmp_path, callback, logger, module=module)
+    got = {int(r["step"]): r for r in rows(logger) if r.get("fasthist/staleness_p99")}
+    assert sorted(got) == [1, 3, 5]
+    for step, row in got.items():
+        for k, v in module.seen[step + 1].items():
+            assert math.isclose(float(row[k]), v, rel_tol=1e-12), (step, k, row[k], v)
+        assert float(row["fasthist/staleness_alert"]) == 0.0  # fed, within its first window
+    assert len(callback.alert._history) == 3
+
+
+def _recording(module):
+    module.opt = staleness_optimizer(module.tiny)
+    module.seen = record_expected(module.opt, expected_staleness)
+    return module.opt

@@ -10,7 +10,16 @@ import pytest
 import torch
 
 import fasthist
-from tests._integration_helpers import Tiny, data, expected, optimizer, record_expected, wandb_history
+from tests._integration_helpers import (
+    Tiny,
+    data,
+    expected,
+    expected_staleness,
+    optimizer,
+    record_expected,
+    staleness_optimizer,
+    wandb_history,
+)
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -233,3 +242,59 @@ def test_one_callback_in_two_trainers(tmp_path):
         assert callback.trainer is trainer
         assert sum(cb is callback for cb in trainer.callback_handler.callbacks) == 1
         assert fasthist_entries(trainer)[2]["fasthist/p98"] == expected(opt)["fasthist/p98"]
+
+
+class Spiky(Tiny):
+    """``Tiny`` whose loss is scaled by 1e3 from its ``spike_at``-th forward pass on: the
+    gradients jump far past what Adam's second moment expects."""
+
+    def __init__(self, spike_at: int) -> None:
+        super().__init__()
+        self.spike_at, self.calls = spike_at, 0
+
+    def forward(self, x, labels=None):
+        self.calls += 1
+        out = super().forward(x, labels)
+        if self.calls >= self.spike_at:
+            out["loss"] = out["loss"] * 1e3
+        return out
+
+
+def test_staleness_to_tensorboard_and_the_alert(tmp_path):
+    """With staleness tracked: the RMS staleness and p99 (summary and per tensor) reach
+    TensorBoard as the optimizer's own queries give them, the staleness histograms too,
+    and the alert fires once, at the step the gradients jump."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)  # the model's initialisation: the run is deterministic
+    alert = fasthist.health.StalenessAlert(window=4, ratio=1.5, cooldown=20)
+    callback = HistogramCallback(1, histograms=True, alert=alert)
+    trainer, opt = train(
+        tmp_path, callback, opt=staleness_optimizer, model=Spiky(spike_at=9), max_steps=12, report_to="tensorboard"
+    )
+    want = record_expected(opt, expected_staleness)
+    with pytest.warns(RuntimeWarning, match="at step 9 the gradients jumped"):
+        trainer.train()
+    assert [e.start for e in callback.alert.episodes] == [9]
+    (events_file,) = tmp_path.rglob("events.out.tfevents.*")
+    ea = EventAccumulator(str(events_file.parent), size_guidance={"histograms": 0, "scalars": 0})
+    ea.Reload()
+    keys = ("fasthist/staleness_p99", "fasthist/staleness_rms_median", "fasthist/staleness_rms_max")
+    for key in (*keys, "fasthist.staleness_rms/net.0.weight", "fasthist.staleness_p99/net.2.bias"):
+        events = ea.Scalars(f"train/{key}")
+        assert [e.step for e in events] == list(range(1, 13))
+        for e in events:
+            assert math.isclose(e.value, want[e.step][key], rel_tol=1e-6)  # float32 in the event file
+    assert [e.value for e in ea.Scalars("train/fasthist/staleness_alert")] == [0.0] * 8 + [1.0] * 4
+    hist = ea.Histograms("fasthist.staleness/net.0.weight")
+    assert [h.step for h in hist] == list(range(1, 13))
+    assert hist[-1].histogram_value.num == opt.histograms(quantity="staleness")["net.0.weight"].count
+
+
+def test_alert_needs_staleness(tmp_path):
+    trainer, _ = train(tmp_path, HistogramCallback(alert=True), max_steps=2)
+    with pytest.raises(ValueError, match="alert needs the optimizer to track staleness"):
+        trainer.train()
+    with pytest.raises(ValueError, match="Invalid alert"):
+        HistogramCallback(alert="yes")

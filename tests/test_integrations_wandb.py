@@ -11,7 +11,15 @@ import torch
 
 import fasthist
 from fasthist.integrations.wandb import MAX_BUCKETS, log_histograms, wandb_buckets
-from tests._integration_helpers import Tiny, data, name_eps, optimizer, wandb_history
+from tests._integration_helpers import (
+    Tiny,
+    data,
+    expected_staleness,
+    name_eps,
+    optimizer,
+    staleness_optimizer,
+    wandb_history,
+)
 
 
 def counts_of(values, bins):
@@ -91,3 +99,26 @@ def test_offline_run_read_back(tmp_path, monkeypatch):
         assert entry[f"fasthist.p98/{name}"] == row.high
         assert entry[f"fasthist.adaptive/{name}"] == h.fraction_above(eps[name])
     assert entry["fasthist.adaptive/net.0.weight"] < 1.0
+
+
+def test_offline_run_gets_staleness(tmp_path, monkeypatch):
+    """log_histograms with staleness tracked: its histograms and its per-tensor RMS and p99."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    model = Tiny()
+    opt = staleness_optimizer(model)
+    x, y = data(16)
+    for i in range(2):
+        opt.zero_grad()
+        model(x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8])["loss"].backward()
+        opt.step()
+    want = expected_staleness(opt)
+    run = wandb.init(project="fasthist-test", dir=str(tmp_path), mode="offline")
+    logged = log_histograms(run, opt, 3)
+    run.finish()
+    (entry,) = wandb_history(tmp_path)
+    for name, h in opt.histograms(quantity="staleness").items():
+        assert sum(entry[f"fasthist.staleness/{name}/values"]) == h.count
+        for k in ("staleness_rms", "staleness_p99"):
+            assert entry[f"fasthist.{k}/{name}"] == want[f"fasthist.{k}/{name}"] == logged[name][k]

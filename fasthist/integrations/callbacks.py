@@ -12,6 +12,18 @@ Keys (``prefix`` is ``"fasthist"`` by default):
   given to it, else ``"{group}.{index}"``), the keys of
   :func:`fasthist.integrations.tensorboard.log_histograms`.
 
+Where param groups track staleness (``track=("sqrt_v", "staleness")``), beside these:
+
+- ``{prefix}/staleness_rms_median``, ``{prefix}/staleness_rms_max`` (over the tensors
+  tracking it, of their RMS staleness) and ``{prefix}/staleness_p99`` (of all their values
+  together);
+- ``{prefix}.staleness_rms/{name}`` and ``{prefix}.staleness_p99/{name}`` per chosen tensor
+  (:func:`fasthist.integrations.metrics.staleness_scalars`);
+- with ``alert`` (:class:`fasthist.health.StalenessAlert`, fed the per-tensor RMS staleness
+  of every logging step: it sees only those steps), ``{prefix}/staleness_alert``: 1 while an
+  episode lasts, else 0. The alert warns once per episode; its ``episodes`` record the
+  steps.
+
 Values that are not finite (a tensor with no nonzero value yet) are left out, and so are
 the per-tensor keys of a chosen tensor that has no counts yet (not stepped: a frozen head).
 """
@@ -22,12 +34,40 @@ import math
 import warnings
 from typing import Any
 
+from ..health import StalenessAlert
 from ..histogram import int_arg
 from ..names import declared
 from ..wrapped import unwrap
-from .metrics import Selection, select, snapshot, summary_scalars, tensor_scalars
+from .metrics import (
+    Selection,
+    select,
+    snapshot,
+    staleness_scalars,
+    summary_scalars,
+    tensor_scalars,
+    tracks_staleness,
+)
 
-__all__ = ["CallbackCore", "fasthist_optimizer"]
+__all__ = ["ALERT_DOC", "CallbackCore", "fasthist_optimizer"]
+
+ALERT_DOC = """\
+    ``alert``: None (default), True (a :class:`fasthist.health.StalenessAlert` with its
+    defaults) or an alert of your own: fed the per-tensor RMS staleness at every logging
+    step, it warns once per episode and records it (``callback.alert.episodes``); needs an
+    optimizer tracking staleness (``track=("sqrt_v", "staleness")``), else ``ValueError``
+    at train start. Log every step (``every_n_steps=1``) for it to see every step.
+"""
+"""The docstring paragraph of the callbacks' ``alert`` option."""
+
+
+def _check_alert(alert: Any) -> StalenessAlert | None:
+    if alert is None or alert is False:
+        return None
+    if alert is True:
+        return StalenessAlert()
+    if not isinstance(alert, StalenessAlert):
+        raise ValueError(f"Invalid alert: {alert!r}; expected None, a bool or a fasthist.health.StalenessAlert")
+    return alert
 
 
 def fasthist_optimizer(opt: Any, owner: str) -> Any:
@@ -56,7 +96,9 @@ class CallbackCore:
         histograms: bool,
         window: str,
         prefix: str,
+        alert: Any = None,
     ) -> None:
+        self.alert = _check_alert(alert)
         self.every_n_steps = int_arg(every_n_steps, "every_n_steps", 1, allow_none=True)
         self.max_tensors = int_arg(max_tensors, "max_tensors", 0, allow_none=True)
         if window not in ("step", "total"):
@@ -79,6 +121,10 @@ class CallbackCore:
         (a resumed run's, logged already) is the last step logged."""
         self._chosen = select(declared(opt.param_groups), self.tensors, self.max_tensors)
         self.last_step = step
+        if self.alert is not None and not tracks_staleness(opt):
+            raise ValueError(
+                f"{self.owner}: alert needs the optimizer to track staleness; pass track=('sqrt_v', 'staleness')"
+            )
 
     def due(self, step: int, trainer_logs: bool) -> bool:
         """Whether optimizer step ``step`` logs: every ``every_n_steps`` steps, or (None)
@@ -95,14 +141,19 @@ class CallbackCore:
         snap = snapshot(opt, self.window)
         if snap is None:
             return {}
-        out = {f"{self.prefix}/{k}": v for k, v in summary_scalars(snap).items()}
+        stale, stale_summary = staleness_scalars(opt, self.window)
+        out = {f"{self.prefix}/{k}": v for k, v in {**summary_scalars(snap), **stale_summary}.items()}
+        if self.alert is not None and stale:
+            self.alert.update(step, {n: row["staleness_rms"] for n, row in stale.items()})
+            out[f"{self.prefix}/staleness_alert"] = float(self.alert.active)
         if self.max_tensors != 0:
             if self._chosen is None:
                 self._warn_too_many(len(snap.names))
             else:
                 rows = tensor_scalars(snap)
                 for name in self._chosen:
-                    out.update({f"{self.prefix}.{k}/{name}": v for k, v in rows.get(name, {}).items()})
+                    row = {**rows.get(name, {}), **stale.get(name, {})}
+                    out.update({f"{self.prefix}.{k}/{name}": v for k, v in row.items()})
         return {k: v for k, v in out.items() if math.isfinite(v)}
 
     def _warn_too_many(self, n: int) -> None:

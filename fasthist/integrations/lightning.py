@@ -19,9 +19,10 @@ except ImportError:  # pragma: no cover - depends on the environment
     except ImportError as e:
         raise ImportError('fasthist.integrations.lightning needs Lightning: pip install "fasthist[lightning]"') from e
 
+from ..health import StalenessAlert
 from ..histogram import int_arg
 from . import tensorboard
-from .callbacks import CallbackCore, fasthist_optimizer
+from .callbacks import ALERT_DOC, CallbackCore, fasthist_optimizer
 from .metrics import Selection
 
 __all__ = ["HistogramCallback"]
@@ -61,6 +62,10 @@ class HistogramCallback(Callback):
     ``TypeError`` at ``on_train_start``, before the first step: the callback was added to
     log these metrics, and a run that silently logs none of them is worse than one that
     does not start.
+
+    Where the optimizer tracks staleness (``track=("sqrt_v", "staleness")``), the RMS staleness
+    and its p99 are logged beside these, over all tensors and per chosen tensor (keys in
+    :mod:`fasthist.integrations.callbacks`).
     """
 
     def __init__(
@@ -73,10 +78,16 @@ class HistogramCallback(Callback):
         window: str = "step",
         prefix: str = "fasthist",
         optimizer_index: int = 0,
+        alert: Any = None,
     ) -> None:
-        self.core = CallbackCore(_OWNER, every_n_steps, tensors, max_tensors, histograms, window, prefix)
+        self.core = CallbackCore(_OWNER, every_n_steps, tensors, max_tensors, histograms, window, prefix, alert)
         self.optimizer_index = int_arg(optimizer_index, "optimizer_index", 0)
         self._opt: Any = None
+
+    @property
+    def alert(self) -> StalenessAlert | None:
+        """The staleness alert fed at every logging step (``alert=``), with its episodes."""
+        return self.core.alert
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         optimizers = trainer.optimizers
@@ -113,3 +124,6 @@ class HistogramCallback(Callback):
                 fasthist_wandb.log_histograms(
                     logger.experiment, self._opt, step, step_metric="trainer/global_step", **kwargs
                 )
+
+
+HistogramCallback.__doc__ = f"{(HistogramCallback.__doc__ or '').rstrip()}\n\n{ALERT_DOC}"

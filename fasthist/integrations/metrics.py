@@ -13,6 +13,13 @@ in one batched operation. From it:
   histogram (``adaptive`` compares each element with its own group's ε), and the ε range
   of the rule (:meth:`HistogramMixin.eps_range`): ``eps_low``/``eps_high`` (rounded to
   decades, the rule's answer) and ``eps_low_raw``/``eps_high_raw``.
+
+Where param groups track staleness (``track=("sqrt_v", "staleness")``, :mod:`fasthist.health`),
+:func:`staleness_scalars` gives, per tensor tracking it, ``staleness_rms`` (its RMS
+staleness, :meth:`~fasthist.queries.HistogramQueries.staleness_rms`, within 2**-(m+1) relative
+of the exact one) and ``staleness_p99`` (rank ``floor(0.99 n)``, zeros included, within the
+bins' relative accuracy), and over all of them ``staleness_rms_median``,
+``staleness_rms_max`` and ``staleness_p99`` (of the merged histogram): one more host copy.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import numpy as np
 import torch
 
 from ..bins import LogBins
+from ..declaration import quantities
 from ..eps import eps_range_from_counts, names_matching
 from ..histogram import batched_count_above, batched_fraction_above, batched_quantile
 from ..wrapped import unwrap
@@ -38,8 +46,12 @@ __all__ = [
     "group_eps",
     "select",
     "snapshot",
+    "staleness_counts",
+    "staleness_scalars",
+    "tensor_and_staleness_scalars",
     "summary_scalars",
     "tensor_scalars",
+    "tracks_staleness",
 ]
 
 #: The percentiles logged, and their names.
@@ -126,6 +138,57 @@ def summary_scalars(snap: Snapshot) -> dict[str, float]:
         return out
     out.update(eps_low=rng.low, eps_high=rng.high, eps_low_raw=rng.low_raw, eps_high_raw=rng.high_raw)
     return out
+
+
+def tracks_staleness(opt: Any) -> bool:
+    """Whether any param group of ``opt`` (a fasthist optimizer or a wrapper) tracks staleness."""
+    return any("staleness" in quantities(g.get("track", True)) for g in unwrap(opt).param_groups)
+
+
+def staleness_scalars(opt: Any, window: str = "step") -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """``({name: {"staleness_rms": ..., "staleness_p99": ...}}, summary)`` of the tensors of
+    ``opt`` that track staleness (module docstring), computed on the histograms' device and
+    copied to the host once; both empty where none does or none was stepped. NaN for a
+    tensor with nothing counted."""
+    opt = unwrap(opt)
+    if not tracks_staleness(opt):
+        return {}, {}
+    names, rms = opt.staleness_rms(window)
+    if not names:
+        return {}, {}
+    counts = opt.histogram_rows(window, quantity="staleness").counts
+    q99 = torch.tensor([0.99], dtype=torch.float64)
+    per = batched_quantile(counts, q99, opt.bins)[:, 0]
+    merged = batched_quantile(counts.sum(dim=0, keepdim=True), q99, opt.bins)[0]
+    host = torch.cat([rms.estimate, per, merged]).cpu().tolist()
+    n = len(names)
+    rows = {name: {"staleness_rms": host[i], "staleness_p99": host[n + i]} for i, name in enumerate(names)}
+    finite = [v for v in host[:n] if math.isfinite(v)]
+    summary = {"staleness_p99": host[-1]}
+    if finite:
+        summary.update(staleness_rms_median=float(np.median(finite)), staleness_rms_max=max(finite))
+    return rows, summary
+
+
+def tensor_and_staleness_scalars(opt: Any, snap: Snapshot, window: str) -> dict[str, dict[str, float]]:
+    """:func:`tensor_scalars` of ``snap``, with :func:`staleness_scalars` added to each row
+    of a tensor that tracks staleness."""
+    out = tensor_scalars(snap)
+    for name, row in staleness_scalars(opt, window)[0].items():
+        out.setdefault(name, {}).update(row)
+    return out
+
+
+def staleness_counts(opt: Any, window: str) -> tuple[list[str], np.ndarray]:
+    """The staleness histograms of ``opt``'s tensors that track it, on the host (one copy):
+    ``(names, int64 [R, num_bins])``, empty where none does or none was stepped."""
+    opt = unwrap(opt)
+    if not tracks_staleness(opt):
+        return [], np.zeros((0, opt.bins.num_bins), dtype=np.int64)
+    names, _, counts = opt.histogram_rows(window, quantity="staleness")
+    if counts is None:
+        return [], np.zeros((0, opt.bins.num_bins), dtype=np.int64)
+    return list(names), counts.cpu().numpy()
 
 
 def select(names: list[str], tensors: Selection, max_tensors: int | None) -> list[str] | None:

@@ -19,6 +19,11 @@
   per-tensor percentiles the ε-range rule reads (exact zeros dropped, index
   ``floor(q*n)``), and ``fasthist.adaptive/<name>``: the share of all the tensor's
   elements above its param group's ε (how adaptive the optimizer is for it).
+
+Where the tensor tracks staleness (``track=("sqrt_v", "staleness")``), also
+``fasthist.staleness/<name>``, its staleness histogram (same buckets), and the scalars
+``fasthist.staleness_rms/<name>`` and ``fasthist.staleness_p99/<name>``
+(:func:`fasthist.integrations.metrics.staleness_scalars`).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import snapshot, tensor_scalars
+from .metrics import snapshot, staleness_counts, tensor_and_staleness_scalars
 
 __all__ = ["log_histograms"]
 
@@ -107,7 +112,8 @@ def log_histograms(
         scalars: also log the per-tensor scalars.
         prefix: tag prefix.
 
-    Returns the logged scalars, ``{name: {"p02": ..., "p50": ..., "p98": ..., "adaptive": ...}}``.
+    Returns the logged scalars, ``{name: {"p02": ..., "p50": ..., "p98": ..., "adaptive": ...}}``
+    (with ``"staleness_rms"`` and ``"staleness_p99"`` where the tensor tracks staleness).
     """
     if scale not in ("linear", "log10"):
         raise ValueError(f"Invalid scale: {scale!r}; expected 'linear' or 'log10'")
@@ -115,10 +121,14 @@ def log_histograms(
     if snap is None:
         return {}
     vals = _bin_values(snap.bins, scale)
-    out = tensor_scalars(snap)
+    out = tensor_and_staleness_scalars(opt, snap, window)
     for i, name in enumerate(snap.names):
         _add_histogram(writer, f"{prefix}/{name}", snap.counts[i], snap.bins, scale, vals, step)
-        if scalars:
+    stale_names, stale = staleness_counts(opt, window)
+    for i, name in enumerate(stale_names):
+        _add_histogram(writer, f"{prefix}.staleness/{name}", stale[i], snap.bins, scale, vals, step)
+    if scalars:
+        for name in snap.names:
             for k, v in out[name].items():
                 if math.isfinite(v):
                     writer.add_scalar(f"{prefix}.{k}/{name}", v, global_step=step)

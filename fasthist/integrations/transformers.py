@@ -15,8 +15,9 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         'fasthist.integrations.transformers needs transformers: pip install "fasthist[transformers]"'
     ) from e
 
+from ..health import StalenessAlert
 from . import tensorboard
-from .callbacks import CallbackCore, fasthist_optimizer
+from .callbacks import ALERT_DOC, CallbackCore, fasthist_optimizer
 from .metrics import Selection
 
 __all__ = ["HistogramCallback"]
@@ -79,6 +80,10 @@ class HistogramCallback(TrainerCallback):
     raises ``TypeError`` at ``on_train_begin``, before the first step: the callback was
     added to log these metrics, and a run that silently logs none of them is worse than
     one that does not start.
+
+    Where the optimizer tracks staleness (``track=("sqrt_v", "staleness")``), the RMS staleness
+    and its p99 are logged beside these, over all tensors and per chosen tensor (keys in
+    :mod:`fasthist.integrations.callbacks`).
     """
 
     def __init__(
@@ -91,8 +96,9 @@ class HistogramCallback(TrainerCallback):
         window: str = "step",
         prefix: str = "fasthist",
         trainer: Any = None,
+        alert: Any = None,
     ) -> None:
-        self.core = CallbackCore(_OWNER, every_n_steps, tensors, max_tensors, histograms, window, prefix)
+        self.core = CallbackCore(_OWNER, every_n_steps, tensors, max_tensors, histograms, window, prefix, alert)
         self.trainer = trainer
         self._opt: Any = None
 
@@ -103,6 +109,11 @@ class HistogramCallback(TrainerCallback):
         if not _holds(trainer, self):
             trainer.add_callback(self)
         return self
+
+    @property
+    def alert(self) -> StalenessAlert | None:
+        """The staleness alert fed at every logging step (``alert=``), with its episodes."""
+        return self.core.alert
 
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         if self.trainer is None:
@@ -160,3 +171,6 @@ class HistogramCallback(TrainerCallback):
 
                 if wandb.run is not None:
                     fasthist_wandb.log_histograms(wandb.run, self._opt, step, step_metric="train/global_step", **kwargs)
+
+
+HistogramCallback.__doc__ = f"{(HistogramCallback.__doc__ or '').rstrip()}\n\n{ALERT_DOC}"

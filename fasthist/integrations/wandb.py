@@ -25,6 +25,10 @@
   keys: ``fasthist.p02/<name>``, ``fasthist.p50/<name>``, ``fasthist.p98/<name>``,
   ``fasthist.adaptive/<name>``.
 
+Where the tensor tracks staleness (``track=("sqrt_v", "staleness")``), also
+``fasthist.staleness/<name>``, its staleness histogram (same buckets), and the scalars
+``fasthist.staleness_rms/<name>``, ``fasthist.staleness_p99/<name>``.
+
 ``wandb`` is imported when :func:`log_histograms` is called, not before.
 """
 
@@ -37,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from ..bins import LogBins
-from .metrics import snapshot, tensor_scalars
+from .metrics import snapshot, staleness_counts, tensor_and_staleness_scalars
 
 __all__ = ["MAX_BUCKETS", "log_histograms", "wandb_buckets"]
 
@@ -115,7 +119,8 @@ def log_histograms(
         scalars: also log the per-tensor scalars.
         prefix: key prefix.
 
-    Returns the scalars, ``{name: {"p02": ..., "p50": ..., "p98": ..., "adaptive": ...}}``.
+    Returns the scalars, ``{name: {"p02": ..., "p50": ..., "p98": ..., "adaptive": ...}}``
+    (with ``"staleness_rms"`` and ``"staleness_p99"`` where the tensor tracks staleness).
     """
     if scale not in ("linear", "log10"):
         raise ValueError(f"Invalid scale: {scale!r}; expected 'linear' or 'log10'")
@@ -124,11 +129,14 @@ def log_histograms(
     snap = snapshot(opt, window)
     if snap is None:
         return {}
-    out = tensor_scalars(snap)
+    out = tensor_and_staleness_scalars(opt, snap, window)
     data: dict[str, Any] = {}
-    for i, name in enumerate(snap.names):
-        if snap.counts[i].sum():
-            data[f"{prefix}/{name}"] = wandb.Histogram(np_histogram=wandb_buckets(snap.counts[i], snap.bins, scale))
+    stale_names, stale = staleness_counts(opt, window)
+    for tag, names, counts in ((prefix, snap.names, snap.counts), (f"{prefix}.staleness", stale_names, stale)):
+        for i, name in enumerate(names):
+            if counts[i].sum():
+                data[f"{tag}/{name}"] = wandb.Histogram(np_histogram=wandb_buckets(counts[i], snap.bins, scale))
+    for name in snap.names:
         if scalars:
             data.update({f"{prefix}.{k}/{name}": v for k, v in out[name].items() if math.isfinite(v)})
     if step_metric is None:

@@ -28,8 +28,9 @@ from torch.optim.adam import adam as torch_adam
 from ..declaration import HistInputs
 from ..target import HistTarget
 from .histogram import record_
+from .staleness import coupled_entering_grads
 
-__all__ = ["adam_hist_inputs", "adam_reference", "bias_correction2_sqrt"]
+__all__ = ["adam_entering_grads", "adam_hist_inputs", "adam_reference", "bias_correction2_sqrt"]
 
 
 def _host_scales(state_steps: list[Tensor], beta2: float) -> list[float]:
@@ -93,6 +94,37 @@ def adam_hist_inputs(lists: list[list[Tensor]], kwargs: dict[str, Any]) -> HistI
     values = max_exp_avg_sqs if kwargs.get("amsgrad") else exp_avg_sqs
     scale = bias_correction2_sqrt(state_steps, kwargs["beta2"])
     return [v.detach() for v in values], scale, kwargs.get("found_inf")
+
+
+def _fused_entering_grad(p: Tensor, g: Tensor, grad_scale: Tensor | None, maximize: bool, wd: float) -> Tensor:
+    """torch's fused step's ``g``, in its math type (float32; float64 for float64 tensors):
+    ``g / grad_scale``, negated, then ``fma(p, wd, g)``. The fma is formed in float64 and
+    rounded once (exact product; for float32 the sum can round twice, differing from a true
+    fma in the last bit only where the float64 sum lands on a float32 tie)."""
+    wide = torch.float64 if g.dtype in (torch.float64, torch.complex128) else torch.float32
+    real = (lambda t: torch.view_as_real(t)) if g.is_complex() else (lambda t: t)
+    x = real(g.detach()).to(wide)
+    if grad_scale is not None:
+        x = x / grad_scale.to(device=x.device, dtype=wide)
+    if maximize:
+        x = -x
+    if wd:
+        x = (real(p.detach()).double() * float(torch.tensor(wd, dtype=wide)) + x.double()).to(wide)
+    return x
+
+
+def adam_entering_grads(lists: list[list[Tensor]], kwargs: dict[str, Any]) -> list[Tensor]:
+    """Before the update: the gradient of each tensor as torch's Adam feeds it to ``v``.
+
+    Non-fused: :func:`~fasthist.reference.staleness.coupled_entering_grads` (in the
+    parameter's dtype). ``fused=True``: the fused kernel's math (:func:`_fused_entering_grad`),
+    with ``grad_scale`` unscaled."""
+    if not kwargs.get("fused"):
+        return coupled_entering_grads(lists, kwargs)
+    maximize = bool(kwargs.get("maximize"))
+    wd = 0.0 if kwargs.get("decoupled_weight_decay") else kwargs.get("weight_decay", 0.0)
+    scale = kwargs.get("grad_scale")
+    return [_fused_entering_grad(p, g, scale, maximize, wd) for p, g in zip(lists[0], lists[1], strict=True)]
 
 
 def adam_reference(

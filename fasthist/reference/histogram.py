@@ -39,7 +39,7 @@ from ..dtensor import local_tensor
 from ..target import HistTarget
 
 # HistTarget lives in fasthist.target; it is re-exported here, where it used to be
-__all__ = ["HistTarget", "accumulate_", "record_"]
+__all__ = ["HistTarget", "accumulate_", "binned_values", "record_"]
 _KEY = "fasthist.reference.workspace"
 
 
@@ -65,8 +65,13 @@ def _workspace(target: HistTarget, sizes: tuple[int, ...]) -> tuple[Tensor, Tens
 
 def _sqrt_rn_(t: Tensor) -> None:
     """Correctly rounded sqrt in place. torch's CPU float32 sqrt (MKL VML) can be 1 ulp off
-    round-to-nearest, and the bins must match the kernels' ``sqrt_rn`` exactly."""
-    if t.device.type == "cpu":
+    round-to-nearest, and the bins must match the kernels' ``sqrt_rn`` exactly. Under
+    ``torch.compile``, which traces numpy calls into torch ops, a float32 one goes through
+    float64 (rounded once to float32: correctly rounded, as 53 >= 2*24 + 2 bits, even from a
+    float64 sqrt 1 ulp off)."""
+    if torch.compiler.is_compiling() and t.dtype == torch.float32:
+        t.copy_(t.double().sqrt())
+    elif t.device.type == "cpu":
         np.sqrt(t.numpy(), out=t.numpy())
     else:
         t.sqrt_()
@@ -75,7 +80,8 @@ def _sqrt_rn_(t: Tensor) -> None:
 def _values_into_(flat: Tensor, views: list[Tensor], sizes: tuple[int, ...], sqrt: bool) -> list[Tensor]:
     """``flat[segment i] = sqrt(views[i])`` (float32), one pass where possible; the segments."""
     parts = list(flat.split(sizes))
-    if sqrt and len(views) <= 64 and all(v.dtype == torch.float32 for v in views):
+    compiling = torch.compiler.is_compiling()
+    if sqrt and not compiling and len(views) <= 64 and all(v.dtype == torch.float32 for v in views):
         for v, part in zip(views, parts, strict=True):  # few big tensors: sqrt straight into place
             if v.device.type == "cpu":
                 np.sqrt(v.detach().numpy(), out=part.numpy())
@@ -143,6 +149,61 @@ def _wide_counts(target: HistTarget, views: list[Tensor], scale, sqrt: bool, rec
     return torch.stack(rows)
 
 
+def _flat_views(values: list[Tensor], device: torch.device) -> list[Tensor]:
+    """Each tensor's local, flattened real view (complex as (re, im) pairs), all on ``device``."""
+    if any(type(v) is not Tensor for v in values):  # DTensors (and other subclasses): one pass more
+        values = [local_tensor(v) for v in values]
+    if not all(v.device == device for v in values):
+        bad = next(v.device for v in values if v.device != device)
+        raise RuntimeError(f"fasthist: all tensors of one backend call must be on {device}, but got one on {bad}")
+    return [torch.view_as_real(v).reshape(-1) if v.is_complex() else v.reshape(-1) for v in values]
+
+
+def _sub_scale(scale: list[float] | Tensor, idx: list[int]) -> list[float] | Tensor:
+    """The scales of the tensors ``idx`` of a call."""
+    if isinstance(scale, Tensor):
+        return scale[torch.tensor(idx, device=scale.device)]
+    return [scale[i] for i in idx]
+
+
+def binned_values(
+    target: HistTarget,
+    values: list[Tensor],
+    scale: list[float] | Tensor,
+    *,
+    sqrt: bool = True,
+    reciprocal: bool = False,
+) -> list[Tensor]:
+    """The value :func:`accumulate_` bins for each element of ``values`` (module docstring:
+    ``sqrt(values[i]) / scale[i]``, or as ``sqrt``/``reciprocal`` say), each tensor's
+    flattened (complex as (re, im) pairs): float32, in the target's workspace (the next
+    :func:`accumulate_` of the same sizes overwrites it), or float64 for float64 tensors."""
+    device = target.step.device
+    flat_views = _flat_views(values, device)
+    if isinstance(scale, Tensor):
+        scale = scale.to(device)
+    out: list[Tensor] = list(flat_views)
+    narrow = [i for i, v in enumerate(flat_views) if v.dtype != torch.float64]
+    if narrow:
+        sizes = tuple(flat_views[i].numel() for i in narrow)
+        if torch.compiler.is_compiling():  # no workspace first made in a trace: a recompilation
+            flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+        else:
+            flat = _workspace(target, sizes)[0]
+        parts = _values_into_(flat, [flat_views[i] for i in narrow], sizes, sqrt)
+        _divide_(parts, _sub_scale(scale, narrow), reciprocal)
+        for i, part in zip(narrow, parts, strict=True):
+            out[i] = part
+    for i, v in enumerate(flat_views):
+        if v.dtype == torch.float64:
+            x = v.detach().clone()
+            if sqrt:
+                _sqrt_rn_(x)
+            c = scale[i].to(torch.float64) if isinstance(scale, Tensor) else scale[i]
+            out[i] = x * c if reciprocal else x / c
+    return out
+
+
 def accumulate_(
     target: HistTarget,
     values: list[Tensor],
@@ -161,14 +222,9 @@ def accumulate_(
     in float64; a nonzero value whose quotient underflows is counted below range.
     """
     device = target.step.device
-    if any(type(v) is not Tensor for v in values):  # DTensors (and other subclasses): one pass more
-        values = [local_tensor(v) for v in values]
-    if not all(v.device == device for v in values):
-        bad = next(v.device for v in values if v.device != device)
-        raise RuntimeError(f"fasthist: all tensors of one backend call must be on {device}, but got one on {bad}")
+    flat_views = _flat_views(values, device)
     if isinstance(scale, Tensor):
         scale = scale.to(device)
-    flat_views = [torch.view_as_real(v).reshape(-1) if v.is_complex() else v.reshape(-1) for v in values]
     wide = [i for i, v in enumerate(flat_views) if v.dtype == torch.float64]
     if not wide:
         delta = _narrow_counts(target, flat_views, scale, sqrt, reciprocal)
@@ -177,11 +233,7 @@ def accumulate_(
         delta = torch.empty(len(flat_views), target.bins.num_bins, dtype=torch.int64, device=device)
         for idx, counts in ((narrow, _narrow_counts), (wide, _wide_counts)):
             if idx:
-                sub_scale = (
-                    scale[torch.tensor(idx, device=scale.device)]
-                    if isinstance(scale, Tensor)
-                    else [scale[i] for i in idx]
-                )
+                sub_scale = _sub_scale(scale, idx)
                 delta[idx] = counts(target, [flat_views[i] for i in idx], sub_scale, sqrt, reciprocal)
     rows = target.rows
     if found_inf is None:
