@@ -29,4 +29,19 @@ import triton  # noqa: F401
 
 from ._common import MAX_BINS, SHAPE, configure  # noqa: F401
 
-__all__ = ["MAX_BINS", "SHAPE", "configure"]
+#: The launchers take a :class:`fasthist.target.HistTarget` whose ``staleness`` windows are
+#: set and histogram both quantities in the same launch: Adam's and AdamW's
+#: (``kernels/adam.py``); the others raise ValueError for such a target (see
+#: :func:`tracks_staleness`).
+TRACKS_STALENESS = True
+
+
+def tracks_staleness(module: str) -> bool:
+    """Whether the kernel module ``module`` (an optimizer declaration's ``kernel[0]``) takes
+    calls whose target tracks staleness: its body defines one."""
+    import importlib
+
+    return importlib.import_module(f"{__name__}.{module}").BODY.staleness is not None
+
+
+__all__ = ["MAX_BINS", "SHAPE", "TRACKS_STALENESS", "configure", "tracks_staleness"]
