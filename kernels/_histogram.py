@@ -315,13 +315,13 @@ def _flush_quads(
             )
         for j in tl.static_range(4):
             b = 4 * q + j
+            live = words[j] != 0
             bins = b
             if FOLD:
                 bins = _fold(b, BINS)
             if PAIRED:
                 _add_pair(row_ptr, bins, words[j], b < BINS.DUMP, BINS.NUM_BINS)
             else:
-                live = words[j] != 0
                 if CHECK:
                     live = live & (b < BINS.DUMP)
                 tl.atomic_add(row_ptr + bins, words[j].to(tl.int64), mask=live, sem="relaxed")
