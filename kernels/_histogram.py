@@ -36,6 +36,14 @@ Device code (``@triton.jit``):
   * ``HIST_WORDS``: the interpreter's twin of ``HIST_SHARED`` (inline PTX does not run
     there): the same words, dump word and fold, counted with ``tl.histogram``.
 
+  A second quantity (staleness, :func:`hist_add`'s ``HIGH``) counts in the high 16 bits of
+  the same words (of the same accumulator for ``HIST_TL``/``HIST_WORDS``): a program counts
+  at most ``CHUNK`` elements per word, and the launch refuses a chunk over
+  :data:`~kernels._common.MAX_STALENESS_CHUNK`, so the halves never carry into each other. No
+  second region, zeroing, barrier or read-back; :func:`hist_end` (``PAIRED``) flushes the
+  halves into two consecutive scratch rows, :func:`finalize_histograms` into the target's
+  ``staleness`` windows.
+
 Host code: :class:`BinSpec` (the layout's constexprs), :func:`histogram_strategy` and its
 guard, :func:`scratch_for`/:func:`finalize_histograms`: a call's int64 ``[num_tensors,
 num_bins]`` scratch (zero between calls, kept in the :class:`~fasthist.target.HistTarget`)
