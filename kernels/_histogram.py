@@ -292,7 +292,7 @@ def _add_pair(row_ptr, bins, counts, live, NUM_BINS: tl.constexpr):
     the low 16 bits, ``(row_ptr + NUM_BINS)[bins] +=`` the high ones, where ``live`` and
     non-zero."""
     low = counts & 0xFFFF
-    high = counts >> 16
+    high = (counts >> 16) & 0xFFFF  # int32: a half of 32,768 or more sets the sign bit
     tl.atomic_add(row_ptr + bins, low.to(tl.int64), mask=live & (low != 0), sem="relaxed")
     tl.atomic_add(row_ptr + NUM_BINS + bins, high.to(tl.int64), mask=live & (high != 0), sem="relaxed")
 
