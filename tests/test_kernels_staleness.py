@@ -261,6 +261,17 @@ def test_tl_histogram_strategy_counts_both():
     assert run.targets[0].marks[HistTarget.STRATEGY] == "tl.histogram"
 
 
+def test_a_program_counting_past_32k_in_each_half():
+    """A program of 65,408 elements (128 x 511, the largest chunk under the limit), 40,000 of
+    them in one bin of each quantity: each half of that word holds 40,000, past 32,767 (the
+    high half then sets the word's sign bit), and both are flushed whole."""
+    _common.configure(block=128, iters=511, num_warps=4)
+    run = Run([(40_000,)], torch.float32, False, seed=11)
+    run.step(run.grads(lambda p: torch.full(p.shape, 0.5, device=DEVICE)))  # every x and s alike
+    run.check()
+    assert run.targets[0].staleness[0].max() == 40_000 and run.targets[0].step.max() == 40_000
+
+
 # -- what the kernels refuse, and say -----------------------------------------------------
 def test_who_tracks_staleness():
     assert kernels.TRACKS_STALENESS is True
