@@ -9,7 +9,8 @@ interpreter rounds ``tl.fma`` twice, so the bit-exact CPU tests need Triton >= 3
 One module per optimizer, named as the optimizer's declaration names it
 (:class:`fasthist.declaration.OptimizerDecl`, ``kernel``), each laid out as: module
 docstring (the math) → its switches (a ``NamedTuple``) → ``@triton.jit`` ``prepare`` and
-``update`` bodies (``BODY``, a :class:`._common.StepBody`) → ``<op>_hist`` launcher taking
+``update`` bodies, and ``staleness`` where the optimizer defines one (``BODY``, a
+:class:`._common.StepBody`) → ``<op>_hist`` launcher taking
 exactly the arguments of the optimizer's functional form plus ``hist`` (a
 :class:`fasthist.target.HistTarget` or None), its inputs readied by
 :func:`fasthist.backend.stepped` (step counts, ``found_inf``, ``grad_scale``, ``lr``). They
