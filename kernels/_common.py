@@ -380,12 +380,19 @@ def lerp_coefficients(weight: float) -> tuple[float, float, bool]:
 
 
 def check_call(op: str, n: int, lists: dict[str, Sequence], device: torch.device, hist: HistTarget | None) -> None:
-    """Every list of a call holds ``n`` entries, and the histograms live on the parameters' device."""
+    """Every list of a call holds ``n`` entries, and the histograms live on the parameters' device
+    (the staleness windows, when given, shaped like ``step``)."""
     for name, lst in lists.items():
         if len(lst) != n:
             raise RuntimeError(f"fasthist {op}: expected {n} {name}, but got {len(lst)}")
     if hist is not None and hist.step.device != device:
         raise RuntimeError(f"fasthist {op}: histograms on {hist.step.device}, but parameters on {device}")
+    for w in hist.staleness if hist is not None and hist.staleness is not None else ():
+        if w.device != device or w.shape != hist.step.shape or w.dtype != hist.step.dtype:
+            raise RuntimeError(
+                f"fasthist {op}: staleness windows must be {hist.step.dtype} {tuple(hist.step.shape)} on {device} "
+                f"like the step window, but got {w.dtype} {tuple(w.shape)} on {w.device}"
+            )
 
 
 class TensorTable:

@@ -298,6 +298,14 @@ def test_kernels_without_staleness_refuse_it():
     assert torch.equal(target.step, torch.zeros_like(target.step))
 
 
+def test_staleness_windows_unlike_the_step_window_are_refused():
+    run = Run([(3,)], torch.float32, False, seed=2)
+    step = run.targets[0].step
+    run.targets[0].staleness = (step.clone(), torch.zeros(step.shape[0] + 1, step.shape[1], dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="staleness windows must be"):
+        run.step(run.grads())
+
+
 def test_a_chunk_the_halves_cannot_count_is_refused():
     """Both quantities count in 16-bit halves of one word: a program of 65,536 elements or
     more could carry one into the other, so such a launch shape is refused for staleness."""
