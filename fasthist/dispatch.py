@@ -7,7 +7,8 @@ Per device, the call goes to the fastest backend that takes it, in this order:
    the call: more bins than :data:`fasthist.kernels.MAX_BINS` (one warning per layout),
    ``differentiable``, sparse gradients, betas held in device tensors (reading them would
    synchronise), parameter dtypes it has no kernel for (``decl.kernel_dtypes``), a target
-   with staleness windows where ``fasthist.kernels.TRACKS_STALENESS`` is not true;
+   with staleness windows where the optimizer's kernel has no staleness
+   (``fasthist.kernels.tracks_staleness``);
 2. :data:`~fasthist.backend.FUSED_CPU` for a tracked ``fused=True`` call of an optimizer
    with a fused CPU op, on one float32/bfloat16/float16 dtype of plain contiguous CPU
    tensors with scalar hyper-parameters (``lr`` and the GradScaler's tensors on the CPU),
@@ -146,7 +147,12 @@ def _triton_refusal(
         )
     if backend.kernel_function(decl) is None:
         return f"fasthist.kernels.{decl.kernel[0]} does not import"
-    return _staleness_refusal(decl, hist, kernels) or _kernel_refusal(decl, kernels.MAX_BINS, lists, hist, kwargs)
+    if hist is not None and hist.staleness is not None and not kernels.tracks_staleness(decl.kernel[0]):
+        return STALENESS_NOT_HERE
+    return _kernel_refusal(decl, kernels.MAX_BINS, lists, hist, kwargs)
+
+
+STALENESS_NOT_HERE = "staleness: not in this backend yet"
 
 
 def _staleness_refusal(decl: OptimizerDecl, hist: HistTarget | None, module: Any) -> str | None:
@@ -159,7 +165,7 @@ def _staleness_refusal(decl: OptimizerDecl, hist: HistTarget | None, module: Any
     says = getattr(module, "TRACKS_STALENESS", False)
     if says is True or (not isinstance(says, bool) and decl.name in says):
         return None
-    return "staleness: not in this backend yet"
+    return STALENESS_NOT_HERE
 
 
 def _kernel_refusal(

@@ -39,6 +39,8 @@ class HistTarget:
     step: Tensor
     total: Tensor
     rows: Tensor
+    #: the (step, total) windows of staleness, packed [R, num_bins] int64 like ``step``/``total``
+    #: and indexed by the same ``rows``; None when the call does not track it
     staleness: tuple[Tensor, Tensor] | None = None
     # the buffers of buffer(), read through it
     _workspace: dict = field(default_factory=dict, repr=False)

@@ -9,7 +9,8 @@ interpreter rounds ``tl.fma`` twice, so the bit-exact CPU tests need Triton >= 3
 One module per optimizer, named as the optimizer's declaration names it
 (:class:`fasthist.declaration.OptimizerDecl`, ``kernel``), each laid out as: module
 docstring (the math) → its switches (a ``NamedTuple``) → ``@triton.jit`` ``prepare`` and
-``update`` bodies (``BODY``, a :class:`._common.StepBody`) → ``<op>_hist`` launcher taking
+``update`` bodies, and ``staleness`` where the optimizer defines one (``BODY``, a
+:class:`._common.StepBody`) → ``<op>_hist`` launcher taking
 exactly the arguments of the optimizer's functional form plus ``hist`` (a
 :class:`fasthist.target.HistTarget` or None), its inputs readied by
 :func:`fasthist.backend.stepped` (step counts, ``found_inf``, ``grad_scale``, ``lr``). They
@@ -37,8 +38,17 @@ if __name__ == "kernels":  # pragma: no cover - exercised in a subprocess by the
     sys.modules[__name__] = step_aside(__file__)
     del sys.modules[__name__ + "._shadow"]  # fasthist's, not a submodule of what replaced it
 else:
+    import importlib
+
     import triton  # noqa: F401
 
     from ._common import MAX_BINS, SHAPE, configure  # noqa: F401
 
-__all__ = ["MAX_BINS", "SHAPE", "configure"]
+    def tracks_staleness(module: str) -> bool:
+        """Whether the kernel module ``module`` (an optimizer declaration's ``kernel[0]``)
+        takes a :class:`fasthist.target.HistTarget` whose ``staleness`` windows are set, and
+        histograms both quantities in the same launch: its body defines a staleness (Adam's
+        and AdamW's, ``kernels/adam.py``); the others raise ValueError for such a target."""
+        return importlib.import_module(f"{__name__}.{module}").BODY.staleness is not None
+
+    __all__ = ["MAX_BINS", "SHAPE", "configure", "tracks_staleness"]

@@ -66,6 +66,7 @@ __all__ = [
     "HIST_PROBE",
     "HIST_WORDS",
     "MAX_BINS",
+    "MAX_STALENESS_CHUNK",
     "MAX_WINDOW",
     "NO_BINS",
     "SHAPE",
@@ -182,17 +183,21 @@ def _blocks(
     HAS_GRAD_SCALE: tl.constexpr,
     HIST: tl.constexpr,
     BINS: tl.constexpr,
+    STALENESS: tl.constexpr,
 ):
-    """The blocks of one chunk: ``UPDATE`` on each, its value counted into ``acc``."""
+    """The blocks of one chunk: ``UPDATE`` on each, its value counted into ``acc`` (and, with
+    ``STALENESS``, the staleness of each element into the words' high halves)."""
     trips = ITERS
     if MASKED:  # the tail chunk: only its live blocks
         trips = tl.cdiv(numel, BLOCK)
     for it in range(trips):
         offs = it * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
-        x = UPDATE(cols, offs, mask, k, FLAGS, DTYPE, MASKED, ALIGNED, HAS_GRAD_SCALE)
+        x, g = UPDATE(cols, offs, mask, k, FLAGS, DTYPE, MASKED, ALIGNED, HAS_GRAD_SCALE)
         if HIST != 0:
-            acc = hist_add(acc, x, mask, MASKED, HIST, BINS)
+            acc = hist_add(acc, x, mask, MASKED, HIST, BINS, False)
+            if STALENESS is not None:
+                acc = hist_add(acc, STALENESS(x, g, k), mask, MASKED, HIST, BINS, True)
     return acc
 
 
@@ -213,7 +218,7 @@ def fused_step_kernel(
     s6,
     s7,  # the optimizer's scalar hyper-parameters, in the order its PREPARE reads them
     PREPARE: tl.constexpr,  # (coef, scalars, grad_scale, FLAGS) -> k, once per program
-    UPDATE: tl.constexpr,  # (cols, offs, mask, k, FLAGS, DTYPE, MASKED, ALIGNED, HAS_GRAD_SCALE) -> x
+    UPDATE: tl.constexpr,  # (cols, offs, mask, k, FLAGS, DTYPE, MASKED, ALIGNED, HAS_GRAD_SCALE) -> (x, g)
     FLAGS: tl.constexpr,  # the optimizer's structural switches (a tuple its bodies read)
     NCOEF: tl.constexpr,
     DTYPE: tl.constexpr,
@@ -224,12 +229,18 @@ def fused_step_kernel(
     HAS_FOUND_INF: tl.constexpr,
     HIST: tl.constexpr,  # HIST_OFF, HIST_TL, HIST_SHARED (HIST_PROBE), HIST_WORDS
     BINS: tl.constexpr,  # BinLayout
+    STALENESS: tl.constexpr,  # None, or the optimizer's (x, g, k) -> s: a second histogram
 ):
     """One program: ``CHUNK`` elements of one tensor stepped by the optimizer's ``UPDATE``
-    (which returns the value histogrammed), the histogram flushed once into the tensor's
-    scratch row."""
+    (which returns the value histogrammed and the gradient as it entered the second moment),
+    the histogram flushed once into the tensor's scratch row. With ``STALENESS``, the
+    staleness of every element too, counted in the high halves of the same words (at most
+    ``CHUNK`` < 65536 per word and program, so the halves never carry into each other) and
+    flushed into the tensor's second scratch row."""
     row, start, numel, slot = chunk_header(table_ptr, chunk_ptr, 7, BLOCK * ITERS)
     row_ptr = scratch_ptr + slot * BINS.NUM_BINS  # this program's histogram, zeroed first: fewer live registers
+    if STALENESS is not None:  # scratch [n, 2, NUM_BINS]: sqrt(v_hat), then staleness
+        row_ptr = scratch_ptr + slot * (2 * BINS.NUM_BINS)
     acc = hist_begin(start < 0, row_ptr, HIST, BINS)
     cols = (
         column(row, 0, start, DTYPE),
@@ -246,14 +257,42 @@ def fused_step_kernel(
         numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)
     if numel == BLOCK * ITERS:  # a full chunk (most of them): no masks
         acc = _blocks(
-            acc, UPDATE, cols, numel, k, FLAGS, DTYPE, BLOCK, ITERS, False, ALIGNED, HAS_GRAD_SCALE, HIST, BINS
+            acc,
+            UPDATE,
+            cols,
+            numel,
+            k,
+            FLAGS,
+            DTYPE,
+            BLOCK,
+            ITERS,
+            False,
+            ALIGNED,
+            HAS_GRAD_SCALE,
+            HIST,
+            BINS,
+            STALENESS,
         )
     else:
         acc = _blocks(
-            acc, UPDATE, cols, numel, k, FLAGS, DTYPE, BLOCK, ITERS, True, ALIGNED, HAS_GRAD_SCALE, HIST, BINS
+            acc,
+            UPDATE,
+            cols,
+            numel,
+            k,
+            FLAGS,
+            DTYPE,
+            BLOCK,
+            ITERS,
+            True,
+            ALIGNED,
+            HAS_GRAD_SCALE,
+            HIST,
+            BINS,
+            STALENESS,
         )
     if HIST != 0:
-        hist_end(acc, row_ptr, HIST, BINS)
+        hist_end(acc, row_ptr, HIST, BINS, STALENESS is not None)
 
 
 class LaunchShape:
@@ -341,12 +380,19 @@ def lerp_coefficients(weight: float) -> tuple[float, float, bool]:
 
 
 def check_call(op: str, n: int, lists: dict[str, Sequence], device: torch.device, hist: HistTarget | None) -> None:
-    """Every list of a call holds ``n`` entries, and the histograms live on the parameters' device."""
+    """Every list of a call holds ``n`` entries, and the histograms live on the parameters' device
+    (the staleness windows, when given, shaped like ``step``)."""
     for name, lst in lists.items():
         if len(lst) != n:
             raise RuntimeError(f"fasthist {op}: expected {n} {name}, but got {len(lst)}")
     if hist is not None and hist.step.device != device:
         raise RuntimeError(f"fasthist {op}: histograms on {hist.step.device}, but parameters on {device}")
+    for w in hist.staleness if hist is not None and hist.staleness is not None else ():
+        if w.device != device or w.shape != hist.step.shape or w.dtype != hist.step.dtype:
+            raise RuntimeError(
+                f"fasthist {op}: staleness windows must be {hist.step.dtype} {tuple(hist.step.shape)} on {device} "
+                f"like the step window, but got {w.dtype} {tuple(w.shape)} on {w.device}"
+            )
 
 
 class TensorTable:
@@ -524,13 +570,17 @@ class StepBody(NamedTuple):
     FLAGS)`` (``@triton.jit``) returns the program's loop-invariant values ``k`` (its tensor's
     ``ncoef`` coefficients, its scalars), once per program; ``update(cols, offs, mask, k,
     FLAGS, DTYPE, MASKED, ALIGNED, HAS_GRAD_SCALE)`` (``@triton.jit``) steps one block of the
-    five columns in place and returns the float32 value histogrammed; ``flags``, the
-    NamedTuple of its structural switches (``FLAGS``)."""
+    five columns in place and returns ``(x, g)``: the float32 value histogrammed, and the
+    float32 gradient as it entered the second moment; ``flags``, the NamedTuple of its
+    structural switches (``FLAGS``); ``staleness(x, g, k)`` (``@triton.jit``), the float32
+    staleness of each element, histogrammed beside ``x`` when the call asks for it (None: the
+    optimizer defines none, and its launcher refuses such calls)."""
 
     prepare: Any
     update: Any
     flags: type
     ncoef: int
+    staleness: Any = None
 
 
 def constexprs(
@@ -543,9 +593,13 @@ def constexprs(
     hist: int = HIST_OFF,
     grad_scale: bool = False,
     found_inf: bool = False,
+    staleness: bool = False,
 ) -> dict[str, Any]:
     """The constexprs of :func:`fused_step_kernel` for ``body`` with its ``flags``, on
-    ``dtype`` (a torch or Triton dtype) with the current launch shape."""
+    ``dtype`` (a torch or Triton dtype) with the current launch shape; ``staleness``: the
+    specialisation that also histograms ``body.staleness``."""
+    if staleness and body.staleness is None:
+        raise ValueError("Invalid staleness: this optimizer's kernel defines no staleness to histogram")
     return {
         "PREPARE": body.prepare,
         "UPDATE": body.update,
@@ -559,10 +613,16 @@ def constexprs(
         "HAS_FOUND_INF": found_inf,
         "HIST": hist,
         "BINS": bins,
+        "STALENESS": body.staleness if staleness else None,
     }
 
 
 _SCALARS = 8  # s0 .. s7 of fused_step_kernel
+
+
+#: Largest chunk (elements per program) of a launch that also histograms staleness: the two
+#: quantities share each word of a program's histogram, one 16-bit half each.
+MAX_STALENESS_CHUNK = (1 << 16) - 1
 
 
 def launch(
@@ -581,9 +641,19 @@ def launch(
     histogram strategy picked, then the histogram windows (:func:`finalize_histograms`) and
     the write-back of working copies. ``coef`` (float32 ``[n, body.ncoef]``; ``ncoef`` 0: one
     row every program reads), ``grad_scale`` and ``found_inf`` (0-d float32 on ``device``, or
-    None) are the dispatcher's ready inputs (:mod:`fasthist.backend`)."""
+    None) are the dispatcher's ready inputs (:mod:`fasthist.backend`). ``hist.staleness``
+    not None: the launch also histograms ``body.staleness`` into those windows (ValueError
+    where the body defines none, or where a program's chunk exceeds :data:`MAX_STALENESS_CHUNK`)."""
     if len(scalars) > _SCALARS:
         raise ValueError(f"Invalid scalars: {len(scalars)}; expected at most {_SCALARS}")
+    staleness = hist is not None and hist.staleness is not None
+    if staleness and body.staleness is None:
+        raise ValueError("Invalid hist.staleness: this optimizer's kernel histograms no staleness; expected None")
+    if staleness and SHAPE.chunk > MAX_STALENESS_CHUNK:
+        raise ValueError(
+            f"Invalid launch shape for staleness: chunk {SHAPE.chunk}; expected at most {MAX_STALENESS_CHUNK} "
+            "elements per program (both quantities count in 16-bit halves of one word)"
+        )
     values = tuple(float(x) for x in scalars) + (0.0,) * (_SCALARS - len(scalars))
     num_tensors = sum(tables.table.shape[0] for _, tables, _ in plan.groups)
     scratch = scratch_for(hist, num_tensors) if hist is not None else None
@@ -612,6 +682,7 @@ def launch(
                 aligned=aligned,
                 grad_scale=grad_scale is not None,
                 found_inf=found_inf is not None,
+                staleness=staleness,
             ),
             num_warps=SHAPE.num_warps,
             **launch_options(device),

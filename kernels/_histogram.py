@@ -36,6 +36,14 @@ Device code (``@triton.jit``):
   * ``HIST_WORDS``: the interpreter's twin of ``HIST_SHARED`` (inline PTX does not run
     there): the same words, dump word and fold, counted with ``tl.histogram``.
 
+  A second quantity (staleness, :func:`hist_add`'s ``HIGH``) counts in the high 16 bits of
+  the same words (of the same accumulator for ``HIST_TL``/``HIST_WORDS``): a program counts
+  at most ``CHUNK`` elements per word, and the launch refuses a chunk over
+  :data:`~kernels._common.MAX_STALENESS_CHUNK`, so the halves never carry into each other. No
+  second region, zeroing, barrier or read-back; :func:`hist_end` (``PAIRED``) flushes the
+  halves into two consecutive scratch rows, :func:`finalize_histograms` into the target's
+  ``staleness`` windows.
+
 Host code: :class:`BinSpec` (the layout's constexprs), :func:`histogram_strategy` and its
 guard, :func:`scratch_for`/:func:`finalize_histograms`: a call's int64 ``[num_tensors,
 num_bins]`` scratch (zero between calls, kept in the :class:`~fasthist.target.HistTarget`)
@@ -113,6 +121,10 @@ _ZERO = "mad.lo.u32 %fh_a, $1, 16, %fh_a; st.shared.v4.u32 [%fh_a], {0, 0, 0, 0}
 _INC = "mad.lo.u32 %fh_a, $1, 4, %fh_a; red.shared.add.u32 [%fh_a], 1; mov.u32 $0, 0;"
 
 
+# A second quantity counts in the upper half of the same words (see hist_add).
+_INC_HIGH = _INC.replace("], 1;", "], 65536;")
+
+
 _READ = "mad.lo.u32 %fh_a, $4, 16, %fh_a; ld.shared.v4.u32 {$0, $1, $2, $3}, [%fh_a];"
 
 
@@ -121,7 +133,9 @@ _READ = "mad.lo.u32 %fh_a, $4, 16, %fh_a; ld.shared.v4.u32 {$0, $1, $2, $3}, [%f
 _RESERVED = tl.constexpr(f"mov.u32 $0, $1; // {RESERVED_MARK}")
 
 
-_SMEM_ZERO, _SMEM_INC, _SMEM_READ = (_smem_asm("global_smem", a) for a in (_ZERO, _INC, _READ))
+_SMEM_ZERO, _SMEM_INC, _SMEM_READ, _SMEM_INC_HIGH = (
+    _smem_asm("global_smem", a) for a in (_ZERO, _INC, _READ, _INC_HIGH)
+)
 
 
 # The hot loop's whole histogram step in PTX: the word of float32 bits $1 (WORD_ASM, built by
@@ -139,7 +153,12 @@ _SMEM_WORD_POST = tl.constexpr("mov.u32 %fh_a, global_smem; " + _WORD_POST)
 _PROBE_WORD_POST = tl.constexpr("mov.u32 %fh_a, 0; " + _WORD_POST)
 
 
-_PROBE_ZERO, _PROBE_INC, _PROBE_READ = (_smem_asm("0", a) for a in (_ZERO, _INC, _READ))
+_SMEM_WORD_POST_HIGH, _PROBE_WORD_POST_HIGH = (
+    tl.constexpr(post.value.replace("], 1;", "], 65536;")) for post in (_SMEM_WORD_POST, _PROBE_WORD_POST)
+)
+
+
+_PROBE_ZERO, _PROBE_INC, _PROBE_READ, _PROBE_INC_HIGH = (_smem_asm("0", a) for a in (_ZERO, _INC, _READ, _INC_HIGH))
 
 
 @triton.jit
@@ -208,34 +227,55 @@ def hist_begin(never, spare_ptr, HIST: tl.constexpr, BINS: tl.constexpr):
 
 
 @triton.jit
-def hist_add(acc, x, mask, MASKED: tl.constexpr, HIST: tl.constexpr, BINS: tl.constexpr):
-    """Count the bin of every live element of a block of float32 values ``x``."""
+def hist_add(acc, x, mask, MASKED: tl.constexpr, HIST: tl.constexpr, BINS: tl.constexpr, HIGH: tl.constexpr):
+    """Count the bin of every live element of a block of float32 values ``x``: in the low 16
+    bits of each word (``HIGH`` False), or in the high 16 bits (``HIGH``: a second quantity
+    sharing the words; a program counts at most ``CHUNK`` < 65536 elements, so neither half
+    carries into the other)."""
     if HIST == 1:
         idx = bin_index(x, BINS.SHIFT, BINS.LOW_KEY, BINS.ABOVE, BINS.NONFINITE)
         if MASKED:
-            acc += tl.histogram(idx, BINS.HIST_BINS, mask=mask)
+            counts = tl.histogram(idx, BINS.HIST_BINS, mask=mask)
         else:
-            acc += tl.histogram(idx, BINS.HIST_BINS)
+            counts = tl.histogram(idx, BINS.HIST_BINS)
+        if HIGH:
+            counts = counts << 16
+        acc += counts
     if (HIST == 2 or HIST == 3) and BINS.WINDOW and not MASKED:
         bits = x.to(tl.int32, bitcast=True)
-        if HIST == 2:
+        if HIST == 2 and not HIGH:
             tl.inline_asm_elementwise(
                 _WORD_PRE + BINS.WORD_ASM + _SMEM_WORD_POST, "=r,r", [bits], dtype=tl.int32, is_pure=False, pack=1
             )
-        else:
+        if HIST == 2 and HIGH:
+            tl.inline_asm_elementwise(
+                _WORD_PRE + BINS.WORD_ASM + _SMEM_WORD_POST_HIGH, "=r,r", [bits], dtype=tl.int32, is_pure=False, pack=1
+            )
+        if HIST == 3 and not HIGH:
             tl.inline_asm_elementwise(
                 _WORD_PRE + BINS.WORD_ASM + _PROBE_WORD_POST, "=r,r", [bits], dtype=tl.int32, is_pure=False, pack=1
+            )
+        if HIST == 3 and HIGH:
+            tl.inline_asm_elementwise(
+                _WORD_PRE + BINS.WORD_ASM + _PROBE_WORD_POST_HIGH, "=r,r", [bits], dtype=tl.int32, is_pure=False, pack=1
             )
     elif HIST >= 2:
         w = smem_word(x, BINS.SHIFT, BINS.LOW_KEY, BINS.ABOVE, BINS.NONFINITE, BINS.WINDOW)
         if MASKED:  # dead lanes count in the dump word, past every real one
             w = tl.where(mask, w, BINS.DUMP)
-        if HIST == 2:
+        if HIST == 2 and not HIGH:
             tl.inline_asm_elementwise(_SMEM_INC, "=r,r", [w], dtype=tl.int32, is_pure=False, pack=1)
-        if HIST == 3:
+        if HIST == 2 and HIGH:
+            tl.inline_asm_elementwise(_SMEM_INC_HIGH, "=r,r", [w], dtype=tl.int32, is_pure=False, pack=1)
+        if HIST == 3 and not HIGH:
             tl.inline_asm_elementwise(_PROBE_INC, "=r,r", [w], dtype=tl.int32, is_pure=False, pack=1)
+        if HIST == 3 and HIGH:
+            tl.inline_asm_elementwise(_PROBE_INC_HIGH, "=r,r", [w], dtype=tl.int32, is_pure=False, pack=1)
         if HIST == 4:
-            acc += tl.histogram(w, BINS.SMEM_BINS)
+            counts = tl.histogram(w, BINS.SMEM_BINS)
+            if HIGH:
+                counts = counts << 16
+            acc += counts
     return acc
 
 
@@ -247,9 +287,30 @@ def _fold(b, BINS: tl.constexpr):
 
 
 @triton.jit
-def _flush_quads(row_ptr, start, stop, FOLD: tl.constexpr, CHECK: tl.constexpr, HIST: tl.constexpr, BINS: tl.constexpr):
+def _add_pair(row_ptr, bins, counts, live, NUM_BINS: tl.constexpr):
+    """Two quantities' counts packed in ``counts`` (:func:`hist_add`): ``row_ptr[bins] +=``
+    the low 16 bits, ``(row_ptr + NUM_BINS)[bins] +=`` the high ones, where ``live`` and
+    non-zero."""
+    low = counts & 0xFFFF
+    high = (counts >> 16) & 0xFFFF  # int32: a half of 32,768 or more sets the sign bit
+    tl.atomic_add(row_ptr + bins, low.to(tl.int64), mask=live & (low != 0), sem="relaxed")
+    tl.atomic_add(row_ptr + NUM_BINS + bins, high.to(tl.int64), mask=live & (high != 0), sem="relaxed")
+
+
+@triton.jit
+def _flush_quads(
+    row_ptr,
+    start,
+    stop,
+    FOLD: tl.constexpr,
+    CHECK: tl.constexpr,
+    HIST: tl.constexpr,
+    BINS: tl.constexpr,
+    PAIRED: tl.constexpr,
+):
     """Add shared words ``4*start .. 4*stop`` to their bins of the row (``FOLD``: words past
-    the log bins; ``CHECK``: the range reaches the dump word, which is not added)."""
+    the log bins; ``CHECK``: the range reaches the dump word, which is not added; ``PAIRED``:
+    the words' high halves go to the next row)."""
     for s in range(start, stop, BINS.SLAB):
         q = s + tl.arange(0, BINS.SLAB)
         if HIST == 2:
@@ -266,34 +327,44 @@ def _flush_quads(row_ptr, start, stop, FOLD: tl.constexpr, CHECK: tl.constexpr, 
             bins = b
             if FOLD:
                 bins = _fold(b, BINS)
-            if CHECK:
-                live = live & (b < BINS.DUMP)
-            tl.atomic_add(row_ptr + bins, words[j].to(tl.int64), mask=live, sem="relaxed")
+            if PAIRED:
+                _add_pair(row_ptr, bins, words[j], b < BINS.DUMP, BINS.NUM_BINS)
+            else:
+                if CHECK:
+                    live = live & (b < BINS.DUMP)
+                tl.atomic_add(row_ptr + bins, words[j].to(tl.int64), mask=live, sem="relaxed")
 
 
 @triton.jit
-def hist_end(acc, row_ptr, HIST: tl.constexpr, BINS: tl.constexpr):
+def hist_end(acc, row_ptr, HIST: tl.constexpr, BINS: tl.constexpr, PAIRED: tl.constexpr):
     """``row_ptr[bin] += count`` for the non-zero bins of the program (int64 row): from the
     ``tl.histogram`` accumulator, or from the shared words, four per load, the words past
-    the log bins folded (``WINDOW``) in a second loop."""
+    the log bins folded (``WINDOW``) in a second loop. ``PAIRED``: the counts' high halves
+    (:func:`hist_add`'s ``HIGH``) go to the next row, ``row_ptr + NUM_BINS``."""
     if HIST == 1:
         b = tl.arange(0, BINS.HIST_BINS)
-        tl.atomic_add(row_ptr + b, acc.to(tl.int64), mask=(acc != 0) & (b < BINS.NUM_BINS), sem="relaxed")
+        if PAIRED:
+            _add_pair(row_ptr, b, acc, b < BINS.NUM_BINS, BINS.NUM_BINS)
+        else:
+            tl.atomic_add(row_ptr + b, acc.to(tl.int64), mask=(acc != 0) & (b < BINS.NUM_BINS), sem="relaxed")
     if HIST == 4:  # the interpreter's twin of the shared words
         b = tl.arange(0, BINS.SMEM_BINS)
         bins = b
         if BINS.WINDOW:
             bins = _fold(b, BINS)
-        tl.atomic_add(row_ptr + bins, acc.to(tl.int64), mask=(acc != 0) & (b < BINS.DUMP), sem="relaxed")
+        if PAIRED:
+            _add_pair(row_ptr, bins, acc, b < BINS.DUMP, BINS.NUM_BINS)
+        else:
+            tl.atomic_add(row_ptr + bins, acc.to(tl.int64), mask=(acc != 0) & (b < BINS.DUMP), sem="relaxed")
     if HIST == 2 or HIST == 3:
         tl.debug_barrier()
         quads = BINS.DUMP // 4 + 1
         plain = quads
         if BINS.WINDOW:
             plain = (BINS.ABOVE // 4) // BINS.SLAB * BINS.SLAB  # whole slabs of words below ABOVE: no fold
-        _flush_quads(row_ptr, 0, plain, False, not BINS.WINDOW, HIST, BINS)
+        _flush_quads(row_ptr, 0, plain, False, not BINS.WINDOW, HIST, BINS, PAIRED)
         if BINS.WINDOW:
-            _flush_quads(row_ptr, plain, quads, True, True, HIST, BINS)
+            _flush_quads(row_ptr, plain, quads, True, True, HIST, BINS, PAIRED)
 
 
 @triton.jit
@@ -304,6 +375,7 @@ def _finalize_kernel(
     total_ptr,
     found_inf_ptr,
     NUM_BINS: tl.constexpr,
+    STRIDE: tl.constexpr,  # between the scratch rows of consecutive tensors
     FB: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
 ):
@@ -311,7 +383,7 @@ def _finalize_kernel(
     b = tl.program_id(1) * FB + tl.arange(0, FB)
     in_row = b < NUM_BINS
     row = tl.load(rows_ptr + t)
-    src = scratch_ptr + t.to(tl.int64) * NUM_BINS + b
+    src = scratch_ptr + t.to(tl.int64) * STRIDE + b
     delta = tl.load(src, mask=in_row, other=0)
     live = NUM_BINS
     if HAS_FOUND_INF:  # skipped step: leave both windows as they are
@@ -469,29 +541,41 @@ def histogram_strategy(
 
 
 def scratch_for(target: HistTarget, num_tensors: int) -> Tensor:
-    """The call's int64 ``[num_tensors, num_bins]`` scratch, zero between calls."""
+    """The call's int64 scratch, zero between calls: ``[num_tensors, num_bins]``, or
+    ``[num_tensors, 2, num_bins]`` when ``target`` also tracks staleness (each tensor's
+    row of sqrt(v_hat), then its row of staleness: the kernel flushes a program's two
+    quantities into consecutive rows)."""
+    shape = (num_tensors, target.bins.num_bins)
+    if target.staleness is not None:
+        shape = (num_tensors, 2, target.bins.num_bins)
     return target.buffer(
-        ("fasthist.kernels.scratch", num_tensors),
-        lambda: torch.zeros(num_tensors, target.bins.num_bins, dtype=torch.int64, device=target.step.device),
+        ("fasthist.kernels.scratch", *shape),
+        lambda: torch.zeros(shape, dtype=torch.int64, device=target.step.device),
     )
 
 
 def finalize_histograms(target: HistTarget, scratch: Tensor, found_inf: Tensor | None) -> None:
     """``step[rows[t]] = scratch[t]; total[rows[t]] += scratch[t]; scratch[t] = 0`` for every
-    tensor ``t`` of the call, unless ``found_inf`` is nonzero (then only the zeroing)."""
+    tensor ``t`` of the call (and the same for the staleness windows from the second scratch
+    row of each tensor), unless ``found_inf`` is nonzero (then only the zeroing)."""
     n = scratch.shape[0]
     if n == 0:
         return
+    windows = [(target.step, target.total)]
+    if target.staleness is not None:
+        windows.append(target.staleness)
     nb = target.bins.num_bins
     fb = min(1024, triton.next_power_of_2(nb))
-    _finalize_kernel[(n, triton.cdiv(nb, fb))](
-        scratch,
-        target.rows,
-        target.step,
-        target.total,
-        found_inf if found_inf is not None else scratch,
-        NUM_BINS=nb,
-        FB=fb,
-        HAS_FOUND_INF=found_inf is not None,
-        num_warps=4,
-    )
+    for q, (step, total) in enumerate(windows):
+        _finalize_kernel[(n, triton.cdiv(nb, fb))](
+            scratch[:, q] if scratch.dim() == 3 else scratch,
+            target.rows,
+            step,
+            total,
+            found_inf if found_inf is not None else scratch,
+            NUM_BINS=nb,
+            STRIDE=scratch.stride(0),
+            FB=fb,
+            HAS_FOUND_INF=found_inf is not None,
+            num_warps=4,
+        )

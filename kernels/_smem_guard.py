@@ -25,6 +25,11 @@ fallback warning:
 - ``coverage``: the shared memory the kernel declares (``metadata.shared``) spans every word
   the histogram touches: ``SLAB``-wide rounds of quads up to the dump word.
 
+A kernel that also counts staleness adds to the high halves of the same words
+(``red.shared.add.u32 [..], 65536``): the same kind of access, under the same rules, so the
+guard needs no new one; that no word counts 65,536 times in a program (which would carry one
+half into the other) is the launch's check on the chunk size, not a property of the code.
+
 What it cannot check: that the reservation's condition is false at run time (that is the
 source's ``start < 0`` on a chunk table of non-negative offsets), and that no barrier sits
 under thread-divergent control flow (Triton's code branches on uniform values only).

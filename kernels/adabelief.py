@@ -85,7 +85,8 @@ def _adabelief_update(
     ALIGNED: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
 ):
-    """One block of the update (module docstring); returns ``x``, the value histogrammed."""
+    """One block of the update (module docstring); returns ``x``, the value histogrammed, and
+    ``g`` as it entered the second moment."""
     p_ptr, g_ptr, m_ptr, s_ptr, smax_ptr = cols  # smax: the parameter's own pointer without amsgrad
     decay, scale, sqrt_bc2, c_inv, mode, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay = k
     g = load(g_ptr, offs, mask, MASKED, ALIGNED)
@@ -129,7 +130,7 @@ def _adabelief_update(
     sgd = tl.fma(mf, scale, p)
     p = tl.where(mode >= 2.0, adaptive, tl.where(mode == 1.0, sgd, p))
     store(p_ptr, offs, rne(p, DTYPE), mask, MASKED, ALIGNED)
-    return x
+    return x, g
 
 
 BODY = StepBody(_adabelief_prepare, _adabelief_update, AdaBeliefFlags, 5)

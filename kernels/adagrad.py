@@ -59,7 +59,8 @@ def _adagrad_update(
     ALIGNED: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
 ):
-    """One block of the update (module docstring); returns ``x``, the value histogrammed."""
+    """One block of the update (module docstring); returns ``x``, the value histogrammed, and
+    ``g`` as it entered the second moment."""
     p_ptr, g_ptr, s_ptr = cols[0], cols[1], cols[2]
     neg_clr, grad_scale, eps, weight_decay = k
     g = load(g_ptr, offs, mask, MASKED, ALIGNED)
@@ -79,7 +80,7 @@ def _adagrad_update(
     std = rne((rne(x, DTYPE).to(tl.float32) + eps), DTYPE).to(tl.float32)
     p = p + tl.div_rn(neg_clr * g, std)
     store(p_ptr, offs, rne(p, DTYPE), mask, MASKED, ALIGNED)
-    return x
+    return x, g
 
 
 BODY = StepBody(_adagrad_prepare, _adagrad_update, AdagradFlags, 1)

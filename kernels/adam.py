@@ -12,6 +12,12 @@ Per element, in float32, with ``p, g, m, v[, v_max]`` loaded once and written on
     x      = sqrt_rn(v_den) / c                     # c = sqrt(1 - beta2**step), IEEE division
     p      = p + (-step_size * m) / (x + eps)       # step_size = lr / (1 - beta1**step)
     hist  += LogBins index of x                     # per program (kernels._common)
+    s      = |g| / max(x, eps)                      # staleness, only when hist.staleness is given:
+    stale += LogBins index of s                     # IEEE division (div.rn.f32), NaN x gives NaN
+
+``g`` in ``s`` is the float32 value fed into ``v`` above (unscaled, negated, with coupled
+weight decay, unrounded also for bfloat16/float16 parameters, as in torch's fused kernels);
+``x`` the same float32 value the first histogram bins, ``eps`` the float32 one it adds.
 
 ``m`` and ``v`` round as torch's single-tensor CPU path does (its CPU ``add(alpha=)``,
 ``lerp`` and ``addcmul`` kernels use FMA; checked against torch 2.13), so on the CPU they
@@ -100,7 +106,8 @@ def _adam_update(
     ALIGNED: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
 ):
-    """One block of the update (module docstring); returns ``x``, the value histogrammed."""
+    """One block of the update (module docstring); returns ``x``, the value histogrammed, and
+    ``g`` as it entered ``v``."""
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr = cols
     neg_step_size, c, decay, grad_scale, one_minus_beta1, lerp_coeff, beta2, one_minus_beta2, eps, weight_decay = k
     g = load(g_ptr, offs, mask, MASKED, ALIGNED)
@@ -131,10 +138,20 @@ def _adam_update(
     x = tl.div_rn(tl.sqrt_rn(v_den), c)
     p = p + tl.div_rn(neg_step_size * m.to(tl.float32), x + eps)
     store(p_ptr, offs, rne(p, DTYPE), mask, MASKED, ALIGNED)
-    return x
+    return x, g
 
 
-BODY = StepBody(_adam_prepare, _adam_update, AdamFlags, 3)
+@triton.jit
+def _adam_staleness(x, g, k):
+    """``g / max(x, eps)`` in float32, correctly rounded (``div.rn.f32``); a NaN ``x`` gives
+    NaN (as ``torch.maximum``/``clamp`` propagate it). The histogram bins magnitudes and IEEE
+    division is symmetric in the sign, so this bins exactly as ``|g| / max(x, eps)``, one
+    instruction less per element."""
+    eps = k[8]
+    return tl.div_rn(g, tl.maximum(x, eps, propagate_nan=tl.PropagateNan.ALL))
+
+
+BODY = StepBody(_adam_prepare, _adam_update, AdamFlags, 3, _adam_staleness)
 
 
 def _coefficients(

@@ -73,7 +73,8 @@ def _rmsprop_update(
     ALIGNED: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
 ):
-    """One block of the update (module docstring); returns ``x``, the value histogrammed."""
+    """One block of the update (module docstring); returns ``x``, the value histogrammed, and
+    ``g`` as it entered the second moment."""
     p_ptr, g_ptr, v_ptr, ga_ptr, buf_ptr = cols  # ga, buf: the parameter's own pointer when unused
     lr, alpha, one_minus_alpha, lerp_w, lerp_coeff, eps, weight_decay, momentum = k
     g = load(g_ptr, offs, mask, MASKED, ALIGNED)
@@ -108,7 +109,7 @@ def _rmsprop_update(
     else:
         p = p + tl.div_rn(-lr * g, avg)
     store(p_ptr, offs, rne(p, DTYPE), mask, MASKED, ALIGNED)
-    return x
+    return x, g
 
 
 BODY = StepBody(_rmsprop_prepare, _rmsprop_update, RMSpropFlags, 0)

@@ -756,7 +756,7 @@ for dtype, track, ams, wd in [(tl.float32, True, True, 1), (tl.bfloat16, True, F
     assert "ld.global.v4" in ptx and "st.global.v4" in ptx, "full aligned chunks must use vector access"
     if track:
         assert "red.global" in ptx or "atom.global" in ptx, "no histogram flush"
-compile_(H._finalize_kernel, dict(NUM_BINS=spec["NUM_BINS"], FB=1024, HAS_FOUND_INF=True), 4)
+compile_(H._finalize_kernel, dict(NUM_BINS=spec["NUM_BINS"], STRIDE=spec["NUM_BINS"], FB=1024, HAS_FOUND_INF=True), 4)
 print("ok")
 """
 

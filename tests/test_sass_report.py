@@ -3,13 +3,16 @@
 ``bench/sass_report.py`` compiles every kernel for sm_90 and reads the SASS; this test holds
 each (optimizer, dtype) to the targets: the histogram strategy the runtime would pick is the
 shared-memory one, hot loop <= 1.25x the untracked kernel's, whole kernel <= 1.30x, no spills,
-<= 128 registers. The committed reports for Triton 3.6, 3.7, 3.8 and 3.9 are in
-``bench/results/sass-triton-*.json``.
+<= 128 registers; with staleness tracked too (``adam+staleness``, ``adamw+staleness``), hot
+loop <= 1.35x and whole kernel <= 1.40x. The committed reports for Triton 3.6, 3.7, 3.8 and
+3.9 are in ``bench/results/sass-triton-*.json``.
 
 A known miss, if one is ever accepted, is marked strict xfail with its reason (it must
-fail; if it starts passing, the mark goes). None at present: AdaBelief, whose histogram of
-``(1 - beta2) * s_hat`` once cost an IEEE division per element, now multiplies by the
-host-rounded reciprocal on every backend.
+fail; if it starts passing, the mark goes). AdaBelief, whose histogram of ``(1 - beta2) *
+s_hat`` once cost an IEEE division per element, now multiplies by the host-rounded
+reciprocal on every backend. Staleness cannot: its divisor changes per element, and the
+division must be correctly rounded for the bins to agree across backends, so its rows miss
+x1.35 (``_STALENESS_MISS``).
 """
 
 from __future__ import annotations
@@ -30,13 +33,21 @@ except ImportError as e:
     pytest.skip(f"no NVIDIA backend in this Triton: {e}", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
-KNOWN_MISSES: dict[tuple[str, str], str] = {}  # (kernel, dtype): why; none at present
+# Staleness beside sqrt(v_hat) costs one correctly rounded division per element (div.rn.f32:
+# 15 SASS instructions, 8 of them the call site of a slow path that finite in-range operands
+# never take) and one more shared increment (6): x1.41-1.50 on Triton 3.6-3.9, over x1.35.
+_STALENESS_MISS = "div.rn.f32 (15 SASS instructions) + a second word and increment (6) per element"
+KNOWN_MISSES: dict[tuple[str, str], str] = {  # (kernel, dtype): why
+    (f"{k}+staleness", d): _STALENESS_MISS for k in ("adam", "adamw") for d in ("float32", "bfloat16", "float16")
+}
 ROWS = [
     (k, d)
-    for k in ("adam", "adamw", "rmsprop", "adagrad", "adabelief")
+    for k in ("adam", "adamw", "rmsprop", "adagrad", "adabelief", "adam+staleness", "adamw+staleness")
     for d in ("float32", "bfloat16", "float16")
     if (k, d) != ("adabelief", "float16")  # no kernel: the reference backend runs it
 ]
+# hot loop and whole kernel over the untracked kernel: sqrt(v_hat), and with staleness too
+LIMITS = {"sqrt_v": (1.25, 1.30), "staleness": (1.35, 1.40)}
 
 
 @pytest.fixture(scope="module")
@@ -66,5 +77,6 @@ def test_static_cost_targets(report, kernel, dtype):
     assert tracked["shared_atomics"] > 0.99, "every element counted with one shared atomic"
     assert row["misses"] == [], row["misses"]
     # the figures behind the verdict, spelled out
-    assert row["hot_ratio"] <= 1.25 and row["whole_ratio"] <= 1.30
+    hot, whole = LIMITS["staleness" if kernel.endswith("+staleness") else "sqrt_v"]
+    assert row["hot_ratio"] <= hot and row["whole_ratio"] <= whole
     assert tracked["registers"] <= 128 and tracked["stack_bytes"] == 0 and tracked["local_ops"] == 0
