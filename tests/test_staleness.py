@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 import fasthist
-from fasthist.backend import CPU_HISTOGRAM, FUSED_CPU, TORCH
+from fasthist.backend import CPU_HISTOGRAM, FUSED_CPU, TORCH, TRITON
 
 BOTH = ("sqrt_v", "staleness")
 # a matrix with a zero row (zero gradients: s = 0, or wd * p / eps), a vector, an odd 3-d
@@ -309,10 +309,24 @@ def test_staleness_rms_brackets_the_exact_rms():
     assert opt.staleness_rms(window="total")[1].estimate.shape == (4,)
 
 
-def test_triton_refuses_staleness_with_a_reason():
-    """Forced onto the Triton kernels (the interpreter here), a call with staleness runs on
-    the next backend, and opt.backends() says why; the histograms are still exact."""
-    _, opt = _run(fasthist.Adam, {"weight_decay": 0.1}, backend="triton", steps=2)
+@pytest.mark.parametrize("name", ["weight_decay", "amsgrad", "maximize"])
+def test_triton_kernels_track_adam_staleness_exactly(name):
+    """On the Triton kernels (the interpreter here), Adam's staleness is binned in the same
+    launch as sqrt(v_hat), and equals the oracle from the optimizer's own state."""
+    _, opt = _run(fasthist.Adam, ADAM_CONFIGS[name], backend="triton", steps=2)
+    assert _ran(opt) == {TRITON}, opt.backends()
+
+
+def test_triton_refuses_rmsprop_staleness_with_a_reason():
+    """RMSprop's kernel has no staleness: the call runs on the next backend, and
+    opt.backends() says why."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g).requires_grad_() for s in SHAPES]
+    opt = fasthist.RMSprop(params, track=BOTH)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    with fasthist.backend.use("triton"):
+        opt.step()
     (choice,) = opt.backends().values()
     assert choice.backend == CPU_HISTOGRAM and "triton: staleness: not in this backend yet" in choice.reason
 
