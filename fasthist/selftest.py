@@ -75,6 +75,7 @@ from . import backend
 from .bins import LogBins
 from .declaration import OptimizerDecl
 from .reference.histogram import accumulate_
+from .reference.staleness import bin_staleness_, magnitudes_, staleness_target
 from .target import HistTarget
 
 __all__ = ["TL_NOTE", "Result", "Verdict", "check", "enabled", "histogram", "results", "self_test"]
@@ -135,13 +136,24 @@ def _flag(value: Any) -> Any:
     return type(value).__name__
 
 
-def key(decl: OptimizerDecl, device: torch.device, dtype: torch.dtype, bins: LogBins, kwargs: dict) -> tuple:
-    """The specialisation of a call (module docstring)."""
+def key(
+    decl: OptimizerDecl, device: torch.device, dtype: torch.dtype, bins: LogBins, kwargs: dict, staleness: bool = False
+) -> tuple:
+    """The specialisation of a call (module docstring); ``staleness``: its target has
+    staleness windows (the kernel then bins both quantities, a specialisation of its own)."""
     shape = backend.kernels_module().SHAPE
     # runs at every step: the values only (a call site passes its keywords in one order),
     # the common bools and Nones without a call
     flags = tuple([v if v is None or v is True or v is False else _flag(v) for v in kwargs.values()])
-    return (decl.name, dtype, bins, (shape.block, shape.iters, shape.num_warps, shape.histogram), device, flags)
+    return (
+        decl.name,
+        dtype,
+        bins,
+        (shape.block, shape.iters, shape.num_warps, shape.histogram),
+        device,
+        flags,
+        staleness,
+    )
 
 
 def _may_run(device: torch.device) -> bool:
@@ -159,12 +171,13 @@ def check(decl: OptimizerDecl, device: torch.device, lists: list[list[Tensor]], 
         return None
     tl = False
     for dtype in {p.dtype for p in lists[0]}:
-        k = key(decl, device, dtype, hist.bins, kwargs)
+        staleness = hist.staleness is not None
+        k = key(decl, device, dtype, hist.bins, kwargs, staleness)
         verdict = _VERDICTS.get(k)
         if verdict is None:
             if not _may_run(device):
                 return None
-            verdict = _VERDICTS[k] = _decide(decl, device, dtype, lists, hist.bins, kwargs)
+            verdict = _VERDICTS[k] = _decide(decl, device, dtype, lists, hist.bins, kwargs, staleness)
         if verdict.refusal is not None:
             return verdict.refusal
         tl = tl or verdict.histogram == "tl"
@@ -187,15 +200,21 @@ def histogram(reason: str | None) -> Iterator[None]:
 
 
 def _decide(
-    decl: OptimizerDecl, device: torch.device, dtype: torch.dtype, lists: list, bins: LogBins, kwargs: dict
+    decl: OptimizerDecl,
+    device: torch.device,
+    dtype: torch.dtype,
+    lists: list,
+    bins: LogBins,
+    kwargs: dict,
+    staleness: bool = False,
 ) -> Verdict:
     """Self-test; on a mismatch retry with ``tl``; one warning when anything differed."""
-    first = _attempt(decl, device, dtype, lists, bins, kwargs)
+    first = _attempt(decl, device, dtype, lists, bins, kwargs, staleness)
     if first.ok:
         return Verdict("auto", None, first, None)
     with histogram(TL_NOTE):
-        retry = _attempt(decl, device, dtype, lists, bins, kwargs)
-    what = f"the Triton {decl.name} kernel ({dtype}, {bins}, {device})"
+        retry = _attempt(decl, device, dtype, lists, bins, kwargs, staleness)
+    what = f"the Triton {decl.name} kernel ({dtype}, {bins}{', staleness' if staleness else ''}, {device})"
     if retry.ok:
         outcome = "with tl.histogram it agreed: this specialisation runs with tl.histogram"
         verdict = Verdict("tl", None, first, retry)
@@ -217,11 +236,20 @@ def _attempt(*args: Any) -> Result:
 
 
 def self_test(
-    decl: OptimizerDecl, device: torch.device, dtype: torch.dtype, like: list[list[Tensor]], bins: LogBins, kwargs: dict
+    decl: OptimizerDecl,
+    device: torch.device,
+    dtype: torch.dtype,
+    like: list[list[Tensor]],
+    bins: LogBins,
+    kwargs: dict,
+    staleness: bool = False,
 ) -> Result:
     """Run ``decl``'s Triton kernel and the reference backend on one synthetic call of
     ``dtype`` shaped like the lists ``like`` (which lists are empty, where the step counts
-    live) and compare them (module docstring). Needs the kernels importable."""
+    live) and compare them (module docstring). With ``staleness`` the kernel bins both
+    quantities, and its staleness windows are compared too, exactly, with the reference
+    binning of its own gradients and second moments (:func:`_staleness_problems`). Needs the
+    kernels importable."""
     t0 = time.perf_counter()
     kwargs = _safe_kwargs(kwargs)
     chunk = backend.kernels_module().SHAPE.chunk
@@ -231,10 +259,12 @@ def self_test(
         ours = _synthetic(decl, device, dtype, like, states, chunk)
         theirs = [[t.clone() for t in lst] for lst in ours]
         before = [[t.clone() for t in lst] for lst in ours]
-        hk = _target(bins, 2, device)
+        hk = _target(bins, 2, device, staleness)
         backend.run(backend.TRITON, decl, ours, hk, kwargs)
         backend.run(backend.TORCH, decl, theirs, None, kwargs)
         problems = _histogram_problems(decl, ours, hk, kwargs) + _update_problems(decl, ours, theirs, before)
+        if staleness:
+            problems += _staleness_problems(decl, before, ours, hk, kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     ours_said = [w for w in caught if str(w.message).startswith("fasthist")]
@@ -258,9 +288,10 @@ def _safe_kwargs(kwargs: dict) -> dict:
     return out
 
 
-def _target(bins: LogBins, n: int, device: torch.device) -> HistTarget:
+def _target(bins: LogBins, n: int, device: torch.device, staleness: bool = False) -> HistTarget:
     z = torch.zeros(n, bins.num_bins, dtype=torch.int64, device=device)
-    return HistTarget(bins, z, z.clone(), torch.arange(n, device=device))
+    windows = (z.clone(), z.clone()) if staleness else None
+    return HistTarget(bins, z, z.clone(), torch.arange(n, device=device), staleness=windows)
 
 
 def _as(values: Tensor, dtype: torch.dtype) -> Tensor:
@@ -397,10 +428,28 @@ def _histogram_problems(decl: OptimizerDecl, ours: list, hk: HistTarget, kwargs:
     oracle = _target(hk.bins, hk.step.shape[0], hk.step.device)
     values, scale, found_inf = decl.hist_inputs(ours, kwargs)
     accumulate_(oracle, values, scale, found_inf, sqrt=decl.sqrt, reciprocal=decl.reciprocal)
-    names = {**_BIN_NAMES, hk.bins.above: "above", hk.bins.nonfinite: "non-finite"}
+    return _window_problems("", (hk.step, hk.total), (oracle.step, oracle.total), hk.bins)
+
+
+def _staleness_problems(decl: OptimizerDecl, before: list, ours: list, hk: HistTarget, kwargs: dict) -> list[str]:
+    """The kernel's staleness windows against the reference binning (:mod:`.reference.staleness`)
+    of its own inputs and results: ``|g|`` from the gradients and parameters ``before`` the
+    call, as the fused kernel forms ``g`` (float32, ``fma`` for coupled decay: the fused
+    step's math, ``fused=True``), over the √v̂ values of its updated state ``ours``."""
+    assert hk.staleness is not None
+    oracle = _target(hk.bins, hk.step.shape[0], hk.step.device, staleness=True)
+    fused = {**kwargs, "fused": True}
+    target = staleness_target(oracle)
+    bin_staleness_(target, decl, magnitudes_(target, decl.entering_grads(before, fused)), ours, fused)
+    return _window_problems("staleness ", hk.staleness, oracle.staleness, hk.bins)
+
+
+def _window_problems(what: str, got_windows: tuple, want_windows: tuple, bins: LogBins) -> list[str]:
+    """What differs between two (step, total) window pairs, named by bin."""
+    names = {**_BIN_NAMES, bins.above: "above", bins.nonfinite: "non-finite"}
     problems = []
-    for window in ("step", "total"):
-        got, want = getattr(hk, window).cpu(), getattr(oracle, window).cpu()
+    for window, got, want in zip(("step", "total"), got_windows, want_windows, strict=True):
+        got, want = got.cpu(), want.cpu()
         bad = (got != want).nonzero().tolist()
         if bad:
             shown = ", ".join(
@@ -408,7 +457,7 @@ def _histogram_problems(decl: OptimizerDecl, ours: list, hk: HistTarget, kwargs:
                 for t, b in bad[:4]
             )
             more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
-            problems.append(f"{window} histogram: {len(bad)} bins differ ({shown}{more}; kernel vs reference)")
+            problems.append(f"{what}{window} histogram: {len(bad)} bins differ ({shown}{more}; kernel vs reference)")
     return problems
 
 

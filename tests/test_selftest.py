@@ -29,10 +29,10 @@ def fresh(monkeypatch):
     monkeypatch.delenv("FASTHIST_SELFTEST", raising=False)
 
 
-def _step(dtype=torch.float32, cls=fasthist.Adam, steps=1):
+def _step(dtype=torch.float32, cls=fasthist.Adam, steps=1, **options):
     """``steps`` tracked steps on the Triton backend; the optimizer and every warning."""
     p = torch.randn(50, dtype=dtype, device=DEVICE, requires_grad=True)
-    opt = cls([p], lr=1e-3)
+    opt = cls([p], lr=1e-3, **options)
     with warnings.catch_warnings(record=True) as caught, backend.use("triton"):
         warnings.simplefilter("always")
         for _ in range(steps):
@@ -108,6 +108,40 @@ def test_faulty_update_falls_back_to_another_backend(monkeypatch):
     assert "params: " in warned[0] and " ulp" in warned[0] and "another backend" in warned[0]
 
 
+STALENESS = {"track": ("sqrt_v", "staleness"), "weight_decay": 0.1}
+
+
+# float32 here: the interpreter reads bfloat16 subnormals wrongly (Triton 3.9), which fails
+# every bfloat16 self-test on the CPU; the gpu test below covers the half types
+@pytest.mark.interpreter
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True, "maximize": True}], ids=["decay", "amsgrad-maximize"])
+def test_real_kernel_tracking_staleness_passes(options):
+    """The kernel binning both quantities is a specialisation of its own: self-tested once,
+    its staleness windows exact against the reference binning of its own g and v."""
+    opt, warned = _step(torch.float32, **STALENESS, **options)
+    assert [(c.backend, c.reason) for c in opt.backends().values()] == [("triton", "")]
+    assert warned == []
+    (key, verdict), *_ = selftest.results().items()
+    assert key[-1] is True and verdict.first.ok and verdict.histogram == "auto", verdict.first.detail
+
+
+@pytest.mark.interpreter
+def test_staleness_fault_is_caught(monkeypatch):
+    """A staleness miscount under every strategy: Triton is turned down for that
+    specialisation, and the warning names the staleness window."""
+
+    def miscount(lists, hist):
+        if hist.staleness is not None:
+            hist.staleness[0][0, 7] += 1
+
+    _faulty(monkeypatch, miscount)
+    opt, warned = _step(steps=1, **STALENESS)
+    (choice,) = opt.backends().values()
+    assert choice.backend != backend.TRITON
+    assert "staleness step histogram: 1 bins differ (tensor 0 bin 7" in choice.reason
+    assert len(warned) == 1 and "staleness step histogram" in warned[0]
+
+
 @pytest.mark.interpreter
 def test_off_switch(monkeypatch):
     def off(lists, hist):
@@ -128,6 +162,17 @@ def test_real_kernels_pass_on_the_device(cls, dtype):
     if dtype not in cls.declaration.kernel_dtypes:
         pytest.skip(f"no {cls.__name__} kernel for {dtype}")
     opt, warned = _step(dtype, cls)
+    assert warned == []
+    assert [c.backend for c in opt.backends().values()] == ["triton"]
+    (verdict,) = selftest.results().values()
+    assert verdict.first.ok and verdict.histogram == "auto", verdict.first.detail
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [fasthist.Adam, fasthist.AdamW])
+def test_real_kernels_tracking_staleness_pass_on_the_device(cls, dtype):
+    opt, warned = _step(dtype, cls, **STALENESS)
     assert warned == []
     assert [c.backend for c in opt.backends().values()] == ["triton"]
     (verdict,) = selftest.results().values()

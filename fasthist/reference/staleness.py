@@ -38,7 +38,7 @@ from ..dtensor import local_tensor
 from ..target import HistTarget
 from .histogram import accumulate_, binned_values
 
-__all__ = ["coupled_entering_grads", "magnitudes_", "record_staleness_", "staleness_target"]
+__all__ = ["bin_staleness_", "coupled_entering_grads", "magnitudes_", "record_staleness_", "staleness_target"]
 
 _KEY = "fasthist.reference.staleness"
 
@@ -119,8 +119,22 @@ def record_staleness_(
         mags = magnitudes_(target, decl.entering_grads(lists, kwargs))
     update()
     with torch.no_grad():
-        values, scale, found_inf = decl.hist_inputs(lists, kwargs)
-        xs = binned_values(target, values, scale, sqrt=decl.sqrt, reciprocal=decl.reciprocal)
-        torch._foreach_clamp_min_(xs, kwargs["eps"])
-        torch._foreach_div_(mags, xs)
-        accumulate(target, mags, [1.0] * len(mags), found_inf, sqrt=False)
+        bin_staleness_(target, decl, mags, lists, kwargs, accumulate)
+
+
+def bin_staleness_(
+    target: HistTarget,
+    decl: OptimizerDecl,
+    mags: list[Tensor],
+    lists: list[list[Tensor]],
+    kwargs: dict[str, Any],
+    accumulate: Callable[..., Any] = accumulate_,
+) -> None:
+    """Bin ``s = mags / max(x, eps)`` into ``target`` (a :func:`staleness_target`), ``x`` the
+    √v̂ values of the updated ``lists``; ``mags`` (|g|, :func:`magnitudes_`) is overwritten
+    with ``s``. A step skipped by ``found_inf`` leaves the windows as they were."""
+    values, scale, found_inf = decl.hist_inputs(lists, kwargs)
+    xs = binned_values(target, values, scale, sqrt=decl.sqrt, reciprocal=decl.reciprocal)
+    torch._foreach_clamp_min_(xs, kwargs["eps"])
+    torch._foreach_div_(mags, xs)
+    accumulate(target, mags, [1.0] * len(mags), found_inf, sqrt=False)
