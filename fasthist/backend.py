@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _get_capturable_supported_devices
 
 from . import csrc
 from .declaration import OptimizerDecl
@@ -48,6 +49,7 @@ from .target import HistTarget
 __all__ = [
     "BACKENDS",
     "CPU_HISTOGRAM",
+    "check",
     "FUSED_CPU",
     "TORCH",
     "TRITON",
@@ -145,6 +147,33 @@ def _compiled_histogram_(target: HistTarget, values: list[Tensor], scale: Any, f
         raise RuntimeError("fasthist: the compiled CPU histogram pass turned down a call the dispatcher gave it")
 
 
+def check(backend: str, device: torch.device, lists: list[list[Tensor]], kwargs: dict[str, Any]) -> None:
+    """Raise what running this per-device call on ``backend`` would raise only after writing
+    some of it, before anything is written: ``lr``, ``found_inf`` (and ``grad_scale``, which
+    :func:`stepped` reads as one value) not one value; for torch's functional, its own
+    refusals (step counts that are not tensors, ``capturable`` off the devices it supports).
+    What the backends check per tensor (dtypes, shapes, devices of states and gradients) is
+    not repeated here: it would cost every step a walk over every tensor."""
+    lr = kwargs.get("lr")
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise RuntimeError(f"fasthist: lr must be a float or a one-element Tensor, but got shape {tuple(lr.shape)}")
+    readied = backend in (TRITON, FUSED_CPU)
+    for key in ("found_inf", "grad_scale") if readied else ("found_inf",):
+        t = kwargs.get(key)
+        if t is not None and t.numel() != 1:
+            raise RuntimeError(f"fasthist: {key} must be None or a one-element Tensor, but got shape {tuple(t.shape)}")
+    if readied:
+        return
+    if not all(isinstance(s, Tensor) for s in lists[-1]):  # torch's words
+        raise RuntimeError("API has changed, `state_steps` argument must contain a list of singleton tensors")
+    if kwargs.get("capturable") and not kwargs.get("fused") and not torch.compiler.is_compiling():
+        supported = _get_capturable_supported_devices()
+        if device.type not in supported:  # torch's check, type and words, before its first tensor
+            raise AssertionError(
+                f"If capturable=True, params and state_steps must be on supported devices: {supported}."
+            )
+
+
 def run(backend: str, decl: OptimizerDecl, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict) -> None:
     """Run one per-device call of ``decl`` on ``backend`` (module docstring). The torch
     backends run the optimizer's torch functional, which keeps its own step counts; the
@@ -172,7 +201,9 @@ def stepped(
     """torch's fused-step protocol (``torch.optim.adam._fused_adam``), written once around
     ``step``, a backend that takes ready inputs:
 
-    - ``state_steps += 1`` before the step, ``state_steps -= found_inf`` after it;
+    - ``state_steps += 1`` before the step, ``state_steps -= found_inf`` after it; a ``step``
+      that raises has its increment undone (the backends check every tensor before they
+      write one; a fault in the middle of a kernel leaves what it wrote);
     - ``found_inf`` and ``grad_scale``: None, or one value on ``device``, where the backend
       reads it (``found_inf`` nonzero: the backend leaves parameters, states and histograms
       untouched, with no host sync). With the step counts on the host and ``found_inf`` on
@@ -194,17 +225,17 @@ def stepped(
             found_inf = found_inf.to(device=device, non_blocking=True).reshape(())
         if grad_scale is not None:
             grad_scale = grad_scale.to(device=device, non_blocking=True).reshape(())
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise RuntimeError(
-                    f"fasthist: lr must be a float or a one-element Tensor, but got shape {tuple(lr.shape)}"
-                )
+        if isinstance(lr, Tensor):  # one value (:func:`check`)
             ready["lr"] = lr.detach().reshape(())
         for key, value in (("found_inf", found_inf), ("grad_scale", grad_scale)):
             if key in kwargs:
                 ready[key] = value
         torch._foreach_add_(steps, 1)
-        step(ready)
+        try:
+            step(ready)
+        except BaseException:
+            torch._foreach_sub_(steps, 1)
+            raise
         if found_inf is not None:
             flag = found_inf.to(steps[0].device)
             torch._foreach_sub_(steps, [flag] * len(steps))
