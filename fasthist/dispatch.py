@@ -18,7 +18,8 @@ Before the Triton kernel first runs a specialisation it is self-tested against 4
 same device (:mod:`fasthist.selftest`): a mismatch runs it with ``tl.histogram``, or turns
 1 down. ``FASTHIST_CPU_KERNEL=0`` turns 2 and 3 down. Each call's choice is a :class:`Choice`: the
 backend, and why each faster one was turned down; the optimizer keeps the latest per
-(group, device, dtype) (``opt.backends()``).
+(group, device, dtype) (``opt.backends()``). A step chooses and checks every call
+(:func:`plan`, which writes nothing) before it runs any (:func:`execute`).
 """
 
 from __future__ import annotations

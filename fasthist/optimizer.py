@@ -142,8 +142,8 @@ class HistogramMixin(HistogramQueries):
         group is planned (:meth:`_plan`): torch's ``_init_group`` (lazy state and its
         checks, e.g. sparse gradients), the histogram targets, and per device the backend
         chosen and its inputs checked (:func:`fasthist.dispatch.plan`); nothing is written,
-        and if anything raises (an exception, ``KeyboardInterrupt``) the state this step
-        created is dropped: parameters, state and histograms are as before the call. Then
+        and if anything raises (an exception, ``KeyboardInterrupt``) the state entries this
+        step created are dropped: parameters, state and histograms are as before the call. Then
         every call runs. A failure while they run cannot be undone without copying every
         tensor at every step: the calls before it stay applied (each tensor's parameter,
         state, step count and histograms together), the calls after it are not run, and the
@@ -174,9 +174,10 @@ class HistogramMixin(HistogramQueries):
 
     def _plan(self) -> list[tuple[int, list[Call], dict[str, Any]]]:
         """The first phase of :meth:`step`: ``(group index, its calls, its keyword arguments)``
-        for every group with a parameter to step, written nothing; on any exception, the
-        state entries it created are dropped before it propagates."""
-        if torch.compiler.is_compiling():  # dynamo guards on the state: no rollback to trace
+        for every group with a parameter to step, writing nothing; on any exception, the
+        state entries it created are dropped before it propagates (eager steps: a compiled
+        step runs ``_init_group`` while dynamo traces it)."""
+        if torch.compiler.is_compiling():
             return self._plan_groups()
         created = len(self.state)
         try:
