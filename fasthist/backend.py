@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import numbers
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -147,16 +148,26 @@ def _compiled_histogram_(target: HistTarget, values: list[Tensor], scale: Any, f
         raise RuntimeError("fasthist: the compiled CPU histogram pass turned down a call the dispatcher gave it")
 
 
-def check(backend: str, device: torch.device, lists: list[list[Tensor]], kwargs: dict[str, Any]) -> None:
-    """Raise what running this per-device call on ``backend`` would raise only after writing
-    some of it, before anything is written: ``lr``, ``found_inf`` (and ``grad_scale``, which
-    :func:`stepped` reads as one value) not one value; for torch's functional, its own
-    refusals (step counts that are not tensors, ``capturable`` off the devices it supports).
-    What the backends check per tensor (dtypes, shapes, devices of states and gradients) is
-    not repeated here: it would cost every step a walk over every tensor."""
-    lr = kwargs.get("lr")
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise RuntimeError(f"fasthist: lr must be a float or a one-element Tensor, but got shape {tuple(lr.shape)}")
+def check(
+    backend: str, decl: OptimizerDecl, device: torch.device, lists: list[list[Tensor]], kwargs: dict[str, Any]
+) -> None:
+    """Raise what running this per-device call of ``decl`` on ``backend`` would raise only
+    after writing some of it, before anything is written: a hyper-parameter (``decl.floats``:
+    a group option, changeable after construction) that is neither a real number nor one
+    value in a tensor; ``found_inf`` (and ``grad_scale``, which :func:`stepped` reads as one
+    value) not one value; for torch's functional, its own refusals (step counts that are not
+    tensors, ``capturable`` off the devices it supports). What the backends check per tensor
+    (dtypes, shapes, devices of states and gradients) is not repeated here: it would cost
+    every step a walk over every tensor."""
+    for key in sorted(decl.floats):
+        value = kwargs.get(key)
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise RuntimeError(
+                    f"fasthist: {key} must be a float or a one-element Tensor, but got shape {tuple(value.shape)}"
+                )
+        elif value is not None and not isinstance(value, (numbers.Real, torch.SymFloat)):
+            raise TypeError(f"fasthist: {key} must be a float or a one-element Tensor, but got {value!r}")
     readied = backend in (TRITON, FUSED_CPU)
     for key in ("found_inf", "grad_scale") if readied else ("found_inf",):
         t = kwargs.get(key)

@@ -85,7 +85,7 @@ def plan(
     for device, idx, target in parts:
         sub = lists if len(parts) == 1 else [[lst[i] for i in idx] if lst else lst for lst in lists]
         choice = choose(decl, device, sub, target, kwargs)
-        backend.check(choice.backend, device, sub, kwargs)
+        backend.check(choice.backend, decl, device, sub, kwargs)
         calls.append(Call(device, sub, target, choice))
     return calls
 

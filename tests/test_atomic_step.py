@@ -114,6 +114,23 @@ def test_tensor_lr_of_no_value_any_optimizer(info):
     _refused(opt, RuntimeError, r"lr must be a float or a one-element Tensor, but got shape \(0,\)")
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "exc", "match"),
+    [
+        ("betas", (torch.tensor([0.9, 0.9]), 0.999), RuntimeError, r"beta1 must be .* but got shape \(2,\)"),
+        ("eps", "1e-8", TypeError, "eps must be a float or a one-element Tensor, but got '1e-8'"),
+        ("weight_decay", torch.tensor([[0.1]] * 2), RuntimeError, r"weight_decay must be .* shape \(2, 1\)"),
+    ],
+    ids=["beta1", "eps", "weight_decay"],
+)
+def test_hyper_parameter_set_after_construction(option, value, exc, match):
+    """Group options are checked by the constructor only; torch's functional reads them
+    tensor by tensor, after the groups before (and the group's first tensors) stepped."""
+    opt, _, _ = _two_groups()
+    opt.param_groups[1][option] = value
+    _refused(opt, exc, match)
+
+
 @pytest.mark.parametrize("track_first", [False, True], ids=["first_untracked", "both_tracked"])
 def test_found_inf_of_two_values(track_first):
     """GradScaler's flag, set as it sets it on a fused optimizer: torch's fused Adam applies
