@@ -50,10 +50,10 @@ from .target import HistTarget
 __all__ = [
     "BACKENDS",
     "CPU_HISTOGRAM",
-    "check",
     "FUSED_CPU",
     "TORCH",
     "TRITON",
+    "check",
     "kernels_module",
     "requested",
     "run",
