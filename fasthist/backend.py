@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import numbers
 import os
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -42,6 +43,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _get_capturable_supported_devices
 
 from . import csrc
 from .declaration import OptimizerDecl
@@ -56,6 +58,7 @@ __all__ = [
     "FUSED_CPU",
     "TORCH",
     "TRITON",
+    "check",
     "kernels_module",
     "requested",
     "run",
@@ -150,6 +153,43 @@ def _compiled_histogram_(target: HistTarget, values: list[Tensor], scale: Any, f
         raise RuntimeError("fasthist: the compiled CPU histogram pass turned down a call the dispatcher gave it")
 
 
+def check(
+    backend: str, decl: OptimizerDecl, device: torch.device, lists: list[list[Tensor]], kwargs: dict[str, Any]
+) -> None:
+    """Raise what running this per-device call of ``decl`` on ``backend`` would raise only
+    after writing some of it, before anything is written: a hyper-parameter (``decl.floats``:
+    a group option, changeable after construction) that is neither a real number nor one
+    value in a tensor; ``found_inf`` (and ``grad_scale``, which :func:`stepped` reads as one
+    value) not one value; for torch's functional, its own refusals (step counts that are not
+    tensors, ``capturable`` off the devices it supports). What the backends check per tensor
+    (dtypes, shapes, devices of states and gradients) is not repeated here: it would cost
+    every step a walk over every tensor."""
+    for key in sorted(decl.floats):
+        value = kwargs.get(key)
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise RuntimeError(
+                    f"fasthist: {key} must be a float or a one-element Tensor, but got shape {tuple(value.shape)}"
+                )
+        elif value is not None and not isinstance(value, (numbers.Real, torch.SymFloat)):
+            raise TypeError(f"fasthist: {key} must be a float or a one-element Tensor, but got {value!r}")
+    readied = backend in (TRITON, FUSED_CPU)
+    for key in ("found_inf", "grad_scale") if readied else ("found_inf",):
+        t = kwargs.get(key)
+        if t is not None and t.numel() != 1:
+            raise RuntimeError(f"fasthist: {key} must be None or a one-element Tensor, but got shape {tuple(t.shape)}")
+    if readied:
+        return
+    if not all(isinstance(s, Tensor) for s in lists[-1]):  # torch's words
+        raise RuntimeError("API has changed, `state_steps` argument must contain a list of singleton tensors")
+    if kwargs.get("capturable") and not kwargs.get("fused") and not torch.compiler.is_compiling():
+        supported = _get_capturable_supported_devices()
+        if device.type not in supported:  # torch's check, type and words, before its first tensor
+            raise AssertionError(
+                f"If capturable=True, params and state_steps must be on supported devices: {supported}."
+            )
+
+
 def run(backend: str, decl: OptimizerDecl, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict) -> None:
     """Run one per-device call of ``decl`` on ``backend`` (module docstring). The torch
     backends run the optimizer's torch functional, which keeps its own step counts; the
@@ -181,7 +221,9 @@ def stepped(
     """torch's fused-step protocol (``torch.optim.adam._fused_adam``), written once around
     ``step``, a backend that takes ready inputs:
 
-    - ``state_steps += 1`` before the step, ``state_steps -= found_inf`` after it;
+    - ``state_steps += 1`` before the step, ``state_steps -= found_inf`` after it; a ``step``
+      that raises has its increment undone (the backends check every tensor before they
+      write one; a fault in the middle of a kernel leaves what it wrote);
     - ``found_inf`` and ``grad_scale``: None, or one value on ``device``, where the backend
       reads it (``found_inf`` nonzero: the backend leaves parameters, states and histograms
       untouched, with no host sync). With the step counts on the host and ``found_inf`` on
@@ -203,17 +245,17 @@ def stepped(
             found_inf = found_inf.to(device=device, non_blocking=True).reshape(())
         if grad_scale is not None:
             grad_scale = grad_scale.to(device=device, non_blocking=True).reshape(())
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise RuntimeError(
-                    f"fasthist: lr must be a float or a one-element Tensor, but got shape {tuple(lr.shape)}"
-                )
+        if isinstance(lr, Tensor):  # one value (:func:`check`)
             ready["lr"] = lr.detach().reshape(())
         for key, value in (("found_inf", found_inf), ("grad_scale", grad_scale)):
             if key in kwargs:
                 ready[key] = value
         torch._foreach_add_(steps, 1)
-        step(ready)
+        try:
+            step(ready)
+        except BaseException:
+            torch._foreach_sub_(steps, 1)
+            raise
         if found_inf is not None:
             flag = found_inf.to(steps[0].device)
             torch._foreach_sub_(steps, [flag] * len(steps))

@@ -21,7 +21,8 @@ Before the Triton kernel first runs a specialisation it is self-tested against 4
 same device (:mod:`fasthist.selftest`): a mismatch runs it with ``tl.histogram``, or turns
 1 down. ``FASTHIST_CPU_KERNEL=0`` turns 2 and 3 down. Each call's choice is a :class:`Choice`: the
 backend, and why each faster one was turned down; the optimizer keeps the latest per
-(group, device, dtype) (``opt.backends()``).
+(group, device, dtype) (``opt.backends()``). A step chooses and checks every call
+(:func:`plan`, which writes nothing) before it runs any (:func:`execute`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .declaration import OptimizerDecl
 from .dtensor import is_dtensor
 from .target import DeviceTargets, HistTarget
 
-__all__ = ["Choice", "choose", "run"]
+__all__ = ["Call", "Choice", "choose", "execute", "plan", "run"]
 
 
 class Choice(NamedTuple):
@@ -55,6 +56,64 @@ class Choice(NamedTuple):
 Record = dict[tuple[int, torch.device, torch.dtype], Choice]
 
 
+class Call(NamedTuple):
+    """One per-device call of a step, checked and with its backend chosen (:func:`plan`):
+    the device, the functional form's lists restricted to it, its histogram target (or
+    None) and the :class:`Choice`."""
+
+    device: torch.device
+    lists: list[list[Tensor]]
+    target: HistTarget | None
+    choice: Choice
+
+
+def plan(
+    decl: OptimizerDecl, lists: list[list[Tensor]], hist: DeviceTargets | None, kwargs: dict[str, Any]
+) -> list[Call]:
+    """The per-device calls of one functional call of ``decl``, each with the backend
+    :func:`choose` picks and its inputs checked (:func:`fasthist.backend.check`). Writes no
+    tensor: everything that refuses bad input raises here, so a step plans every group
+    before it runs any (:meth:`fasthist.optimizer.HistogramMixin.step`)."""
+    params = lists[0]
+    if not params:
+        return []
+    if hist is None:
+        devices: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(params):
+            devices.setdefault(p.device, []).append(i)
+        parts = [(dev, idx, None) for dev, idx in devices.items()]
+    else:
+        parts = [(dev, idx, target) for dev, (idx, target) in hist.items()]
+    calls = []
+    for device, idx, target in parts:
+        sub = lists if len(parts) == 1 else [[lst[i] for i in idx] if lst else lst for lst in lists]
+        choice = choose(decl, device, sub, target, kwargs)
+        backend.check(choice.backend, decl, device, sub, kwargs)
+        calls.append(Call(device, sub, target, choice))
+    return calls
+
+
+def execute(
+    decl: OptimizerDecl, calls: list[Call], kwargs: dict[str, Any], *, record: Record | None = None, group: int = 0
+) -> None:
+    """Run the calls :func:`plan` made (under ``torch.compile`` as one opaque operator where
+    the backend cannot be traced, :mod:`fasthist.compiled`). ``record`` (when given) gets
+    each call's :class:`Choice` under ``(group, device, dtype)``, for every parameter dtype
+    of the call, once the call has run."""
+    compiling = torch.compiler.is_compiling()
+    for device, sub, target, choice in calls:
+        if compiling and (choice.backend == TRITON or (decl.opaque_update and choice.backend != FUSED_CPU)):
+            compiled.functional_(decl, choice.backend, sub, target, kwargs)  # one graph node
+            continue
+        with selftest.histogram(choice.reason if choice.backend == TRITON else None):
+            backend.run(choice.backend, decl, sub, target, kwargs)
+        if record is not None and not compiling:
+            if choice.backend == TRITON and target is not None:
+                choice = choice._replace(strategy=target.marks.get(HistTarget.STRATEGY, ""))
+            for dtype in {p.dtype for p in sub[0]}:
+                record[(group, device, dtype)] = choice
+
+
 def run(
     decl: OptimizerDecl,
     lists: list[list[Tensor]],
@@ -64,36 +123,9 @@ def run(
     record: Record | None = None,
     group: int = 0,
 ) -> None:
-    """One functional call of ``decl``: per device, the backend :func:`choose` picks runs it
-    (under ``torch.compile`` as one opaque operator where the backend cannot be traced,
-    :mod:`fasthist.compiled`). ``record`` (when given) gets each call's :class:`Choice`
-    under ``(group, device, dtype)``, for every parameter dtype of the call."""
-    params = lists[0]
-    if not params:
-        return
-    if hist is None:
-        devices: dict[torch.device, list[int]] = {}
-        for i, p in enumerate(params):
-            devices.setdefault(p.device, []).append(i)
-        calls = [(dev, idx, None) for dev, idx in devices.items()]
-    else:
-        calls = [(dev, idx, target) for dev, (idx, target) in hist.items()]
-    compiling = torch.compiler.is_compiling()
-    for device, idx, target in calls:
-        sub = lists if len(calls) == 1 else [[lst[i] for i in idx] if lst else lst for lst in lists]
-        choice = choose(decl, device, sub, target, kwargs)
-        if record is not None and not compiling:
-            for dtype in {p.dtype for p in sub[0]}:
-                record[(group, device, dtype)] = choice
-        if compiling and (choice.backend == TRITON or (decl.opaque_update and choice.backend != FUSED_CPU)):
-            compiled.functional_(decl, choice.backend, sub, target, kwargs)  # one graph node
-        else:
-            with selftest.histogram(choice.reason if choice.backend == TRITON else None):
-                backend.run(choice.backend, decl, sub, target, kwargs)
-            if record is not None and choice.backend == TRITON and target is not None:
-                strategy = choice._replace(strategy=target.marks.get(HistTarget.STRATEGY, ""))
-                for dtype in {p.dtype for p in sub[0]}:
-                    record[(group, device, dtype)] = strategy
+    """One functional call of ``decl``: :func:`plan` (every device's call chosen and
+    checked, nothing written), then :func:`execute`."""
+    execute(decl, plan(decl, lists, hist, kwargs), kwargs, record=record, group=group)
 
 
 def choose(

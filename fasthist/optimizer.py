@@ -22,7 +22,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 from . import compiled, dispatch
 from .bins import LogBins
 from .declaration import QUANTITIES, OptimizerDecl, quantities
-from .dispatch import Choice
+from .dispatch import Call, Choice
 from .names import check_unique_names
 from .queries import HistogramQueries, HistogramRows
 from .store import ROW_KEYS, loadable_counts, saved_rows, split_saved_counts
@@ -155,6 +155,21 @@ class HistogramMixin(HistogramQueries):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform a single optimization step, recording the histograms.
 
+        In two phases, so that a step that refuses its input changes nothing. First every
+        group is planned (:meth:`_plan`): torch's ``_init_group`` (lazy state and its
+        checks, e.g. sparse gradients), the histogram targets, and per device the backend
+        chosen and its inputs checked (:func:`fasthist.dispatch.plan`); nothing is written,
+        and if anything raises (an exception, ``KeyboardInterrupt``) the state entries this
+        step created are dropped: parameters, state and histograms are as before the call. Then
+        every call runs. A failure while they run cannot be undone without copying every
+        tensor at every step: the calls before it stay applied (each tensor's parameter,
+        state, step count and histograms together), the calls after it are not run, and the
+        failing one leaves what its backend wrote. The Triton and compiled CPU backends check
+        every tensor before they write one and have their step counts restored, so they write
+        nothing on bad tensors; torch's functional checks each tensor as it reaches it (a state
+        whose dtype or shape no longer matches its parameter), so the tensors before it are
+        stepped, without histograms.
+
         Args:
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
@@ -170,16 +185,41 @@ class HistogramMixin(HistogramQueries):
                 loss = closure()
 
         record = None if torch.compiler.is_compiling() else self.__dict__.setdefault("_fh_backends", {})
-        for i, group in enumerate(self.param_groups):
-            lists, kwargs = self._gather(group)
-            params = lists[0]
-            if not params:
-                continue
-            track = group["track"]
-            targets = self._step_targets(params, "staleness" in quantities(track)) if track else None
-            dispatch.run(self.declaration, lists, targets, kwargs, record=record, group=i)
-
+        for i, calls, kwargs in self._plan():
+            dispatch.execute(self.declaration, calls, kwargs, record=record, group=i)
         return loss
+
+    def _plan(self) -> list[tuple[int, list[Call], dict[str, Any]]]:
+        """The first phase of :meth:`step`: ``(group index, its calls, its keyword arguments)``
+        for every group with a parameter to step, writing nothing; on any exception, the
+        state entries it created are dropped before it propagates (eager steps: a compiled
+        step runs ``_init_group`` while dynamo traces it)."""
+        if torch.compiler.is_compiling():
+            return self._plan_groups()
+        created = len(self.state)
+        try:
+            return self._plan_groups()
+        except BaseException:
+            self._fh_prepared = None
+            if len(self.state) > created:  # torch's lazy initialisation appends new entries
+                for p in list(self.state)[created:]:
+                    del self.state[p]
+                self.__dict__.pop("_fh_store", None)  # rebuilt from the state on next use
+            raise
+
+    def _plan_groups(self) -> list[tuple[int, list[Call], dict[str, Any]]]:
+        gathered = []
+        for i, group in enumerate(self.param_groups):  # every group's state before any target
+            lists, kwargs = self._gather(group)
+            prepared, self._fh_prepared = self.__dict__.get("_fh_prepared"), None
+            gathered.append((i, lists, kwargs, prepared))
+        plans = []
+        for i, lists, kwargs, prepared in gathered:
+            if lists[0]:
+                track = self.param_groups[i]["track"]
+                targets = self._step_targets(lists[0], prepared, "staleness" in quantities(track)) if track else None
+                plans.append((i, dispatch.plan(self.declaration, lists, targets, kwargs), kwargs))
+        return plans
 
     def backends(self) -> dict[tuple[int, torch.device, torch.dtype], Choice]:
         """What ran the latest eager step of each (param group index, device, parameter
@@ -188,15 +228,20 @@ class HistogramMixin(HistogramQueries):
         compiled with ``torch.compile`` are not recorded."""
         return dict(self.__dict__.get("_fh_backends", {}))
 
-    def _step_targets(self, params: list[Tensor], staleness: bool) -> Any:
-        """The targets of this step's ``params``: those :meth:`_prepare_tracking` just found
-        for the same list in eager mode (the store's validity check walks every parameter, so
-        it runs once per step, not twice), else the store's."""
-        prepared, self._fh_prepared = self.__dict__.get("_fh_prepared"), None
+    def _step_targets(self, params: list[Tensor], prepared: Any, staleness: bool) -> Any:
+        """The targets of this step's ``params``: ``prepared``, what :meth:`_prepare_tracking`
+        found for the same list in eager mode (the store's validity check walks every
+        parameter, so it runs once per step, not twice), while the store still holds their
+        buffers (a later group's first step rebuilds them); else the store's. ``staleness``:
+        they carry the staleness windows too."""
+        store = self._hist_store()
         if prepared is not None and prepared[0] is params and prepared[1] == staleness:
-            if not torch.compiler.is_compiling():
-                return prepared[2]
-        return self._hist_store().targets_for(self.state, self._tracked, params, staleness)
+            targets = prepared[2]
+            if not torch.compiler.is_compiling() and all(
+                store.scratch.get(dev, (None,))[0] is t.step for dev, (_, t) in targets.items()
+            ):
+                return targets
+        return store.targets_for(self.state, self._tracked, params, staleness)
 
     # -- construction helpers ------------------------------------------------------------
     @staticmethod
