@@ -156,8 +156,7 @@ def run(backend: str, decl: OptimizerDecl, lists: list[list[Tensor]], hist: Hist
         stepped(lists, kwargs, local[0][0].device, lambda ready: kernel(*local, hist=hist, **ready))
     elif backend == FUSED_CPU:
         assert decl.fused_cpu is not None and hist is not None
-        op = decl.fused_cpu
-        stepped(lists, kwargs, torch.device("cpu"), lambda ready: csrc.fused_step_(op, lists, hist, ready))
+        stepped(lists, kwargs, torch.device("cpu"), lambda ready: csrc.fused_step_(decl, lists, hist, ready))
     else:
         decl.update(*lists, **kwargs)
         accumulate = _compiled_histogram_ if backend == CPU_HISTOGRAM else accumulate_
@@ -169,7 +168,7 @@ def run(backend: str, decl: OptimizerDecl, lists: list[list[Tensor]], hist: Hist
 def stepped(
     lists: list[list[Tensor]], kwargs: dict[str, Any], device: torch.device, step: Callable[[dict[str, Any]], None]
 ) -> None:
-    """torch's fused-step protocol (``torch.optim.adam._fused_adam``), written once around
+    """torch's fused-step protocol (its ``_fused_*`` functionals), written once around
     ``step``, a backend that takes ready inputs:
 
     - ``state_steps += 1`` before the step, ``state_steps -= found_inf`` after it;

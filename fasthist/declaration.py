@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["EpsRangeDecl", "OptimizerDecl", "register", "lookup", "registered"]
+__all__ = ["EpsRangeDecl", "FusedCpuDecl", "OptimizerDecl", "register", "lookup", "registered"]
 
 HistInputs = tuple[list[Tensor], "list[float] | Tensor", "Tensor | None"]
 """``(values, scale, found_inf)``: what the histogram pass of one call bins (module docstring)."""
@@ -36,6 +36,20 @@ class EpsRangeDecl:
     name: str
     factory: Callable[..., torch.optim.Optimizer]
     quantity: str
+
+
+@dataclass(frozen=True)
+class FusedCpuDecl:
+    """The fused tracked CPU op of an optimizer (:func:`fasthist.csrc.fused_step_`, run for
+    ``fused=True`` on CPU tensors): ``op``, its name under ``torch.ops.fasthist``;
+    ``options``, the declared flags and floats other than ``lr`` it takes, by the same names;
+    ``x86_tail``, the modulus of the tail where torch's fused CPU kernel, as its x86 wheels
+    compile it (AVX512 and AVX2), rounds the other way (the op reproduces it on the last
+    ``numel % x86_tail`` elements; 0 for none)."""
+
+    op: str
+    options: tuple[str, ...]
+    x86_tail: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,14 +69,17 @@ class OptimizerDecl:
       None, e.g. ``torch.amp.GradScaler``'s ``grad_scale`` and ``found_inf``).
     - ``kernel``: ``(module under fasthist.kernels, function)`` of its Triton backend, None
       for none; ``kernel_dtypes``: the parameter dtypes that kernel steps.
-    - ``fused_cpu``: the name of its fused tracked CPU op (``fasthist.csrc.fused_step_``),
-      run for ``fused=True``; None for none.
+    - ``fused_cpu``: its fused tracked CPU op (:class:`FusedCpuDecl`), run for
+      ``fused=True``; None for none.
     - ``opaque_update``: its update branches in Python on values a compiled graph must not
       guard on (the step count), so under ``torch.compile`` its torch backend too runs as one
       opaque operator (:mod:`fasthist.compiled`).
     - ``eps_ranges``: the ε-range rule's ways to run it (:class:`EpsRangeDecl`).
     - ``default_states``: the state lists its update reads and writes under its default
       options (bytes moved per step, for the benchmarks).
+    - ``default``: it is the optimizer fasthist uses where none is named (the paper's: the
+      ε-range rule's default, the tasks', the command line's benchmarks); one built-in
+      declaration sets it (:func:`fasthist.catalog.default`).
     """
 
     name: str
@@ -77,10 +94,11 @@ class OptimizerDecl:
     reciprocal: bool = False
     kernel: tuple[str, str] | None = None
     kernel_dtypes: tuple[torch.dtype, ...] = ()
-    fused_cpu: str | None = None
+    fused_cpu: FusedCpuDecl | None = None
     opaque_update: bool = False
     eps_ranges: tuple[EpsRangeDecl, ...] = ()
     default_states: tuple[str, ...] = ()
+    default: bool = False
 
     def __post_init__(self) -> None:
         if self.lists[:2] != ("params", "grads") or self.lists[-1] != "state_steps":
@@ -90,6 +108,8 @@ class OptimizerDecl:
         kinds = (set(self.lists), self.bools, self.floats, self.tensors)
         if sum(map(len, kinds)) != len(set().union(*kinds)):
             raise ValueError(f"Invalid keyword arguments of {self.name}: a name is declared twice")
+        if self.fused_cpu is not None and not set(self.fused_cpu.options) <= (self.bools | self.floats) - {"lr"}:
+            raise ValueError(f"Invalid fused_cpu options: {self.fused_cpu.options}; expected declared flags or floats")
 
 
 _REGISTRY: dict[str, OptimizerDecl] = {}
