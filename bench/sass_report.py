@@ -30,7 +30,7 @@ The H200 prediction is a roofline model, not a measurement: time per element =
 max(bytes / 4.3 TB/s measured copy bandwidth, instructions / 29.6 T thread-instructions/s
 (132 SMs × 4 schedulers × 32 lanes × 1.755 GHz)), tracked over untracked.
 
-Targets (issue 8), for the strategy the runtime picks, on every kernel and dtype: hot loop
+Targets, for the strategy the runtime picks, on every kernel and dtype: hot loop
 ≤ 1.25× the untracked one, whole kernel ≤ 1.30×, no spills, ≤ 128 registers.
 """
 
