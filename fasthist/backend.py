@@ -141,7 +141,7 @@ def local_lists(lists: list[list[Tensor]]) -> list[list[Tensor]]:
 
 def _compiled_histogram_(target: HistTarget, values: list[Tensor], scale: Any, found_inf: Any, **flags: bool) -> None:
     values = [local_tensor(v) for v in values] if any(is_dtensor(v) for v in values) else values
-    if not csrc.histogram_(target, values, scale, found_inf, **flags):
+    if not csrc.histogram_(target, (values, scale, found_inf), **flags):
         raise RuntimeError("fasthist: the compiled CPU histogram pass turned down a call the dispatcher gave it")
 
 

@@ -77,7 +77,7 @@ def assert_close(a, b, dtype, *, equal_nan=False):
 
 def compiled_histogram_(target, values, scale, found_inf=None, *, sqrt=True, reciprocal=False) -> None:
     """The compiled CPU histogram pass (``fasthist.csrc.histogram_``), which must take the call."""
-    assert fasthist.csrc.histogram_(target, values, scale, found_inf, sqrt=sqrt, reciprocal=reciprocal)
+    assert fasthist.csrc.histogram_(target, (values, scale, found_inf), sqrt=sqrt, reciprocal=reciprocal)
 
 
 def cpu_backend(on: bool) -> str:
