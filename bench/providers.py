@@ -100,7 +100,7 @@ _PAIRS: dict[str, tuple[Callable[..., object], type, bool]] = {
 
 
 def cpu_comparisons() -> dict[str, dict[str, Callable[[list[torch.Tensor]], object]]]:
-    """The issue-13 comparisons on the CPU, by group: ``"<optimizer> default"`` (the
+    """The CPU comparisons, by group: ``"<optimizer> default"`` (the
     optimizer as ``Cls(params)`` builds it: torch's own update, then the histogram) and
     ``"<optimizer> fused"`` (``fused=True`` on both sides), each with the baseline first,
     then fasthist with ``track=False`` and tracked. Adam's fused group also has
@@ -132,7 +132,7 @@ class Compiled:
 
 
 def compiled_comparisons() -> dict[str, dict[str, Callable[[list[torch.Tensor]], object]]]:
-    """Issue 10's compiled rows, per optimizer as ``Cls(params)`` builds it: the eager
+    """The compiled rows, per optimizer as ``Cls(params)`` builds it: the eager
     baseline first (torch's optimizer), torch's optimizer compiled (inductor), fasthist
     tracked eager and compiled. ``bench_step.py --compiled``."""
     out: dict[str, dict[str, Callable[[list[torch.Tensor]], object]]] = {}

@@ -31,10 +31,10 @@ The H200 prediction is a roofline model, not a measurement: time per element =
 max(bytes / 4.3 TB/s measured copy bandwidth, instructions / 29.6 T thread-instructions/s
 (132 SMs × 4 schedulers × 32 lanes × 1.755 GHz)), tracked over untracked.
 
-Targets (issue 8), for the strategy the runtime picks, on every kernel and dtype: hot loop
+Targets, for the strategy the runtime picks, on every kernel and dtype: hot loop
 ≤ 1.25× the untracked one, whole kernel ≤ 1.30×, no spills, ≤ 128 registers; with staleness
-tracked too (issue 19): hot loop ≤ 1.35×, whole kernel ≤ 1.40× (the same margin over the hot
-loop as above), no spills, ≤ 128 registers.
+tracked too: hot loop ≤ 1.35×, whole kernel ≤ 1.40× (the same margin over the hot loop as
+above), no spills, ≤ 128 registers.
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ class AdaBelief(HistogramMixin, Optimizer):
         "        eps (float): added into ``s_t`` every step and to the denominator (default: 1e-16).\n"
         "        weight_decay (float): weight decay (default: 0).\n"
         "        amsgrad (bool): keep the running maximum of ``s_t`` (default: False).\n"
-        "        weight_decouple (bool): decoupled weight decay as in AdamW (default: True).\n"
+        "        weight_decouple (bool): decoupled weight decay (Loshchilov & Hutter, 2019; default: True).\n"
         "        fixed_decay (bool): with ``weight_decouple``, decay by ``weight_decay`` instead of\n"
         "            ``lr * weight_decay`` (default: False).\n"
         "        rectify (bool): RAdam's rectified update (default: True).\n"

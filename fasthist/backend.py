@@ -149,7 +149,7 @@ def local_lists(lists: list[list[Tensor]]) -> list[list[Tensor]]:
 
 def _compiled_histogram_(target: HistTarget, values: list[Tensor], scale: Any, found_inf: Any, **flags: bool) -> None:
     values = [local_tensor(v) for v in values] if any(is_dtensor(v) for v in values) else values
-    if not csrc.histogram_(target, values, scale, found_inf, **flags):
+    if not csrc.histogram_(target, (values, scale, found_inf), **flags):
         raise RuntimeError("fasthist: the compiled CPU histogram pass turned down a call the dispatcher gave it")
 
 
@@ -201,8 +201,7 @@ def run(backend: str, decl: OptimizerDecl, lists: list[list[Tensor]], hist: Hist
         stepped(lists, kwargs, local[0][0].device, lambda ready: kernel(*local, hist=hist, **ready))
     elif backend == FUSED_CPU:
         assert decl.fused_cpu is not None and hist is not None
-        op = decl.fused_cpu
-        stepped(lists, kwargs, torch.device("cpu"), lambda ready: csrc.fused_step_(op, lists, hist, ready))
+        stepped(lists, kwargs, torch.device("cpu"), lambda ready: csrc.fused_step_(decl, lists, hist, ready))
     else:
         accumulate = _compiled_histogram_ if backend == CPU_HISTOGRAM else accumulate_
 
@@ -218,7 +217,7 @@ def run(backend: str, decl: OptimizerDecl, lists: list[list[Tensor]], hist: Hist
 def stepped(
     lists: list[list[Tensor]], kwargs: dict[str, Any], device: torch.device, step: Callable[[dict[str, Any]], None]
 ) -> None:
-    """torch's fused-step protocol (``torch.optim.adam._fused_adam``), written once around
+    """torch's fused-step protocol (its ``_fused_*`` functionals), written once around
     ``step``, a backend that takes ready inputs:
 
     - ``state_steps += 1`` before the step, ``state_steps -= found_inf`` after it; a ``step``

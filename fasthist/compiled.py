@@ -4,8 +4,8 @@
 Two kinds of backend calls cannot be traced into a graph that compiles once: the Triton
 kernels (their host code keeps launch tables and strategy caches keyed on data pointers,
 which dynamo would guard on) and the torch update of an optimizer declared
-``opaque_update`` (AdaBelief's branches on the step count in Python: RAdam's
-``N_sma >= 5``, ``lr == 0``). Under ``torch.compile`` :func:`functional_` hands the whole
+``opaque_update`` (an update that branches in Python on the step count, such as a
+rectified warm-up's ``N_sma >= 5``, or on ``lr == 0``). Under ``torch.compile`` :func:`functional_` hands the whole
 per-device call to the optimizer's custom operator, whose implementation is the eager
 call itself, so:
 

@@ -28,7 +28,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["QUANTITIES", "EpsRangeDecl", "OptimizerDecl", "quantities", "register", "lookup", "registered"]
+__all__ = [
+    "QUANTITIES",
+    "EpsRangeDecl",
+    "FusedCpuDecl",
+    "OptimizerDecl",
+    "quantities",
+    "register",
+    "lookup",
+    "registered",
+]
 
 QUANTITIES = ("sqrt_v", "staleness")
 """The quantities an optimizer can histogram, by the names ``track=`` takes: ``"sqrt_v"``, the
@@ -60,6 +69,20 @@ class EpsRangeDecl:
 
 
 @dataclass(frozen=True)
+class FusedCpuDecl:
+    """The fused tracked CPU op of an optimizer (:func:`fasthist.csrc.fused_step_`, run for
+    ``fused=True`` on CPU tensors): ``op``, its name under ``torch.ops.fasthist``;
+    ``options``, the declared flags and floats other than ``lr`` it takes, by the same names;
+    ``x86_tail``, the modulus of the tail where torch's fused CPU kernel, as its x86 wheels
+    compile it (AVX512 and AVX2), rounds the other way (the op reproduces it on the last
+    ``numel % x86_tail`` elements; 0 for none)."""
+
+    op: str
+    options: tuple[str, ...]
+    x86_tail: int = 0
+
+
+@dataclass(frozen=True)
 class OptimizerDecl:
     """One optimizer, declared once.
 
@@ -76,8 +99,8 @@ class OptimizerDecl:
       None, e.g. ``torch.amp.GradScaler``'s ``grad_scale`` and ``found_inf``).
     - ``kernel``: ``(module under fasthist.kernels, function)`` of its Triton backend, None
       for none; ``kernel_dtypes``: the parameter dtypes that kernel steps.
-    - ``fused_cpu``: the name of its fused tracked CPU op (``fasthist.csrc.fused_step_``),
-      run for ``fused=True``; None for none.
+    - ``fused_cpu``: its fused tracked CPU op (:class:`FusedCpuDecl`), run for
+      ``fused=True``; None for none.
     - ``opaque_update``: its update branches in Python on values a compiled graph must not
       guard on (the step count), so under ``torch.compile`` its torch backend too runs as one
       opaque operator (:mod:`fasthist.compiled`).
@@ -89,6 +112,9 @@ class OptimizerDecl:
       weight decay, in the precision the update computes it), read *before* the update; it
       makes ``"staleness"`` trackable. None: the optimizer has no staleness, and
       ``no_staleness`` says why (the message of the ``ValueError`` refusing it).
+    - ``default``: it is the optimizer fasthist uses where none is named (the paper's: the
+      ε-range rule's default, the tasks', the command line's benchmarks); one built-in
+      declaration sets it (:func:`fasthist.catalog.default`).
     """
 
     name: str
@@ -103,12 +129,13 @@ class OptimizerDecl:
     reciprocal: bool = False
     kernel: tuple[str, str] | None = None
     kernel_dtypes: tuple[torch.dtype, ...] = ()
-    fused_cpu: str | None = None
+    fused_cpu: FusedCpuDecl | None = None
     opaque_update: bool = False
     eps_ranges: tuple[EpsRangeDecl, ...] = ()
     default_states: tuple[str, ...] = ()
     entering_grads: Callable[[list[list[Tensor]], dict[str, Any]], list[Tensor]] | None = None
     no_staleness: str = ""
+    default: bool = False
 
     @property
     def trackable(self) -> tuple[str, ...]:
@@ -123,6 +150,8 @@ class OptimizerDecl:
         kinds = (set(self.lists), self.bools, self.floats, self.tensors)
         if sum(map(len, kinds)) != len(set().union(*kinds)):
             raise ValueError(f"Invalid keyword arguments of {self.name}: a name is declared twice")
+        if self.fused_cpu is not None and not set(self.fused_cpu.options) <= (self.bools | self.floats) - {"lr"}:
+            raise ValueError(f"Invalid fused_cpu options: {self.fused_cpu.options}; expected declared flags or floats")
 
 
 _REGISTRY: dict[str, OptimizerDecl] = {}

@@ -203,7 +203,7 @@ def _staleness_refusal(decl: OptimizerDecl, hist: HistTarget | None, module: Any
 def _kernel_refusal(
     decl: OptimizerDecl, max_bins: int, lists: list[list[Tensor]], hist: Any, kwargs: dict
 ) -> str | None:
-    """What of this call the kernel cannot take (module docstring, item 1), or None."""
+    """What of this call the kernel cannot take (rule 1 of the module docstring), or None."""
     if hist is not None and hist.bins.num_bins > max_bins:
         if hist.bins not in _WARNED:
             _WARNED.add(hist.bins)
@@ -264,8 +264,8 @@ def _cpu_passes_refusal(requested: str, hist: HistTarget | None) -> str | None:
 def _fused_cpu_refusal(
     requested: str, decl: OptimizerDecl, device: torch.device, lists: list[list[Tensor]], hist: Any, kwargs: dict
 ) -> str | None:
-    """None when the compiled fused step takes this ``fused=True`` call (module docstring,
-    item 2), else why not ("" for a call that did not ask for it)."""
+    """None when the compiled fused step takes this ``fused=True`` call (rule 2 of the
+    module docstring), else why not ("" for a call that did not ask for it)."""
     if not kwargs.get("fused") or decl.fused_cpu is None:
         return ""
     passes = _cpu_passes_refusal(requested, hist)
@@ -274,7 +274,7 @@ def _fused_cpu_refusal(
         return passes
     if kwargs.get("differentiable") or kwargs.get("has_sparse_grad"):
         return "differentiable or sparse"
-    if any(isinstance(kwargs.get(k), Tensor) for k in ("beta1", "beta2", "weight_decay", "eps", "lr_decay")):
+    if any(isinstance(kwargs.get(k), Tensor) for k in decl.floats - {"lr"}):
         return "tensor hyper-parameters"
     lr = kwargs.get("lr")
     scalars = [lr if isinstance(lr, Tensor) else None, kwargs.get("grad_scale"), kwargs.get("found_inf")]
@@ -293,7 +293,7 @@ def _cpu_histogram_refusal(
     requested: str, decl: OptimizerDecl, device: torch.device, lists: list[list[Tensor]], hist: Any, kwargs: dict
 ) -> str | None:
     """None when the compiled CPU histogram pass takes this call's histogram (module
-    docstring, item 3), else why not ("" where there is no CPU histogram to take)."""
+    docstring, rule 3), else why not ("" where there is no CPU histogram to take)."""
     passes = _cpu_passes_refusal(requested, hist)
     if passes is not None:
         return passes

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .bins import LogBins
-from .catalog import declarations
+from .catalog import declarations, default
 from .declaration import EpsRangeDecl
 from .eps import EpsRange, Exclude, eps_range_from_counts, excluded_names
 from .progress import progress_bar
@@ -74,8 +74,9 @@ EpsOptimizer = EpsRangeDecl
 
 _REGISTRY: dict[str, EpsOptimizer] = {}
 
-#: The optimizer of the paper, and of ``optimizer=``'s default.
-DEFAULT_OPTIMIZER = "adam"
+#: The optimizer of the paper, and of ``optimizer=``'s default: the first way the default
+#: optimizer's declaration runs the rule (:func:`fasthist.catalog.default`).
+DEFAULT_OPTIMIZER = default().eps_ranges[0].name
 
 
 def register_eps_optimizer(

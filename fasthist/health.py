@@ -1,4 +1,5 @@
-"""Second-moment staleness: how far the gradients have moved from what Adam's ``v̂`` expects.
+"""Second-moment staleness: how far the gradients have moved from what an exponential
+moving average of g² (the optimizer's ``v̂``) expects.
 
 For one element at step ``t``, with ``g`` the gradient as it enters the second moment (after
 unscaling and coupled weight decay) and ``v̂`` the bias-corrected second moment the update
@@ -9,7 +10,7 @@ divides by (with AMSGrad, the running maximum), the staleness is
 Per tensor, the RMS staleness ``sqrt(mean(s²))`` is the square root of the ratio StableAdamW
 (Wortsman et al., 2023) monitors and clips on, ``RMS_t = sqrt(mean(g² / max(v̂, ε²)))``.
 
-**The bound.** Adam's ``v_t = β2 v_{t-1} + (1 - β2) g²`` gives ``v_t ≥ (1 - β2) g²``, so
+**The bound.** The moving average ``v_t = β2 v_{t-1} + (1 - β2) g²`` gives ``v_t ≥ (1 - β2) g²``, so
 ``v̂_t = v_t / (1 - β2^t) ≥ g² (1 - β2) / (1 - β2^t)`` and every element, hence the RMS, obeys
 
     s ≤ B(β2, t) = sqrt((1 - β2^t) / (1 - β2))
@@ -48,7 +49,7 @@ __all__ = ["AlertEpisode", "RMSEstimate", "StalenessAlert", "rms_from_counts", "
 
 
 def staleness_bound(beta2: float, step: int | float) -> float:
-    """``B(β2, t) = sqrt((1 - β2^t) / (1 - β2))``, the largest staleness Adam allows at step
+    """``B(β2, t) = sqrt((1 - β2^t) / (1 - β2))``, the largest staleness that moving average allows at step
     ``t`` (module docstring); 1 for ``t = 1``. ``β2 = 0`` gives 1 at every step."""
     if not 0.0 <= beta2 < 1.0:
         raise ValueError(f"Invalid beta2: {beta2}")
@@ -180,7 +181,7 @@ class StalenessAlert:
         self.episodes.append(episode)
         if self.warn:
             warnings.warn(
-                f"fasthist: at step {step} the gradients jumped past what Adam's second moment expects: "
+                f"fasthist: at step {step} the gradients jumped past what the second moment expects: "
                 f"median RMS staleness {stat:.3g}, {stat / baseline:.2g}x its median over the last "
                 f"{self.window} steps ({baseline:.3g}); stalest: {', '.join(stalest)}",
                 RuntimeWarning,

@@ -51,7 +51,7 @@ def rmsprop(
 
 def _eps_pass(params: Any, *, betas: tuple[float, float], weight_decay: float, bins: LogBins | None, **kw: Any) -> Any:
     # betas[1] is RMSprop's alpha (torch's default is 0.99: pass betas=(0.9, 0.99) for it);
-    # weight decay is coupled (enters v); lr=0 and eps=1 as for Adam.
+    # weight decay is coupled (enters v); lr=0 and eps=1 as in every ε-range pass.
     return RMSprop(params, lr=0.0, alpha=betas[1], eps=1.0, weight_decay=weight_decay, bins=bins, **kw)
 
 

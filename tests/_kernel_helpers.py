@@ -155,6 +155,15 @@ def compile_without_a_gpu(script: str, *, timeout: int, env: dict[str, str] | No
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+def assert_ran(opt: Any, *backends: str) -> None:
+    """Every (group, device, dtype) call of ``opt``'s latest step ran on one of ``backends``
+    (``opt.backends()``), and at least one did: a test of a kernel or of a compiled CPU pass
+    fails here when the dispatcher sent its calls elsewhere, instead of comparing the
+    reference with itself."""
+    ran = {c.backend for c in opt.backends().values()}
+    assert ran and ran <= set(backends), opt.backends()
+
+
 def on_triton(launcher: Callable[..., None]) -> Callable[..., None]:
     """A kernel's launcher (``fasthist.kernels.<op>.<op>_hist``) called as the Triton backend
     calls it: :func:`fasthist.backend.stepped` increments the step counts (and rolls them

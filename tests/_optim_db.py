@@ -111,11 +111,9 @@ class OptimInfo:
     configs: dict[str, dict[str, Any]]  # flag sets for the step-for-step comparison
     value: Callable[[dict, dict], Tensor]  # (state, group) -> the value the histograms count
     bad_inputs: list[BadInput]
-    # the reference's state keys compared (None: all), and the tolerances (fp32; the
-    # reference backend is the reference's own code, so equality is expected)
+    # the reference's state keys compared (None: all), bit for bit: the reference backend
+    # is the reference's own code
     state_keys: tuple[str, ...] | None = None
-    param_tol: tuple[float, float] = (1e-6, 1e-7)
-    state_tol: tuple[float, float] = (1e-6, 1e-7)
     sparse_error: str | None = None  # what step() says to a sparse gradient; None: accepts them
     estimate_names: tuple[str, ...] = ()  # its names in fasthist.estimate's registry
     backend_config: dict[str, Any] = field(default_factory=dict)  # flags of the cross-backend test
@@ -157,8 +155,6 @@ ADAM = OptimInfo(
     ADAM_CONFIGS,
     adam_value,
     ADAM_BAD,
-    state_tol=(1e-6, 1e-8),
-    param_tol=(1e-6, 1e-8),
     sparse_error="Adam does not support sparse gradients",  # torch's AdamW says so too
     estimate_names=("adam",),
     backend_config={"lr": 1e-2, "amsgrad": True},
@@ -250,7 +246,6 @@ OPTIMS = [
             BadInput({"weight_decay": -1.0}, ValueError, "Invalid weight_decay value"),
         ],
         state_keys=("exp_avg", "exp_avg_var", "max_exp_avg_var"),
-        state_tol=(1e-6, 0.0),
         sparse_error="AdaBelief does not support sparse gradients",
         estimate_names=("adabelief",),
         backend_config={"weight_decay": 1e-2},

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silently wrong (issue 9, items 1-6 and 17): every tensor has one
+"""Nothing lost, nothing silently wrong: every tensor has one
 name and one histogram, counts are exact integers that never wrap or go negative, a
 non-zero value never lands in the zero bin, a finite one never in the non-finite bin,
 and histograms survive a detour through ``torch.optim``. Errors name the argument, the
@@ -30,7 +30,7 @@ def step_all(opt, params, step=0):
     opt.step()
 
 
-# -- item 1: a name identifies one tensor, a tensor has one name -------------------------------
+# -- a name identifies one tensor, a tensor has one name ------------------------------------------
 @by_optim
 def test_duplicate_names_refused(info):
     a, b = torch.zeros(3, requires_grad=True), torch.zeros(4, requires_grad=True)
@@ -119,7 +119,7 @@ def test_load_state_dict_with_duplicate_names_refused(info):
     assert {n: h.counts for n, h in opt.histograms().items()}.keys() == before.keys()
 
 
-# -- item 2: reset_histograms resets every group -----------------------------------------------
+# -- reset_histograms resets every group ----------------------------------------------------------
 @by_optim
 def test_reset_covers_untracked_groups(info):
     params = make_params()
@@ -134,7 +134,7 @@ def test_reset_covers_untracked_groups(info):
         assert opt.histogram(p, window="total") == opt.histogram(p, window="step")
 
 
-# -- item 3: ranks computed exactly -------------------------------------------------------------
+# -- ranks computed exactly -----------------------------------------------------------------------
 def _two_bins(c0: int, c1: int, i: int = 1000, j: int = 1500) -> Histogram:
     counts = torch.zeros(NB, dtype=torch.int64)
     counts[i], counts[j] = c0, c1
@@ -189,7 +189,7 @@ def test_rank_rounding_up_to_2_63_stays_in_range():
     assert h.quantile(0.999999) == float(BINS.representatives[1000])
 
 
-# -- item 4: impossible counts refused, overflow detected -------------------------------------
+# -- impossible counts refused, overflow detected -------------------------------------------------
 def test_negative_counts_refused():
     counts = torch.zeros(NB, dtype=torch.int64)
     counts[7] = -1
@@ -252,7 +252,7 @@ def test_total_window_overflow_detected(info):
     opt.histograms(window="total")
 
 
-# -- item 6: histograms survive a detour through torch.optim ----------------------------------
+# -- histograms survive a detour through torch.optim ----------------------------------------------
 @pytest.mark.parametrize("info", [i for i in OPTIMS if i.name != "adabelief"], ids=repr)
 def test_histograms_survive_torch_optim(info):
     params = make_params()
@@ -289,7 +289,7 @@ def test_non_integral_float_counts_dropped_with_one_warning():
     assert back.histogram(back.param_groups[0]["params"][1], window="total").count == 0
 
 
-# -- item 17: messages and types -------------------------------------------------------------
+# -- messages and types ---------------------------------------------------------------------------
 def test_wrong_dtype_named():
     with pytest.raises(
         ValueError, match=r"int64 tensor of shape \(2596,\), but got a float32 tensor of shape \(2596,\)"

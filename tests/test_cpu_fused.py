@@ -87,7 +87,7 @@ def test_takes_the_fused_path_and_turns_down_what_it_cannot(monkeypatch):
     never walked as if it were contiguous."""
     calls = []
     real = csrc.fused_step_
-    monkeypatch.setattr(csrc, "fused_step_", lambda *a: calls.append(a[0]) or real(*a))
+    monkeypatch.setattr(csrc, "fused_step_", lambda *a: calls.append(a[0].name) or real(*a))
     run(fasthist.Adam, torch.float32, {}, [(5,)], steps=1)
     assert calls == ["adam"]
     bins = fasthist.LogBins()
@@ -129,9 +129,11 @@ def test_the_fused_op_leaves_the_step_counts_to_the_backend():
     steps = [torch.tensor(3.0)]
     lists = [[torch.ones(8)], [torch.ones(8)], [torch.zeros(8)], [torch.zeros(8)], [], steps]
     kwargs = {"beta1": 0.9, "beta2": 0.999, "lr": 1e-3, "weight_decay": 0.0, "eps": 1e-8, "found_inf": None}
-    csrc.fused_step_("adam", lists, target, kwargs)
+    csrc.fused_step_(fasthist.Adam.declaration, lists, target, kwargs)
     assert float(steps[0]) == 3.0
     for found_inf, expected in ((torch.tensor(1.0), 3.0), (torch.tensor(0.0), 4.0)):
         ready = dict(kwargs, found_inf=found_inf)
-        backend.stepped(lists, ready, torch.device("cpu"), lambda r: csrc.fused_step_("adam", lists, target, r))
+        backend.stepped(
+            lists, ready, torch.device("cpu"), lambda r: csrc.fused_step_(fasthist.Adam.declaration, lists, target, r)
+        )
         assert float(steps[0]) == expected

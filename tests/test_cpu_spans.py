@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 from _cpu_helpers import assert_close, compiled_histogram_, two_threads  # noqa: F401 (autouse)
+from _kernel_helpers import assert_ran
 from _optim_db import grads_at
 
 import fasthist
@@ -145,8 +146,7 @@ def _adam_steps(name, between):
             p.grad = gr * 10.0 ** (3 * (step % 3) - 3)  # moving magnitudes: moving spans
         with fasthist.backend.use(name):
             opt.step()
-        expected = {"auto": {"fused_cpu", "torch+cpu_histogram"}, "reference": {"torch"}}[name]
-        assert {c.backend for c in opt.backends().values()} <= expected, opt.backends()
+        assert_ran(opt, *{"auto": ("fused_cpu", "torch+cpu_histogram"), "reference": ("torch",)}[name])
         out.append(opt.histogram_rows("step").counts.clone())
         opt = between(opt, params, step)
     return out
@@ -197,6 +197,9 @@ def _steps_in_inference_mode(cls, name, **config):
                 p.grad = gr * 10.0 ** (3 * (step % 3) - 3)
             with fasthist.backend.use(name):
                 opt.step()
+            if isinstance(opt, fasthist.Adam):  # the compiled pass or fused step, as asked
+                fused = "fused_cpu" if config.get("fused") else "torch+cpu_histogram"
+                assert_ran(opt, fused if name == "auto" else "torch")
             rows.append(opt.histogram_rows("step").counts.clone() if isinstance(opt, fasthist.Adam) else None)
     return params, rows
 

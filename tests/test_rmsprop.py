@@ -39,7 +39,7 @@ def test_complex_params_histogram_real_and_imaginary_parts():
         p.grad, q.grad = grad.clone(), grad.clone()
         ours.step()
         ref.step()
-    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert torch.equal(p, q)  # the reference backend is torch's rmsprop
     st = ours.state[p]
     v = torch.view_as_real(st["square_avg"]).addcmul(
         torch.view_as_real(st["grad_avg"]), torch.view_as_real(st["grad_avg"]), value=-1

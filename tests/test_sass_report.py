@@ -1,4 +1,4 @@
-"""The fused kernels' static cost targets (issue 8), on the installed Triton, without a GPU.
+"""The fused kernels' static cost targets, on the installed Triton, without a GPU.
 
 ``bench/sass_report.py`` compiles every kernel for sm_90 and reads the SASS; this test holds
 each (optimizer, dtype) to the targets: the histogram strategy the runtime would pick is the

@@ -1,5 +1,5 @@
 """A non-zero value never lands in the zero bin, a finite one never in the non-finite bin
-(issue 9, item 5): float64 values are binned from their own bits, not after a cast to
+: float64 values are binned from their own bits, not after a cast to
 float32 that can underflow to zero or overflow to infinity, and a float32 quotient that
 underflows is counted below the range, not as zero."""
 

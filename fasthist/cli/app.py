@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     task = task_options()
 
-    parser = Parser(prog="fasthist", description="Adam's ε from histograms of sqrt(v_hat) (Silva & Rodriguez, 2024).")
+    parser = Parser(
+        prog="fasthist",
+        description="An optimizer's ε from histograms of the value it is added to (Silva & Rodriguez, 2024).",
+    )
     parser.add_argument("--version", action="version", version=f"fasthist {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     sub.required = True

@@ -1,5 +1,6 @@
-"""``fasthist bench``: time of one optimizer step against ``torch.optim.Adam``, as ratios:
-the default step against torch's default, ``fused=True`` against torch's fused step."""
+"""``fasthist bench``: time of one step of fasthist's default optimizer
+(:func:`fasthist.catalog.default`) against the torch optimizer it replaces, as ratios: the
+default step against torch's default, ``fused=True`` against torch's fused step."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..progress import progress_bar
 from .args import positive_int, resolve_device
 from .output import table
 
-__all__ = ["add_parser", "bench_params", "run", "time_steps"]
+__all__ = ["add_parser", "bench_params", "default_pair", "run", "time_steps"]
 
 ROUNDS = 3  # interleaved rounds, best of each: robust to a busy machine
 
@@ -25,8 +26,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "bench",
         parents=parents,
-        help="overhead of tracking against torch.optim.Adam",
-        description="Time one optimizer step of fasthist.Adam against torch.optim.Adam on this machine.",
+        help="overhead of tracking against the torch optimizer",
+        description="Time one step of fasthist's default optimizer against the torch optimizer it replaces "
+        "on this machine.",
     )
     p.add_argument("--params", type=positive_int, default=4_000_000, help="total parameters (default: 4,000,000)")
     p.add_argument("--steps", type=positive_int, default=20, help="timed steps per round (default: 20)")
@@ -61,16 +63,27 @@ def time_steps(opt: torch.optim.Optimizer, steps: int, device: str) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def _configs(params: list[torch.Tensor]) -> list[tuple[str, Callable[[], torch.optim.Optimizer]]]:
-    from ..adam import Adam
+def default_pair() -> tuple[Any, Any]:
+    """fasthist's default optimizer class (:func:`fasthist.catalog.default`) and the
+    ``torch.optim`` class it is a drop-in for (the same name)."""
+    from .. import catalog
 
+    ours = catalog.optimizer_class(catalog.default())
+    return ours, getattr(torch.optim, ours.__name__)
+
+
+def _configs(params: list[torch.Tensor]) -> list[tuple[str, Callable[[], torch.optim.Optimizer]]]:
+    """(label, factory) of each timed step; the first is torch's default step (the
+    baseline), the third fasthist's tracked one (whose ``eps_range()`` is timed too)."""
+    ours, theirs = default_pair()
+    torch_name, name = f"torch.optim.{theirs.__name__}", f"fasthist.{ours.__name__}"
     return [
-        ("torch.optim.Adam", lambda: torch.optim.Adam(params, lr=1e-3)),
-        ("fasthist.Adam (track=False)", lambda: Adam(params, lr=1e-3, track=False)),
-        ("fasthist.Adam", lambda: Adam(params, lr=1e-3)),
-        ("torch.optim.Adam (fused)", lambda: torch.optim.Adam(params, lr=1e-3, fused=True)),
-        ("fasthist.Adam (fused, track=False)", lambda: Adam(params, lr=1e-3, fused=True, track=False)),
-        ("fasthist.Adam (fused)", lambda: Adam(params, lr=1e-3, fused=True)),
+        (torch_name, lambda: theirs(params, lr=1e-3)),
+        (f"{name} (track=False)", lambda: ours(params, lr=1e-3, track=False)),
+        (name, lambda: ours(params, lr=1e-3)),
+        (f"{torch_name} (fused)", lambda: theirs(params, lr=1e-3, fused=True)),
+        (f"{name} (fused, track=False)", lambda: ours(params, lr=1e-3, fused=True, track=False)),
+        (f"{name} (fused)", lambda: ours(params, lr=1e-3, fused=True)),
     ]
 
 
@@ -78,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     params = bench_params(args.params, device)
     configs = _configs(params)
+    torch_name, tracked = configs[0][0], configs[2][0]
     best: dict[str, float] = {}
     bar = progress_bar(ROUNDS * len(configs), "bench", enabled=not args.quiet)
     query = math.inf
@@ -86,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             for name, make in configs:
                 opt = make()
                 best[name] = min(best.get(name, math.inf), time_steps(opt, args.steps, device))
-                if name == "fasthist.Adam":
+                if name == tracked:
                     t0 = time.perf_counter()
                     opt.eps_range()  # type: ignore[attr-defined]
                     query = min(query, time.perf_counter() - t0)
@@ -103,9 +117,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     rows = []
     for name, _ in configs:
-        baseline = "torch.optim.Adam (fused)" if "fused" in name else "torch.optim.Adam"  # like for like
+        baseline = f"{torch_name} (fused)" if "fused" in name else torch_name  # like for like
         rows.append([name, f"{1e3 * best[name]:.2f}", f"{best[name] / best[baseline]:.2f}", baseline])
-    base = best["torch.optim.Adam"]
-    rows.append(["opt.eps_range() (one query)", f"{1e3 * query:.2f}", f"{query / base:.2f}", "torch.optim.Adam"])
+    base = best[torch_name]
+    rows.append(["opt.eps_range() (one query)", f"{1e3 * query:.2f}", f"{query / base:.2f}", torch_name])
     print(table(["step", "ms", "ratio", "vs"], rows, "lrrl"))
     return 0

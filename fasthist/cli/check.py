@@ -10,7 +10,8 @@ Triton's interpreter (``TRITON_INTERPRET=1``, set before the kernels are importe
 has no guard to run (it reads the PTX of a GPU compile) and uses the interpreter's twin of
 the shared histogram. Exit status 0 when every self-test agreed, 1 when any differed.
 
-Then (unless ``--no-bench``) a short overhead benchmark of Adam on ``--bench-params``
+Then (unless ``--no-bench``) a short overhead benchmark of the default optimizer
+(:func:`fasthist.catalog.default`, ``fused=True``) on ``--bench-params``
 float32 parameters with the backend a user gets (``auto``): the tracked step against torch's
 fused step and against fasthist's untracked step (best of 3 interleaved rounds, as
 ``fasthist bench``); on a GPU also the tracked step's bytes/s (7 float32 words per element:
@@ -81,18 +82,6 @@ def _environment(device: str) -> dict[str, Any]:
     else:
         env["device_name"], env["capability"] = "CPU (no GPU: Triton kernels run under its interpreter)", None
     return env
-
-
-def _classes() -> dict[str, Any]:
-    """The optimizer class of each declaration (the first exported class that declares it)."""
-    import fasthist
-
-    found: dict[str, Any] = {}
-    for name in fasthist.__all__:
-        decl = getattr(getattr(fasthist, name), "declaration", None)
-        if decl is not None:
-            found.setdefault(decl.name, getattr(fasthist, name))
-    return found
 
 
 def _strategy(verdict: Any, cuda: bool) -> tuple[str, str]:
@@ -173,16 +162,17 @@ def _copy_bandwidth(device: str) -> float:
 
 
 def _overhead(device: str, total: int) -> dict[str, Any]:
-    """The tracked Adam step against torch's fused one and fasthist's untracked one."""
+    """The default optimizer's tracked fused step against torch's fused one and fasthist's
+    untracked one."""
     from .. import backend
-    from ..adam import Adam
-    from .bench import ROUNDS, bench_params, time_steps
+    from .bench import ROUNDS, bench_params, default_pair, time_steps
 
     params = bench_params(total, device)
+    ours, theirs = default_pair()
     configs = {
-        "torch fused": lambda: torch.optim.Adam(params, lr=1e-3, fused=True),
-        "untracked": lambda: Adam(params, lr=1e-3, fused=True, track=False),
-        "tracked": lambda: Adam(params, lr=1e-3, fused=True),
+        "torch fused": lambda: theirs(params, lr=1e-3, fused=True),
+        "untracked": lambda: ours(params, lr=1e-3, fused=True, track=False),
+        "tracked": lambda: ours(params, lr=1e-3, fused=True),
     }
     best: dict[str, float] = {}
     with backend.use("auto"):
@@ -200,10 +190,12 @@ def _overhead(device: str, total: int) -> dict[str, Any]:
 
 
 def _print_overhead(bench: dict[str, Any], device: str) -> None:
-    ms = bench["ms"]
+    from .bench import default_pair
+
+    ms, name = bench["ms"], default_pair()[0].__name__
     print()
     print(
-        f"overhead, Adam(fused=True) on {bench['params']:,} float32 parameters, {device}, best of 3 rounds: "
+        f"overhead, {name}(fused=True) on {bench['params']:,} float32 parameters, {device}, best of 3 rounds: "
         f"tracked {ms['tracked']:.2f} ms = {bench['tracked_vs_torch_fused']:.2f}x torch's fused step "
         f"({ms['torch fused']:.2f} ms), {bench['tracked_vs_untracked']:.2f}x untracked ({ms['untracked']:.2f} ms)"
     )
@@ -222,9 +214,8 @@ def run(args: argparse.Namespace) -> int:
     kernels = backend.kernels_module(interpret=device == "cpu")  # before anything imports Triton
     env = _environment(device)
     env["kernels"] = "imported" if kernels is not None else f"not importable ({backend.kernels_error()})"
-    classes = _classes()
     rows = [
-        _row(decls[name], classes[name], _DTYPES[dt], device)
+        _row(decls[name], catalog.optimizer_class(decls[name]), _DTYPES[dt], device)
         for name in optimizers
         for dt in dtypes
         if _DTYPES[dt] in decls[name].kernel_dtypes

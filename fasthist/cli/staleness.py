@@ -33,7 +33,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "staleness",
         parents=parents,
         help="make loss spikes on purpose and check whether staleness warns before them",
-        description="Train the language model with AdamW, change one thing once the loss has settled "
+        description="Train the language model (default optimizer, decoupled weight decay), change one thing once the loss has settled "
         f"({'; '.join(f'{k}: {v}' for k, v in SCENARIOS.items())}), and compare the staleness alert with "
         "the same rule on the gradient norm: spikes warned of, steps ahead, false alarms.",
     )
@@ -83,6 +83,7 @@ def _healthy_threshold_share(trials: list[Any]) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..catalog import default, optimizer_class
     from ..tasks import get_task
     from ..tasks.spikes import run_trial
 
@@ -92,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     seeds = [args.seed + i for i in range(args.seeds)]
     print(f"fasthist staleness: {get_task(args.task, seed=seeds[0], device=device).describe()}")
-    print(f"AdamW, {args.steps} steps per run, change at step {args.at}, seeds {seeds[0]}..{seeds[-1]}, {device}")
+    label = f"{optimizer_class(default()).__name__} with decoupled weight decay"
+    print(f"{label}, {args.steps} steps per run, change at step {args.at}, seeds {seeds[0]}..{seeds[-1]}, {device}")
     bar = progress_bar(len(scenarios) * len(seeds), "runs", enabled=not args.quiet)
     trials = []
     for scenario in scenarios:

@@ -1,5 +1,5 @@
-"""``fasthist sweep``: trains the task with Adam once per ε of the conventional grid (and
-per seed), reports the validation metric per ε, the best ε, whether the range holds it and
+"""``fasthist sweep``: trains the task with the default optimizer
+(:func:`fasthist.catalog.default`) once per ε of the conventional grid (and per seed), reports the validation metric per ε, the best ε, whether the range holds it and
 how many grid points the range saves; writes ``sweep.json``, ``sweep.png`` and
 ``quantiles.png``."""
 
@@ -163,7 +163,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "sweep",
         parents=parents,
         help="train once per ε of a grid and check the estimated range",
-        description="Train the task with Adam once per ε (and per seed), report the validation metric per ε, "
+        description="Train the task with the default optimizer once per ε (and per seed), report the validation metric per ε, "
         "the best ε and whether the estimated range contains it.",
     )
     p.add_argument("--eps", type=eps_list, default=None, help="comma-separated ε grid (default: the task's)")
@@ -174,6 +174,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..catalog import default, optimizer_class
     from ..estimate import grid_inside
     from ..tasks import get_task
 
@@ -187,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"fasthist sweep: {task.describe()}")
     print(
-        f"Adam lr {lr:g}, {epochs} epoch(s) ({per_run} steps) per run, seeds {args.seed}..{args.seed + args.seeds - 1}, "
+        f"{optimizer_class(default()).__name__} lr {lr:g}, {epochs} epoch(s) ({per_run} steps) per run, seeds {args.seed}..{args.seed + args.seeds - 1}, "
         f"ε grid {decades(grid)}, {device}"
     )
     rng = _initial_range(task, args)

@@ -1,4 +1,4 @@
-// Fused CPU Adagrad step with the histogram of sqrt(state_sum), in one sweep: what
+// Fused CPU step with the histogram of sqrt(state_sum), in one sweep: what
 // torch._fused_adagrad_ computes on the CPU, plus, per element, the LogBins key of the value
 // eps is added to:
 //
@@ -20,7 +20,7 @@
 // of the tests are claimed), so on x86 the states and parameters are bit-identical to torch's
 // fused step (tests/test_cpu_fused_adagrad.py checks this).
 //
-// The histogram is the reference's (fasthist.reference.adagrad): sqrt of the *stored* sum,
+// The histogram is the reference's (adagrad_hist_inputs): sqrt of the *stored* sum,
 // so for bfloat16/float16 it is recomputed from the rounded s; an element whose stored sum is
 // zero counts as zero. A step with found_inf == 1 changes nothing (torch's rule); the windows
 // are left as they were whenever found_inf is nonzero (the reference's rule).

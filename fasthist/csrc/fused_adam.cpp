@@ -1,10 +1,10 @@
-// Fused CPU Adam/AdamW step with the histogram of sqrt(v_hat), in one sweep: what
+// Fused CPU step with the histogram of sqrt(v_hat), in one sweep: what
 // torch._fused_adam_ / torch._fused_adamw_ compute on the CPU, plus, per element, the
 // LogBins key of the value the update already has:
 //
 //     g   = grad / grad_scale                     (written back to grad, as torch does)
 //     g   = -g                                    (maximize)
-//     g   = fma(p, wd, g)                         (Adam's L2 decay)  |  p = p * (1 - lr*wd)  (AdamW)
+//     g   = fma(p, wd, g)                         (coupled L2 decay)  |  p = p * (1 - lr*wd)  (decoupled)
 //     m   = fma(w - 1, g - m, g)  if w >= 0.5 else fma(w, g - m, m)     (m.lerp_(g, w), w = 1 - beta1)
 //     v   = fma(c2 * g, g, v * beta2)             (c2 = 1 - beta2; the last numel % 8 elements:
 //                                                  fma(v, beta2, (c2 * g) * g), torch's scalar tail)
@@ -20,7 +20,7 @@
 // x86 with torch's AVX512/AVX2 kernels the states and parameters are bit-identical to
 // torch's fused step (tests/test_cpu_fused.py checks this).
 //
-// The histogram is the reference's (fasthist.reference.adam): x of the *stored* state, so
+// The histogram is the reference's (adam_hist_inputs): x of the *stored* state, so
 // for bfloat16/float16 it is recomputed from the rounded v; its scale is
 // float32((1 - beta2**step) ** 0.5) as Python computes it, which equals torch's
 // float32(sqrt(...)) but for a rare last-bit case, where the division is done twice.
@@ -72,7 +72,7 @@ FASTHIST_INLINE void adam_impl(T* __restrict p, T* __restrict g, T* __restrict m
     }
     gv = gv * sign;  // maximize: -1 (exact)
     gv = l2 ? __builtin_fmaf(pv, wd, gv) : gv;
-    pv = pv * decay;  // AdamW: 1 - lr*wd (1 otherwise: exact)
+    pv = pv * decay;  // decoupled decay: 1 - lr*wd (1 otherwise: exact)
     float mv = load(m[j]);
     const float base = float_of((bits_of(mv) & keep_m) | (bits_of(gv) & ~keep_m));
     mv = __builtin_fmaf(coeff, gv - mv, base);
@@ -152,11 +152,12 @@ void adam_segment(const at::Tensor* t, int64_t a, int64_t b, const AdamCoef& k, 
 }
 
 void fused_adam_hist_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                      at::TensorList max_exp_avg_sqs, at::TensorList state_steps, bool amsgrad, bool adamw, double lr,
-                      const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
-                      double eps, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf, int64_t tail_mod, int64_t shift, int64_t low_key,
-                      int64_t num_log_bins, const at::Tensor& rows, const at::Tensor& step, const at::Tensor& total) {
+                      at::TensorList max_exp_avg_sqs, at::TensorList state_steps, bool amsgrad,
+                      bool decoupled_weight_decay, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
+                      double beta2, double weight_decay, double eps, bool maximize,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      int64_t tail_mod, int64_t shift, int64_t low_key, int64_t num_log_bins, const at::Tensor& rows,
+                      const at::Tensor& step, const at::Tensor& total) {
   const char* op = "fused_adam_hist_";
   const int64_t nt = int64_t(params.size());
   const Layout L = Layout::of(shift, low_key, num_log_bins);
@@ -182,8 +183,8 @@ void fused_adam_hist_(at::TensorList params, at::TensorList grads, at::TensorLis
                        float(1 - beta2),
                        float(eps),
                        float(-(lr / bc1)),
-                       adamw ? 0.0f : float(weight_decay),
-                       adamw && weight_decay != 0 ? float(1 - lr * weight_decay) : 1.0f,
+                       decoupled_weight_decay ? 0.0f : float(weight_decay),
+                       decoupled_weight_decay && weight_decay != 0 ? float(1 - lr * weight_decay) : 1.0f,
                        gs ? *gs : 1.0f,
                        float(std::sqrt(bc2)),
                        float(std::pow(bc2, 0.5)),  // Python's (1 - beta2**step) ** 0.5: the reference's scale
@@ -203,9 +204,10 @@ void fused_adam_hist_(at::TensorList params, at::TensorList grads, at::TensorLis
 TORCH_LIBRARY_FRAGMENT(fasthist, m) {
   m.def(
       "fused_adam_hist_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
-      "Tensor(e!)[] max_exp_avg_sqs, Tensor[] state_steps, *, bool amsgrad, bool adamw, float lr, Tensor? lr_tensor, "
-      "float beta1, float beta2, float weight_decay, float eps, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
-      "int tail_mod, int shift, int low_key, int num_log_bins, Tensor rows, Tensor(f!) step, Tensor(g!) total) -> ()");
+      "Tensor(e!)[] max_exp_avg_sqs, Tensor[] state_steps, *, bool amsgrad, bool decoupled_weight_decay, float lr, "
+      "Tensor? lr_tensor, float beta1, float beta2, float weight_decay, float eps, bool maximize, Tensor? grad_scale, "
+      "Tensor? found_inf, int tail_mod, int shift, int low_key, int num_log_bins, Tensor rows, Tensor(f!) step, "
+      "Tensor(g!) total) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fasthist, CPU, m) { m.impl("fused_adam_hist_", &fused_adam_hist_); }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..declaration import HistInputs
 from ..target import HistTarget
 from .library import enabled, load
 
@@ -21,18 +22,12 @@ _TAKES = frozenset(_DTYPES + (torch.complex64, torch.complex32))  # complex: bin
 _SPANS = "fasthist.csrc.spans"
 
 
-def histogram_(
-    target: HistTarget,
-    values: list[Tensor],
-    scale: list[float] | Tensor,
-    found_inf: Tensor | None = None,
-    *,
-    sqrt: bool = True,
-    reciprocal: bool = False,
-) -> bool:
-    """:func:`fasthist.reference.histogram.accumulate_` on CPU tensors, if this kernel can
-    take the call: returns False (having done nothing) when it is off or unavailable, or for
-    tensors it does not bin (float64: the torch-op path rounds those)."""
+def histogram_(target: HistTarget, inputs: HistInputs, *, sqrt: bool = True, reciprocal: bool = False) -> bool:
+    """:func:`fasthist.reference.histogram.accumulate_` of ``inputs`` (``values, scale,
+    found_inf`` as a declaration's ``hist_inputs`` returns them) on CPU tensors, if this
+    kernel can take the call: returns False (having done nothing) when it is off or
+    unavailable, or for tensors it does not bin (float64: the torch-op path rounds those)."""
+    values, scale, found_inf = inputs
     if not enabled() or target.step.device.type != "cpu":
         return False
     if not all(v.dtype in _TAKES and v.is_cpu for v in values):

@@ -40,8 +40,7 @@ import torch
 from torch import Tensor
 
 from ..declaration import HistInputs
-from ..target import HistTarget
-from .histogram import record_
+from . import reference_step
 
 __all__ = [
     "adabelief_hist_inputs",
@@ -197,18 +196,5 @@ def adabelief_hist_inputs(lists: list[list[Tensor]], kwargs: dict[str, Any]) -> 
     return [v.detach() for v in values], scales, None
 
 
-def adabelief_reference(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_vars: list[Tensor],
-    max_exp_avg_vars: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    hist: HistTarget | None = None,
-    **kwargs: Any,
-) -> None:
-    """:func:`adabelief_update` (same keyword arguments), then the histogram pass in torch ops."""
-    lists = [params, grads, exp_avgs, exp_avg_vars, max_exp_avg_vars, state_steps]
-    adabelief_update(*lists, **kwargs)
-    record_(hist, adabelief_hist_inputs, lists, kwargs, sqrt=False, reciprocal=True)
+#: :func:`adabelief_update` (same keyword arguments), then the histogram pass in torch ops.
+adabelief_reference = reference_step(adabelief_update, adabelief_hist_inputs, sqrt=False, reciprocal=True)

@@ -21,8 +21,7 @@ from torch import Tensor
 from torch.optim.adagrad import adagrad as torch_adagrad
 
 from ..declaration import HistInputs
-from ..target import HistTarget
-from .histogram import record_
+from . import reference_step
 
 __all__ = ["adagrad_hist_inputs", "adagrad_reference"]
 
@@ -33,16 +32,5 @@ def adagrad_hist_inputs(lists: list[list[Tensor]], kwargs: dict[str, Any]) -> Hi
     return values, [1.0] * len(values), kwargs.get("found_inf")
 
 
-def adagrad_reference(
-    params: list[Tensor],
-    grads: list[Tensor],
-    state_sums: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    hist: HistTarget | None = None,
-    **kwargs: Any,
-) -> None:
-    """``torch.optim.adagrad.adagrad`` (same keyword arguments), then the histogram pass in torch ops."""
-    lists = [params, grads, state_sums, state_steps]
-    torch_adagrad(*lists, **kwargs)
-    record_(hist, adagrad_hist_inputs, lists, kwargs)
+#: ``torch.optim.adagrad.adagrad`` (same keyword arguments), then the histogram pass in torch ops.
+adagrad_reference = reference_step(torch_adagrad, adagrad_hist_inputs)

@@ -26,8 +26,7 @@ from torch import Tensor
 from torch.optim.adam import adam as torch_adam
 
 from ..declaration import HistInputs
-from ..target import HistTarget
-from .histogram import record_
+from . import reference_step
 from .staleness import coupled_entering_grads
 
 __all__ = ["adam_entering_grads", "adam_hist_inputs", "adam_reference", "bias_correction2_sqrt"]
@@ -127,18 +126,5 @@ def adam_entering_grads(lists: list[list[Tensor]], kwargs: dict[str, Any]) -> li
     return [_fused_entering_grad(p, g, scale, maximize, wd) for p, g in zip(lists[0], lists[1], strict=True)]
 
 
-def adam_reference(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    hist: HistTarget | None = None,
-    **kwargs: Any,
-) -> None:
-    """``torch.optim.adam.adam`` (same keyword arguments), then the histogram pass in torch ops."""
-    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps]
-    torch_adam(*lists, **kwargs)
-    record_(hist, adam_hist_inputs, lists, kwargs)
+#: ``torch.optim.adam.adam`` (same keyword arguments), then the histogram pass in torch ops.
+adam_reference = reference_step(torch_adam, adam_hist_inputs)

@@ -25,8 +25,7 @@ from torch import Tensor
 from torch.optim.rmsprop import rmsprop as torch_rmsprop
 
 from ..declaration import HistInputs
-from ..target import HistTarget
-from .histogram import record_
+from . import reference_step
 
 __all__ = ["rmsprop_hist_inputs", "rmsprop_reference", "rmsprop_denominator_squares"]
 
@@ -50,18 +49,5 @@ def rmsprop_hist_inputs(lists: list[list[Tensor]], kwargs: dict[str, Any]) -> Hi
     return values, [1.0] * len(values), None
 
 
-def rmsprop_reference(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    grad_avgs: list[Tensor],
-    momentum_buffer_list: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    hist: HistTarget | None = None,
-    **kwargs: Any,
-) -> None:
-    """``torch.optim.rmsprop.rmsprop`` (same keyword arguments), then the histogram pass in torch ops."""
-    lists = [params, grads, square_avgs, grad_avgs, momentum_buffer_list, state_steps]
-    torch_rmsprop(*lists, **kwargs)
-    record_(hist, rmsprop_hist_inputs, lists, kwargs)
+#: ``torch.optim.rmsprop.rmsprop`` (same keyword arguments), then the histogram pass in torch ops.
+rmsprop_reference = reference_step(torch_rmsprop, rmsprop_hist_inputs)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adam import Adam
+from ..catalog import default, optimizer_class
 from ..recorder import QuantileRecorder, QuantileTrace
 
 __all__ = ["Task", "TrainResult", "train"]
@@ -84,14 +84,15 @@ def train(
     record_every: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train a fresh model of ``task`` with ``fasthist.Adam(lr, eps)`` and evaluate it.
+    """Train a fresh model of ``task`` with fasthist's default optimizer
+    (:func:`fasthist.catalog.default`) at ``lr`` and ``eps`` and evaluate it.
 
     ``steps`` caps the total number of optimizer steps; ``record_every > 0`` records the
     per-tensor 2/50/98% quantiles of sqrt(v_hat) with a :class:`QuantileRecorder`;
     ``progress(n)`` is called after every step.
     """
     model = task.model()
-    opt = Adam(model.named_parameters(), lr=lr, eps=eps)
+    opt = optimizer_class(default())(model.named_parameters(), lr=lr, eps=eps)
     recorder = QuantileRecorder(opt, every=record_every, capacity=4096) if record_every > 0 else None
     t0 = time.perf_counter()
     done, last = 0, math.nan

@@ -6,7 +6,7 @@ with biases, as GPT-2's ``c_attn``) and a GELU MLP; learned positions; the outpu
 the token embedding (tied). The key third of each ``qkv.bias`` has an exactly zero
 gradient in exact arithmetic (adding the same vector to every key shifts each query's
 scores by a constant, which softmax ignores): what fasthist histograms there is float32
-rounding noise, the case of issue 11 (see :data:`fasthist.eps.DEAD_RATIO`).
+rounding noise, a numerically dead tensor (see :data:`fasthist.eps.DEAD_RATIO`).
 """
 
 from __future__ import annotations

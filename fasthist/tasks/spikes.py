@@ -1,7 +1,8 @@
 """Loss spikes made on purpose, and whether second-moment staleness warns before them.
 
 Natural loss spikes are rare at the embedded tasks' scale, so a trial trains the ``gpt``
-task with AdamW and, once the loss has settled, changes one thing at step ``at``:
+task with the default optimizer (:func:`fasthist.catalog.default`) and decoupled weight
+decay and, once the loss has settled, changes one thing at step ``at``:
 
 - ``lr10`` / ``lr3``: the learning rate jumps 10x / 3x (the classic spike);
 - ``data``: the batches switch to a different text, Python source code from the standard
@@ -28,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adam import AdamW
 from ..bins import LogBins
+from ..catalog import default, optimizer_class
 from ..health import StalenessAlert, rms_from_counts
 from .base import Task
 
@@ -97,13 +98,20 @@ def _staleness(opt: torch.optim.Optimizer, params: list[Tensor], grads: list[Ten
 
 
 def run_trial(task: Task, scenario: str, *, steps: int, at: int, beta2: float = 0.999) -> Trial:
-    """Train a fresh model of ``task`` (its seed) with AdamW for ``steps`` steps, changing what
+    """Train a fresh model of ``task`` (its seed) with decoupled weight decay for ``steps`` steps, changing what
     ``scenario`` says at step ``at`` (module docstring), and record every step."""
     if scenario not in SCENARIOS:
         raise ValueError(f"Invalid scenario: {scenario!r}; expected one of {', '.join(SCENARIOS)}")
     model: nn.Module = task.model()
     names, params = zip(*model.named_parameters(), strict=True)
-    opt = AdamW(model.named_parameters(), lr=task.lr, betas=(0.9, beta2), weight_decay=0.01, track=False)
+    opt = optimizer_class(default())(
+        model.named_parameters(),
+        lr=task.lr,
+        betas=(0.9, beta2),
+        weight_decay=0.01,
+        decoupled_weight_decay=True,
+        track=False,
+    )
     trial = Trial(scenario, task.seed, at, list(names))
     batches = [b for epoch in range(math.ceil(steps / max(1, len(task.batches(0)))) + 1) for b in task.batches(epoch)]
     code = _code_batches(task, task.seed) if scenario == "data" else []
