@@ -103,8 +103,8 @@ def cpu_comparisons() -> dict[str, dict[str, Callable[[list[torch.Tensor]], obje
     """The CPU comparisons, by group: ``"<optimizer> default"`` (the
     optimizer as ``Cls(params)`` builds it: torch's own update, then the histogram) and
     ``"<optimizer> fused"`` (``fused=True`` on both sides), each with the baseline first,
-    then fasthist with ``track=False`` and tracked. Adam's fused group also has
-    ``torch_fused+hist``."""
+    then fasthist with ``track=False`` and tracked (and tracking staleness too, for the
+    optimizers that can). Adam's fused group also has ``torch_fused+hist``."""
     out: dict[str, dict[str, Callable[[list[torch.Tensor]], object]]] = {}
     for name, (base, cls, fused) in _PAIRS.items():
         modes = [("default", {})] + ([("fused", {"fused": True})] if fused else [])
@@ -114,6 +114,10 @@ def cpu_comparisons() -> dict[str, dict[str, Callable[[list[torch.Tensor]], obje
                 "fasthist_notrack": lambda ps, cls=cls, kw=kw: cls(ps, track=False, **kw),
                 "fasthist_track": lambda ps, cls=cls, kw=kw: cls(ps, track=True, **kw),
             }
+            if "staleness" in cls.declaration.trackable:  # both quantities, in the same step
+                out[f"{name} {mode}"]["fasthist_track+staleness"] = lambda ps, cls=cls, kw=kw: cls(
+                    ps, track=("sqrt_v", "staleness"), **kw
+                )
     out["adam fused"]["torch_fused+hist"] = lambda ps: TorchFusedPlusHist(ps)
     return out
 
