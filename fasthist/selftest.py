@@ -38,7 +38,8 @@ What must agree (the tolerances the kernel tests argue for):
   ordinary values only. Their histograms are checked exactly, like every dtype's.
 
 On a mismatch the specialisation is tried again with the ``tl`` histogram strategy
-(``fasthist.kernels.SHAPE.histogram = "tl"`` while it runs); if that agrees, the calls of
+(``fasthist.kernels.histogram_choice("tl")`` around it: that thread's launches only); if
+that agrees, the calls of
 that specialisation run with it; if not, the dispatcher turns the Triton backend down for
 them and the next backend runs (the torch ops, or the compiled CPU passes on the CPU). Either
 way one warning says what differed (which bins, kernel vs reference counts; which list,
@@ -55,8 +56,9 @@ estimate, not a measurement: the kernel's first compile (seconds, which happens 
 Off: ``FASTHIST_SELFTEST=0`` (read at each new specialisation; what was tested before
 stays decided). Skipped, without caching,
 while ``torch.compile`` traces or a CUDA graph is being captured, and for untracked calls
-(no histogram). Not thread-safe: the ``tl`` retry and the ``tl`` runs set the shared
-``SHAPE.histogram`` for the duration of a launch.
+(no histogram). The ``tl`` retry and the ``tl`` runs change the strategy of their own
+thread's launches only; two threads meeting a new specialisation at once may both
+self-test it (the same verdict, cached twice).
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def key(
         decl.name,
         dtype,
         bins,
-        (shape.block, shape.iters, shape.num_warps, shape.histogram),
+        (shape.block, shape.iters, shape.num_warps, backend.kernels_module().current_histogram_choice()),
         device,
         flags,
         staleness,
@@ -191,12 +193,8 @@ def histogram(reason: str | None) -> Iterator[None]:
     if reason != TL_NOTE:
         yield
         return
-    shape = backend.kernels_module().SHAPE
-    previous, shape.histogram = shape.histogram, "tl"
-    try:
+    with backend.kernels_module().histogram_choice("tl"):  # this thread's launches only
         yield
-    finally:
-        shape.histogram = previous
 
 
 def _decide(

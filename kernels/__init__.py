@@ -42,7 +42,7 @@ else:
 
     import triton  # noqa: F401
 
-    from ._common import MAX_BINS, SHAPE, configure  # noqa: F401
+    from ._common import MAX_BINS, SHAPE, configure, current_histogram_choice, histogram_choice  # noqa: F401
 
     def tracks_staleness(module: str) -> bool:
         """Whether the kernel module ``module`` (an optimizer declaration's ``kernel[0]``)
@@ -51,4 +51,11 @@ else:
         and AdamW's, ``kernels/adam.py``); the others raise ValueError for such a target."""
         return importlib.import_module(f"{__name__}.{module}").BODY.staleness is not None
 
-    __all__ = ["MAX_BINS", "SHAPE", "configure", "tracks_staleness"]
+    __all__ = [
+        "MAX_BINS",
+        "SHAPE",
+        "configure",
+        "current_histogram_choice",
+        "histogram_choice",
+        "tracks_staleness",
+    ]

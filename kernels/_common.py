@@ -22,9 +22,11 @@ for a chunk and the multi-tensor launch tables. Whether a kernel runs a call is 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -60,6 +62,8 @@ from ._histogram import (  # noqa: F401 - re-exported: the kernels import everyt
 )
 
 __all__ = [
+    "current_histogram_choice",
+    "histogram_choice",
     "HIST_OFF",
     "HIST_TL",
     "HIST_SHARED",
@@ -341,6 +345,30 @@ def configure(
         raise ValueError(f"Invalid histogram: {histogram!r}; expected one of {', '.join(_HISTOGRAM_CHOICES)}")
     SHAPE.block, SHAPE.iters, SHAPE.num_warps, SHAPE.histogram = block, iters, num_warps, histogram
     PLANS.clear()  # their tables were cut in chunks of the old size
+
+
+_THIS_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def histogram_choice(choice: str) -> Iterator[None]:
+    """Within the block, this thread's launches use the histogram strategy ``choice``
+    (``"auto"`` or ``"tl"``) whatever :func:`configure` set; other threads' launches are not
+    affected (the self-test's ``tl`` retry and the specialisations it sends to ``tl``)."""
+    if choice not in _HISTOGRAM_CHOICES:
+        raise ValueError(f"Invalid histogram: {choice!r}; expected one of {', '.join(_HISTOGRAM_CHOICES)}")
+    previous = getattr(_THIS_THREAD, "histogram", None)
+    _THIS_THREAD.histogram = choice
+    try:
+        yield
+    finally:
+        _THIS_THREAD.histogram = previous
+
+
+def current_histogram_choice() -> str:
+    """The histogram strategy this thread's next launch asks for: :func:`histogram_choice`'s
+    within its block, else the configured ``SHAPE.histogram``."""
+    return getattr(_THIS_THREAD, "histogram", None) or SHAPE.histogram
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -688,7 +716,7 @@ def launch(
             **launch_options(device),
         )
         if hist is not None:
-            kw["HIST"] = histogram_strategy(fused_step_kernel, grid, call_args, kw, device, SHAPE.histogram)
+            kw["HIST"] = histogram_strategy(fused_step_kernel, grid, call_args, kw, device, current_histogram_choice())
             used.add(kw["HIST"])
         fused_step_kernel[grid](*call_args, **kw)
     if hist is not None:

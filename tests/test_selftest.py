@@ -49,7 +49,7 @@ def _faulty(monkeypatch, fault):
 
     def launcher(*lists, hist=None, **kwargs):
         real(*lists, hist=hist, **kwargs)
-        seen.append(KERNELS.SHAPE.histogram)
+        seen.append(KERNELS.current_histogram_choice())
         fault(lists, hist)
 
     monkeypatch.setattr(backend, "kernel_function", lambda decl: launcher if decl is ADAM else real)
@@ -77,7 +77,7 @@ def test_shared_histogram_fault_falls_back_to_tl(monkeypatch):
     with tl, and says so."""
 
     def miscount(lists, hist):
-        if KERNELS.SHAPE.histogram != "tl":
+        if KERNELS.current_histogram_choice() != "tl":
             hist.step[0, 5] += 1
             hist.total[0, 5] += 1
 
@@ -87,7 +87,30 @@ def test_shared_histogram_fault_falls_back_to_tl(monkeypatch):
     assert choice == (backend.TRITON, selftest.TL_NOTE, "tl.histogram")  # and the strategy that ran
     assert seen == ["auto", "tl", "tl", "tl"], "self-test, its tl retry, then both steps with tl"
     assert len(warned) == 1 and "tensor 0 bin 5: " in warned[0] and "runs with tl.histogram" in warned[0]
-    assert KERNELS.SHAPE.histogram == "auto", "the strategy is put back after each run"
+    assert KERNELS.current_histogram_choice() == "auto", "the strategy is put back after each run"
+    assert KERNELS.SHAPE.histogram == "auto", "the configured strategy is never changed"
+
+
+def test_tl_choice_is_this_threads_only():
+    """The self-test's tl runs change the strategy of their own thread's launches, not those
+    another thread makes meanwhile."""
+    import threading
+
+    inside, started, done = [], threading.Event(), threading.Event()
+
+    def other():
+        started.wait(5)
+        inside.append(KERNELS.current_histogram_choice())
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with selftest.histogram(selftest.TL_NOTE):
+        assert KERNELS.current_histogram_choice() == "tl"
+        started.set()
+        assert done.wait(5)
+    t.join()
+    assert inside == ["auto"] and KERNELS.current_histogram_choice() == "auto"
 
 
 @pytest.mark.interpreter
