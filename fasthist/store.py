@@ -236,7 +236,7 @@ def saved_rows(rows: dict[str, Tensor]) -> dict[str, Tensor]:
     least significant first, ``uint8 [num_bins, 8]`` (the same 8 bytes per bin as int64).
 
     torch's ``load_state_dict`` casts every tensor of a parameter's state to the parameter's
-    dtype (a fasthist state dict loaded into ``torch.optim.Adam``): int64 counts would be
+    dtype (a fasthist state dict loaded into the torch optimizer it replaces): int64 counts would be
     rounded past 256 in bf16, past 2048 in fp16 (and become inf past 65,504), past 2**24 in
     float32. Every float type holds 0..255 exactly, so bytes come back exact from any of
     them (:func:`loadable_counts`). Each row is a new tensor: saving one writes its own

@@ -47,8 +47,8 @@ else:
     def tracks_staleness(module: str) -> bool:
         """Whether the kernel module ``module`` (an optimizer declaration's ``kernel[0]``)
         takes a :class:`fasthist.target.HistTarget` whose ``staleness`` windows are set, and
-        histograms both quantities in the same launch: its body defines a staleness (Adam's
-        and AdamW's, ``kernels/adam.py``); the others raise ValueError for such a target."""
+        histograms both quantities in the same launch: its body (``BODY``) defines a
+        staleness; the others raise ValueError for such a target."""
         return importlib.import_module(f"{__name__}.{module}").BODY.staleness is not None
 
     __all__ = [

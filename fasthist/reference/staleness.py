@@ -58,7 +58,7 @@ def staleness_target(hist: HistTarget) -> HistTarget:
 
 
 def coupled_entering_grads(lists: list[list[Tensor]], kwargs: dict[str, Any]) -> list[Tensor]:
-    """The gradient as torch's single-tensor and foreach forms (Adam, RMSprop) feed it to
+    """The gradient as torch's single-tensor and foreach forms feed it to
     the second moment: ``-grad`` under ``maximize``, then ``.add(param, alpha=weight_decay)``
     (coupled decay, none with ``decoupled_weight_decay``), with the op torch uses
     (``_foreach_add`` with ``foreach``), in the parameter's dtype. Read before the update."""
