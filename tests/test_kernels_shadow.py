@@ -14,8 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(code: str, pythonpath: Path | None) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(pythonpath) if pythonpath else ""}
-    # -c puts the working directory (the checkout's root) first on sys.path, ahead of PYTHONPATH
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    # -c puts the working directory (the checkout's root) first on sys.path, ahead of PYTHONPATH;
+    # -S leaves site-packages out, where a real top-level kernels may be installed (transformers
+    # >= 5.25 brings Hugging Face's), so that only the folder given here is one
+    return subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_import_kernels_from_the_root_finds_the_installed_package(tmp_path):
