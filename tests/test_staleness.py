@@ -11,7 +11,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from _kernel_helpers import assert_ran
+from _kernel_helpers import assert_ran, fma32
 from torch import Tensor
 
 import fasthist
@@ -42,7 +42,7 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 def _entering(p: Tensor, grad: Tensor, group: dict, grad_scale: Tensor | None) -> Tensor:
     """``g`` as torch's Adam feeds it to ``v``: its functional form (parameter's dtype), or its
-    fused kernel (float32 math, ``fma(p, wd, g)`` formed in float64 and rounded once)."""
+    fused kernel (float32 math, ``fma(p, wd, g)`` rounded once)."""
     wd = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
     if group["fused"]:
         g = grad.to(_wide(p.dtype))
@@ -50,7 +50,7 @@ def _entering(p: Tensor, grad: Tensor, group: dict, grad_scale: Tensor | None) -
             g = g / grad_scale.to(g.dtype)
         g = -g if group["maximize"] else g
         if wd:
-            g = (p.double() * float(np.float32(wd)) + g.double()).to(g.dtype)
+            g = fma32(p, wd, g) if g.dtype == torch.float32 else p.double() * wd + g
         return g
     g = -grad if group["maximize"] else grad
     return g.add(p, alpha=wd) if wd else g
@@ -152,6 +152,28 @@ def test_fused_with_grad_scaler_skip(cls, backend):
     leaves both staleness windows alone, on the fused CPU step too."""
     _, opt = _run(cls, {"fused": True, "weight_decay": 0.1}, backend=backend, skip_at=2)
     assert_ran(opt, FUSED_CPU if backend == "torch" else TORCH)
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX2"), reason="torch's x86 kernels contract to an fma"
+)
+def test_fused_entering_grad_is_what_torchs_fused_step_feeds_v():
+    """The reference's fused ``g`` is torch's fused step's, bit for bit: ``exp_avg`` after one
+    step with beta1 = 0 is ``g`` exactly. The first element is a float64 sum on a float32 tie:
+    1 + 2**-23 + 2**-24 - 2**-70 rounds to 1 + 2**-23 once (an fma), to 1 + 2**-22 twice."""
+    from fasthist.reference.adam import adam_entering_grads
+
+    wd = 2.0**-24 * (1 - 2.0**-23)
+    gen = torch.Generator().manual_seed(3)
+    p = torch.cat([torch.tensor([1 + 2.0**-23]), torch.randn(4095, generator=gen)]).requires_grad_()
+    grad = torch.cat([torch.tensor([1 + 2.0**-23]), torch.randn(4095, generator=gen) * 1e-7])
+    kwargs = {"fused": True, "weight_decay": wd, "maximize": False}
+    (expected,) = adam_entering_grads([[p.detach().clone()], [grad.clone()]], kwargs)
+    p.grad = grad
+    opt = torch.optim.Adam([p], betas=(0.0, 0.5), weight_decay=wd, fused=True)
+    opt.step()
+    assert expected[0] == 1 + 2.0**-23
+    assert torch.equal(expected, opt.state[p]["exp_avg"])
 
 
 FUSED_CONFIGS = {
