@@ -57,12 +57,13 @@ struct AdamCoef {
   float w, w_m1, b2, c2, eps, neg_step, wd_l2, decay, gscale, cu, ch, sign;
 };
 
-// One block of n elements: the update in place, bins of x into out[0], span into lo[0]/hi[0];
-// STALE: bins of the staleness into out[1], span into lo[1]/hi[1]. TAIL selects torch's
+// One block of n elements: the update in place, bins of x into out_x, span into lo[0]/hi[0];
+// STALE: bins of the staleness into out_s, span into lo[1]/hi[1]. TAIL selects torch's
 // scalar-tail contraction of v.
 template <typename T, bool AMS, bool SCALE, bool TAIL, bool STALE>
 FASTHIST_INLINE void adam_impl(T* __restrict p, T* __restrict g, T* __restrict m, T* __restrict v, T* __restrict vm,
-                               int64_t n, const AdamCoef& k, Layout L, int32_t* const* out, int32_t* lo, int32_t* hi) {
+                               int64_t n, const AdamCoef& k, Layout L, int32_t* __restrict out_x,
+                               int32_t* __restrict out_s, int32_t* lo, int32_t* hi) {
   // the coefficients in locals: no store below can change them
   const float w = k.w, w_m1 = k.w_m1, b2 = k.b2, c2 = k.c2, eps = k.eps, neg_step = k.neg_step, wd = k.wd_l2;
   const float decay = k.decay, gscale = k.gscale, cu = k.cu, ch = k.ch, sign = k.sign;
@@ -71,8 +72,6 @@ FASTHIST_INLINE void adam_impl(T* __restrict p, T* __restrict g, T* __restrict m
   const uint32_t keep_m = small ? 0xFFFFFFFFu : 0u;  // the lerp's base, m or g, chosen by bits
   const bool l2 = wd != 0.0f;
   const bool reuse = std::is_same_v<T, float> && cu == ch;  // the update's x is the histogram's
-  int32_t* __restrict out_x = out[0];
-  int32_t* __restrict out_s = out[1];
   int32_t mn = L.num_bins, mx = -1, mn_s = L.num_bins, mx_s = -1;
   for (int64_t j = 0; j < n; ++j) {
     float pv = load(p[j]);
@@ -129,7 +128,7 @@ FASTHIST_INLINE void adam_impl(T* __restrict p, T* __restrict g, T* __restrict m
 #define FASTHIST_ADAM_CASE(T, C)                                                                              \
   case C:                                                                                                     \
     return adam_impl<T, bool((C) & 8), bool((C) & 4), bool((C) & 2), bool((C) & 1)>(p, g, m, v, vm, n, k, L, \
-                                                                                     out, lo, hi);
+                                                                                     out[0], out[1], lo, hi);
 #define FASTHIST_ADAM(NAME, T)                                                                                  \
   FASTHIST_CLONES void NAME(T* p, T* g, T* m, T* v, T* vm, int64_t n, const AdamCoef& k, bool ams, bool scale,  \
                             bool tail, bool stale, Layout L, int32_t* const* out, int32_t* lo, int32_t* hi) {   \
@@ -167,10 +166,10 @@ void adam_segment(const at::Tensor* t, int64_t a, int64_t b, const AdamCoef& k, 
       adam_bf16(ptr[0] + j0, ptr[1] + j0, ptr[2] + j0, ptr[3] + j0, vm, n, k, ams, scale, tail, stale, L, out, lo, hi);
     else
       adam_f16(ptr[0] + j0, ptr[1] + j0, ptr[2] + j0, ptr[3] + j0, vm, n, k, ams, scale, tail, stale, L, out, lo, hi);
-    if (count) {
+    if (count && stale)
+      PrivateHist::add_pair(hist[0], lo[0], hi[0], hist[1], lo[1], hi[1], n);
+    else if (count)
       hist[0].add(n, lo[0], hi[0]);
-      if (stale) hist[1].add(n, lo[1], hi[1]);
-    }
     j0 += n;
   }
 }
