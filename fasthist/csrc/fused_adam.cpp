@@ -72,7 +72,7 @@ FASTHIST_INLINE void adam_impl(T* __restrict p, T* __restrict g, T* __restrict m
   const uint32_t keep_m = small ? 0xFFFFFFFFu : 0u;  // the lerp's base, m or g, chosen by bits
   const bool l2 = wd != 0.0f;
   const bool reuse = std::is_same_v<T, float> && cu == ch;  // the update's x is the histogram's
-  int32_t mn = L.num_bins, mx = -1, mn_s = L.num_bins, mx_s = -1;
+  int32_t mn = L.num_bins, mx = -1;
   for (int64_t j = 0; j < n; ++j) {
     float pv = load(p[j]);
     float gv = load(g[j]);
@@ -107,17 +107,20 @@ FASTHIST_INLINE void adam_impl(T* __restrict p, T* __restrict g, T* __restrict m
     out_x[j] = key;
     mn = key < mn ? key : mn;
     mx = key > mx ? key : mx;
-    if (STALE) {
-      const float s = __builtin_fabsf(gv) / (xh < eps ? eps : xh);  // clamp_min(xh, eps): NaN stays
+    // s, its bits parked in out_s: binned in a loop of its own below (fewer live registers here)
+    if (STALE) out_s[j] = int32_t(bits_of(__builtin_fabsf(gv) / (xh < eps ? eps : xh)));  // clamp_min: NaN stays
+  }
+  lo[0] = mn;
+  hi[0] = mx;
+  if (STALE) {
+    int32_t mn_s = L.num_bins, mx_s = -1;
+    for (int64_t j = 0; j < n; ++j) {
+      const float s = float_of(uint32_t(out_s[j]));
       const int32_t ks = bin_key(s, (bits_of(s) & ABS_MASK) == 0, L);
       out_s[j] = ks;
       mn_s = ks < mn_s ? ks : mn_s;
       mx_s = ks > mx_s ? ks : mx_s;
     }
-  }
-  lo[0] = mn;
-  hi[0] = mx;
-  if (STALE) {
     lo[1] = mn_s;
     hi[1] = mx_s;
   }
