@@ -32,7 +32,9 @@
 //                                                 (torch.clamp_min); bins of s, zero when s == 0
 //
 // exactly as fasthist.reference.staleness does (sqrt=False, scale 1). Without them the loop
-// is the one above: staleness is a template parameter, chosen once per block.
+// is the one above: staleness is a template parameter, chosen once per block. The update loop
+// parks the bits of x (and s) in the block's index buffers; their keys are taken in a loop of
+// their own over the block (in L1), which leaves the update loop fewer live registers.
 //
 // A step with found_inf == 1 changes nothing (torch's rule); the windows (both pairs) are left
 // as they were whenever found_inf is nonzero (the reference's rule).
@@ -103,12 +105,16 @@ FASTHIST_INLINE void adam_impl(T* __restrict p, T* __restrict g, T* __restrict m
     const float vs = AMS ? load(vm[j]) : load(v[j]);
     const bool zero = (bits_of(vs) & ABS_MASK) == 0;
     const float xh = reuse ? x : __builtin_sqrtf(vs) / ch;
-    const int32_t key = bin_key(xh, zero, L);
+    out_x[j] = zero ? -1 : int32_t(bits_of(xh) & ABS_MASK);  // binned below; -1: v == 0 (bin 0)
+    // s, its bits parked in out_s, binned below
+    if (STALE) out_s[j] = int32_t(bits_of(__builtin_fabsf(gv) / (xh < eps ? eps : xh)));  // clamp_min: NaN stays
+  }
+  for (int64_t j = 0; j < n; ++j) {  // the bins, in a loop of their own: fewer live registers above
+    const int32_t u = out_x[j];
+    const int32_t key = bin_key(float_of(uint32_t(u)), u < 0, L);
     out_x[j] = key;
     mn = key < mn ? key : mn;
     mx = key > mx ? key : mx;
-    // s, its bits parked in out_s: binned in a loop of its own below (fewer live registers here)
-    if (STALE) out_s[j] = int32_t(bits_of(__builtin_fabsf(gv) / (xh < eps ? eps : xh)));  // clamp_min: NaN stays
   }
   lo[0] = mn;
   hi[0] = mx;
