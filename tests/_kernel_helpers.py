@@ -155,6 +155,22 @@ def compile_without_a_gpu(script: str, *, timeout: int, env: dict[str, str] | No
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+def fma32(a: torch.Tensor, b: float, c: torch.Tensor) -> torch.Tensor:
+    """float32 ``fma(a, b, c)``, rounded once: the product is exact in float64, TwoSum gives
+    the sum's exact error, and a sum that lands exactly between two float32 values is sent
+    to the side its error points to (the one case where rounding twice differs)."""
+    prod = a.double() * float(torch.tensor(b, dtype=torch.float32))
+    cd = c.double()
+    s = prod + cd
+    bb = s - prod
+    err = (prod - (s - bb)) + (cd - bb)
+    r = s.float()
+    d = s - r.double()
+    away = torch.nextafter(r, torch.where(d > 0, torch.inf, -torch.inf).float())
+    tie = (d != 0) & (away.double() - s == d)  # s is the midpoint of r and away
+    return torch.where(tie & (err != 0) & ((err > 0) == (d > 0)), away, r)
+
+
 def assert_ran(opt: Any, *backends: str) -> None:
     """Every (group, device, dtype) call of ``opt``'s latest step ran on one of ``backends``
     (``opt.backends()``), and at least one did: a test of a kernel or of a compiled CPU pass

@@ -29,6 +29,7 @@ from _kernel_helpers import (  # before triton
     INTERPRETING,
     ON_CPU,
     compile_without_a_gpu,
+    fma32,
     on_triton,
 )
 
@@ -63,22 +64,6 @@ def small_chunks():
 
 
 # -- the oracle ---------------------------------------------------------------------------
-def _fma32(a: torch.Tensor, b: float, c: torch.Tensor) -> torch.Tensor:
-    """float32 ``fma(a, b, c)``, rounded once: the product is exact in float64, TwoSum gives
-    the sum's exact error, and a sum that lands exactly between two float32 values is sent
-    to the side its error points to (the one case where rounding twice differs)."""
-    prod = a.double() * float(torch.tensor(b, dtype=torch.float32))
-    cd = c.double()
-    s = prod + cd
-    bb = s - prod
-    err = (prod - (s - bb)) + (cd - bb)
-    r = s.float()
-    d = s - r.double()
-    away = torch.nextafter(r, torch.where(d > 0, torch.inf, -torch.inf).float())
-    tie = (d != 0) & (away.double() - s == d)  # s is the midpoint of r and away
-    return torch.where(tie & (err != 0) & ((err > 0) == (d > 0)), away, r)
-
-
 def _staleness_counts(g_eff: torch.Tensor, v_den: torch.Tensor, c: float, eps: float) -> torch.Tensor:
     """Counts of ``|g| / max(x, eps)``, ``x = fl32(fl32(sqrt(v)) / fl32(c))``, in float32."""
     root = v_den.double().sqrt().float().double()
@@ -95,7 +80,7 @@ def _grad_as_it_enters_v(g, p, *, grad_scale, maximize, weight_decay, decoupled)
     if maximize:
         g = -g
     if weight_decay != 0 and not decoupled:
-        g = _fma32(p.float(), weight_decay, g)
+        g = fma32(p.float(), weight_decay, g)
     return g
 
 

@@ -11,6 +11,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from _kernel_helpers import assert_ran, fma32
 from torch import Tensor
 
 import fasthist
@@ -23,11 +24,11 @@ SHAPES = [(6, 5), (11,), (3, 2, 2), ()]
 STEPS = 4
 
 
-def _grads(step: int, dtype: torch.dtype) -> list[Tensor]:
+def _grads(step: int, dtype: torch.dtype, shapes=SHAPES) -> list[Tensor]:
     """Gradients spanning 8 decades, so the staleness fills many bins; a zero row."""
     g = torch.Generator().manual_seed(200 + step)
     out = []
-    for s in SHAPES:
+    for s in shapes:
         gr = torch.randn(s, generator=g, dtype=torch.float64) * 10.0 ** (torch.rand(s, generator=g) * 8 - 7)
         if len(s) == 2:
             gr[0] = 0.0
@@ -41,7 +42,7 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 def _entering(p: Tensor, grad: Tensor, group: dict, grad_scale: Tensor | None) -> Tensor:
     """``g`` as torch's Adam feeds it to ``v``: its functional form (parameter's dtype), or its
-    fused kernel (float32 math, ``fma(p, wd, g)`` formed in float64 and rounded once)."""
+    fused kernel (float32 math, ``fma(p, wd, g)`` rounded once)."""
     wd = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
     if group["fused"]:
         g = grad.to(_wide(p.dtype))
@@ -49,7 +50,7 @@ def _entering(p: Tensor, grad: Tensor, group: dict, grad_scale: Tensor | None) -
             g = g / grad_scale.to(g.dtype)
         g = -g if group["maximize"] else g
         if wd:
-            g = (p.double() * float(np.float32(wd)) + g.double()).to(g.dtype)
+            g = fma32(p, wd, g) if g.dtype == torch.float32 else p.double() * wd + g
         return g
     g = -grad if group["maximize"] else grad
     return g.add(p, alpha=wd) if wd else g
@@ -72,16 +73,18 @@ def _expected(bins, p_before: Tensor, grad: Tensor, state: dict, group: dict, gr
     return bins.count(a / torch.maximum(x, eps))
 
 
-def _run(cls, config: dict, dtype=torch.float32, backend="reference", skip_at=None, steps=STEPS, check=True):
+def _run(
+    cls, config: dict, dtype=torch.float32, backend="reference", skip_at=None, steps=STEPS, check=True, shapes=SHAPES
+):
     """``steps`` steps of ``cls`` tracking staleness, each step's staleness histogram (and the
     total) compared with the oracle; returns (params, optimizer)."""
     g = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in SHAPES]
+    params = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
     opt = cls(params, track=BOTH, **config)
     total = [torch.zeros(opt.bins.num_bins, dtype=torch.int64) for _ in params]
     last = [torch.zeros(opt.bins.num_bins, dtype=torch.int64) for _ in params]
     for step in range(steps):
-        grads = _grads(step, dtype)
+        grads = _grads(step, dtype, shapes)
         for p, gr in zip(params, grads, strict=True):
             p.grad = gr.clone()
         scale = None
@@ -146,14 +149,64 @@ def test_adamw_staleness_matches_oracle(backend, dtype):
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_fused_with_grad_scaler_skip(cls, backend):
     """fused=True with GradScaler's grad_scale/found_inf: g is unscaled, the skipped step
-    leaves both staleness windows alone; the fused CPU step says why it did not run."""
+    leaves both staleness windows alone, on the fused CPU step too."""
     _, opt = _run(cls, {"fused": True, "weight_decay": 0.1}, backend=backend, skip_at=2)
-    choice = next(iter(opt.backends().values()))
-    if backend == "torch":
-        assert choice.backend == CPU_HISTOGRAM
-        assert f"{FUSED_CPU}: staleness: not in this backend yet" in choice.reason
-    else:
-        assert choice.backend == TORCH
+    assert_ran(opt, FUSED_CPU if backend == "torch" else TORCH)
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX2"), reason="torch's x86 kernels contract to an fma"
+)
+def test_fused_entering_grad_is_what_torchs_fused_step_feeds_v():
+    """The reference's fused ``g`` is torch's fused step's, bit for bit: ``exp_avg`` after one
+    step with beta1 = 0 is ``g`` exactly. The first element is a float64 sum on a float32 tie:
+    1 + 2**-23 + 2**-24 - 2**-70 rounds to 1 + 2**-23 once (an fma), to 1 + 2**-22 twice."""
+    from fasthist.reference.adam import adam_entering_grads
+
+    wd = 2.0**-24 * (1 - 2.0**-23)
+    gen = torch.Generator().manual_seed(3)
+    p = torch.cat([torch.tensor([1 + 2.0**-23]), torch.randn(4095, generator=gen)]).requires_grad_()
+    grad = torch.cat([torch.tensor([1 + 2.0**-23]), torch.randn(4095, generator=gen) * 1e-7])
+    kwargs = {"fused": True, "weight_decay": wd, "maximize": False}
+    (expected,) = adam_entering_grads([[p.detach().clone()], [grad.clone()]], kwargs)
+    p.grad = grad
+    opt = torch.optim.Adam([p], betas=(0.0, 0.5), weight_decay=wd, fused=True)
+    opt.step()
+    assert expected[0] == 1 + 2.0**-23
+    assert torch.equal(expected, opt.state[p]["exp_avg"])
+
+
+FUSED_CONFIGS = {
+    "defaults": {},
+    "weight_decay": {"weight_decay": 0.1},
+    "amsgrad": {"amsgrad": True, "weight_decay": 0.05},
+    "maximize": {"maximize": True, "weight_decay": 0.1},
+    "eps": {"eps": 1e-3, "weight_decay": 0.1},  # many elements below eps: s = |g| / eps
+}
+
+
+@pytest.mark.parametrize("cls", [fasthist.Adam, fasthist.AdamW])
+@pytest.mark.parametrize("config", FUSED_CONFIGS.values(), ids=FUSED_CONFIGS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fused_cpu_step_bins_staleness_exactly(cls, config, dtype):
+    """fused=True on CPU tensors: the compiled fused step bins the staleness in its own sweep
+    (its g, fed to v, and the x it bins), equal to the oracle step by step."""
+    _, opt = _run(cls, {"fused": True, **config}, dtype, backend="torch")
+    assert_ran(opt, FUSED_CPU)
+
+
+def test_fused_cpu_staleness_of_a_tensor_cut_between_threads():
+    """A tensor split between two threads' ranges (partial counts merged after the sweep),
+    with a small one beside it: both quantities' windows equal the oracle's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, opt = _run(
+            fasthist.AdamW, {"fused": True, "amsgrad": True}, backend="torch", steps=2, shapes=[(300, 700), (5,)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert_ran(opt, FUSED_CPU)
 
 
 def test_staleness_leaves_sqrt_v_and_the_update_alone():
@@ -412,8 +465,11 @@ def test_compiled_step(compiler):
 def test_a_backend_takes_staleness_only_where_its_module_says_so(monkeypatch, says, takes):
     """``TRACKS_STALENESS`` of a backend's module (here the fused CPU step's): True, or the
     names of the optimizers it tracks staleness for; absent, the call goes elsewhere, said why."""
-    if says is not None:
-        monkeypatch.setattr(fasthist.csrc, "TRACKS_STALENESS", says, raising=False)
+    assert fasthist.csrc.TRACKS_STALENESS == ("adam",)  # Adam's and AdamW's fused op bins it
+    if says is None:
+        monkeypatch.delattr(fasthist.csrc, "TRACKS_STALENESS")
+    else:
+        monkeypatch.setattr(fasthist.csrc, "TRACKS_STALENESS", says)
     _, opt = _run(fasthist.Adam, {"fused": True}, backend="torch", steps=1, check=not takes)
     (choice,) = opt.backends().values()
     assert (choice.backend == FUSED_CPU) == takes, choice

@@ -16,4 +16,9 @@ from .fused import fused_step_
 from .histogram import histogram_
 from .library import available, enabled, library_path
 
-__all__ = ["available", "enabled", "fused_step_", "histogram_", "library_path"]
+__all__ = ["TRACKS_STALENESS", "available", "enabled", "fused_step_", "histogram_", "library_path"]
+
+#: The declarations (by name; AdamW is Adam's) whose fused CPU op also bins the staleness
+#: (:mod:`fasthist.reference.staleness`) in its sweep; :mod:`fasthist.dispatch` sends a
+#: call with staleness windows to no other.
+TRACKS_STALENESS = ("adam",)

@@ -40,10 +40,14 @@ def fused_step_(decl: OptimizerDecl, lists: list[list[Tensor]], hist: HistTarget
     ``lr`` (a float, or 0.0 beside ``lr_tensor``), ``grad_scale``, ``found_inf``, each of
     its ``options`` under its own name (a bool for one of ``decl.bools``, a float for one of
     ``decl.floats``), ``tail_mod`` (its ``x86_tail`` with torch's x86 kernels, else 0) and
-    the histogram target (its bins' layout, its rows and windows)."""
+    the histogram target (its bins' layout, its rows and windows), and the target's
+    staleness windows (``stale_step``, ``stale_total``) when it has them: only an op named in
+    ``fasthist.csrc.TRACKS_STALENESS`` takes them (the dispatcher sends no other such call)."""
     fused, lr, bins = decl.fused_cpu, kwargs["lr"], hist.bins
     assert fused is not None  # the dispatcher picks this backend only for a declared op
     options = {name: bool(kwargs.get(name)) if name in decl.bools else float(kwargs[name]) for name in fused.options}
+    if hist.staleness is not None:  # only for the ops of TRACKS_STALENESS (fasthist.dispatch)
+        options["stale_step"], options["stale_total"] = hist.staleness
     with torch.no_grad():
         getattr(torch.ops.fasthist, fused.op)(
             [p.detach() for p in lists[0]],

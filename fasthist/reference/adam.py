@@ -95,11 +95,27 @@ def adam_hist_inputs(lists: list[list[Tensor]], kwargs: dict[str, Any]) -> HistI
     return [v.detach() for v in values], scale, kwargs.get("found_inf")
 
 
+def _fma_float32(a: Tensor, b: float, c: Tensor) -> Tensor:
+    """``fma(a, b, c)`` of float32 values (``b`` one, as a float), rounded once to float32, as
+    an fma instruction does: the product is exact in float64 (24 + 24 bits), the float64 sum
+    is made round-to-odd (its exact error by TwoSum; where it is nonzero and the sum's last
+    bit even, the neighbour toward the exact value), and rounding that to nearest float32 is
+    the one rounding of the exact value (53 >= 24 + 2 bits: Boldo and Melquiond)."""
+    prod = a.double() * b
+    c = c.double()
+    s = prod + c
+    t = s - prod
+    err = (prod - (s - t)) + (c - t)  # s + err == prod + c exactly (no overflow: |prod| < 2**256)
+    inexact_even = (err != 0) & ((s.view(torch.int64) & 1) == 0)
+    toward = torch.where(err > 0, torch.inf, -torch.inf).double()
+    return torch.where(inexact_even, torch.nextafter(s, toward), s).float()
+
+
 def _fused_entering_grad(p: Tensor, g: Tensor, grad_scale: Tensor | None, maximize: bool, wd: float) -> Tensor:
     """torch's fused step's ``g``, in its math type (float32; float64 for float64 tensors):
-    ``g / grad_scale``, negated, then ``fma(p, wd, g)``. The fma is formed in float64 and
-    rounded once (exact product; for float32 the sum can round twice, differing from a true
-    fma in the last bit only where the float64 sum lands on a float32 tie)."""
+    ``g / grad_scale``, negated, then ``fma(p, wd, g)``, rounded once as torch's x86 kernels
+    (contracted to an fma) compute it (:func:`_fma_float32`; for float64 formed with two
+    float64 roundings)."""
     wide = torch.float64 if g.dtype in (torch.float64, torch.complex128) else torch.float32
     real = (lambda t: torch.view_as_real(t)) if g.is_complex() else (lambda t: t)
     x = real(g.detach()).to(wide)
@@ -108,7 +124,9 @@ def _fused_entering_grad(p: Tensor, g: Tensor, grad_scale: Tensor | None, maximi
     if maximize:
         x = -x
     if wd:
-        x = (real(p.detach()).double() * float(torch.tensor(wd, dtype=wide)) + x.double()).to(wide)
+        wd = float(torch.tensor(wd, dtype=wide))
+        pr = real(p.detach())
+        x = _fma_float32(pr, wd, x) if wide == torch.float32 else pr.double() * wd + x
     return x
 
 
