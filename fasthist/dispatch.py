@@ -12,7 +12,7 @@ Per device, the call goes to the fastest backend that takes it, in this order:
 2. :data:`~fasthist.backend.FUSED_CPU` for a tracked ``fused=True`` call of an optimizer
    with a fused CPU op, on one float32/bfloat16/float16 dtype of plain contiguous CPU
    tensors with scalar hyper-parameters (``lr`` and the GradScaler's tensors on the CPU),
-   and no staleness windows unless ``fasthist.csrc.TRACKS_STALENESS`` is true;
+   and no staleness windows unless ``fasthist.csrc.TRACKS_STALENESS`` names its op;
 3. :data:`~fasthist.backend.CPU_HISTOGRAM` for a tracked call on the CPU whose states the
    compiled pass bins (float32, bfloat16, float16 and complex64 ones);
 4. :data:`~fasthist.backend.TORCH` otherwise, and everywhere with ``FASTHIST_BACKEND=reference``.
@@ -188,14 +188,11 @@ STALENESS_NOT_HERE = "staleness: not in this backend yet"
 
 
 def _staleness_refusal(decl: OptimizerDecl, hist: HistTarget | None, module: Any) -> str | None:
-    """Why a backend cannot write the staleness windows of ``hist``, or None: it has them and
-    the backend's module does not say it tracks staleness for ``decl``, by
-    ``TRACKS_STALENESS = True`` (every optimizer that declares staleness) or a collection of
-    optimizer names."""
+    """Why the fused CPU op cannot write the staleness windows of ``hist``, or None: it has
+    them and ``module.TRACKS_STALENESS`` (the ops that bin it) does not name ``decl``'s op."""
     if hist is None or hist.staleness is None:
         return None
-    says = getattr(module, "TRACKS_STALENESS", False)
-    if says is True or (not isinstance(says, bool) and decl.name in says):
+    if decl.fused_cpu is not None and decl.fused_cpu.op in getattr(module, "TRACKS_STALENESS", ()):
         return None
     return STALENESS_NOT_HERE
 

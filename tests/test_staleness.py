@@ -461,11 +461,13 @@ def test_compiled_step(compiler):
     assert counter.frame_count == 1
 
 
-@pytest.mark.parametrize("says, takes", [(None, False), (("rmsprop",), False), (("adam",), True), (True, True)])
+@pytest.mark.parametrize(
+    "says, takes", [(None, False), (("fused_adagrad_hist_",), False), (("fused_adam_hist_",), True)]
+)
 def test_a_backend_takes_staleness_only_where_its_module_says_so(monkeypatch, says, takes):
-    """``TRACKS_STALENESS`` of a backend's module (here the fused CPU step's): True, or the
-    names of the optimizers it tracks staleness for; absent, the call goes elsewhere, said why."""
-    assert fasthist.csrc.TRACKS_STALENESS == ("adam",)  # Adam's and AdamW's fused op bins it
+    """``fasthist.csrc.TRACKS_STALENESS``: the fused CPU ops that bin staleness; a call whose
+    op it does not name goes elsewhere, said why."""
+    assert fasthist.csrc.TRACKS_STALENESS == ("fused_adam_hist_",)  # Adam's and AdamW's op bins it
     if says is None:
         monkeypatch.delattr(fasthist.csrc, "TRACKS_STALENESS")
     else:

@@ -18,7 +18,7 @@ from .library import available, enabled, library_path
 
 __all__ = ["TRACKS_STALENESS", "available", "enabled", "fused_step_", "histogram_", "library_path"]
 
-#: The declarations (by name; AdamW is Adam's) whose fused CPU op also bins the staleness
-#: (:mod:`fasthist.reference.staleness`) in its sweep; :mod:`fasthist.dispatch` sends a
+#: The fused CPU ops (``FusedCpuDecl.op``) that also bin the staleness
+#: (:mod:`fasthist.reference.staleness`) in their sweep; :mod:`fasthist.dispatch` sends a
 #: call with staleness windows to no other.
-TRACKS_STALENESS = ("adam",)
+TRACKS_STALENESS = ("fused_adam_hist_",)
