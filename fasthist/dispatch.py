@@ -93,6 +93,18 @@ def plan(
     return calls
 
 
+def check_ahead(decl: OptimizerDecl, calls: list[Call]) -> None:
+    """Check the tensors of every call of a step after its first (in the order they run),
+    before any runs, for the backends that check them only when they run (the Triton
+    kernels' and the compiled CPU op's checks come before they write, but after the calls
+    before them wrote): a state not of its parameter's dtype, device or number of elements
+    raises here (:func:`fasthist.backend.check_states`). A step of one call (one group on one
+    device) pays nothing; torch's functional forms are checked in :func:`plan` always."""
+    for call in calls[1:]:
+        if call.choice.backend in (TRITON, FUSED_CPU):
+            backend.check_states(decl, call.lists, flat=True)
+
+
 def execute(
     decl: OptimizerDecl, calls: list[Call], kwargs: dict[str, Any], *, record: Record | None = None, group: int = 0
 ) -> None:

@@ -160,15 +160,14 @@ class HistogramMixin(HistogramQueries):
         checks, e.g. sparse gradients), the histogram targets, and per device the backend
         chosen and its inputs checked (:func:`fasthist.dispatch.plan`); nothing is written,
         and if anything raises (an exception, ``KeyboardInterrupt``) the state entries this
-        step created are dropped: parameters, state and histograms are as before the call. Then
-        every call runs. A failure while they run cannot be undone without copying every
-        tensor at every step: the calls before it stay applied (each tensor's parameter,
-        state, step count and histograms together), the calls after it are not run, and the
-        failing one leaves what its backend wrote. The Triton and compiled CPU backends check
-        every tensor before they write one and have their step counts restored, so they write
-        nothing on bad tensors; torch's functional checks each tensor as it reaches it (a state
-        whose dtype or shape no longer matches its parameter), so the tensors before it are
-        stepped, without histograms.
+        step created are dropped: parameters, state and histograms are as before the call. The
+        plan checks every state tensor against its parameter (dtype, device, shape:
+        :func:`fasthist.backend.check_states`, :func:`fasthist.dispatch.check_ahead`), which
+        torch's functional forms find only after stepping the tensors before it. Then every
+        call runs. A failure while they run (a kernel fault, out of memory) cannot be undone
+        without copying every tensor at every step: the calls before it stay applied (each
+        tensor's parameter, state, step count and histograms together), the calls after it are
+        not run, and the failing one leaves what its backend wrote.
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model
@@ -219,6 +218,7 @@ class HistogramMixin(HistogramQueries):
                 track = self.param_groups[i]["track"]
                 targets = self._step_targets(lists[0], prepared, "staleness" in quantities(track)) if track else None
                 plans.append((i, dispatch.plan(self.declaration, lists, targets, kwargs), kwargs))
+        dispatch.check_ahead(self.declaration, [call for _, calls, _ in plans for call in calls])
         return plans
 
     def backends(self) -> dict[tuple[int, torch.device, torch.dtype], Choice]:

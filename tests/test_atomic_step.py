@@ -14,6 +14,7 @@ instead, the calls before it applied whole and the failing one's step counts unc
 from __future__ import annotations
 
 import copy
+import inspect
 import shutil
 
 import pytest
@@ -139,6 +140,47 @@ def test_found_inf_of_two_values(track_first):
     opt.param_groups[0]["track"] = track_first
     opt.grad_scale, opt.found_inf = torch.ones(()), torch.zeros(2)
     _refused(opt, RuntimeError, r"found_inf must be None or a one-element Tensor, but got shape \(2,\)")
+
+
+def _mismatched(opt, param, kind):
+    """``param``'s first state tensor shaped like it, replaced by one of another ``kind``:
+    "shape" (another number of elements too, which no form accepts) or "dtype"."""
+    st = opt.state[param]
+    key = next(k for k, v in st.items() if k != "step" and isinstance(v, torch.Tensor) and v.shape == param.shape)
+    st[key] = torch.zeros(param.numel() + 1) if kind == "shape" else st[key].double()
+    return key
+
+
+@pytest.mark.parametrize("kind", ["shape", "dtype"])
+@pytest.mark.parametrize("flags", [{}, {"foreach": True}, {"fused": True}], ids=["default", "foreach", "fused"])
+@pytest.mark.parametrize("info", OPTIMS, ids=lambda info: info.name)
+def test_state_not_matching_its_parameter_in_a_later_group(info, flags, kind):
+    """A state written by hand (or another model's state dict loaded) that no longer has its
+    parameter's shape or dtype: torch's for-loop form fails on it after stepping every
+    tensor before it, its foreach form after incrementing the step counts and writing the
+    first moments; here nothing is written (every backend: the compiled fused CPU op and the
+    Triton kernels check every tensor first, torch's forms are checked before they run)."""
+    for flag in flags:
+        if flag not in inspect.signature(info.cls).parameters:
+            pytest.skip(f"{info.name} has no {flag} option")
+    opt, _, later = _two_groups(info.cls, **flags)
+    key = _mismatched(opt, later[1], kind)
+    # torch's forms (fasthist's words) name the state; the compiled op says its list index
+    what = r"shape \(5,\)|Float \[5\]" if kind == "shape" else r"dtype torch.float64|got Double"
+    _refused(opt, (RuntimeError, TypeError), rf"{key}s?\[1\] has ({what})|tensor 1 of every list .*({what})")
+
+
+@pytest.mark.parametrize("kind", ["shape", "dtype"])
+def test_state_not_matching_its_parameter_in_a_later_group_triton(kind):
+    """The same on the Triton kernels (the interpreter here): they check their tensors
+    before they write, but only when their call runs, after the first group's."""
+    pytest.importorskip("triton")
+    with fasthist.backend.use("triton"):
+        opt, _, later = _two_groups()
+        assert {c.backend for c in opt.backends().values()} == {"triton"}, opt.backends()
+        key = _mismatched(opt, later[1], kind)
+        what = r"shape \(5,\)" if kind == "shape" else r"dtype torch.float64"
+        _refused(opt, RuntimeError, rf"{key}s\[1\] has {what}")
 
 
 def test_step_count_that_is_not_a_tensor():
