@@ -30,7 +30,11 @@ What must agree (the tolerances the kernel tests argue for):
   (The kernel tests assert bit-identity on the CPU against a reference with a correctly
   rounded square root; the reference backend uses torch's, which on the CPU can be 1 ulp
   off, so the self-test asks for the CUDA tolerance everywhere.) Non-finite values must be
-  the same non-finite values. float16/bfloat16 tensors: the step counts only. On these
+  the same non-finite values. The reference of a complex call is torch's foreach form: the
+  kernels step complex tensors as (re, im) pairs throughout, as torch's foreach and fused
+  forms do, where its for-loop form adds the weight decay in complex arithmetic first
+  (``inf * 0`` is NaN there, so on an infinite parameter torch's two forms differ).
+  float16/bfloat16 tensors: the step counts only. On these
   inputs the kernel claims no tolerance against a torch update: it computes in float32,
   rounds each state once on store and divides by the stored state, where torch's per-op
   half arithmetic rounds after every op (eps=1e-8 is 0 in float16, squares overflow) and a
@@ -259,7 +263,7 @@ def self_test(
         before = [[t.clone() for t in lst] for lst in ours]
         hk = _target(bins, 2, device, staleness)
         backend.run(backend.TRITON, decl, ours, hk, kwargs)
-        backend.run(backend.TORCH, decl, theirs, None, kwargs)
+        backend.run(backend.TORCH, decl, theirs, None, _reference_kwargs(decl, dtype, kwargs))
         problems = _histogram_problems(decl, ours, hk, kwargs) + _update_problems(decl, ours, theirs, before)
         if staleness:
             problems += _staleness_problems(decl, before, ours, hk, kwargs)
@@ -273,6 +277,18 @@ def self_test(
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _reference_kwargs(decl: OptimizerDecl, dtype: torch.dtype, kwargs: dict) -> dict:
+    """The reference's arguments: the call's, except that a complex call runs torch's
+    foreach form. The kernels step complex parameters as real pairs (``view_as_real``) from
+    the start, as torch's foreach and fused forms do; its for-loop form applies weight decay
+    in complex arithmetic first, where ``grad + wd * p`` of an infinite ``p`` gives NaN in the
+    other component (``inf * 0``), so on the self-test's special values the for-loop form
+    and the foreach form of the same torch differ."""
+    if dtype.is_complex and "foreach" in decl.bools and not kwargs.get("fused"):
+        return {**kwargs, "foreach": True}
+    return kwargs
 
 
 def _safe_kwargs(kwargs: dict) -> dict:

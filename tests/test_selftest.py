@@ -72,6 +72,18 @@ def test_real_kernel_passes(dtype):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("foreach", [None, False])
+def test_real_kernel_passes_complex_with_weight_decay(foreach):
+    """The self-test's special values include an infinite parameter: torch's for-loop form
+    (the CPU's default) adds ``wd * p`` in complex arithmetic and gets (inf, NaN) there, its
+    foreach form and the kernel step (re, im) pairs and keep the other component. The
+    reference of a complex call is torch's foreach form, so the real kernel passes."""
+    opt, warned = _step(torch.complex64, weight_decay=0.1, foreach=foreach)
+    assert warned == []
+    assert [c.backend for c in opt.backends().values()] == ["triton"]
+
+
+@pytest.mark.interpreter
 def test_shared_histogram_fault_falls_back_to_tl(monkeypatch):
     """A miscount under the configured strategy only: tl agrees, so the specialisation runs
     with tl, and says so."""
