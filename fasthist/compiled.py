@@ -46,7 +46,11 @@ Why an opaque operator rather than ``torch.library.triton_op``/``wrap_triton``: 
 trace the launcher's Python with dynamo, and this launcher's per-step Python (plan and
 table caches on data pointers, the histogram strategy lookup) is exactly what must not be
 guarded on; the kernels are already one fused launch per dtype, so inductor has nothing to
-fuse them with. The operator rebuilds its :class:`~fasthist.target.HistTarget` from the
+fuse them with. A Triton call is self-tested where the operator runs it, as the eager dispatcher does
+(:func:`fasthist.selftest.check`, once per specialisation and process, not during a CUDA
+graph capture): a specialisation that differed runs with ``tl.histogram``, or on torch's
+functional form (the torch backend) in its place. The operator rebuilds its
+:class:`~fasthist.target.HistTarget` from the
 windows, rows and bins it is given, with an empty workspace: a backend's reusable buffers
 (the Triton kernels' zeroed scratch, the torch-op pass's value buffers) are made again on
 each compiled call.
@@ -62,6 +66,7 @@ import torch
 from torch import Tensor
 
 from . import backend as backends
+from . import selftest
 from .bins import LogBins
 from .declaration import OptimizerDecl
 from .target import HistTarget
@@ -134,7 +139,16 @@ def _implementation(decl: OptimizerDecl) -> Callable[..., None]:
             hist = HistTarget(bins, args["hist_step"], args["hist_total"], args["hist_rows"], staleness=staleness)
         kwargs = {n: args[n] for n in (*decl.bools, *decl.tensors)}
         kwargs.update((n, _float_value(args, n)) for n in decl.floats)
-        backends.run(backend, decl, [args[n] for n in decl.lists], hist, kwargs)
+        lists = [args[n] for n in decl.lists]
+        note = None
+        if backend == backends.TRITON:
+            # the eager dispatcher's self-test (fasthist.selftest), here where the call runs:
+            # the traced step cannot choose another backend, the operator still can
+            note = selftest.check(decl, lists[0][0].device, lists, hist, kwargs)
+            if note is not None and note != selftest.TL_NOTE:
+                backend = backends.TORCH  # turned down; the self-test's warning said so
+        with selftest.histogram(note):
+            backends.run(backend, decl, lists, hist, kwargs)
 
     run.__name__ = f"{decl.name}_step"
     return run

@@ -58,9 +58,10 @@ estimate, not a measurement: the kernel's first compile (seconds, which happens 
 ~100 small launches, tens of milliseconds.
 
 Off: ``FASTHIST_SELFTEST=0`` (read at each new specialisation; what was tested before
-stays decided). Skipped, without caching,
-while ``torch.compile`` traces or a CUDA graph is being captured, and for untracked calls
-(no histogram). The ``tl`` retry and the ``tl`` runs change the strategy of their own
+stays decided). A compiled step self-tests where its operator runs the kernel
+(:mod:`fasthist.compiled`), not while ``torch.compile`` traces; skipped, without caching,
+while a CUDA graph is being captured (a CUDA-graphed step's warm-up runs it first), and for
+untracked calls (no histogram). The ``tl`` retry and the ``tl`` runs change the strategy of their own
 thread's launches only; two threads meeting a new specialisation at once may both
 self-test it (the same verdict, cached twice).
 """
@@ -172,8 +173,12 @@ def _may_run(device: torch.device) -> bool:
 def check(decl: OptimizerDecl, device: torch.device, lists: list[list[Tensor]], hist: Any, kwargs: dict) -> str | None:
     """For :mod:`fasthist.dispatch`, once Triton takes the call: None when it may run as
     configured, :data:`TL_NOTE` when it runs with ``tl`` (:func:`histogram`), else why the
-    Triton backend is turned down. Self-tests each new specialisation of the call first."""
-    if hist is None:
+    Triton backend is turned down. Self-tests each new specialisation of the call first.
+    While ``torch.compile`` traces: None, without reading the verdicts (a traced read would
+    be guarded on, and the step recompiled once the first verdict is in); the traced step
+    runs the kernel through its operator, which calls this where the call runs
+    (:mod:`fasthist.compiled`)."""
+    if hist is None or torch.compiler.is_compiling():
         return None
     tl = False
     for dtype in {p.dtype for p in lists[0]}:
@@ -257,13 +262,14 @@ def self_test(
     chunk = backend.kernels_module().SHAPE.chunk
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # numpy's on the special values are expected: dropped below
-        states, edges = _edge_states(decl, device, dtype, like, bins, kwargs)
+        reference = _reference_kwargs(decl, dtype, kwargs)
+        states, edges = _edge_states(decl, device, dtype, like, bins, reference)
         ours = _synthetic(decl, device, dtype, like, states, chunk)
         theirs = [[t.clone() for t in lst] for lst in ours]
         before = [[t.clone() for t in lst] for lst in ours]
         hk = _target(bins, 2, device, staleness)
         backend.run(backend.TRITON, decl, ours, hk, kwargs)
-        backend.run(backend.TORCH, decl, theirs, None, _reference_kwargs(decl, dtype, kwargs))
+        backend.run(backend.TORCH, decl, theirs, None, reference)
         problems = _histogram_problems(decl, ours, hk, kwargs) + _update_problems(decl, ours, theirs, before)
         if staleness:
             problems += _staleness_problems(decl, before, ours, hk, kwargs)

@@ -9,6 +9,8 @@ through functionalization, which is where a compiled step could lose an update. 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _kernel_helpers import INTERPRETING, ON_CPU, assert_ran
@@ -97,3 +99,67 @@ def test_reduce_overhead_cuda_graphs(use_backend, monkeypatch, name):
         assert torch.equal(a, b)
     for a, b in zip(p_comp, p_eager, strict=True):
         assert torch.equal(a, b)
+
+
+def test_compiled_step_self_tests_the_kernel(use_backend, monkeypatch):
+    """The self-test runs where the operator runs the kernel (a compiled step cannot choose
+    again, the operator can): a launcher that miscounts under both histogram strategies is
+    turned down there, with the self-test's warning, and every compiled step runs torch's
+    form in its place, the parameters and histograms those of the eager torch backend."""
+    import importlib
+
+    from fasthist import selftest
+    from fasthist.adam import ADAM
+
+    if ON_CPU:  # dynamo steps with capturable=True, which torch's forms refuse on the CPU
+        # outside a trace: let them (the same tensor ops), so that the self-test has a
+        # reference to compare with and the fallback a form to run
+        adam = importlib.import_module("torch.optim.adam")  # torch.optim deletes its attribute
+        devices = adam._get_capturable_supported_devices() + ["cpu"]
+        monkeypatch.setattr(adam, "_get_capturable_supported_devices", lambda: devices)
+        monkeypatch.setattr(fasthist.backend, "_get_capturable_supported_devices", lambda: devices)
+    use_backend("torch")
+    p_torch, h_torch, _ = _run_plain(3)
+    monkeypatch.setattr(selftest, "_VERDICTS", {})
+    monkeypatch.delenv("FASTHIST_SELFTEST", raising=False)  # the tests' conftest turns it off
+    real = fasthist.backend.kernel_function(ADAM)
+
+    def miscounting(*lists, hist=None, **kwargs):
+        real(*lists, hist=hist, **kwargs)
+        hist.step[0, 5] += 1
+
+    monkeypatch.setattr(fasthist.backend, "kernel_function", lambda decl: miscounting if decl is ADAM else real)
+    ran, run = [], fasthist.backend.run
+    monkeypatch.setattr(fasthist.backend, "run", lambda name, *a: ran.append(name) or run(name, *a))
+    use_backend("triton")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p_comp, h_comp, counter = _run_plain(3, {"backend": "aot_eager"})
+    said = [str(w.message) for w in caught if "self-test" in str(w.message)]
+    assert len(said) == 1 and "self-test of the Triton adam kernel" in said[0], said
+    assert "with tl.histogram too" in said[0] and "runs on another backend" in said[0]
+    assert counter.frame_count == 1
+    # the self-test ran the kernel twice (then with tl), its reference and bisection the
+    # torch form; each of the 3 compiled steps then ran the torch form
+    assert ran.count("triton") == 2 and ran[-3:] == ["torch"] * 3, ran
+    for a, b in zip(h_comp + p_comp, h_torch + p_torch, strict=True):
+        assert torch.equal(a, b)
+
+
+def _run_plain(steps: int, compile_kwargs: dict | None = None):
+    """Adam (CASES' flags, capturable: what dynamo steps with) for ``steps`` steps, compiled
+    with ``compile_kwargs`` when given; whatever backend runs it."""
+    torch._dynamo.reset()
+    params = [p.detach().requires_grad_() for p in make_params(4)]
+    kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in CASES["adam"].items()}
+    opt = BY_NAME["adam"].cls(params, capturable=True, **kwargs)
+    counter, fn = None, opt.step
+    if compile_kwargs is not None:
+        counter = CompileCounterWithBackend(compile_kwargs.pop("backend"))
+        fn = torch.compile(lambda: opt.step(), backend=counter, **compile_kwargs)
+    for t in range(steps):
+        for p, g in zip(params, grads_at(t, params), strict=True):
+            p.grad = g
+        fn()
+    rows = [opt.histogram_rows(w).counts.clone() for w in ("step", "total")]
+    return [p.detach().clone() for p in params], rows, counter
