@@ -12,11 +12,18 @@ float32), ``p, g, v[, g_avg][, buf]`` loaded once and written once::
     avg    = x + eps
     buf    = buf * momentum + g / avg;  p = fma(buf, -lr, p)      # momentum > 0
     p      = p + (-lr * g) / avg                                  # otherwise (torch's addcdiv)
+    s      = |g| / max(x, eps)       # staleness, only when hist.staleness is given (IEEE division)
+    stale += LogBins index of s
 
 The FMAs are the ones torch's CPU kernels make (``add(alpha=)``, ``addcmul``, ``lerp``;
 ``addcdiv`` computes ``a + (value * b) / c``), so ``v``, ``g_avg`` and the histograms match
 the reference backend bit for bit; ``p`` and ``buf`` go through torch's CPU sqrt, which is
-not correctly rounded, so they agree within an ulp or two. Nothing depends on the step
+not correctly rounded, so they agree within an ulp or two. One exception: with weight decay
+on bfloat16/float16 parameters torch's CPU ``add(alpha=)`` rounds ``alpha`` to the tensor's
+dtype (``bf16(0.1) = 0.10009765625``) where this kernel multiplies by the float32 value (as
+torch's CUDA op does with its float32 ``opmath`` alpha, by its source; not measured on a GPU
+here), so under the interpreter those ``g`` (and ``v``, the histograms) can differ from the
+CPU reference by an ulp of the dtype. Nothing depends on the step
 count, and a tensor ``lr`` is read on the device, so nothing is read from the host: the call
 is capturable when the step counts live on the device. Launches: one per dtype of the shared
 :func:`~fasthist.kernels._common.fused_step_kernel` with this file's update body, plus the
@@ -112,7 +119,16 @@ def _rmsprop_update(
     return x, g
 
 
-BODY = StepBody(_rmsprop_prepare, _rmsprop_update, RMSpropFlags, 0)
+@triton.jit
+def _rmsprop_staleness(x, g, k):
+    """``g / max(x, eps)`` in float32, correctly rounded (``div.rn.f32``), ``g`` as it entered
+    ``v`` (rounded to the state dtype with weight decay, as torch's op rounds it); a NaN
+    ``x`` gives NaN. Binned by magnitude, so the sign of ``g`` does not matter (as Adam's)."""
+    eps = k[5]
+    return tl.div_rn(g, tl.maximum(x, eps, propagate_nan=tl.PropagateNan.ALL))
+
+
+BODY = StepBody(_rmsprop_prepare, _rmsprop_update, RMSpropFlags, 0, _rmsprop_staleness)
 
 
 def rmsprop_hist(
