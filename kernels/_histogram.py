@@ -201,10 +201,13 @@ def hist_begin(never, spare_ptr, HIST: tl.constexpr, BINS: tl.constexpr):
     store, ``SLAB`` = one quad per thread at a time; ``never`` is a runtime-false condition
     guarding the branch that reserves them, ``spare_ptr`` any int64 pointer it may name).
     ``BINS`` is the layout (:class:`BinLayout`)."""
+    # a layout field is a plain int inside the function: Triton 3.6/3.7 need it bound as a
+    # constexpr to be a shape (3.8 takes it as it is)
     SMEM_BINS: tl.constexpr = BINS.SMEM_BINS
+    HIST_BINS: tl.constexpr = BINS.HIST_BINS
     acc = tl.zeros([1], dtype=tl.int32)
     if HIST == 1:
-        acc = tl.zeros([BINS.HIST_BINS], dtype=tl.int32)
+        acc = tl.zeros([HIST_BINS], dtype=tl.int32)
     if HIST == 4:
         acc = tl.zeros([SMEM_BINS], dtype=tl.int32)
     if HIST == 2 or HIST == 3:
@@ -232,12 +235,13 @@ def hist_add(acc, x, mask, MASKED: tl.constexpr, HIST: tl.constexpr, BINS: tl.co
     bits of each word (``HIGH`` False), or in the high 16 bits (``HIGH``: a second quantity
     sharing the words; a program counts at most ``CHUNK`` < 65536 elements, so neither half
     carries into the other)."""
+    HIST_BINS: tl.constexpr = BINS.HIST_BINS  # see hist_begin
     if HIST == 1:
         idx = bin_index(x, BINS.SHIFT, BINS.LOW_KEY, BINS.ABOVE, BINS.NONFINITE)
         if MASKED:
-            counts = tl.histogram(idx, BINS.HIST_BINS, mask=mask)
+            counts = tl.histogram(idx, HIST_BINS, mask=mask)
         else:
-            counts = tl.histogram(idx, BINS.HIST_BINS)
+            counts = tl.histogram(idx, HIST_BINS)
         if HIGH:
             counts = counts << 16
         acc += counts
@@ -341,14 +345,16 @@ def hist_end(acc, row_ptr, HIST: tl.constexpr, BINS: tl.constexpr, PAIRED: tl.co
     ``tl.histogram`` accumulator, or from the shared words, four per load, the words past
     the log bins folded (``WINDOW``) in a second loop. ``PAIRED``: the counts' high halves
     (:func:`hist_add`'s ``HIGH``) go to the next row, ``row_ptr + NUM_BINS``."""
+    HIST_BINS: tl.constexpr = BINS.HIST_BINS  # see hist_begin
+    SMEM_BINS: tl.constexpr = BINS.SMEM_BINS
     if HIST == 1:
-        b = tl.arange(0, BINS.HIST_BINS)
+        b = tl.arange(0, HIST_BINS)
         if PAIRED:
             _add_pair(row_ptr, b, acc, b < BINS.NUM_BINS, BINS.NUM_BINS)
         else:
             tl.atomic_add(row_ptr + b, acc.to(tl.int64), mask=(acc != 0) & (b < BINS.NUM_BINS), sem="relaxed")
     if HIST == 4:  # the interpreter's twin of the shared words
-        b = tl.arange(0, BINS.SMEM_BINS)
+        b = tl.arange(0, SMEM_BINS)
         bins = b
         if BINS.WINDOW:
             bins = _fold(b, BINS)
