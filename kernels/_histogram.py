@@ -202,7 +202,7 @@ def hist_begin(never, spare_ptr, HIST: tl.constexpr, BINS: tl.constexpr):
     guarding the branch that reserves them, ``spare_ptr`` any int64 pointer it may name).
     ``BINS`` is the layout (:class:`BinLayout`)."""
     # a layout field is a plain int inside the function: Triton 3.6/3.7 need it bound as a
-    # constexpr to be a shape (3.8 takes it as it is)
+    # constexpr to be a shape (3.9 takes it as it is)
     SMEM_BINS: tl.constexpr = BINS.SMEM_BINS
     HIST_BINS: tl.constexpr = BINS.HIST_BINS
     acc = tl.zeros([1], dtype=tl.int32)
