@@ -74,6 +74,11 @@ def _eps_pass(params: Any, *, betas: tuple[float, float], weight_decay: float, b
     return AdaBelief(params, lr=0.0, betas=betas, eps=0.0, weight_decay=weight_decay, bins=bins)
 
 
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16 parameters keep float32 moments (as the package does); others their own dtype."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 ADABELIEF = register(
     OptimizerDecl(
         name="adabelief",
@@ -95,6 +100,7 @@ ADABELIEF = register(
             "its second moment averages (g - m)^2, the gradient's deviation from its momentum, not g^2; "
             "|g| / sqrt(s_hat) compares unlike quantities"
         ),
+        state_dtype=_state_dtype,
     )
 )
 
@@ -208,7 +214,7 @@ class AdaBelief(HistogramMixin, Optimizer):
             grads.append(p.grad)
             state = self.state[p]
             if len(state) == 0:
-                dtype = torch.float32 if p.dtype == torch.float16 else p.dtype
+                dtype = _state_dtype(p.dtype)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 state["exp_avg_var"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)

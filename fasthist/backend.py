@@ -198,46 +198,49 @@ _FLAT_META = operator.attrgetter("dtype", "device")
 
 def check_states(decl: OptimizerDecl, lists: list[list[Tensor]], *, flat: bool = False) -> None:
     """Raise RuntimeError, before anything is written, where a state tensor (every list of
-    ``decl.lists`` between the gradients and the step counts) is not of its parameter's
-    dtype and device, and not of its shape, or, ``flat`` (torch's ``fused=True``, which sees
-    each tensor flat), not of its number of elements. torch's functional forms would fail
-    there too, but after writing the tensors before it (the for-loop form steps them; the
-    foreach form has already incremented the step counts and written the first moments).
-    Such states come from writing ``optimizer.state`` by hand or loading another model's
-    state dict (``load_state_dict`` casts and moves states but keeps their shapes).
-    One pass over the tensors' metadata (``operator.attrgetter``): +1.9 to +2.2 µs per Adam
-    parameter (two state tensors), 2–4% of a CPU step of 1,000 16×16 float32 parameters
-    (``bench/state_check_cost.py``)."""
+    ``decl.lists`` between the gradients and the step counts) is not on its parameter's
+    device, not of the dtype the optimizer keeps for it (``decl.state_dtype`` of the
+    parameter's dtype: the parameter's own for torch's optimizers), and not of its shape, or,
+    ``flat`` (torch's ``fused=True``, which sees each tensor flat), not of its number of
+    elements. torch's functional forms would fail there too, but after writing the tensors
+    before it (the for-loop form steps them; the foreach form has already incremented the
+    step counts and written the first moments). Such states come from writing
+    ``optimizer.state`` by hand or loading another model's state dict (``load_state_dict``
+    casts and moves states but keeps their shapes). One pass over the tensors' metadata
+    (``operator.attrgetter``): +1.9 to +2.2 µs per Adam parameter (two state tensors), 2–4%
+    of a CPU step of 1,000 16×16 float32 parameters (``bench/state_check_cost.py``)."""
     if torch.compiler.is_compiling():  # the graph is traced (and its guards checked) before it writes
         return
     params = lists[0]
     meta = _FLAT_META if flat else _META
-    expected = None
+    expected: list[tuple] | None = None
     for name, states in zip(decl.lists[2:-1], lists[2:-1], strict=True):
         if not states:  # a state the options leave out (amsgrad off, momentum 0...)
             continue
         if expected is None:
             expected = list(map(meta, params))
+            if decl.state_dtype is not None:
+                expected = [(decl.state_dtype(e[0]), *e[1:]) for e in expected]
         if list(map(meta, states)) == expected and (
             not flat or list(map(Tensor.numel, states)) == list(map(Tensor.numel, params))
         ):
             continue
-        for i, (p, t) in enumerate(zip(params, states, strict=True)):
-            if meta(t) != meta(p) or t.numel() != p.numel():
-                what, got, want = next(
-                    (w, a, b)
-                    for w, a, b in (
-                        ("dtype", t.dtype, p.dtype),
-                        ("device", t.device, p.device),
-                        ("shape", tuple(t.shape), tuple(p.shape)),
-                    )
-                    if a != b
-                )
-                raise RuntimeError(
-                    f"fasthist: {decl.name}: {name}[{i}] has {what} {got}, but its parameter (params[{i}]) has "
-                    f"{what} {want}; nothing was stepped (was optimizer.state written by hand, or another "
-                    "model's state dict loaded?)"
-                )
+        for i, (p, t, want) in enumerate(zip(params, states, expected, strict=True)):
+            got = meta(t)
+            if got == want and t.numel() == p.numel():
+                continue
+            what, a, b = next(
+                (w, a, b)
+                for w, a, b in (("dtype", got[0], want[0]), ("device", got[1], want[1]), ("shape", t.shape, p.shape))
+                if a != b
+            )
+            if what == "shape":
+                a, b = tuple(a), tuple(b)
+            raise RuntimeError(
+                f"fasthist: {decl.name}: {name}[{i}] has {what} {a}, but its parameter (params[{i}]) asks for "
+                f"{what} {b}; nothing was stepped (was optimizer.state written by hand, or another model's state "
+                "dict loaded?)"
+            )
 
 
 def run(backend: str, decl: OptimizerDecl, lists: list[list[Tensor]], hist: HistTarget | None, kwargs: dict) -> None:

@@ -112,6 +112,9 @@ class OptimizerDecl:
       weight decay, in the precision the update computes it), read *before* the update; it
       makes ``"staleness"`` trackable. None: the optimizer has no staleness, and
       ``no_staleness`` says why (the message of the ``ValueError`` refusing it).
+    - ``state_dtype``: ``parameter dtype -> dtype`` of its state tensors (the lists between
+      the gradients and the step counts), where they are not the parameter's own (None),
+      checked before a step writes anything (:func:`fasthist.backend.check_states`).
     - ``default``: it is the optimizer fasthist uses where none is named (the paper's: the
       ε-range rule's default, the tasks', the command line's benchmarks); one built-in
       declaration sets it (:func:`fasthist.catalog.default`).
@@ -135,6 +138,7 @@ class OptimizerDecl:
     default_states: tuple[str, ...] = ()
     entering_grads: Callable[[list[list[Tensor]], dict[str, Any]], list[Tensor]] | None = None
     no_staleness: str = ""
+    state_dtype: Callable[[torch.dtype], torch.dtype] | None = None
     default: bool = False
 
     @property
