@@ -203,6 +203,7 @@ class AdaBelief(HistogramMixin, Optimizer):
         max_exp_avg_vars: list[Tensor],
         state_steps: list[Tensor],
     ) -> None:
+        self._note_empty_entries(group)
         for p in group["params"]:
             if p.grad is None:
                 continue

@@ -99,6 +99,19 @@ def test_sparse_gradient_in_a_later_group(info, warm):
     _refused(opt, RuntimeError, info.sparse_error)
 
 
+@pytest.mark.parametrize("info", SPARSE_REFUSED, ids=lambda info: info.name)
+def test_empty_entries_read_before_a_first_step_that_fails_stay_empty(info):
+    """``opt.state[p]`` read before the first step (logging code does) leaves an empty entry;
+    the lazy initialisation fills such entries in place, and a step refused while planning
+    empties them again, as it drops the entries it created."""
+    opt, first, later = _two_groups(info.cls, warm=False)
+    for p in (first[0], later[1]):
+        assert opt.state[p] == {}  # the defaultdict makes the entries
+    later[0].grad = later[0].grad.to_sparse()
+    _refused(opt, RuntimeError, info.sparse_error)
+    assert list(opt.state) == [first[0], later[1]] and all(st == {} for st in opt.state.values())
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
 def test_tensor_lr_of_two_values_in_a_later_group(fused):
     """torch's Adam read it only after stepping the group's first tensor (and every
