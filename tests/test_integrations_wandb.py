@@ -71,17 +71,23 @@ def test_explicit_buckets_only():
         wandb_buckets(c, bins, "ln")
 
 
-def test_offline_run_read_back(tmp_path, monkeypatch):
+def _offline_and_stepped(monkeypatch, make_optimizer):
+    """W&B in offline mode; a Tiny model's optimizer from ``make_optimizer``, stepped twice."""
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     model = Tiny()
-    opt = optimizer(model)
+    opt = make_optimizer(model)
     x, y = data(16)
     for i in range(2):
         opt.zero_grad()
         model(x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8])["loss"].backward()
         opt.step()
+    return wandb, opt
+
+
+def test_offline_run_read_back(tmp_path, monkeypatch):
+    wandb, opt = _offline_and_stepped(monkeypatch, optimizer)
     run = wandb.init(project="fasthist-test", dir=str(tmp_path), mode="offline")
     logged = log_histograms(run, opt, 7)
     run.finish()
@@ -103,16 +109,7 @@ def test_offline_run_read_back(tmp_path, monkeypatch):
 
 def test_offline_run_gets_staleness(tmp_path, monkeypatch):
     """log_histograms with staleness tracked: its histograms and its per-tensor RMS and p99."""
-    wandb = pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    model = Tiny()
-    opt = staleness_optimizer(model)
-    x, y = data(16)
-    for i in range(2):
-        opt.zero_grad()
-        model(x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8])["loss"].backward()
-        opt.step()
+    wandb, opt = _offline_and_stepped(monkeypatch, staleness_optimizer)
     want = expected_staleness(opt)
     run = wandb.init(project="fasthist-test", dir=str(tmp_path), mode="offline")
     logged = log_histograms(run, opt, 3)
