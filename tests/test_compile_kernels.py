@@ -36,7 +36,7 @@ CASES = {
 }
 
 
-def _run(name: str, compile_kwargs: dict | None, steps: int, device: str = "cpu"):
+def _run(name: str, compile_kwargs: dict | None, steps: int, device: str = "cpu", ran: str | None = "triton"):
     torch._dynamo.reset()
     params = [p.detach().to(device).requires_grad_() for p in make_params(4)]
     kwargs = {k: v.clone().to(device) if isinstance(v, torch.Tensor) else v for k, v in CASES[name].items()}
@@ -57,8 +57,8 @@ def _run(name: str, compile_kwargs: dict | None, steps: int, device: str = "cpu"
             p.grad = g  # the same tensors every step: copied into static places under CUDA graphs
         fn()
         sched.step()
-    if compile_kwargs is None:  # compiled steps are not recorded: the test counts their backend calls
-        assert_ran(opt, "triton")
+    if compile_kwargs is None and ran is not None:  # compiled steps are not recorded: tests count their calls
+        assert_ran(opt, ran)
     rows = [opt.histogram_rows(w).counts.cpu() for w in ("step", "total")]
     return [p.detach().cpu() for p in params], rows, counter
 
@@ -119,7 +119,7 @@ def test_compiled_step_self_tests_the_kernel(use_backend, monkeypatch):
         monkeypatch.setattr(adam, "_get_capturable_supported_devices", lambda: devices)
         monkeypatch.setattr(fasthist.backend, "_get_capturable_supported_devices", lambda: devices)
     use_backend("torch")
-    p_torch, h_torch, _ = _run_plain(3)
+    p_torch, h_torch, _ = _run("adam", None, 3, ran=None)  # torch's form, its histogram pass either one
     monkeypatch.setattr(selftest, "_VERDICTS", {})
     monkeypatch.delenv("FASTHIST_SELFTEST", raising=False)  # the tests' conftest turns it off
     real = fasthist.backend.kernel_function(ADAM)
@@ -134,7 +134,7 @@ def test_compiled_step_self_tests_the_kernel(use_backend, monkeypatch):
     use_backend("triton")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        p_comp, h_comp, counter = _run_plain(3, {"backend": "aot_eager"})
+        p_comp, h_comp, counter = _run("adam", {"backend": "aot_eager"}, 3)
     said = [str(w.message) for w in caught if "self-test" in str(w.message)]
     assert len(said) == 1 and "self-test of the Triton adam kernel" in said[0], said
     assert "with tl.histogram too" in said[0] and "runs on another backend" in said[0]
@@ -144,22 +144,3 @@ def test_compiled_step_self_tests_the_kernel(use_backend, monkeypatch):
     assert ran.count("triton") == 2 and ran[-3:] == ["torch"] * 3, ran
     for a, b in zip(h_comp + p_comp, h_torch + p_torch, strict=True):
         assert torch.equal(a, b)
-
-
-def _run_plain(steps: int, compile_kwargs: dict | None = None):
-    """Adam (CASES' flags, capturable: what dynamo steps with) for ``steps`` steps, compiled
-    with ``compile_kwargs`` when given; whatever backend runs it."""
-    torch._dynamo.reset()
-    params = [p.detach().requires_grad_() for p in make_params(4)]
-    kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in CASES["adam"].items()}
-    opt = BY_NAME["adam"].cls(params, capturable=True, **kwargs)
-    counter, fn = None, opt.step
-    if compile_kwargs is not None:
-        counter = CompileCounterWithBackend(compile_kwargs.pop("backend"))
-        fn = torch.compile(lambda: opt.step(), backend=counter, **compile_kwargs)
-    for t in range(steps):
-        for p, g in zip(params, grads_at(t, params), strict=True):
-            p.grad = g
-        fn()
-    rows = [opt.histogram_rows(w).counts.clone() for w in ("step", "total")]
-    return [p.detach().clone() for p in params], rows, counter
