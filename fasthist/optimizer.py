@@ -26,7 +26,7 @@ from .declaration import QUANTITIES, OptimizerDecl, quantities
 from .dispatch import Call, Choice
 from .names import check_unique_names
 from .queries import HistogramQueries, HistogramRows
-from .store import ROW_KEYS, loadable_counts, saved_rows, split_saved_counts
+from .store import ROW_KEYS, HistogramStore, loadable_counts, saved_rows, split_saved_counts
 
 __all__ = ["HistogramMixin", "HistogramRows", "TRACKING_ARGS_DOC", "drop_in_doc"]
 
@@ -223,7 +223,7 @@ class HistogramMixin(HistogramQueries):
                 for p in list(self.state)[created:]:
                     del self.state[p]
             if emptied or len(self.state) > created:
-                self.__dict__.pop("_fh_store", None)  # rebuilt from the state on next use
+                self._hist_store().invalidate()  # repacked without them on next use
             raise
         finally:
             del self.__dict__["_fh_empty_entries"]
@@ -314,30 +314,36 @@ class HistogramMixin(HistogramQueries):
         param_group["hist_bins"] = self._bins.spec
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        counts = state.pop("_fh_counts", None) or {}
         super().__setstate__(state)  # type: ignore[misc]
         if "_bins" not in self.__dict__:  # unpickled from an object without one
             self._bins = LogBins()
+        for p, st in self.state.items():  # pickled by a version that kept the rows in the state
+            if isinstance(st, dict) and any(key in st for key in ROW_KEYS):
+                counts.setdefault(p, {}).update((key, st.pop(key)) for key in ROW_KEYS if key in st)
         self._set_hist_defaults()
-        self.__dict__.pop("_fh_store", None)
+        self.__dict__["_fh_store"] = HistogramStore(self._bins, counts)
         self._register_state_dict_hooks()  # torch's pickling keeps no hooks
         compiled.op(self.declaration)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # type: ignore[misc]
         state["_bins"] = self._bins
+        state["_fh_counts"] = self._hist_store().kept(self.state)  # one tensor per row
         return state
 
     # -- state dict ----------------------------------------------------------------------
-    # Registered on torch's hooks (``load_state_dict`` and ``state_dict`` stay torch's): torch
-    # casts every tensor of a parameter's loaded state to the parameter's floating dtype, so
-    # the histogram rows are lifted out before its load and put back as int64 after it.
+    # Registered on torch's hooks (``load_state_dict`` and ``state_dict`` stay torch's). The
+    # rows are not in ``self.state`` (:mod:`fasthist.store`): ``state_dict`` adds them to each
+    # parameter's saved entry, and ``load_state_dict`` lifts them out before torch's load (which
+    # would cast them to the parameter's floating dtype) and into the store after it.
     def _register_state_dict_hooks(self) -> None:
         """Register the state-dict hooks below once (construction, unpickling)."""
         opt: Any = self
         if HistogramMixin._lift_saved_counts not in opt._optimizer_load_state_dict_pre_hooks.values():
             opt.register_load_state_dict_pre_hook(HistogramMixin._lift_saved_counts)
             opt.register_load_state_dict_post_hook(HistogramMixin._restore_saved_counts)
-            opt.register_state_dict_post_hook(HistogramMixin._save_rows_apart)
+            opt.register_state_dict_post_hook(HistogramMixin._save_rows)
 
     def _lift_saved_counts(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Load pre-hook: ``state_dict`` without its histogram rows, which are checked here
@@ -363,8 +369,9 @@ class HistogramMixin(HistogramQueries):
         return state_dict
 
     def _restore_saved_counts(self) -> None:
-        """Load post-hook: the lifted rows back, as int64 on each parameter's device; the
-        groups' ``track`` kept where the loaded groups have none (e.g. torch.optim's)."""
+        """Load post-hook: the lifted rows into the store (replacing every row it held), as
+        int64 on each parameter's device; the groups' ``track`` kept where the loaded groups
+        have none (e.g. torch.optim's)."""
         hists, saved_state, saved_groups, track = self.__dict__.pop("_fh_loading")
         for group, saved, was in zip(self.param_groups, saved_groups, track, strict=False):
             if "track" not in saved and was is not None:
@@ -376,22 +383,31 @@ class HistogramMixin(HistogramQueries):
                 strict=True,
             )
         )
+        loaded = {}
         for k, saved in saved_state.items():
             p = id_map.get(k)
             if p is None:
                 continue
-            for key, counts in hists.get(k, {}).items():
-                self.state[p][key] = counts.to(device=p.device, copy=True)
+            rows = hists.get(k)
+            if rows and p in self.state:
+                loaded[p] = {key: counts.to(device=p.device, copy=True) for key, counts in rows.items()}
             self._load_param_state(p, saved)
-        self.__dict__.pop("_fh_store", None)
+        self._hist_store().load(loaded)
 
-    def _save_rows_apart(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """State-dict post-hook: each histogram row in its own storage (a row of the packed
-        buffer would make ``torch.save`` write the whole buffer with it)."""
+    def _save_rows(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """State-dict post-hook: each parameter's histogram rows in its saved state entry
+        (a new dict: torch's entries are the live ``self.state[p]``), each row in its own
+        storage as bytes (:func:`~fasthist.store.saved_rows`)."""
         state = state_dict["state"]
-        for k, st in state.items():
-            if isinstance(st, dict) and any(key in st for key in ROW_KEYS):
-                state[k] = {**st, **saved_rows({key: st[key] for key in ROW_KEYS if key in st})}
+        counts = self._hist_store().counts
+        if not counts:
+            return state_dict
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            for p, k in zip(group["params"], saved["params"], strict=True):
+                rows = counts.get(p)
+                st = state.get(k)
+                if rows and isinstance(st, dict) and not any(key in st for key in rows):
+                    state[k] = {**st, **saved_rows(rows)}
         return state_dict
 
     def _load_param_state(self, p: Tensor, saved: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from .eps import EpsRange, Exclude, eps_range_from_counts
 from .health import RMSEstimate, rms_from_counts
 from .histogram import Histogram, as_quantiles, batched_quantile, invalid_rows
 from .names import tracked, why_untracked
-from .store import ROW_KEYS, HistogramStore
+from .store import HistogramStore
 
 __all__ = ["HistogramQueries", "HistogramRows"]
 
@@ -52,7 +52,7 @@ def _refuse_overflow(names: list[str], counts: Tensor, window: str) -> None:
 
 
 class HistogramQueries:
-    """Mixed into a fasthist optimizer: the histogram storage in its state and every query.
+    """Mixed into a fasthist optimizer: the histogram storage beside its state and every query.
     Requires ``self._bins``, ``self.state`` and ``self.param_groups``."""
 
     _bins: LogBins
@@ -262,9 +262,4 @@ class HistogramQueries:
 
     def reset_histograms(self) -> None:
         """Zero both windows of both quantities of every tensor, in every group (tracked now or not)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p, {})
-                for key in ROW_KEYS:
-                    if key in st:  # rows of the packed buffers, or loaded tensors
-                        st[key].zero_()
+        self._hist_store().reset()

@@ -1,20 +1,31 @@
-"""Packed histogram storage in an optimizer's state.
+"""Histogram storage: every tracked tensor's rows, kept by the optimizer beside its state.
 
-Each tracked parameter's state holds ``hist_step`` and ``hist_total``: int64
-``[num_bins]`` rows of two packed ``[R, num_bins]`` buffers per device (the "step" and
-"total" windows), so a backend updates all of a group's histograms in one call and a
-query reads all rows at once. The rows are ordinary state tensors; ``state_dict()`` saves
-each as its counts' bytes in its own tensor (:func:`saved_rows`: exact through torch's cast
-to a parameter's dtype), and the optimizer's ``load_state_dict()`` puts loaded ones back
-(:func:`split_saved_counts`, :func:`loadable_counts`); the next query or step packs them
-again, keeping their counts.
+A :class:`HistogramStore` holds, per parameter, its int64 ``[num_bins]`` rows under the keys
+of :data:`ROW_KEYS`: ``hist_step``/``hist_total`` (the "step" and "total" windows of √v̂) and,
+for the tensors of groups that track it, ``staleness_step``/``staleness_total``. The rows of
+the tensors tracked now are rows of two packed ``[R, num_bins]`` buffers per device, so a
+backend updates all of a group's histograms in one call and a query reads all rows at once.
+
+The rows are not in ``optimizer.state[p]``: that holds exactly what torch's optimizer keeps
+(``step``, the moments), so code that compares or copies state entries, PyTorch's own
+optimizer tests among it, sees torch's state. ``state_dict()`` adds each parameter's rows to
+its saved state entry, each count as its 8 bytes in its own tensor (:func:`saved_rows`: exact
+through torch's cast to a parameter's dtype, so they survive a trip through the
+``torch.optim`` optimizer a fasthist one replaces, which keeps unknown keys as they are);
+``load_state_dict()`` lifts them out again (:func:`split_saved_counts`,
+:func:`loadable_counts`) and puts them here, replacing every row held before. Pickling and
+``copy.deepcopy`` of the optimizer keep them too.
+
+A row belongs to its parameter while the parameter has state: a parameter whose state
+entry is gone (deleted, or a failed first step) loses its rows at the next repacking; the
+rows of a parameter whose group stops tracking it are kept, each in its own tensor, and
+packed again, counts and all, if the group tracks it again.
 
 Cost: two int64 rows of ``bins.num_bins`` per tracked tensor whatever its size (41.5 KB with
 the default 2,596 bins), in memory and in a saved state dict, plus one scratch row per device.
 
 Staleness (``track=("sqrt_v", "staleness")``, :mod:`fasthist.health`) has its own rows,
-``staleness_step`` and ``staleness_total``, in the state of the tensors of groups that track
-it, packed like √v̂'s and indexed by the same row numbers (the target's ``staleness``
+packed like √v̂'s and indexed by the same row numbers (the target's ``staleness``
 windows). On a device where any tensor tracks staleness the staleness buffers have as many
 rows as √v̂'s, so the memory cost there is two more rows per tracked tensor of that device
 (41.5 KB each by default, whether its group tracks staleness or not), plus one scratch row;
@@ -22,19 +33,16 @@ a saved state dict holds them only for the tensors that track staleness. The bac
 workspace for staleness (:mod:`fasthist.reference.staleness`) is one float32 value per
 element of the tensors stepped together (float64 for float64 tensors).
 
-A :class:`HistogramStore` is derived data: it can be dropped at any time (after a load,
-on unpickling) and is rebuilt from the state on next use.
-
-Writing the rows. Any torch op on ``hist_step``/``hist_total`` (or on the packed buffers,
-or a view of them) is safe: ``zero_()``, ``copy_()``, ``load_state_dict()``. A write that
-torch does not see, through ``.data``, ``.numpy()``, DLPack or a raw pointer, is not: on
-the CPU the compiled pass clears, in each step row, only the bins it wrote at the previous
-step, trusting the step buffer's version counter to say that nothing else wrote the row
-since (every torch op bumps it; such writes do not). Nonzero counts written that way
-outside those bins stay in the ``hist_step`` row, added to every later step's counts,
-until a torch op writes the buffer (``hist_total`` is not affected: it is only ever added
-to). Zeroing a row that way is harmless. After such a write, call
-``opt.reset_histograms()`` or bump the counter by one torch op, e.g. ``row.add_(0)``.
+Writing the rows. :meth:`HistogramQueries.histogram_rows` returns the packed buffer itself
+(a view) where one device holds every row. Any torch op on it is safe (``zero_()``,
+``copy_()``). A write that torch does not see, through ``.data``, ``.numpy()``, DLPack or a
+raw pointer, is not: on the CPU the compiled pass clears, in each step row, only the bins it
+wrote at the previous step, trusting the step buffer's version counter to say that nothing
+else wrote the row since (every torch op bumps it; such writes do not). Nonzero counts
+written that way outside those bins stay in the "step" row, added to every later step's
+counts, until a torch op writes the buffer (the "total" window is not affected: it is only
+ever added to). Zeroing a row that way is harmless. After such a write, call
+``opt.reset_histograms()`` or bump the counter by one torch op, e.g. ``rows.counts.add_(0)``.
 """
 
 from __future__ import annotations
@@ -63,67 +71,84 @@ __all__ = [
 ]
 
 HIST_KEYS = ("hist_step", "hist_total")
-"""The state keys of the two windows of √v̂, in the order of :data:`WINDOWS`."""
+"""The keys of the two windows of √v̂, in the order of :data:`WINDOWS`."""
 STALENESS_KEYS = ("staleness_step", "staleness_total")
-"""The state keys of the two windows of the staleness, in the order of :data:`WINDOWS`."""
+"""The keys of the two windows of the staleness, in the order of :data:`WINDOWS`."""
 ROW_KEYS = HIST_KEYS + STALENESS_KEYS
-"""Every state key holding a histogram row."""
+"""Every key of a histogram row (in the store, and in a saved state entry)."""
 _KEYS = {"sqrt_v": HIST_KEYS, "staleness": STALENESS_KEYS}
 WINDOWS = ("step", "total")
 _MAX_TARGETS = 8
 
 Tracked = list[tuple[str, Tensor]]
 """Every tracked parameter with state, with its name, in the optimizer's order."""
+Rows = dict[Tensor, dict[str, Tensor]]
+"""Histogram rows by parameter, then by key of :data:`ROW_KEYS`: int64 ``[num_bins]``."""
 
 
 class HistogramStore:
-    """Packed per-device buffers and the param -> row map, rebuilt when the set of
-    tracked parameters (or their state tensors, after a load) changes. Rows are ordered
-    device by device, so ``cat`` of the buffers lines up with ``params``/``names``."""
+    """Every parameter's histogram rows (:attr:`counts`) and their packing: per device,
+    packed buffers and the param -> row map, rebuilt (keeping every count) when the set of
+    tracked parameters changes. Rows are ordered device by device, so ``cat`` of the
+    buffers lines up with ``params``/``names``."""
 
-    def __init__(self, bins: LogBins) -> None:
+    def __init__(self, bins: LogBins, counts: Rows | None = None) -> None:
         self.bins = bins
-        self._clear()
+        #: the rows of every parameter that has any: a row of the packed buffers for the
+        #: tensors packed now, its own tensor otherwise (loaded, or not tracked now)
+        self.counts: Rows = dict(counts or {})
+        self._unpack()
 
-    def _clear(self) -> None:
+    def _unpack(self) -> None:
         self.params: list[Tensor] = []
         self.names: list[str] = []
         self.row: dict[Tensor, tuple[torch.device, int]] = {}
-        self.views: dict[Tensor, Tensor] = {}  # the exact tensor object put in state["hist_step"]
         self.buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.scratch: dict[torch.device, tuple[Tensor, Tensor]] = {}  # the buffers with the scratch row
         # the staleness rows, where a group tracks it: same row numbers as the buffers above
-        self.stale_views: dict[Tensor, Tensor] = {}  # state["staleness_step"] of each such tensor
+        self.stale: dict[Tensor, int] = {}  # the parameters whose staleness rows are packed: their row
         self.stale_scratch: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.stale_rows: dict[torch.device, list[int]] = {}
         # per set of parameters stepped together (usually one per group); bounded, since
         # each holds workspace and the set can change every step (experts, frozen branches)
         self.targets: OrderedDict[tuple, DeviceTargets] = OrderedDict()
 
-    def _valid_for(self, state: Any, params: Iterable[Tensor], staleness: bool = False) -> bool:
-        views, stale = self.views, self.stale_views
-        for p in params:
-            v = views.get(p)
-            st = state[p]
-            if v is None or st.get("hist_step") is not v:
-                return False
-            sv = stale.get(p)
-            if (staleness and sv is None) or (sv is not None and st.get("staleness_step") is not sv):
-                return False
-        return True
+    def invalidate(self) -> None:
+        """Repack on next use (keeping every count): after state entries were dropped."""
+        self._unpack()
 
-    def _place(self, st: dict, bufs: list[Tensor], r: int, keys: tuple[str, ...]) -> None:
-        """Row ``r`` of ``bufs`` under ``keys`` of ``st``, keeping the counts it held."""
-        for buf, key in zip(bufs, keys, strict=True):
-            old = st.get(key)
-            if isinstance(old, Tensor) and old.shape == (self.bins.num_bins,):
-                buf[r].copy_(old)
-            st[key] = buf[r]
+    def load(self, counts: Rows) -> None:
+        """Replace every row by ``counts`` (a loaded state dict's, on the parameters' devices)."""
+        self.counts = dict(counts)
+        self._unpack()
+
+    def reset(self) -> None:
+        """Zero every row, packed or not."""
+        for bufs in (*self.scratch.values(), *self.stale_scratch.values()):
+            for buf in bufs:
+                buf.zero_()
+        for p, rows in self.counts.items():
+            for key, t in rows.items():
+                if not self._packed(p, key):
+                    t.zero_()
+
+    def _packed(self, p: Tensor, key: str) -> bool:
+        return p in self.row and (key in HIST_KEYS or p in self.stale)
+
+    def kept(self, state: Any) -> Rows:
+        """Every row of a parameter that has state, each in its own tensor (pickling)."""
+        return {p: {k: t.clone() for k, t in rows.items()} for p, rows in self.counts.items() if state.get(p)}
+
+    def _valid_for(self, params: Iterable[Tensor], staleness: bool = False) -> bool:
+        row, stale = self.row, self.stale
+        return all(p in row and (not staleness or p in stale) for p in params)
 
     def _rebuild(self, state: Any, tracked: Tracked, stale: Tracked) -> None:
         # Every parameter with state in a tracked group gets a row, keeping the counts it has;
         # those of groups tracking staleness a staleness row too, at the same row number.
-        self._clear()
+        old = self.counts
+        self._unpack()
+        counts: Rows = {}
         nb = self.bins.num_bins
         stale_ids = {id(p) for _, p in stale}
         per_device: dict[torch.device, Tracked] = {}
@@ -138,12 +163,11 @@ class HistogramStore:
             if any(id(p) in stale_ids for _, p in items):
                 stale_full = [torch.zeros(shape, dtype=torch.int64, device=device) for _ in WINDOWS]
             for r, (name, p) in enumerate(items):
-                st = state[p]
-                self._place(st, full, r, HIST_KEYS)
-                self.views[p] = st["hist_step"]
+                kept, rows = old.get(p, {}), counts.setdefault(p, {})
+                _place(kept, rows, full, r, HIST_KEYS)
                 if stale_full is not None and id(p) in stale_ids:
-                    self._place(st, stale_full, r, STALENESS_KEYS)
-                    self.stale_views[p] = st["staleness_step"]
+                    _place(kept, rows, stale_full, r, STALENESS_KEYS)
+                    self.stale[p] = r
                     self.stale_rows.setdefault(device, []).append(r)
                 self.row[p] = (device, r)
                 self.params.append(p)
@@ -152,6 +176,16 @@ class HistogramStore:
             self.scratch[device] = (full[0], full[1])
             if stale_full is not None:
                 self.stale_scratch[device] = (stale_full[0], stale_full[1])
+        # rows not packed now (a group that stopped tracking, or staleness): kept, each in its
+        # own tensor, while their parameter has state
+        for p, kept in old.items():
+            if not state.get(p):
+                continue
+            rows = counts.setdefault(p, {})
+            for key, t in kept.items():
+                if key not in rows:
+                    rows[key] = t.clone()
+        self.counts = counts
 
     def targets_for(
         self,
@@ -164,7 +198,7 @@ class HistogramStore:
         per device, (their indices, the target), with the staleness windows when
         ``staleness``. ``tracked()`` (every tracked tensor, and those tracking staleness)
         is read only to rebuild."""
-        if not self._valid_for(state, params, staleness):
+        if not self._valid_for(params, staleness):
             self._rebuild(state, *tracked())
         key = (staleness, *map(id, params))
         cached = self.targets.get(key)
@@ -200,11 +234,7 @@ class HistogramStore:
         if quantity not in _KEYS:
             raise ValueError(f"Invalid quantity: {quantity!r}; expected one of {tuple(_KEYS)}")
         stale_set = {p for _, p in stale}
-        if (
-            {p for _, p in tracked} != set(self.params)
-            or stale_set != set(self.stale_views)
-            or not self._valid_for(state, self.params)
-        ):
+        if {p for _, p in tracked} != set(self.params) or stale_set != self.stale.keys():
             self._rebuild(state, tracked, stale)
         i = WINDOWS.index(window)
         if quantity == "sqrt_v":
@@ -226,6 +256,15 @@ class HistogramStore:
         if rows == list(range(len(rows))):
             return buf[: len(rows)]
         return buf.index_select(0, torch.tensor(rows, dtype=torch.int64, device=device))
+
+
+def _place(kept: dict[str, Tensor], rows: dict[str, Tensor], bufs: list[Tensor], r: int, keys: tuple[str, ...]) -> None:
+    """Row ``r`` of ``bufs`` under ``keys`` of ``rows``, holding the counts ``kept`` has."""
+    for buf, key in zip(bufs, keys, strict=True):
+        old = kept.get(key)
+        if old is not None:
+            buf[r].copy_(old)
+        rows[key] = buf[r]
 
 
 _BYTE_SHIFTS = tuple(range(0, 64, 8))

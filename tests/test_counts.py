@@ -225,7 +225,8 @@ def test_negative_loaded_counts_refused(info):
     opt2 = info.cls(params2)
     with pytest.raises(ValueError, match=r"hist_total of parameter 1 .*negative"):
         opt2.load_state_dict(sd)
-    assert all(len(s) == 0 or "hist_total" not in s for s in opt2.state.values())  # nothing loaded
+    assert all(int(st["step"]) == 0 for st in opt2.state.values())  # nothing loaded (Adagrad's initial state)
+    assert all(h.count == 0 for h in opt2.histograms(window="total").values())
 
 
 @by_optim
@@ -268,7 +269,7 @@ def test_histograms_survive_torch_optim(info):
         back.load_state_dict(theirs.state_dict())
     for window in ("step", "total"):
         assert back.histograms(window=window) == opt.histograms(window=window)
-    assert back.state[back.param_groups[0]["params"][0]]["hist_total"].dtype == torch.int64
+    assert not any(key in st for st in back.state.values() for key in fasthist.store.ROW_KEYS)  # lifted out
 
 
 def test_non_integral_float_counts_dropped_with_one_warning():
@@ -287,6 +288,62 @@ def test_non_integral_float_counts_dropped_with_one_warning():
     h = back.histogram(back.param_groups[0]["params"][0], window="total")
     assert h == opt.histogram(params[0], window="total")
     assert back.histogram(back.param_groups[0]["params"][1], window="total").count == 0
+
+
+# -- the rows are kept beside the state, and kept through what users do ---------------------------
+@by_optim
+def test_counts_kept_while_a_group_stops_tracking(info):
+    # a group that stops tracking keeps its tensors' counts (saved, reset, and packed again,
+    # counts and all, when it tracks again)
+    params = make_params()
+    opt = info.cls([{"params": params[:2]}, {"params": params[2:]}])
+    for step in range(2):
+        step_all(opt, params, step)
+    before = {n: h.counts.clone() for n, h in opt.histograms(window="total").items()}
+    opt.param_groups[1]["track"] = False
+    step_all(opt, params, 2)
+    assert set(opt.histograms()) == {"0.0", "0.1"}
+    sd = opt.state_dict()
+    assert all("hist_total" in sd["state"][i] for i in range(4))  # the untracked group's rows saved too
+    opt.param_groups[1]["track"] = True
+    step_all(opt, params, 3)
+    after = opt.histograms(window="total")
+    for name in ("1.0", "1.1"):  # two steps before, one after: the untracked step not counted
+        assert torch.equal(after[name].counts, before[name] + opt.histograms()[name].counts)
+
+
+@by_optim
+def test_a_parameter_whose_state_is_dropped_loses_its_rows(info):
+    params = make_params()
+    opt = info.cls(params)
+    step_all(opt, params)
+    del opt.state[params[1]]
+    assert set(opt.histograms()) == {"0.0", "0.2", "0.3"}
+    assert params[1] not in opt._hist_store().counts
+    assert 1 not in opt.state_dict()["state"]
+
+
+def test_a_pickle_with_the_rows_in_the_state_loads_them():
+    # fasthist before 2026-12-03 kept the rows in optimizer.state[p], and so did its pickles
+    import pickle
+
+    params = make_params()
+    opt = fasthist.Adam(params, track=("sqrt_v", "staleness"))
+    for step in range(2):
+        step_all(opt, params, step)
+    old = copy.deepcopy(opt)
+    state = old.__getstate__()
+    for p, rows in state.pop("_fh_counts").items():
+        state["state"][p].update(rows)
+    older = object.__new__(fasthist.Adam)
+    older.__setstate__(state)
+    back = pickle.loads(pickle.dumps(older))
+    for o in (older, back):
+        assert not any(key in st for st in o.state.values() for key in fasthist.store.ROW_KEYS)
+        for window in ("step", "total"):
+            for quantity in ("sqrt_v", "staleness"):
+                ours = o.histograms(window=window, quantity=quantity)
+                assert ours == opt.histograms(window=window, quantity=quantity) and len(ours) == 4
 
 
 # -- messages and types ---------------------------------------------------------------------------
@@ -392,7 +449,7 @@ def test_counts_rounded_by_a_narrow_float_cast_load_with_one_warning():
     opt.step()
     sd = copy.deepcopy(opt.state_dict())
     for key in ("hist_step", "hist_total"):
-        sd["state"][0][key] = opt.state[p][key].to(torch.bfloat16)
+        sd["state"][0][key] = opt.histogram(p, window=key[5:]).counts.to(torch.bfloat16)
     back = fasthist.Adam([p.detach().clone().requires_grad_()])
     with pytest.warns(UserWarning, match=r"2 saved histograms were cast to a float type .*possibly rounded") as rec:
         back.load_state_dict(sd)
@@ -407,7 +464,8 @@ def test_a_saved_row_is_saved_alone():
     step_all(opt, params)
     row = opt.state_dict()["state"][0]["hist_total"]
     assert row.untyped_storage().nbytes() == NB * 8
-    assert torch.equal(fasthist.store.loadable_counts({0: {"r": row}}, NB)[0]["r"], opt.state[params[0]]["hist_total"])
+    counts = opt.histogram(params[0], window="total").counts
+    assert torch.equal(fasthist.store.loadable_counts({0: {"r": row}}, NB)[0]["r"], counts)
 
 
 def test_queries_check_only_the_rows_they_read(monkeypatch):

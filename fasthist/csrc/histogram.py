@@ -79,7 +79,7 @@ def _spans(target: HistTarget, n: int) -> tuple[Tensor | None, bool]:
     """The target's spans (int32 [n, 2], see ``Windows`` in ``windows.h``) and whether they
     can be trusted: the step buffer's version counter is the one recorded right after this
     op last wrote it, so nothing wrote a step row since. Every torch op on the buffer or a
-    view of it (``opt.state[p]["hist_step"]`` is one), and every op of this library, bumps
+    view of it (what ``opt.histogram_rows()`` returns is one), and every op of this library, bumps
     the counter; writes through ``.data``, ``.numpy()`` or raw pointers are not seen (see
     :mod:`fasthist.store`), and fasthist makes none on the CPU. An inference tensor has no
     counter, so its spans are never trusted, nor are any under ``torch.compile`` (a host
