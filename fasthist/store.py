@@ -16,10 +16,16 @@ through torch's cast to a parameter's dtype, so they survive a trip through the
 :func:`loadable_counts`) and puts them here, replacing every row held before. Pickling and
 ``copy.deepcopy`` of the optimizer keep them too.
 
-A row belongs to its parameter while the parameter has state: a parameter whose state
-entry is gone (deleted, or a failed first step) loses its rows at the next repacking; the
-rows of a parameter whose group stops tracking it are kept, each in its own tensor, and
-packed again, counts and all, if the group tracks it again.
+A row belongs to its parameter's state entry: a parameter whose state entry is gone
+(deleted, or a failed first step) loses its rows at the next query or step, and one whose
+entry was made anew (``del optimizer.state[p]``, ``optimizer.state[p].clear()``, a new
+``optimizer.state``, then a step) starts from zero, as its ``step`` does. The store tells a
+new entry by its ``step`` tensor: torch's optimizers increment it in place, so another
+tensor there means the entry was replaced; only then is its value read (one host read, on
+that rare path), and an entry replaced with one that has stepped (state moved to another
+device by a framework) keeps its counts. The rows of a parameter whose group stops
+tracking it are kept, each in its own tensor, and packed again, counts and all, if the
+group tracks it again.
 
 Cost: two int64 rows of ``bins.num_bins`` per tracked tensor whatever its size (41.5 KB with
 the default 2,596 bins), in memory and in a saved state dict, plus one scratch row per device.
@@ -82,6 +88,7 @@ _MAX_TARGETS = 8
 
 Tracked = list[tuple[str, Tensor]]
 """Every tracked parameter with state, with its name, in the optimizer's order."""
+_NO_ENTRY: dict = {}
 Rows = dict[Tensor, dict[str, Tensor]]
 """Histogram rows by parameter, then by key of :data:`ROW_KEYS`: int64 ``[num_bins]``."""
 
@@ -97,6 +104,9 @@ class HistogramStore:
         #: the rows of every parameter that has any: a row of the packed buffers for the
         #: tensors packed now, its own tensor otherwise (loaded, or not tracked now)
         self.counts: Rows = dict(counts or {})
+        #: the ``step`` of each parameter's state entry when its rows were last packed (not
+        #: there for rows loaded since, which came with the entry they belong to)
+        self.marks: dict[Tensor, Any] = {}
         self._unpack()
 
     def _unpack(self) -> None:
@@ -120,6 +130,7 @@ class HistogramStore:
     def load(self, counts: Rows) -> None:
         """Replace every row by ``counts`` (a loaded state dict's, on the parameters' devices)."""
         self.counts = dict(counts)
+        self.marks = {}
         self._unpack()
 
     def reset(self) -> None:
@@ -139,14 +150,17 @@ class HistogramStore:
         """Every row of a parameter that has state, each in its own tensor (pickling)."""
         return {p: {k: t.clone() for k, t in rows.items()} for p, rows in self.counts.items() if state.get(p)}
 
-    def _valid_for(self, params: Iterable[Tensor], staleness: bool = False) -> bool:
-        row, stale = self.row, self.stale
-        return all(p in row and (not staleness or p in stale) for p in params)
+    def _valid_for(self, state: Any, params: Iterable[Tensor], staleness: bool = False) -> bool:
+        row, stale, marks = self.row, self.stale, self.marks
+        return all(
+            p in row and (not staleness or p in stale) and state.get(p, _NO_ENTRY).get("step") is marks[p]
+            for p in params
+        )
 
     def _rebuild(self, state: Any, tracked: Tracked, stale: Tracked) -> None:
         # Every parameter with state in a tracked group gets a row, keeping the counts it has;
         # those of groups tracking staleness a staleness row too, at the same row number.
-        old = self.counts
+        old = {p: rows for p, rows in self.counts.items() if not self._renewed(state.get(p, _NO_ENTRY), p)}
         self._unpack()
         counts: Rows = {}
         nb = self.bins.num_bins
@@ -186,6 +200,19 @@ class HistogramStore:
                 if key not in rows:
                     rows[key] = t.clone()
         self.counts = counts
+        self.marks = {p: state[p].get("step") for p in counts}
+
+    def _renewed(self, entry: dict, p: Tensor) -> bool:
+        """Whether ``p``'s state ``entry`` was made anew since its rows were packed: another
+        ``step`` than then, which has not stepped (read only here, on that rare path)."""
+        if p not in self.marks:  # loaded (or unpickled) with the entry they belong to
+            return False
+        step = entry.get("step")
+        if step is self.marks[p]:
+            return False
+        if step is None:
+            return True
+        return float(step) == 0
 
     def targets_for(
         self,
@@ -198,7 +225,7 @@ class HistogramStore:
         per device, (their indices, the target), with the staleness windows when
         ``staleness``. ``tracked()`` (every tracked tensor, and those tracking staleness)
         is read only to rebuild."""
-        if not self._valid_for(params, staleness):
+        if not self._valid_for(state, params, staleness):
             self._rebuild(state, *tracked())
         key = (staleness, *map(id, params))
         cached = self.targets.get(key)
@@ -234,7 +261,11 @@ class HistogramStore:
         if quantity not in _KEYS:
             raise ValueError(f"Invalid quantity: {quantity!r}; expected one of {tuple(_KEYS)}")
         stale_set = {p for _, p in stale}
-        if {p for _, p in tracked} != set(self.params) or stale_set != self.stale.keys():
+        if (
+            {p for _, p in tracked} != set(self.params)
+            or stale_set != self.stale.keys()
+            or not self._valid_for(state, self.params)
+        ):
             self._rebuild(state, tracked, stale)
         i = WINDOWS.index(window)
         if quantity == "sqrt_v":

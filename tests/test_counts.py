@@ -323,6 +323,48 @@ def test_a_parameter_whose_state_is_dropped_loses_its_rows(info):
     assert 1 not in opt.state_dict()["state"]
 
 
+def _renew_by_del(opt, p):
+    del opt.state[p]
+
+
+def _renew_by_clear(opt, p):
+    opt.state[p].clear()
+
+
+def _renew_all(opt, p):
+    opt.state = type(opt.state)(dict)
+
+
+@by_optim
+@pytest.mark.parametrize("renew", [_renew_by_del, _renew_by_clear, _renew_all], ids=lambda f: f.__name__[7:])
+def test_a_state_entry_made_anew_starts_its_histograms_from_zero(info, renew):
+    # no query in between: the step itself sees that the entry is new (its step restarts)
+    params = make_params()
+    opt = info.cls(params)
+    for step in range(3):
+        step_all(opt, params, step)
+    renew(opt, params[1])
+    step_all(opt, params, 3)
+    assert int(opt.state[params[1]]["step"]) == 1
+    total = opt.histogram(params[1], window="total")
+    assert total == opt.histogram(params[1]) and total.count == params[1].numel()
+
+
+@by_optim
+def test_a_state_entry_replaced_by_a_copy_keeps_its_counts(info):
+    # a framework moving state to a device (Lightning's optimizer_to_device) makes new entries
+    # and new tensors, with the same values: that is not a new state
+    params = make_params()
+    opt = info.cls(params)
+    for step in range(3):
+        step_all(opt, params, step)
+    for p in params:
+        opt.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+    step_all(opt, params, 3)
+    for p in params:
+        assert opt.histogram(p, window="total").count == 4 * p.numel()
+
+
 def test_a_pickle_with_the_rows_in_the_state_loads_them():
     # fasthist before 2026-12-03 kept the rows in optimizer.state[p], and so did its pickles
     import pickle
