@@ -113,6 +113,7 @@ class HistogramStore:
         self.params: list[Tensor] = []
         self.names: list[str] = []
         self.row: dict[Tensor, tuple[torch.device, int]] = {}
+        self.packed: dict[int, Any] = {}  # id of each packed parameter -> its mark (see marks)
         self.buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.scratch: dict[torch.device, tuple[Tensor, Tensor]] = {}  # the buffers with the scratch row
         # the staleness rows, where a group tracks it: same row numbers as the buffers above
@@ -151,11 +152,16 @@ class HistogramStore:
         return {p: {k: t.clone() for k, t in rows.items()} for p, rows in self.counts.items() if state.get(p)}
 
     def _valid_for(self, state: Any, params: Iterable[Tensor], staleness: bool = False) -> bool:
-        row, stale, marks = self.row, self.stale, self.marks
-        return all(
-            p in row and (not staleness or p in stale) and state.get(p, _NO_ENTRY).get("step") is marks[p]
-            for p in params
-        )
+        # every step walks its parameters here: one tensor hash each (the state lookup);
+        # the packed ones are looked up by id (held in self.params, so no id is reused)
+        packed, stale = self.packed, self.stale
+        for p in params:
+            mark = packed.get(id(p), _NO_ENTRY)
+            if mark is _NO_ENTRY or state.get(p, _NO_ENTRY).get("step") is not mark:
+                return False
+            if staleness and p not in stale:
+                return False
+        return True
 
     def _rebuild(self, state: Any, tracked: Tracked, stale: Tracked) -> None:
         # Every parameter with state in a tracked group gets a row, keeping the counts it has;
@@ -201,6 +207,7 @@ class HistogramStore:
                     rows[key] = t.clone()
         self.counts = counts
         self.marks = {p: state[p].get("step") for p in counts}
+        self.packed = {id(p): self.marks[p] for p in self.params}
 
     def _renewed(self, entry: dict, p: Tensor) -> bool:
         """Whether ``p``'s state ``entry`` was made anew since its rows were packed: another
